@@ -1,0 +1,1 @@
+"""Conversion of AIRI's released OmniFusion checkpoints to the Hugging Face format."""

@@ -1,0 +1,112 @@
+"""Tiny OmniFusion models, tokenizers and images built locally for the tests (never the Hub)."""
+
+import numpy as np
+import torch
+from PIL import Image
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    CLIPImageProcessorPil,
+    CLIPVisionConfig,
+    Dinov2Config,
+    MistralConfig,
+    PreTrainedTokenizerFast,
+    SiglipVisionConfig,
+)
+
+from modeling_omnifusion import OmniFusionConfig, OmniFusionForCausalLM, OmniFusionProcessor
+
+
+IMAGE_SIZE = 32
+PATCH_SIZE = 8
+
+CORPUS = [
+    "This is a dialog with AI assistant.",
+    "What is the colour of the shape? It is red. It is blue. It is green.",
+    "How many circles are there? There are two circles and one square.",
+    "Describe the image. A small yellow triangle on the left of a purple square.",
+    "The quick brown fox jumps over the lazy dog. 0 1 2 3 4 5 6 7 8 9 yes no",
+]
+
+
+def make_tokenizer(vocab_size: int = 300) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer with <unk>, <s>, </s> trained on a tiny corpus."""
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(CORPUS * 4, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def vision_config(kind: str = "clip", hidden: int = 32):
+    common = dict(hidden_size=hidden, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    if kind == "clip":
+        return CLIPVisionConfig(image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, projection_dim=hidden, **common)
+    if kind == "siglip":
+        return SiglipVisionConfig(image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, **common)
+    if kind == "dinov2":
+        return Dinov2Config(image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, mlp_ratio=2, **common)
+    raise ValueError(kind)
+
+
+def make_processor(config: OmniFusionConfig | None = None, tokenizer=None, **kwargs) -> OmniFusionProcessor:
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    )
+    num_image_tokens = config.num_image_tokens if config is not None else (IMAGE_SIZE // PATCH_SIZE) ** 2
+    return OmniFusionProcessor(
+        image_processor, tokenizer or make_tokenizer(), num_image_tokens=num_image_tokens, **kwargs
+    )
+
+
+def make_config(processor: OmniFusionProcessor, vision: str = "clip", adapter_type: str = "transformer", **kwargs):
+    text_config = MistralConfig(
+        vocab_size=len(processor.tokenizer) - 5,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=processor.tokenizer.pad_token_id,
+        bos_token_id=processor.tokenizer.bos_token_id,
+        eos_token_id=processor.tokenizer.eos_token_id,
+    )
+    return OmniFusionConfig(
+        vision_config=vision_config(vision),
+        text_config=text_config,
+        adapter_type=adapter_type,
+        adapter_ffn_dim=64,
+        adapter_hidden_size=48,
+        **processor.special_token_ids,
+        **kwargs,
+    )
+
+
+def make_model_and_processor(vision: str = "clip", adapter_type: str = "transformer", seed: int = 0, **kwargs):
+    """A random tiny OmniFusion (2-layer vision tower and LM) in eval mode, with its processor."""
+    torch.manual_seed(seed)
+    processor = make_processor()
+    config = make_config(processor, vision=vision, adapter_type=adapter_type, **kwargs)
+    if config.num_image_tokens != processor.num_image_tokens:
+        processor.num_image_tokens = config.num_image_tokens
+    model = OmniFusionForCausalLM(config).eval()
+    model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
+    return model, processor
+
+
+def make_image(seed: int = 0, size: int = IMAGE_SIZE, mode: str = "RGB") -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).convert(mode)
+
+
+def chat(text: str, n_images: int = 1, images=None) -> list[dict]:
+    """A one-turn user message with `n_images` image entries (PIL images if `images` is given)."""
+    images = images if images is not None else [None] * n_images
+    content = [{"type": "image", "image": image} if image is not None else {"type": "image"} for image in images]
+    return [{"role": "user", "content": content + [{"type": "text", "text": text}]}]
