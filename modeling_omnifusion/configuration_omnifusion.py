@@ -92,12 +92,11 @@ class OmniFusionConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
         if not self.tie_word_embeddings and getattr(self.text_config, "tie_word_embeddings", False):
             self.tie_word_embeddings = True
-
-    def validate_architecture(self):
-        """Part of `@strict` validation: the special ids must be distinct."""
-        ids = [getattr(self, name) for name in SPECIAL_TOKEN_FIELDS]
+        ids = self.special_token_ids
         if len(set(ids)) != len(ids):
-            raise ValueError(f"OmniFusionConfig special token ids must be distinct, got {dict(zip(SPECIAL_TOKEN_FIELDS, ids))}")
+            raise ValueError(
+                f"OmniFusionConfig special token ids must be distinct, got {dict(zip(SPECIAL_TOKEN_FIELDS, ids))}"
+            )
 
     @property
     def special_token_ids(self) -> list[int]:

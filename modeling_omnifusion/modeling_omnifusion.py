@@ -6,6 +6,7 @@ import torch
 from huggingface_hub import ModelCard, ModelCardData
 from torch import nn
 from transformers import AutoModel, GenerationMixin, PreTrainedModel
+from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import (
@@ -15,6 +16,7 @@ from transformers.modeling_outputs import (
 )
 from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils import torch_compilable_check
+from transformers.utils.generic import can_return_tuple
 
 from .configuration_omnifusion import OmniFusionConfig, num_vision_prefix_tokens
 
@@ -42,23 +44,62 @@ class OmniFusionTokenEmbedding(nn.Embedding):
         return torch.where(is_special.unsqueeze(-1), special_embeds.to(text_embeds.dtype), text_embeds)
 
 
+class OmniFusionAdapterSelfAttention(nn.Module):
+    """Multi-head self-attention with `nn.MultiheadAttention`'s parameter layout (packed `in_proj_weight`), on SDPA."""
+
+    def __init__(self, hidden_size: int, num_heads: int, dropout: float):
+        super().__init__()
+        if hidden_size % num_heads:
+            raise ValueError(f"adapter width {hidden_size} is not divisible by adapter_num_heads={num_heads}")
+        self.num_heads = num_heads
+        self.dropout = dropout
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * hidden_size, hidden_size))
+        self.in_proj_bias = nn.Parameter(torch.empty(3 * hidden_size))
+        self.out_proj = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        batch, length, width = hidden_states.shape
+        qkv = nn.functional.linear(hidden_states, self.in_proj_weight, self.in_proj_bias)
+        query, key, value = qkv.view(batch, length, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        attention = nn.functional.scaled_dot_product_attention(
+            query, key, value, dropout_p=self.dropout if self.training else 0.0
+        )
+        return self.out_proj(attention.transpose(1, 2).reshape(batch, length, width))
+
+
+class OmniFusionAdapterEncoderLayer(nn.Module):
+    """
+    A post-norm transformer encoder layer, numerically `nn.TransformerEncoderLayer(batch_first=True, norm_first=False)`
+    and with the same parameter names, so released adapters load by name. Every weight is used through a submodule
+    call, which keeps device maps and offloading working.
+    """
+
+    def __init__(self, config: OmniFusionConfig):
+        super().__init__()
+        width = config.vision_config.hidden_size
+        self.self_attn = OmniFusionAdapterSelfAttention(width, config.adapter_num_heads, config.adapter_dropout)
+        self.linear1 = nn.Linear(width, config.adapter_ffn_dim)
+        self.linear2 = nn.Linear(config.adapter_ffn_dim, width)
+        self.activation = ACT2FN[config.adapter_activation]
+        self.norm1 = nn.LayerNorm(width, eps=config.adapter_layer_norm_eps)
+        self.norm2 = nn.LayerNorm(width, eps=config.adapter_layer_norm_eps)
+        self.dropout = nn.Dropout(config.adapter_dropout)
+        self.dropout1 = nn.Dropout(config.adapter_dropout)
+        self.dropout2 = nn.Dropout(config.adapter_dropout)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        hidden_states = self.norm1(hidden_states + self.dropout1(self.self_attn(hidden_states)))
+        feed_forward = self.linear2(self.dropout(self.activation(self.linear1(hidden_states))))
+        return self.norm2(hidden_states + self.dropout2(feed_forward))
+
+
 class OmniFusionTransformerAdapter(nn.Module):
     """The released adapter: one post-norm transformer encoder layer over the patches, then a Linear to the LM width."""
 
     def __init__(self, config: OmniFusionConfig):
         super().__init__()
-        vision_hidden = config.vision_config.hidden_size
-        self.transformer_layer = nn.TransformerEncoderLayer(
-            d_model=vision_hidden,
-            nhead=config.adapter_num_heads,
-            dim_feedforward=config.adapter_ffn_dim,
-            dropout=config.adapter_dropout,
-            activation=config.adapter_activation,
-            layer_norm_eps=config.adapter_layer_norm_eps,
-            batch_first=True,
-            norm_first=False,
-        )
-        self.linear = nn.Linear(vision_hidden, config.text_config.hidden_size)
+        self.transformer_layer = OmniFusionAdapterEncoderLayer(config)
+        self.linear = nn.Linear(config.vision_config.hidden_size, config.text_config.hidden_size)
 
     def forward(self, image_features: torch.Tensor) -> torch.Tensor:
         return self.linear(self.transformer_layer(image_features))
@@ -180,9 +221,12 @@ class OmniFusionPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module):
         super()._init_weights(module)
+        if isinstance(module, OmniFusionAdapterSelfAttention):
+            init.xavier_uniform_(module.in_proj_weight)
+            init.zeros_(module.in_proj_bias)
         if isinstance(module, OmniFusionTokenEmbedding):
             # The released markers were drawn from N(0, 1/sqrt(hidden)), the scale of a typical token embedding.
-            nn.init.normal_(module.special_embeddings.weight, std=module.embedding_dim**-0.5)
+            init.normal_(module.special_embeddings.weight, std=module.embedding_dim**-0.5)
 
 
 class OmniFusionModel(OmniFusionPreTrainedModel):
@@ -270,6 +314,7 @@ class OmniFusionModel(OmniFusionPreTrainedModel):
         )
         return mask.unsqueeze(-1).to(inputs_embeds.device)
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -343,6 +388,7 @@ class OmniFusionForCausalLM(OmniFusionPreTrainedModel, GenerationMixin):
     def get_image_features(self, pixel_values: torch.FloatTensor, **kwargs) -> BaseModelOutputWithPooling:
         return self.model.get_image_features(pixel_values, **kwargs)
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,

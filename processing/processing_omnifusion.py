@@ -2,6 +2,7 @@
 
 import numpy as np
 from tokenizers import AddedToken
+from tokenizers import normalizers as tk_normalizers
 from tokenizers import pre_tokenizers as tk_pre_tokenizers
 from transformers.processing_utils import MultiModalData, ProcessorMixin
 
@@ -49,31 +50,26 @@ def _as_rgb_compatible(image):
 
 def _encode_segments_independently(tokenizer):
     """
-    Make the tokenizer encode each stretch of text between special tokens as if it were encoded on its own.
+    Make the tokenizer encode each stretch of text between special tokens exactly as if it were encoded on its own.
 
-    The released code calls `encode(text, add_special_tokens=False)` once per segment, so with SentencePiece-style
-    tokenizers every segment starts with the word-boundary marker. A fast tokenizer splits special tokens out before
-    pre-tokenizing; a Metaspace pre-tokenizer that prepends only to the *first* piece is switched to prepend to
-    every piece, which gives exactly the per-segment ids.
+    The released code called `encode(text, add_special_tokens=False)` once per segment with SentencePiece, which
+    puts the word-boundary marker in front of every segment (even one that starts with a space). A fast tokenizer
+    splits special tokens out before normalizing, so moving a Metaspace pre-tokenizer's prepend into the normalizer
+    (`Prepend("▁")`, then spaces to "▁": SentencePiece's own order) reproduces those ids for every segment.
+    Byte-level BPE tokenizers already encode segments independently and are left unchanged.
     """
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
+    pre_tokenizer = getattr(backend, "pre_tokenizer", None)
+    if not isinstance(pre_tokenizer, tk_pre_tokenizers.Metaspace) or pre_tokenizer.prepend_scheme == "never":
         return
-
-    def fixed(pre_tokenizer):
-        if isinstance(pre_tokenizer, tk_pre_tokenizers.Metaspace) and pre_tokenizer.prepend_scheme == "first":
-            return tk_pre_tokenizers.Metaspace(
-                replacement=pre_tokenizer.replacement, prepend_scheme="always", split=pre_tokenizer.split
-            ), True
-        if isinstance(pre_tokenizer, tk_pre_tokenizers.Sequence):
-            parts = [fixed(part) for part in pre_tokenizer]
-            if any(changed for _, changed in parts):
-                return tk_pre_tokenizers.Sequence([part for part, _ in parts]), True
-        return pre_tokenizer, False
-
-    pre_tokenizer, changed = fixed(backend.pre_tokenizer)
-    if changed:
-        backend.pre_tokenizer = pre_tokenizer
+    replacement = pre_tokenizer.replacement
+    steps = [tk_normalizers.Prepend(replacement), tk_normalizers.Replace(" ", replacement)]
+    if backend.normalizer is not None:
+        steps.insert(0, backend.normalizer)
+    backend.normalizer = tk_normalizers.Sequence(steps)
+    backend.pre_tokenizer = tk_pre_tokenizers.Metaspace(
+        replacement=replacement, prepend_scheme="never", split=pre_tokenizer.split
+    )
 
 
 class OmniFusionProcessor(ProcessorMixin):

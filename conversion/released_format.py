@@ -1,0 +1,568 @@
+"""Safe readers for the files of AIRI's released OmniFusion checkpoints.
+
+The released adapter (``projection`` / ``projection.pt``) is a whole pickled
+``models.VisualToGPTMapping`` module and ``special_embeddings.pt`` a pickled dict of
+tensors. Both are read here without ``torch.load``: the torch zip archive is opened
+with :mod:`zipfile` and ``data.pkl`` is unpickled by a restricted unpickler that
+resolves only an explicit allow-list of globals. Any other global (``os.system``,
+``builtins.eval``, ...) raises :class:`UnsafePickleError` when the unpickler first
+meets it, before anything it could call is executed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import pickle
+import sys
+import zipfile
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
+
+__all__ = [
+    "PROJECTION_ALLOWED_GLOBALS",
+    "PROJECTION_KEYS",
+    "SPECIAL_EMBEDDINGS_ALLOWED_GLOBALS",
+    "SPECIAL_EMBEDDING_KEYS",
+    "ReleasedLayout",
+    "ReleasedProjection",
+    "ReleasedVisualToGPTMapping",
+    "UnsafePickleError",
+    "find_released_layout",
+    "load_projection",
+    "read_projection",
+    "read_special_embeddings",
+]
+
+SPECIAL_EMBEDDING_KEYS = ("USER", "BOT", "SOI", "EOI")
+
+PROJECTION_KEYS = (
+    "transformer_layer.self_attn.in_proj_weight",
+    "transformer_layer.self_attn.in_proj_bias",
+    "transformer_layer.self_attn.out_proj.weight",
+    "transformer_layer.self_attn.out_proj.bias",
+    "transformer_layer.linear1.weight",
+    "transformer_layer.linear1.bias",
+    "transformer_layer.linear2.weight",
+    "transformer_layer.linear2.bias",
+    "transformer_layer.norm1.weight",
+    "transformer_layer.norm1.bias",
+    "transformer_layer.norm2.weight",
+    "transformer_layer.norm2.bias",
+    "linear.weight",
+    "linear.bias",
+)
+
+
+class UnsafePickleError(ValueError):
+    """A pickle referenced a global outside the allow-list; nothing it names was run."""
+
+
+class ReleasedVisualToGPTMapping(nn.Module):
+    """Stand-in for the release's ``models.VisualToGPTMapping``; only created by unpickling."""
+
+    def forward(self, visual_embs: torch.Tensor) -> torch.Tensor:
+        out = self.transformer_layer(visual_embs)
+        return self.linear(out).view(-1, self.n_embeddings, self.embedding_dim)
+
+
+@dataclasses.dataclass(frozen=True)
+class ReleasedProjection:
+    """Weights and hyper-parameters of a released single-encoder transformer adapter."""
+
+    state_dict: dict[str, torch.Tensor]
+    vision_hidden_size: int
+    text_hidden_size: int
+    num_heads: int
+    ffn_dim: int
+    dropout: float
+    activation_name: str
+    layer_norm_eps: float
+    norm_first: bool
+    dtype: torch.dtype
+    num_image_tokens: int | None = None
+    batch_first: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class ReleasedLayout:
+    """Where the pieces of a released checkpoint live."""
+
+    version: str
+    root: Path
+    projection: Path
+    special_embeddings: Path
+    lm_dir: Path
+    tokenizer_dir: Path
+    lm_weight_format: str
+
+
+@dataclasses.dataclass(frozen=True)
+class _StorageType:
+    dtype: torch.dtype
+
+
+@dataclasses.dataclass(frozen=True)
+class _StorageRef:
+    storage: torch.UntypedStorage
+    dtype: torch.dtype
+
+
+def _check_no_hooks(hooks: Any) -> None:
+    if hooks is None:
+        return
+    if not isinstance(hooks, dict) or len(hooks) != 0:
+        raise ValueError("tensors with backward hooks are not supported")
+
+
+def _is_int_tuple(value: Any) -> bool:
+    return isinstance(value, tuple) and all(type(v) is int and v >= 0 for v in value)
+
+
+def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad, backward_hooks, metadata=None):
+    """Checked replacement for ``torch._utils._rebuild_tensor_v2``."""
+    if not isinstance(storage, _StorageRef):
+        raise ValueError("a tensor must be rebuilt from a storage stored in the archive")
+    if type(storage_offset) is not int or storage_offset < 0:
+        raise ValueError(f"invalid tensor storage offset {storage_offset!r}")
+    if not (_is_int_tuple(size) and _is_int_tuple(stride) and len(size) == len(stride)):
+        raise ValueError("invalid tensor size/stride")
+    if not isinstance(requires_grad, bool):
+        raise ValueError("invalid requires_grad flag")
+    _check_no_hooks(backward_hooks)
+    if metadata:
+        raise ValueError("tensor metadata (conj/neg bits) is not supported")
+    available = storage.storage.nbytes() // storage.dtype.itemsize
+    if all(size):
+        last = storage_offset + sum((n - 1) * s for n, s in zip(size, stride))
+        if last >= available:
+            raise ValueError(f"tensor view of size {size} exceeds its storage of {available} elements")
+    tensor = torch.empty((0,), dtype=storage.dtype)
+    return tensor.set_(storage.storage, storage_offset, size, stride)
+
+
+def _rebuild_parameter(data, requires_grad, backward_hooks):
+    """Checked replacement for ``torch._utils._rebuild_parameter``."""
+    if not isinstance(data, torch.Tensor) or not isinstance(requires_grad, bool):
+        raise ValueError("invalid parameter record")
+    _check_no_hooks(backward_hooks)
+    return nn.Parameter(data, requires_grad=requires_grad)
+
+
+_STORAGE_GLOBALS: dict[tuple[str, str], Any] = {
+    ("torch", "BFloat16Storage"): _StorageType(torch.bfloat16),
+    ("torch", "FloatStorage"): _StorageType(torch.float32),
+    ("torch", "HalfStorage"): _StorageType(torch.float16),
+}
+
+_TENSOR_GLOBALS: dict[tuple[str, str], Any] = {
+    **_STORAGE_GLOBALS,
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
+    ("collections", "OrderedDict"): OrderedDict,
+}
+
+_PROJECTION_GLOBALS: dict[tuple[str, str], Any] = {
+    **_TENSOR_GLOBALS,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    ("models", "VisualToGPTMapping"): ReleasedVisualToGPTMapping,
+    ("__main__", "VisualToGPTMapping"): ReleasedVisualToGPTMapping,
+    ("torch.nn.modules.transformer", "TransformerEncoderLayer"): nn.TransformerEncoderLayer,
+    ("torch.nn.modules.activation", "MultiheadAttention"): nn.MultiheadAttention,
+    ("torch.nn.modules.linear", "NonDynamicallyQuantizableLinear"): NonDynamicallyQuantizableLinear,
+    ("torch.nn.modules.linear", "Linear"): nn.Linear,
+    ("torch.nn.modules.normalization", "LayerNorm"): nn.LayerNorm,
+    ("torch.nn.modules.dropout", "Dropout"): nn.Dropout,
+    ("torch.nn.functional", "relu"): F.relu,
+    ("builtins", "set"): set,
+    ("__builtin__", "set"): set,
+}
+
+PROJECTION_ALLOWED_GLOBALS = tuple(f"{m}.{n}" for m, n in _PROJECTION_GLOBALS)
+SPECIAL_EMBEDDINGS_ALLOWED_GLOBALS = tuple(f"{m}.{n}" for m, n in _TENSOR_GLOBALS)
+
+_MISSING = object()
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Unpickler resolving only allow-listed globals; storages come from the zip archive."""
+
+    def __init__(self, file, *, source: Path, allowed: Mapping[tuple[str, str], Any], load_storage: Callable):
+        super().__init__(file, encoding="utf-8")
+        self._source = source
+        self._allowed = allowed
+        self._load_storage = load_storage
+
+    def find_class(self, module: str, name: str) -> Any:
+        obj = self._allowed.get((module, name), _MISSING)
+        if obj is _MISSING:
+            raise UnsafePickleError(
+                f"{self._source}: refusing to unpickle forbidden global '{module}.{name}' "
+                f"(not in the allow-list for this file; nothing was executed)"
+            )
+        return obj
+
+    def persistent_load(self, pid: Any) -> Any:
+        return self._load_storage(pid)
+
+
+def _load_restricted(path: str | Path, allowed: Mapping[tuple[str, str], Any]) -> Any:
+    """Unpickle the ``data.pkl`` of a torch zip archive with only ``allowed`` globals."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: file not found")
+    try:
+        archive = zipfile.ZipFile(path)
+    except zipfile.BadZipFile as exc:
+        raise ValueError(
+            f"{path}: not a torch zip archive (torch.save format of torch >= 1.6); "
+            "legacy pickle files are not supported"
+        ) from exc
+    with archive:
+        names = set(archive.namelist())
+        pickles = [n for n in names if n.count("/") == 1 and n.endswith("/data.pkl")]
+        if len(pickles) != 1:
+            raise ValueError(f"{path}: expected one '<archive>/data.pkl' record, found {len(pickles)}")
+        prefix = pickles[0][: -len("data.pkl")]
+        if any(n.endswith("constants.pkl") for n in names):
+            raise ValueError(f"{path}: TorchScript archives are not supported")
+        byteorder = "little"
+        if prefix + "byteorder" in names:
+            byteorder = archive.read(prefix + "byteorder").decode("ascii", "replace").strip()
+            if byteorder not in ("little", "big"):
+                raise ValueError(f"{path}: unknown byteorder record {byteorder!r}")
+        storages: dict[str, torch.UntypedStorage] = {}
+
+        def load_storage(pid: Any) -> _StorageRef:
+            if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] in ("storage", b"storage")):
+                raise ValueError("unsupported persistent id in pickle")
+            _, storage_type, key, _location, numel = pid
+            if not isinstance(storage_type, _StorageType):
+                raise ValueError("persistent storage id without an allowed storage type")
+            if not (isinstance(key, str) and key.isdigit()) or type(numel) is not int or numel < 0:
+                raise ValueError("malformed persistent storage id")
+            dtype = storage_type.dtype
+            nbytes = numel * dtype.itemsize
+            if key not in storages:
+                record = f"{prefix}data/{key}"
+                if record not in names:
+                    raise ValueError(f"storage record {record!r} is missing from the archive")
+                size = archive.getinfo(record).file_size
+                if size != nbytes:
+                    raise ValueError(f"storage record {record!r} holds {size} bytes, expected {nbytes}")
+                data = archive.read(record)
+                if nbytes:
+                    storage = torch.UntypedStorage.from_buffer(data, dtype=torch.uint8)
+                else:
+                    storage = torch.UntypedStorage(0)
+                if byteorder != sys.byteorder:
+                    storage.byteswap(dtype)
+                storages[key] = storage
+            storage = storages[key]
+            if storage.nbytes() != nbytes:
+                raise ValueError(f"storage {key!r} is referenced with inconsistent sizes")
+            return _StorageRef(storage, dtype)
+
+        unpickler = _RestrictedUnpickler(
+            io.BytesIO(archive.read(pickles[0])), source=path, allowed=allowed, load_storage=load_storage
+        )
+        try:
+            return unpickler.load()
+        except UnsafePickleError:
+            raise
+        except (pickle.UnpicklingError, ValueError, TypeError, AttributeError, KeyError, IndexError,
+                EOFError, RuntimeError, RecursionError) as exc:
+            raise ValueError(f"{path}: could not read pickled data: {exc}") from exc
+
+
+def _plain_attr(obj: Any, name: str, types: type | tuple[type, ...], path: Path, where: str) -> Any:
+    types = types if isinstance(types, tuple) else (types,)
+    value = vars(obj).get(name, _MISSING)
+    if value is _MISSING:
+        raise ValueError(f"{path}: {where} has no attribute '{name}'")
+    if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+        raise ValueError(f"{path}: {where}.{name} has unexpected type {type(value).__name__}")
+    return value
+
+
+def _child(module: nn.Module, name: str, cls: type, path: Path, where: str) -> nn.Module:
+    child = vars(module).get("_modules", {}).get(name)
+    if not isinstance(child, cls):
+        found = "nothing" if child is None else type(child).__name__
+        raise ValueError(f"{path}: expected {where}.{name} to be a {cls.__name__}, found {found}")
+    return child
+
+
+def _collect_tensors(module: nn.Module, path: Path) -> dict[str, torch.Tensor]:
+    """Same keys and order as ``module.state_dict()`` without running any hooks."""
+    out: dict[str, torch.Tensor] = OrderedDict()
+    seen: set[int] = set()
+
+    def visit(mod: Any, prefix: str) -> None:
+        if not isinstance(mod, nn.Module):
+            raise ValueError(f"{path}: '{prefix[:-1]}' is a {type(mod).__name__}, not a torch module")
+        if id(mod) in seen:
+            raise ValueError(f"{path}: module '{prefix[:-1]}' appears more than once")
+        seen.add(id(mod))
+        attrs = vars(mod)
+        params, buffers, children = (attrs.get(k, {}) for k in ("_parameters", "_buffers", "_modules"))
+        skipped = attrs.get("_non_persistent_buffers_set", set())
+        if not all(isinstance(d, dict) for d in (params, buffers, children)) or not isinstance(skipped, set):
+            raise ValueError(f"{path}: module '{prefix[:-1]}' has malformed internal state")
+        for kind, tensors in (("parameter", params), ("buffer", buffers)):
+            for name, tensor in tensors.items():
+                if tensor is None or (kind == "buffer" and name in skipped):
+                    continue
+                if not isinstance(tensor, torch.Tensor):
+                    raise ValueError(f"{path}: {kind} '{prefix}{name}' is a {type(tensor).__name__}")
+                out[prefix + name] = tensor.detach()
+        for name, child in children.items():
+            if child is not None:
+                visit(child, f"{prefix}{name}.")
+
+    visit(module, "")
+    return out
+
+
+def _check_projection_shapes(state_dict: dict[str, torch.Tensor], path: Path) -> tuple[int, int, int]:
+    weight = state_dict["linear.weight"]
+    if weight.dim() != 2:
+        raise ValueError(f"{path}: linear.weight must be 2-D, found shape {tuple(weight.shape)}")
+    text, vision = weight.shape
+    ffn = state_dict["transformer_layer.linear1.weight"].shape[0]
+    expected = {
+        "transformer_layer.self_attn.in_proj_weight": (3 * vision, vision),
+        "transformer_layer.self_attn.in_proj_bias": (3 * vision,),
+        "transformer_layer.self_attn.out_proj.weight": (vision, vision),
+        "transformer_layer.self_attn.out_proj.bias": (vision,),
+        "transformer_layer.linear1.weight": (ffn, vision),
+        "transformer_layer.linear1.bias": (ffn,),
+        "transformer_layer.linear2.weight": (vision, ffn),
+        "transformer_layer.linear2.bias": (vision,),
+        "transformer_layer.norm1.weight": (vision,),
+        "transformer_layer.norm1.bias": (vision,),
+        "transformer_layer.norm2.weight": (vision,),
+        "transformer_layer.norm2.bias": (vision,),
+        "linear.bias": (text,),
+    }
+    for key, shape in expected.items():
+        found = tuple(state_dict[key].shape)
+        if found != shape:
+            raise ValueError(f"{path}: '{key}' has shape {found}, expected {shape}")
+    return vision, text, ffn
+
+
+def read_projection(path: str | Path) -> ReleasedProjection:
+    """Safely read a released ``projection``/``projection.pt`` adapter and its hyper-parameters."""
+    path = Path(path)
+    root = _load_restricted(path, _PROJECTION_GLOBALS)
+    if not isinstance(root, ReleasedVisualToGPTMapping):
+        raise ValueError(
+            f"{path}: expected a pickled models.VisualToGPTMapping module, found {type(root).__name__}"
+        )
+    state_dict = _collect_tensors(root, path)
+    missing = [k for k in PROJECTION_KEYS if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in PROJECTION_KEYS]
+    if missing or unexpected:
+        details = []
+        if missing:
+            details.append(f"missing keys {missing}")
+        if unexpected:
+            details.append(f"unexpected keys {unexpected}")
+        raise ValueError(
+            f"{path}: not a single-encoder transformer adapter: {'; '.join(details)}"
+        )
+    dtypes = {t.dtype for t in state_dict.values()}
+    if len(dtypes) != 1 or not next(iter(dtypes)).is_floating_point:
+        raise ValueError(f"{path}: expected one floating point dtype for all weights, found {sorted(map(str, dtypes))}")
+    vision, text, ffn = _check_projection_shapes(state_dict, path)
+
+    where = "VisualToGPTMapping"
+    layer = _child(root, "transformer_layer", nn.TransformerEncoderLayer, path, where)
+    _child(root, "linear", nn.Linear, path, where)
+    lwhere = f"{where}.transformer_layer"
+    attn = _child(layer, "self_attn", nn.MultiheadAttention, path, lwhere)
+    dropout = _child(layer, "dropout", nn.Dropout, path, lwhere)
+    norm1 = _child(layer, "norm1", nn.LayerNorm, path, lwhere)
+    norm2 = _child(layer, "norm2", nn.LayerNorm, path, lwhere)
+
+    num_heads = _plain_attr(attn, "num_heads", int, path, f"{lwhere}.self_attn")
+    if num_heads <= 0 or vision % num_heads:
+        raise ValueError(f"{path}: num_heads={num_heads} does not divide the vision hidden size {vision}")
+    batch_first = _plain_attr(attn, "batch_first", bool, path, f"{lwhere}.self_attn")
+    norm_first = _plain_attr(layer, "norm_first", bool, path, lwhere)
+    activation = vars(layer).get("activation", F.relu)
+    if activation is not F.relu:
+        raise ValueError(f"{path}: unsupported adapter activation {activation!r}")
+    eps1 = _plain_attr(norm1, "eps", float, path, f"{lwhere}.norm1")
+    eps2 = _plain_attr(norm2, "eps", float, path, f"{lwhere}.norm2")
+    if eps1 != eps2:
+        raise ValueError(f"{path}: norm1.eps={eps1} differs from norm2.eps={eps2}")
+    p = _plain_attr(dropout, "p", (float, int), path, f"{lwhere}.dropout")
+
+    num_image_tokens = vars(root).get("n_embeddings")
+    if num_image_tokens is not None and (type(num_image_tokens) is not int or num_image_tokens <= 0):
+        raise ValueError(f"{path}: invalid n_embeddings {num_image_tokens!r}")
+    embedding_dim = vars(root).get("embedding_dim")
+    if embedding_dim is not None and embedding_dim != text:
+        raise ValueError(f"{path}: embedding_dim={embedding_dim!r} differs from linear output size {text}")
+
+    return ReleasedProjection(
+        state_dict=dict(state_dict),
+        vision_hidden_size=vision,
+        text_hidden_size=text,
+        num_heads=num_heads,
+        ffn_dim=ffn,
+        dropout=float(p),
+        activation_name="relu",
+        layer_norm_eps=eps1,
+        norm_first=norm_first,
+        dtype=next(iter(dtypes)),
+        num_image_tokens=num_image_tokens,
+        batch_first=batch_first,
+    )
+
+
+def load_projection(path: str | Path) -> dict[str, torch.Tensor]:
+    """The adapter's state dict (stored dtype) read safely from a released projection file."""
+    return read_projection(path).state_dict
+
+
+def read_special_embeddings(path: str | Path, hidden_size: int | None = None) -> dict[str, torch.Tensor]:
+    """Safely read ``special_embeddings.pt``: exactly USER, BOT, SOI, EOI, each a 1-D tensor."""
+    path = Path(path)
+    data = _load_restricted(path, _TENSOR_GLOBALS)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a dict of tensors, found {type(data).__name__}")
+    missing = [k for k in SPECIAL_EMBEDDING_KEYS if k not in data]
+    unexpected = [k for k in data if k not in SPECIAL_EMBEDDING_KEYS]
+    expected_keys = list(SPECIAL_EMBEDDING_KEYS)
+    if missing:
+        raise ValueError(f"{path}: missing special embedding key(s) {missing}; expected {expected_keys}")
+    if unexpected:
+        raise ValueError(f"{path}: unexpected special embedding key(s) {unexpected}; expected {expected_keys}")
+    out: dict[str, torch.Tensor] = OrderedDict()
+    for key in SPECIAL_EMBEDDING_KEYS:
+        value = data[key]
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+            raise ValueError(f"{path}: special embedding '{key}' is not a floating point tensor")
+        expected = (hidden_size,) if hidden_size is not None else (value.shape[0],) if value.dim() == 1 else None
+        if expected is None or tuple(value.shape) != expected:
+            wanted = f"({hidden_size},)" if hidden_size is not None else "a 1-D shape"
+            raise ValueError(
+                f"{path}: special embedding '{key}' has shape {tuple(value.shape)}, expected {wanted}"
+            )
+        out[key] = value.detach()
+    shapes = {tuple(v.shape) for v in out.values()}
+    dtypes = {v.dtype for v in out.values()}
+    if len(shapes) != 1 or len(dtypes) != 1:
+        raise ValueError(
+            f"{path}: special embeddings disagree in shape/dtype: "
+            + ", ".join(f"{k}={tuple(v.shape)}/{v.dtype}" for k, v in out.items())
+        )
+    return dict(out)
+
+
+_LAYOUTS = {
+    "1.1": {"projection": "projection.pt", "lm": "tuned-model", "tokenizer": "tokenizer"},
+    "1.0": {"projection": "projection", "lm": "OmniMistral-model", "tokenizer": "OmniMistral-tokenizer"},
+}
+_V11_SUBDIR = "OmniMistral-v1_1"
+_WEIGHT_FILES = (
+    ("safetensors", "model.safetensors.index.json", "model.safetensors"),
+    ("bin", "pytorch_model.bin.index.json", "pytorch_model.bin"),
+)
+
+
+def _layout_score(root: Path, version: str) -> int:
+    names = _LAYOUTS[version]
+    return (root / names["projection"]).is_file() + (root / names["lm"]).is_dir() + (root / names["tokenizer"]).is_dir()
+
+
+def _describe(version: str) -> str:
+    names = _LAYOUTS[version]
+    return f"v{version}: {names['projection']}, special_embeddings.pt, {names['lm']}/, {names['tokenizer']}/"
+
+
+def _lm_weights(lm_dir: Path, problems: list[str]) -> str:
+    for fmt, index_name, single_name in _WEIGHT_FILES:
+        index = lm_dir / index_name
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError, TypeError) as exc:
+                problems.append(f"{index} is not a valid weight index ({exc})")
+                return fmt
+            for shard in sorted(set(weight_map.values())):
+                if not (lm_dir / shard).is_file():
+                    problems.append(f"shard {lm_dir / shard} listed in {index.name}")
+            return fmt
+        if (lm_dir / single_name).is_file():
+            return fmt
+    problems.append(
+        f"LM weights in {lm_dir} (model.safetensors[.index.json] or pytorch_model.bin[.index.json])"
+    )
+    return ""
+
+
+def find_released_layout(input_dir: str | Path, version: str | None = None) -> ReleasedLayout:
+    """Locate the pieces of a released v1.0 (repo root) or v1.1 (``OmniMistral-v1_1``) checkpoint."""
+    root = Path(input_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: checkpoint directory not found")
+    if version is not None and version not in _LAYOUTS:
+        raise ValueError(f"unknown released version {version!r}; expected one of {sorted(_LAYOUTS)}")
+    if version in (None, "1.1") and _layout_score(root, "1.1") == 0 and (root / _V11_SUBDIR).is_dir():
+        if version == "1.1" or _layout_score(root, "1.0") == 0:
+            root, version = root / _V11_SUBDIR, "1.1"
+    if version is None:
+        scores = {v: _layout_score(root, v) for v in _LAYOUTS}
+        if max(scores.values()) == 0:
+            raise FileNotFoundError(
+                f"{root}: no released OmniFusion checkpoint found; expected "
+                + " or ".join(_describe(v) for v in ("1.1", "1.0"))
+            )
+        if scores["1.0"] == scores["1.1"]:
+            raise ValueError(f"{root}: ambiguous layout (files of both v1.0 and v1.1); pass version=")
+        version = max(scores, key=scores.get)
+    names = _LAYOUTS[version]
+    projection = root / names["projection"]
+    special = root / "special_embeddings.pt"
+    lm_dir = root / names["lm"]
+    tokenizer_dir = root / names["tokenizer"]
+    problems: list[str] = []
+    if not projection.is_file():
+        problems.append(f"adapter file {projection}")
+    if not special.is_file():
+        problems.append(f"special embeddings file {special}")
+    weight_format = ""
+    if not lm_dir.is_dir():
+        problems.append(f"language model folder {lm_dir}/")
+    else:
+        if not (lm_dir / "config.json").is_file():
+            problems.append(f"LM config {lm_dir / 'config.json'}")
+        weight_format = _lm_weights(lm_dir, problems)
+    if not tokenizer_dir.is_dir():
+        problems.append(f"tokenizer folder {tokenizer_dir}/")
+    elif not ((tokenizer_dir / "tokenizer.model").is_file() or (tokenizer_dir / "tokenizer.json").is_file()):
+        problems.append(f"tokenizer file {tokenizer_dir / 'tokenizer.model'}")
+    if problems:
+        raise FileNotFoundError(
+            f"{root}: incomplete v{version} OmniFusion checkpoint; missing: " + "; ".join(problems)
+        )
+    return ReleasedLayout(
+        version=version,
+        root=root,
+        projection=projection,
+        special_embeddings=special,
+        lm_dir=lm_dir,
+        tokenizer_dir=tokenizer_dir,
+        lm_weight_format=weight_format,
+    )

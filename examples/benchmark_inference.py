@@ -1,0 +1,454 @@
+#!/usr/bin/env python
+"""
+Inference benchmark: OmniFusion against transformers' `LlavaForConditionalGeneration`, side by side in one process.
+
+Both models are built here from the *same* random-initialised sub-configs (a CLIP vision tower, a Mistral LM) and the
+MLP adapter, which is the same Linear-GELU-Linear as LLaVA's projector; the vision tower, adapter/projector, LM and
+LM-head weights are copied from OmniFusion into LLaVA, so both do the same work wherever they overlap (the image
+features of the two models are checked to be identical). The only architectural differences left are OmniFusion's:
+
+* learned input-only marker embeddings (`OmniFusionTokenEmbedding`, a few extra elementwise ops per forward), and
+* the two extra positions per image (`<image_start>`, `<image_end>` around the image block), so its prompts are
+  two tokens longer per image than LLaVA's for the same text and image.
+
+Measured (greedy `generate(max_new_tokens=N, min_new_tokens=N, do_sample=False)`, so both produce exactly N tokens):
+
+* prefill: `generate(max_new_tokens=1)` (vision tower + adapter + one LM forward over the prompt + first token);
+* generate: `generate(max_new_tokens=N)` at batch 1 and batch 8 (one image per sample);
+* decode per token: `(generate(N) - generate(1)) / (N - 1)`, with an image in context and for a text-only prompt of
+  the same total length (the image block's ids replaced by ordinary text tokens), for each model;
+* peak memory (unless `--no-memory`): every model / batch runs `generate(N)` once in a fresh subprocess; the number
+  is the growth of the process's peak resident set size (Linux `VmHWM`, reset via `/proc/self/clear_refs` right
+  before the call) over its resident size before the call: activations, KV cache and image features, not weights.
+
+Every timing is the median of `--repeats` runs after `--warmup` runs; OmniFusion and LLaVA runs are interleaved (and
+their order alternates) so that drift of a noisy machine affects both equally. The script also asserts that
+OmniFusion's vision tower runs exactly once per `generate()` call, with all of a batch's images in that one call.
+
+Run:  python examples/benchmark_inference.py            (about 1-3 minutes on 2 CPU cores)
+      python examples/benchmark_inference.py --quick    (smoke run, under 30 s)
+The last line is `ratio=<OmniFusion/LLaVA generate time>` (geometric mean of the batch-1 and batch-8 ratios).
+"""
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
+from transformers import (  # noqa: E402
+    CLIPImageProcessorPil,
+    CLIPVisionConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    MistralConfig,
+    PreTrainedTokenizerFast,
+)
+from transformers.utils import logging as hf_logging  # noqa: E402
+
+from modeling_omnifusion import OmniFusionConfig, OmniFusionForCausalLM, OmniFusionProcessor  # noqa: E402
+
+
+CORPUS = [
+    "This is a dialog with AI assistant.",
+    "Describe the image in detail. What objects are there, what colour are they and where are they?",
+    "A small yellow triangle on the left of a purple square, and two red circles below a green line.",
+    "The quick brown fox jumps over the lazy dog. 0 1 2 3 4 5 6 7 8 9 yes no",
+]
+QUESTION = "Describe the image in detail. What objects are there, what colour are they and where are they?"
+FILLER_TEXT = " the quick brown fox jumps over the lazy dog"
+NAMES = ("OmniFusion", "LLaVA")
+
+
+# ----------------------------------------------------------------------------------------------------------- setup
+
+
+def make_tokenizer(extra_special_tokens=()) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on a few sentences (deterministic), plus the given special tokens."""
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(CORPUS * 4, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    if extra_special_tokens:
+        fast.add_tokens([AddedToken(t, special=True, normalized=False) for t in extra_special_tokens], special_tokens=True)
+    fast.pad_token = fast.unk_token
+    fast.padding_side = "left"
+    return fast
+
+
+def make_processors(args):
+    """OmniFusion's processor and a LlavaProcessor over the same tokenizer vocabulary and image processor settings."""
+    def image_processor():
+        return CLIPImageProcessorPil(
+            size={"shortest_edge": args.image_size}, crop_size={"height": args.image_size, "width": args.image_size}
+        )
+
+    num_patches = (args.image_size // args.patch_size) ** 2
+    omni = OmniFusionProcessor(image_processor(), make_tokenizer(), num_image_tokens=num_patches)
+    # LLaVA gets the same vocabulary plus `<image>` (same id as OmniFusion's) and the two role tokens, so the same
+    # prompt string tokenizes to the same text ids; only OmniFusion's image start/end markers differ.
+    llava = LlavaProcessor(
+        image_processor(),
+        make_tokenizer(["<image>", "<image_start>", "<image_end>", "<user>", "<assistant>"]),
+        patch_size=args.patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
+    assert llava.image_token_id == omni.image_token_id
+    return omni, llava
+
+
+def make_configs(args, omni_processor):
+    vision = CLIPVisionConfig(
+        image_size=args.image_size,
+        patch_size=args.patch_size,
+        hidden_size=args.vision_hidden,
+        intermediate_size=4 * args.vision_hidden,
+        num_hidden_layers=args.vision_layers,
+        num_attention_heads=max(1, args.vision_hidden // 64),
+        projection_dim=args.vision_hidden,
+    )
+    tokenizer = omni_processor.tokenizer
+    text = MistralConfig(
+        vocab_size=args.vocab_size,  # a realistic LM-head width; the tokenizer's ids are a subset of it
+        hidden_size=args.text_hidden,
+        intermediate_size=3 * args.text_hidden,
+        num_hidden_layers=args.text_layers,
+        num_attention_heads=max(1, args.text_hidden // 64),
+        num_key_value_heads=max(1, args.text_hidden // 128),
+        max_position_embeddings=4096,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    omni = OmniFusionConfig(
+        vision_config=vision.to_dict(),
+        text_config=text.to_dict(),
+        adapter_type="mlp",
+        adapter_hidden_size=args.text_hidden,
+        adapter_hidden_act="gelu",
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        **omni_processor.special_token_ids,
+    )
+    llava = LlavaConfig(
+        vision_config=vision.to_dict(),
+        text_config=text.to_dict(),
+        image_token_index=omni_processor.image_token_id,
+        projector_hidden_act="gelu",
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+    for config in (omni, llava):
+        config._attn_implementation = "sdpa"
+        config.vision_config._attn_implementation = "sdpa"
+        config.text_config._attn_implementation = "sdpa"
+    return omni, llava
+
+
+def build_model(name, configs, pad_token_id):
+    torch.manual_seed(0)
+    cls = OmniFusionForCausalLM if name == "OmniFusion" else LlavaForConditionalGeneration
+    model = cls(configs[NAMES.index(name)]).eval()
+    model.generation_config.pad_token_id = pad_token_id
+    return model
+
+
+def copy_weights(omni: OmniFusionForCausalLM, llava: LlavaForConditionalGeneration):
+    """Make LLaVA compute exactly what OmniFusion computes wherever the two overlap."""
+    llava.model.vision_tower.load_state_dict(omni.model.vision_tower.state_dict())
+    llava.model.multi_modal_projector.load_state_dict(omni.model.adapter.state_dict())
+    lm_state = {k: v for k, v in omni.model.language_model.state_dict().items() if "special_embeddings" not in k}
+    llava.model.language_model.load_state_dict(lm_state)
+    llava.lm_head.load_state_dict(omni.lm_head.state_dict())
+
+
+def make_images(n, size, seed=0):
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def make_inputs(omni_processor, llava_processor, batch, image_size):
+    """Per model: the image prompt (one image per sample) and a text-only prompt of the same total length."""
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
+    prompt = omni_processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    images = make_images(batch, image_size)
+    inputs = {}
+    for name, processor in zip(NAMES, (omni_processor, llava_processor)):
+        with_image = dict(processor(images=images, text=[prompt] * batch, return_tensors="pt"))
+        ids = with_image["input_ids"]
+        image_ids = torch.tensor(getattr(processor, "image_token_ids", [processor.image_token_id]))
+        in_image_block = torch.isin(ids, image_ids)
+        filler = processor.tokenizer(FILLER_TEXT, add_special_tokens=False)["input_ids"]
+        filler = torch.tensor(filler).repeat(int(in_image_block[0].sum()) // len(filler) + 1)
+        text_ids = ids.clone()
+        for row in range(batch):
+            text_ids[row, in_image_block[row]] = filler[: int(in_image_block[row].sum())]
+        text_only = {"input_ids": text_ids, "attention_mask": with_image["attention_mask"].clone()}
+        inputs[name] = {"image": with_image, "text": text_only}
+    return prompt, inputs
+
+
+# -------------------------------------------------------------------------------------------------------- measuring
+
+
+def rss_kib():
+    status = open("/proc/self/status").read()
+    return {key: int(re.search(key + r":\s+(\d+)", status).group(1)) for key in ("VmRSS", "VmHWM")}
+
+
+def generate(model, inputs, new_tokens):
+    return model.generate(
+        **inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, use_cache=True
+    )
+
+
+@contextlib.contextmanager
+def count_calls(module):
+    """Counts forward calls of `module` and records the batch size of each."""
+    batches = []
+    handle = module.register_forward_hook(lambda mod, args, kwargs, out: batches.append(
+        (args[0] if args else kwargs["pixel_values"]).shape[0]), with_kwargs=True)
+    try:
+        yield batches
+    finally:
+        handle.remove()
+
+
+def check_single_vision_call(model, name, inputs, new_tokens, batch):
+    """The vision tower must run once per generate(), with the whole batch's images in that one call."""
+    with count_calls(model.model.vision_tower) as calls:
+        out = generate(model, inputs, new_tokens)
+    assert out.shape[1] == inputs["input_ids"].shape[1] + new_tokens, out.shape
+    if name == "OmniFusion":
+        assert calls == [batch], (
+            f"OmniFusion's vision tower ran {len(calls)} times (batches {calls}) in one generate() of {new_tokens} "
+            f"tokens at batch {batch}; expected exactly one call on all {batch} images"
+        )
+    return calls
+
+
+def memory_worker(args):
+    """Run in a fresh process: peak RSS growth of one generate(N) call of one model at one batch size."""
+    torch.set_num_threads(args.threads)
+    omni_processor, llava_processor = make_processors(args)
+    configs = make_configs(args, omni_processor)
+    model = build_model(args.memory_worker, configs, omni_processor.tokenizer.pad_token_id)
+    _, inputs = make_inputs(omni_processor, llava_processor, args.memory_batch, args.image_size)
+    inputs = inputs[args.memory_worker]["image"]
+    # Load lazily imported code paths with a tiny call, so their import is not counted as the model's memory.
+    tiny = {k: v[:1, -4:] for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
+    tiny["input_ids"] = tiny["input_ids"].clone().fill_(omni_processor.tokenizer.eos_token_id)
+    generate(model, tiny, 2)
+    weights_mib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+    open("/proc/self/clear_refs", "w").write("5")  # reset VmHWM (peak RSS) to the current RSS
+    before = rss_kib()
+    generate(model, inputs, args.new_tokens)
+    after = rss_kib()
+    print(json.dumps({"peak_growth_mib": (after["VmHWM"] - before["VmRSS"]) / 1024, "weights_mib": weights_mib}))
+
+
+def measure_memory(args):
+    """Peak-RSS growth during generate(N), each model and batch size in its own fresh subprocess."""
+    forwarded = []
+    for key in ("image_size", "patch_size", "vision_hidden", "vision_layers", "text_hidden", "text_layers",
+                "vocab_size", "new_tokens", "threads"):
+        forwarded += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+    results = {}
+    for batch in (1, args.batch):
+        for name in NAMES:
+            cmd = [sys.executable, os.path.abspath(__file__), "--memory-worker", name, "--memory-batch", str(batch)]
+            proc = subprocess.run(cmd + forwarded, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+            if proc.returncode != 0:
+                raise RuntimeError(f"memory worker {name} b{batch} failed:\n{proc.stderr[-3000:]}")
+            results[name, batch] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return results
+
+
+def median_time(samples):
+    return statistics.median(samples)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small sizes, few tokens and repeats: a <30 s smoke run")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--patch-size", type=int, default=14)
+    parser.add_argument("--vision-hidden", type=int, default=384)
+    parser.add_argument("--vision-layers", type=int, default=4)
+    parser.add_argument("--text-hidden", type=int, default=512)
+    parser.add_argument("--text-layers", type=int, default=4)
+    parser.add_argument("--vocab-size", type=int, default=32000)
+    parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated per generate() call (N)")
+    parser.add_argument("--batch", type=int, default=8, help="the large batch size (the small one is always 1)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (the median is reported)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed runs per measurement before timing")
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument("--memory-worker", choices=NAMES, help=argparse.SUPPRESS)
+    parser.add_argument("--memory-batch", type=int, default=1, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.quick:
+        args.image_size, args.vision_hidden, args.vision_layers = 112, 256, 2
+        args.text_hidden, args.text_layers, args.vocab_size = 256, 2, 8000
+        args.new_tokens, args.repeats, args.warmup, args.batch = 8, 3, 1, 4
+    assert args.new_tokens >= 2, "--new-tokens must be at least 2 to measure decoding"
+
+    hf_logging.set_verbosity_error()
+    warnings.filterwarnings("ignore")
+    if args.memory_worker:
+        return memory_worker(args)
+
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    omni_processor, llava_processor = make_processors(args)
+    omni_config, llava_config = configs = make_configs(args, omni_processor)
+    pad = omni_processor.tokenizer.pad_token_id
+    models = {name: build_model(name, configs, pad) for name in NAMES}
+    copy_weights(models["OmniFusion"], models["LLaVA"])
+
+    prompt, inputs_b1 = make_inputs(omni_processor, llava_processor, 1, args.image_size)
+    _, inputs_bn = make_inputs(omni_processor, llava_processor, args.batch, args.image_size)
+    inputs = {1: inputs_b1, args.batch: inputs_bn}
+
+    # Same work where the models overlap: identical image features, identical text ids outside the image block.
+    with torch.no_grad():
+        pixels = inputs_b1["OmniFusion"]["image"]["pixel_values"]
+        assert torch.equal(pixels, inputs_b1["LLaVA"]["image"]["pixel_values"])
+        feats = [torch.cat(list(models[n].model.get_image_features(pixels).pooler_output)) for n in NAMES]
+        torch.testing.assert_close(feats[0], feats[1])
+    omni_ids, llava_ids = inputs_b1["OmniFusion"]["image"]["input_ids"][0], inputs_b1["LLaVA"]["image"]["input_ids"][0]
+    keep = ~torch.isin(omni_ids, torch.tensor([omni_processor.image_start_token_id, omni_processor.image_end_token_id]))
+    assert torch.equal(omni_ids[keep], llava_ids), "the two prompts differ outside OmniFusion's image markers"
+    seq_len = {name: inputs_b1[name]["image"]["input_ids"].shape[1] for name in NAMES}
+
+    # OmniFusion's vision tower runs exactly once per generate(), on all images of the batch (asserted).
+    vision_calls = {}
+    for batch in (1, args.batch):
+        for name in NAMES:
+            vision_calls[name, batch] = check_single_vision_call(
+                models[name], name, inputs[batch][name]["image"], args.new_tokens, batch
+            )
+    # Text-only prompts must not touch the vision tower at all.
+    with count_calls(models["OmniFusion"].model.vision_tower) as calls:
+        generate(models["OmniFusion"], inputs_b1["OmniFusion"]["text"], 2)
+    assert calls == [], calls
+
+    # Timings: (case, batch, kind, new_tokens); every repetition runs every case for both models, order alternating.
+    cases = [(batch, kind, n) for batch in (1, args.batch) for kind in ("image", "text") for n in (1, args.new_tokens)]
+    times = {(name, *case): [] for name in NAMES for case in cases}
+    for rep in range(args.warmup + args.repeats):
+        for case in cases:
+            batch, kind, n = case
+            order = NAMES if (rep + cases.index(case)) % 2 == 0 else NAMES[::-1]
+            for name in order:
+                t0 = time.perf_counter()
+                generate(models[name], inputs[batch][name][kind], n)
+                elapsed = time.perf_counter() - t0
+                if rep >= args.warmup:
+                    times[name, *case].append(elapsed)
+    med = {key: median_time(value) for key, value in times.items()}
+    spread = {key: (max(v) - min(v)) / median_time(v) for key, v in times.items()}
+
+    memory = None if args.no_memory else measure_memory(args)
+    total = time.perf_counter() - start
+
+    # ---------------------------------------------------------------------------------------------------- report
+    n = args.new_tokens
+    nparams = {name: sum(p.numel() for p in models[name].parameters()) for name in NAMES}
+    print("=" * 100)
+    print("OmniFusion vs LLaVA inference benchmark (transformers LlavaForConditionalGeneration), one process, CPU")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, sdpa attention")
+    print(f"vision: CLIP {args.image_size}px / patch {args.patch_size}, hidden {args.vision_hidden}, "
+          f"{args.vision_layers} layers -> {omni_config.num_image_tokens} image tokens per image (CLS dropped, layer -2)")
+    print(f"adapter: Linear({args.vision_hidden}->{args.text_hidden})-GELU-Linear({args.text_hidden}->{args.text_hidden}) "
+          "(OmniFusion adapter_type='mlp' = LLaVA projector)")
+    print(f"LM: Mistral hidden {args.text_hidden}, {args.text_layers} layers, vocab {args.vocab_size}; "
+          f"params OmniFusion {nparams['OmniFusion'] / 1e6:.2f}M, LLaVA {nparams['LLaVA'] / 1e6:.2f}M "
+          f"(difference = the {len(omni_config.special_token_ids)} learned marker rows)")
+    print("weights: vision tower, adapter/projector, LM and LM head copied OmniFusion -> LLaVA; image features equal")
+    print(f"prompt ({seq_len['OmniFusion']} tokens OmniFusion, {seq_len['LLaVA']} LLaVA: OmniFusion adds "
+          f"<image_start>/<image_end> around each image block): {prompt!r}")
+    print("text-only prompts: the same prompts with the image block's ids replaced by ordinary text ids (same length)")
+    print(f"timing: greedy generate(max_new_tokens=N, min_new_tokens=N), N={n}; median of {args.repeats} runs after "
+          f"{args.warmup} warm-up, the two models interleaved; prefill = generate(N=1); "
+          f"decode/token = (generate(N) - generate(1)) / (N-1)")
+    if memory is not None:
+        print("memory: each model/batch runs generate(N) once in a fresh subprocess; peak = growth of the peak "
+              "resident set (VmHWM, reset just before the call) over the resident set before it -- activations, KV "
+              "cache, image features; weights listed separately")
+    for batch in (1, args.batch):
+        print(f"vision tower calls per generate() at batch {batch}: "
+              + ", ".join(f"{name} {len(vision_calls[name, batch])} (images per call {vision_calls[name, batch]})" for name in NAMES))
+    print("-" * 100)
+
+    rows = []
+    def row(label, values, fmt, ratio=True):
+        rows.append((label, [fmt(v) for v in values], f"{values[0] / values[1]:.3f}" if ratio else ""))
+
+    decode = {}
+    for batch in (1, args.batch):
+        for kind in ("image", "text"):
+            for name in NAMES:
+                decode[name, batch, kind] = (med[name, batch, kind, n] - med[name, batch, kind, 1]) / (n - 1)
+    ms = lambda v: f"{v * 1e3:9.1f} ms"  # noqa: E731
+    for batch in (1, args.batch):
+        row(f"prefill b{batch} (image)", [med[x, batch, "image", 1] for x in NAMES], ms)
+        row(f"generate N={n} b{batch} (image)", [med[x, batch, "image", n] for x in NAMES], ms)
+        row(f"decode/token b{batch} (image)", [decode[x, batch, "image"] for x in NAMES], ms)
+        row(f"decode/token b{batch} (text-only)", [decode[x, batch, "text"] for x in NAMES], ms)
+        row(f"decode tokens/s b{batch} (image)", [batch / decode[x, batch, "image"] for x in NAMES],
+            lambda v: f"{v:9.1f} t/s")
+    if memory is not None:
+        for batch in (1, args.batch):
+            row(f"peak memory growth b{batch}", [memory[x, batch]["peak_growth_mib"] for x in NAMES],
+                lambda v: f"{v:8.1f} MiB")
+        row("weights", [memory[x, 1]["weights_mib"] for x in NAMES], lambda v: f"{v:8.1f} MiB")
+
+    print(f"{'measurement':34s}{'OmniFusion':>16s}{'LLaVA':>16s}{'Omni/LLaVA':>14s}")
+    for label, values, ratio in rows:
+        print(f"{label:34s}{values[0]:>16s}{values[1]:>16s}{ratio:>14s}")
+    worst = max(spread.values())
+    print(f"(largest spread (max-min)/median of any timed cell: {worst:.0%})")
+    print("-" * 100)
+
+    gen_ratio = {b: med["OmniFusion", b, "image", n] / med["LLaVA", b, "image", n] for b in (1, args.batch)}
+    geo = math.sqrt(gen_ratio[1] * gen_ratio[args.batch])
+    prefill_ratio = {b: med["OmniFusion", b, "image", 1] / med["LLaVA", b, "image", 1] for b in (1, args.batch)}
+    print("ratios OmniFusion/LLaVA: " + ", ".join(
+        [f"prefill b{b} {prefill_ratio[b]:.3f}" for b in (1, args.batch)]
+        + [f"generate b{b} {gen_ratio[b]:.3f}" for b in (1, args.batch)]))
+    for name in NAMES:
+        print(f"decode with image / text-only, {name}: " + ", ".join(
+            f"b{b} {decode[name, b, 'image'] / decode[name, b, 'text']:.3f}" for b in (1, args.batch)))
+    verdict = lambda ok: "ok" if ok else "EXCEEDED"  # noqa: E731
+    print(f"expected: OmniFusion/LLaVA generate <= 1.05 ({verdict(geo <= 1.05)}); OmniFusion decode image/text <= 1.2 "
+          f"({verdict(all(decode['OmniFusion', b, 'image'] / decode['OmniFusion', b, 'text'] <= 1.2 for b in (1, args.batch)))})")
+    print(f"total benchmark time {total:.0f} s")
+    print(f"ratio below = geometric mean of the batch-1 and batch-{args.batch} OmniFusion/LLaVA generate(N={n}) time ratios")
+    print(f"ratio={geo:.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,230 @@
+"""
+Evaluate a vision-language model on Visual Dialog v1.0 by ranking the 100 candidate answers of every round.
+
+Each candidate is scored by its token log-likelihood given the image, the caption, the dialog history (ground-truth
+answers) and the question, built with the model's chat template (see `visdial_scoring.py` for the exact prompt).
+The context of a round runs once and its KV cache serves all candidates. Works for any model folder or Hub id that
+`AutoModelForImageTextToText` and `AutoProcessor` load with `trust_remote_code=True`: OmniFusion and LLaVA alike.
+
+Writes the metrics (fractions) and settings to `--output`, the per-round ranks in the official submission format
+(`[{"image_id", "round_id", "ranks"}]`) next to it, and prints the metrics in percent.
+
+    python examples/evaluate_visdial.py --model path/to/omnifusion --visdial_json visdial_1.0_val.json \
+        --dense_json visdial_1.0_val_dense_annotations.json --images_dir VisualDialog_val2018 \
+        --output omnifusion_visdial.json --name OmniFusion
+
+    # compare result files in a table and a bar chart
+    python examples/evaluate_visdial.py --plot omnifusion_visdial.json llava_visdial.json --plot_output visdial.png
+"""
+
+import json
+import os
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor, HfArgumentParser
+
+from visdial_scoring import evaluate_dialogs
+
+
+TABLE_COLUMNS = (("NDCG", "ndcg"), ("MRR", "mrr"), ("R@1", "r@1"), ("R@5", "r@5"), ("R@10", "r@10"))
+
+
+@dataclass
+class VisDialArguments:
+    model: str | None = field(
+        default=None, metadata={"help": "Model folder or Hub id (AutoModelForImageTextToText + AutoProcessor)."}
+    )
+    visdial_json: str | None = field(default=None, metadata={"help": "VisDial v1.0 dialogs, e.g. visdial_1.0_val.json."})
+    dense_json: str | None = field(
+        default=None, metadata={"help": "Dense relevance annotations for NDCG; NDCG is left out without them."}
+    )
+    images_dir: str | None = field(
+        default=None, metadata={"help": "Folder with VisualDialog_<split>_<12-digit image_id>.jpg images."}
+    )
+    output: str = field(default="visdial_results.json", metadata={"help": "Metrics and settings JSON."})
+    ranks_output: str | None = field(
+        default=None, metadata={"help": "Submission-format ranks JSON; defaults to <output stem>_ranks.json."}
+    )
+    max_dialogs: int | None = field(default=None, metadata={"help": "Evaluate only the first N dialogs."})
+    score: Literal["mean", "sum"] = field(
+        default="mean",
+        metadata={"help": "Mean token log-probability (released OmniFusion) or sum (official LF-gen)."},
+    )
+    batch_size: int = field(default=50, metadata={"help": "Candidates per forward pass."})
+    device: str | None = field(default=None, metadata={"help": "Defaults to cuda when available, else cpu."})
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
+        default="auto", metadata={"help": "Weights dtype; log-probabilities are always computed in float32."}
+    )
+    name: str | None = field(default=None, metadata={"help": "Row name in tables and charts; defaults to the model's."})
+    plot: list[str] | None = field(
+        default=None, metadata={"help": "Result JSON files to compare in a table and a grouped bar chart."}
+    )
+    plot_output: str = field(default="visdial_comparison.png", metadata={"help": "Where --plot saves the chart."})
+
+
+def load_visdial(visdial_json, dense_json=None, max_dialogs=None) -> tuple[dict, str, list[dict] | None]:
+    """
+    Read a VisDial v1.0 file (and its dense annotations), keeping the first `max_dialogs` dialogs.
+
+    Returns `(data, split, dense)`: the file's `data` field, its `split` (e.g. "val2018", which names the images)
+    and the dense entries of the kept dialogs (None without a dense file). Raises ValueError on files that do not
+    fit together.
+    """
+    with open(visdial_json) as f:
+        visdial = json.load(f)
+    data = dict(visdial["data"])
+    data["dialogs"] = data["dialogs"][:max_dialogs]
+    for dialog in data["dialogs"]:
+        for round_index, visdial_round in enumerate(dialog["dialog"]):
+            if "gt_index" in visdial_round and (
+                visdial_round["answer_options"][visdial_round["gt_index"]] != visdial_round["answer"]
+            ):
+                raise ValueError(
+                    f"{visdial_json}: image {dialog['image_id']} round {round_index + 1}: answer_options[gt_index] "
+                    "is not the answer"
+                )
+    if dense_json is None:
+        return data, visdial["split"], None
+
+    with open(dense_json) as f:
+        dense = json.load(f)
+    rounds_by_image = {dialog["image_id"]: len(dialog["dialog"]) for dialog in data["dialogs"]}
+    dense = [entry for entry in dense if entry["image_id"] in rounds_by_image]
+    for entry in dense:
+        if not 1 <= entry["round_id"] <= rounds_by_image[entry["image_id"]]:
+            raise ValueError(f"{dense_json}: image {entry['image_id']} has no round {entry['round_id']}")
+    return data, visdial["split"], dense
+
+
+def image_loader(images_dir, split: str):
+    """`image_id -> RGB PIL image` reading `<images_dir>/VisualDialog_<split>_<12-digit image_id>.jpg`."""
+
+    def load(image_id: int) -> Image.Image:
+        path = Path(images_dir) / f"VisualDialog_{split}_{image_id:012d}.jpg"
+        if not path.is_file():
+            raise FileNotFoundError(f"No image for VisDial image_id {image_id}: expected {path}")
+        with Image.open(path) as image:
+            return image.convert("RGB")
+
+    return load
+
+
+def write_json_atomic(path, obj):
+    """Write JSON to a temporary file beside `path`, then rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as f:
+        json.dump(obj, f, indent=1)
+    os.replace(f.name, path)
+
+
+def ranks_path(args: VisDialArguments) -> Path:
+    output = Path(args.output)
+    return Path(args.ranks_output) if args.ranks_output else output.with_name(f"{output.stem}_ranks.json")
+
+
+def results_table(results: list[dict]) -> str:
+    """A markdown table, one row per result file, metrics in percent (the seed's Table 1 layout)."""
+    lines = ["| Model | " + " | ".join(title for title, _ in TABLE_COLUMNS) + " |"]
+    lines.append("|---" * (len(TABLE_COLUMNS) + 1) + "|")
+    for result in results:
+        values = [result["metrics"][key] for _, key in TABLE_COLUMNS]
+        cells = ["n/a" if value is None else f"{100 * value:.2f}" for value in values]
+        lines.append(f"| {result['model']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_results(results: list[dict], output):
+    """A grouped bar chart of the table's metrics (percent), one bar colour per result file."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    width = 0.8 / len(results)
+    figure, axes = plt.subplots(figsize=(1.6 * len(TABLE_COLUMNS) + 1, 4))
+    for index, result in enumerate(results):
+        values = [100 * (result["metrics"][key] or 0.0) for _, key in TABLE_COLUMNS]
+        positions = [column + (index - (len(results) - 1) / 2) * width for column in range(len(TABLE_COLUMNS))]
+        bars = axes.bar(positions, values, width, label=result["model"])
+        axes.bar_label(bars, fmt="%.1f", fontsize=7)
+    axes.set_xticks(range(len(TABLE_COLUMNS)), [title for title, _ in TABLE_COLUMNS])
+    axes.set_ylabel("%")
+    axes.set_title("Visual Dialog v1.0")
+    axes.legend()
+    figure.tight_layout()
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    temporary = output.with_name(f".{output.stem}.tmp{output.suffix}")
+    figure.savefig(temporary, dpi=150)
+    plt.close(figure)
+    os.replace(temporary, output)
+
+
+def evaluate(args: VisDialArguments) -> dict:
+    """Load the model and the data, rank every round, write both JSON files; returns the results dict."""
+    missing = [name for name in ("visdial_json", "images_dir") if getattr(args, name) is None]
+    if missing:
+        raise ValueError(f"--model needs --{' and --'.join(missing)}")
+    data, split, dense = load_visdial(args.visdial_json, args.dense_json, args.max_dialogs)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = AutoModelForImageTextToText.from_pretrained(args.model, trust_remote_code=True, dtype=args.dtype)
+    model = model.to(device).eval()
+    processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
+
+    metrics, ranks = evaluate_dialogs(
+        model, processor, data, image_loader(args.images_dir, split), dense, args.score, args.batch_size
+    )
+    results = {
+        "model": args.name or Path(args.model.rstrip("/")).name,
+        "metrics": metrics,
+        "metrics_scale": "fraction",
+        "ranks_file": str(ranks_path(args)),
+        "settings": {
+            "model": args.model,
+            "model_type": model.config.model_type,
+            "score": args.score,
+            "visdial_json": args.visdial_json,
+            "dense_json": args.dense_json,
+            "split": split,
+            "num_dialogs": len(data["dialogs"]),
+            "num_rounds": len(ranks),
+            "num_dense_rounds": len(dense or []),
+            "batch_size": args.batch_size,
+            "device": device,
+            "dtype": str(model.dtype).removeprefix("torch."),
+            "prompt": "chat template: <image> describe request, caption as reply, Q?/GT-answer turns, question?",
+        },
+    }
+    write_json_atomic(ranks_path(args), ranks)
+    write_json_atomic(args.output, results)
+    return results
+
+
+def main(argv=None):
+    (args,) = HfArgumentParser(VisDialArguments).parse_args_into_dataclasses(args=argv)
+    if args.model is None and not args.plot:
+        raise SystemExit("Give --model (with --visdial_json and --images_dir) to evaluate, or --plot to compare.")
+    if args.model is not None:
+        results = evaluate(args)
+        print(f"\nVisDial ({results['settings']['num_rounds']} rounds, score={args.score}):")
+        print(results_table([results]))
+        print(f"\nwrote {args.output} and {ranks_path(args)}")
+    if args.plot:
+        compared = []
+        for path in args.plot:
+            with open(path) as f:
+                compared.append(json.load(f))
+        print(results_table(compared))
+        plot_results(compared, args.plot_output)
+        print(f"wrote {args.plot_output}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

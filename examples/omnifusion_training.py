@@ -1,0 +1,393 @@
+"""
+Training code shared by the two OmniFusion stages (`train_stage1_pretrain.py`, `train_stage2_sft.py`).
+
+Data is a JSON list or a JSONL file of LLaVA-style records, as in LLaVA and the released OmniFusion code:
+
+    {"id": "000042", "image": "coco/000042.jpg",
+     "conversations": [{"from": "human", "value": "<image>\\nWhat is on the table?"},
+                       {"from": "gpt", "value": "A cup of tea."}]}
+
+`image` (optional) is a path relative to `--image_folder`; the image is shown at the first human turn. LLaVA's
+literal `<image>` (and the newline next to it) is removed from the text: where the image goes is decided by the chat
+template, never by the text. The records are read with `json` into a `datasets.Dataset` (one JSON string per record,
+so that a malformed record reaches validation instead of breaking Arrow's schema inference), checked once up front
+(structure, image file present and readable, tokenized length) and turned into model inputs lazily, per batch, by a
+dataset transform: chat template -> token ids -> truncation -> labels, and the image through the image processor.
+
+Labels are -100 everywhere except the assistant text, EOS at the end of each assistant turn included, since the
+processor is set to `end_assistant_turns_with_eos=True` so that trained models stop by themselves. A sequence longer
+than `--model_max_length` is cut; a cut that would land inside an image block (`<image_start>` ... `<image_end>`)
+is moved to before `<image_start>` and that image is dropped. A record with no answer token left after the cut is
+left out of training, and how many were is logged.
+"""
+
+import json
+import logging
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+
+import datasets
+import torch
+import transformers
+from PIL import Image
+from torch import nn
+from torch.nn.utils.rnn import pad_sequence
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    Trainer,
+    TrainingArguments,
+)
+
+from modeling_omnifusion import OmniFusionConfig, OmniFusionForCausalLM, OmniFusionProcessor
+
+
+logger = logging.getLogger(__name__)
+
+ROLES = {"human": "user", "gpt": "assistant"}
+LLAVA_IMAGE_PATTERN = re.compile(r"<image>\n?|\n?<image>")
+
+
+@dataclass
+class DataArguments:
+    data_path: str = field(metadata={"help": "Conversation records: a JSON list or a JSONL file (LLaVA format)."})
+    image_folder: str | None = field(
+        default=None,
+        metadata={"help": "Folder the records' `image` paths are relative to (default: the data file's folder)."},
+    )
+    model_max_length: int = field(
+        default=2048, metadata={"help": "Longest sequence in tokens, image positions included (released: 2048)."}
+    )
+    skip_bad_records: bool = field(
+        default=False,
+        metadata={
+            "help": "Skip (and count in the log) records with a missing or unreadable image or malformed "
+            "conversations, instead of stopping with an error that names the record."
+        },
+    )
+    preprocessing_num_workers: int | None = field(
+        default=None, metadata={"help": "Processes for the one-off check of all records."}
+    )
+
+
+@dataclass
+class OmniFusionTrainingArguments(TrainingArguments):
+    """`TrainingArguments` with the released code's optimizer and schedule: Adafactor, cosine, 1% warmup."""
+
+    optim: str = field(default="adafactor", metadata={"help": "Optimizer (released: Adafactor, relative_step=False)."})
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning-rate schedule (released: cosine)."})
+    warmup_steps: float = field(
+        default=0.01, metadata={"help": "Warmup steps, or a fraction of all steps when < 1 (released: 1%)."}
+    )
+    logging_steps: float = field(default=10, metadata={"help": "Log every this many steps."})
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Must stay False: the records are turned into model inputs lazily."}
+    )
+
+
+def setup_logging(training_args: TrainingArguments):
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        datefmt="%H:%M:%S",
+        handlers=[logging.StreamHandler(sys.stdout)],
+    )
+    level = training_args.get_process_log_level()
+    logger.setLevel(level)
+    datasets.utils.logging.set_verbosity(level)
+    transformers.utils.logging.set_verbosity(level)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def read_records(data_path: str) -> datasets.Dataset:
+    """
+    One row per record of a JSON list or JSONL file: `name` (its `id`, or `#<index>` without one) and `record`,
+    the record as JSON text. A JSONL line that does not parse is kept as it is and reported by validation.
+    """
+    with open(data_path, encoding="utf-8") as file:
+        text = file.read()
+    if text.lstrip().startswith("["):
+        records = [json.dumps(record) for record in json.loads(text)]
+    else:
+        records = [line for line in text.splitlines() if line.strip()]
+    names = []
+    for index, record in enumerate(records):
+        try:
+            record_id = json.loads(record).get("id")
+        except (json.JSONDecodeError, AttributeError):
+            record_id = None
+        names.append(str(record_id) if record_id is not None else f"#{index}")
+    return datasets.Dataset.from_dict({"name": names, "record": records})
+
+
+def record_to_messages(name: str, record_json: str, reserved_tokens: list[str]) -> tuple[list[dict], str | None]:
+    """
+    Chat messages (processor format) and the image path of one record; `ValueError` naming the record if it is
+    malformed or its text holds one of `reserved_tokens` (the processor's markers) after LLaVA's `<image>` is removed.
+    """
+    try:
+        record = json.loads(record_json)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"Record {name}: not valid JSON ({error}).") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"Record {name}: expected a JSON object, got {type(record).__name__}.")
+    conversations = record.get("conversations")
+    if not isinstance(conversations, list) or not conversations:
+        raise ValueError(f"Record {name}: 'conversations' must be a non-empty list of turns, got {conversations!r:.80}.")
+    image = record.get("image")
+    if image is not None and not isinstance(image, str):
+        raise ValueError(f"Record {name}: 'image' must be a path string, got {image!r:.80}.")
+
+    messages = []
+    for index, turn in enumerate(conversations):
+        if not isinstance(turn, dict) or turn.get("from") not in ROLES:
+            found = turn.get("from") if isinstance(turn, dict) else turn
+            raise ValueError(f"Record {name}: turn {index} needs 'from': 'human' or 'gpt', got {found!r:.80}.")
+        value = turn.get("value")
+        if not isinstance(value, str):
+            raise ValueError(f"Record {name}: turn {index} needs a string 'value', got {value!r:.80}.")
+        text = LLAVA_IMAGE_PATTERN.sub("", value)
+        reserved = [token for token in reserved_tokens if token in text]
+        if reserved:
+            raise ValueError(f"Record {name}: turn {index} contains the reserved token(s) {reserved}.")
+        messages.append({"role": ROLES[turn["from"]], "content": [{"type": "text", "text": text}]})
+    if not any(message["role"] == "assistant" for message in messages):
+        raise ValueError(f"Record {name}: the conversation has no 'gpt' turn, so nothing to learn from.")
+    if image is not None:
+        first_user = next((message for message in messages if message["role"] == "user"), None)
+        if first_user is None:
+            raise ValueError(f"Record {name}: has an image but no 'human' turn to show it at.")
+        first_user["content"].insert(0, {"type": "image"})
+    return messages, image
+
+
+def assistant_labels(input_ids: torch.LongTensor, processor: OmniFusionProcessor) -> torch.LongTensor:
+    """
+    `input_ids` (`[..., seq]`) with -100 everywhere except assistant text: a token is a target iff the most recent
+    `<user>`/`<assistant>`/`<image_start>` marker before it is `<assistant>` and it is not itself a special token.
+    """
+    special = torch.tensor(list(processor.special_token_ids.values()))
+    boundaries = torch.tensor([processor.user_token_id, processor.assistant_token_id, processor.image_start_token_id])
+    positions = torch.arange(input_ids.shape[-1]).expand_as(input_ids)
+    last_boundary = torch.where(torch.isin(input_ids, boundaries), positions, -1).cummax(-1).values
+    in_answer = (last_boundary >= 0) & (input_ids.gather(-1, last_boundary.clamp(min=0)) == processor.assistant_token_id)
+    return input_ids.masked_fill(~in_answer | torch.isin(input_ids, special), -100)
+
+
+def truncate(input_ids: torch.LongTensor, max_length: int, processor: OmniFusionProcessor) -> torch.LongTensor:
+    """The first `max_length` ids of a 1-D sequence, cut earlier if needed so that no image block is split."""
+    if input_ids.shape[0] <= max_length:
+        return input_ids
+    head = input_ids[:max_length]
+    starts = (head == processor.image_start_token_id).nonzero().flatten()
+    if len(starts) > int((head == processor.image_end_token_id).sum()):
+        return input_ids[: int(starts[-1])]
+    return head
+
+
+class ConversationEncoder:
+    """
+    Turns stored records into model inputs. Called on a batch of rows it is the dataset transform; `check` runs
+    every step except decoding the pixels, for the up-front validation.
+    """
+
+    def __init__(self, processor: OmniFusionProcessor, image_folder: str, max_length: int):
+        self.processor = processor
+        self.image_folder = image_folder
+        self.max_length = max_length
+        self.reserved_tokens = processor.tokenizer.convert_ids_to_tokens(list(processor.special_token_ids.values()))
+
+    def tokenize(self, messages: list[dict]) -> torch.LongTensor:
+        """Token ids exactly as `processor(images=..., text=chat)` gives them, without decoding any image."""
+        processor = self.processor
+        chat = processor.apply_chat_template(messages, tokenize=False)
+        num_images = sum(item["type"] == "image" for message in messages for item in message["content"])
+        blocks = [processor.replace_image_token({}, index) for index in range(num_images)]
+        (text,), _ = processor.get_text_with_replacements([chat], images_replacements=blocks)
+        input_ids = processor.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return truncate(torch.tensor(input_ids, dtype=torch.long), self.max_length, processor)
+
+    def read_image(self, name: str, image: str, decode: bool = True) -> Image.Image | None:
+        """The record's image as RGB (`decode=False`: only check that it is there and readable)."""
+        path = os.path.join(self.image_folder, image)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"Record {name}: image file not found: {path}")
+        try:
+            with Image.open(path) as file:
+                if not decode:
+                    file.verify()
+                    return None
+                return file.convert("RGB")
+        except Exception as error:  # PIL raises many types (OSError, SyntaxError, struct.error, ...) on bad files
+            raise ValueError(f"Record {name}: cannot read image {path} ({type(error).__name__}: {error}).") from error
+
+    def check(self, row: dict) -> dict:
+        """`error` (message, empty if fine), `error_type` and `has_answer` for one stored row."""
+        try:
+            messages, image = record_to_messages(row["name"], row["record"], self.reserved_tokens)
+            if image is not None:
+                self.read_image(row["name"], image, decode=False)
+            labels = assistant_labels(self.tokenize(messages), self.processor)
+        except (FileNotFoundError, ValueError) as error:
+            return {"error": str(error), "error_type": type(error).__name__, "has_answer": False}
+        return {"error": "", "error_type": "", "has_answer": bool((labels != -100).any())}
+
+    def encode(self, name: str, record: str) -> dict:
+        messages, image = record_to_messages(name, record, self.reserved_tokens)
+        input_ids = self.tokenize(messages)
+        pixel_values = None
+        if image is not None and (input_ids == self.processor.image_end_token_id).any():
+            pixel_values = self.processor.image_processor([self.read_image(name, image)], return_tensors="pt")[
+                "pixel_values"
+            ]
+        return {
+            "input_ids": input_ids,
+            "labels": assistant_labels(input_ids, self.processor),
+            "pixel_values": pixel_values,
+        }
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        examples = [self.encode(name, record) for name, record in zip(batch["name"], batch["record"])]
+        return {key: [example[key] for example in examples] for key in ("input_ids", "labels", "pixel_values")}
+
+
+def load_training_dataset(
+    data_args: DataArguments, processor: OmniFusionProcessor, training_args: TrainingArguments
+) -> datasets.Dataset:
+    """The checked records of `data_args.data_path`, turned into model inputs lazily by a `ConversationEncoder`."""
+    image_folder = data_args.image_folder or os.path.dirname(os.path.abspath(data_args.data_path))
+    encoder = ConversationEncoder(processor, image_folder, data_args.model_max_length)
+    records = read_records(data_args.data_path)
+    with training_args.main_process_first(desc="checking records"):
+        checks = records.map(
+            encoder.check,
+            remove_columns=records.column_names,
+            num_proc=data_args.preprocessing_num_workers,
+            desc="Checking records",
+        )
+    errors, error_types, has_answer = checks["error"], checks["error_type"], checks["has_answer"]
+    bad = [index for index, error in enumerate(errors) if error]
+    if bad and not data_args.skip_bad_records:
+        error_class = FileNotFoundError if error_types[bad[0]] == "FileNotFoundError" else ValueError
+        raise error_class(f"{errors[bad[0]]} ({len(bad)} bad records in all; --skip_bad_records skips them.)")
+    if bad:
+        logger.warning(
+            "Skipped %d bad records of %d in %s, for example: %s", len(bad), len(records), data_args.data_path, errors[bad[0]]
+        )
+    answerless = [index for index, error in enumerate(errors) if not error and not has_answer[index]]
+    if answerless:
+        logger.warning(
+            "Left out %d records with no answer token within model_max_length=%d, for example %s.",
+            len(answerless),
+            data_args.model_max_length,
+            records[answerless[0]]["name"],
+        )
+    kept = [index for index, error in enumerate(errors) if not error and has_answer[index]]
+    if not kept:
+        raise ValueError(f"No usable training records in {data_args.data_path}.")
+    logger.info("Training on %d records from %s.", len(kept), data_args.data_path)
+    return records.select(kept).with_transform(encoder)
+
+
+@dataclass
+class OmniFusionDataCollator:
+    """Pads `input_ids` (with `pad_token_id`), `labels` (with -100) and `attention_mask` on the right; stacks images."""
+
+    pad_token_id: int
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        input_ids = [example["input_ids"] for example in examples]
+        batch = {
+            "input_ids": pad_sequence(input_ids, batch_first=True, padding_value=self.pad_token_id),
+            "attention_mask": pad_sequence(
+                [torch.ones_like(ids) for ids in input_ids], batch_first=True, padding_value=0
+            ),
+            "labels": pad_sequence([example["labels"] for example in examples], batch_first=True, padding_value=-100),
+        }
+        images = [example["pixel_values"] for example in examples if example["pixel_values"] is not None]
+        if images:
+            batch["pixel_values"] = torch.cat(images)
+        return batch
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def load_vision_tower(name_or_path: str) -> nn.Module:
+    """A pretrained vision encoder; for a full CLIP/SigLIP checkpoint, only its vision model."""
+    config = AutoConfig.from_pretrained(name_or_path)
+    return AutoModel.from_pretrained(name_or_path, config=getattr(config, "vision_config", config))
+
+
+def build_model_from_pretrained_parts(
+    vision_model_name_or_path: str, language_model_name_or_path: str, **config_kwargs
+) -> tuple[OmniFusionForCausalLM, OmniFusionProcessor]:
+    """
+    A new OmniFusion around a pretrained vision encoder and a pretrained decoder LM (whose tokenizer it takes), with a
+    freshly initialised adapter and markers, and its processor. `config_kwargs` go to `OmniFusionConfig`.
+    """
+    vision_tower = load_vision_tower(vision_model_name_or_path)
+    language_model = AutoModelForCausalLM.from_pretrained(language_model_name_or_path)
+    processor = OmniFusionProcessor(
+        AutoImageProcessor.from_pretrained(vision_model_name_or_path),
+        AutoTokenizer.from_pretrained(language_model_name_or_path),
+        end_assistant_turns_with_eos=True,
+    )
+    config = OmniFusionConfig(
+        vision_config=vision_tower.config,
+        text_config=language_model.config,
+        **processor.special_token_ids,
+        **config_kwargs,
+    )
+    processor.num_image_tokens = config.num_image_tokens
+
+    model = OmniFusionForCausalLM(config)
+    model.model.vision_tower.load_state_dict(vision_tower.state_dict())
+    missing, unexpected = model.model.language_model.load_state_dict(
+        language_model.base_model.state_dict(), strict=False
+    )
+    if missing != ["embed_tokens.special_embeddings.weight"] or unexpected:
+        raise ValueError(
+            f"The language model's weights do not fit OmniFusion's: missing {missing}, unexpected {unexpected}."
+        )
+    model.lm_head.load_state_dict(language_model.get_output_embeddings().state_dict())
+    model.generation_config = language_model.generation_config
+    model.generation_config.eos_token_id = processor.tokenizer.eos_token_id
+    model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
+    return model, processor
+
+
+def train_only(model: nn.Module, modules: list[nn.Module]):
+    """Freeze `model` except `modules`, and log what is trained."""
+    model.requires_grad_(False)
+    for module in modules:
+        module.requires_grad_(True)
+    trainable = sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
+    total = sum(parameter.numel() for parameter in model.parameters())
+    logger.info("Training %d of %d parameters (%.2f%%).", trainable, total, 100 * trainable / total)
+
+
+def make_trainer(
+    model: nn.Module,
+    processor: OmniFusionProcessor,
+    data_args: DataArguments,
+    training_args: TrainingArguments,
+) -> Trainer:
+    """A `Trainer` over the checked, lazily encoded records; it saves the processor with every checkpoint."""
+    return Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=load_training_dataset(data_args, processor, training_args),
+        data_collator=OmniFusionDataCollator(processor.tokenizer.pad_token_id),
+        processing_class=processor,
+    )

@@ -1,0 +1,276 @@
+"""
+Rank Visual Dialog answer candidates by their log-likelihood under a vision-language model.
+
+Used by `evaluate_visdial.py`, `benchmark_visdial.py` and the training demo. Works with any model that
+`AutoModelForImageTextToText` loads (OmniFusion, transformers' LLaVA) and any processor with a chat template.
+
+Prompt of a round (the released OmniFusion layout, rendered by the processor's chat template):
+
+    user:      <image> "Describe what you can see in the picture."
+    assistant: caption
+    user:      question 1 + "?"      assistant: ground-truth answer 1
+    ...                               (all earlier rounds, always with the ground-truth answers)
+    user:      question t + "?"      assistant: <- generation prompt; the candidate continues from here
+
+VisDial questions carry no "?"; it is added, as the official starter code does. A candidate is tokenized on its
+own (`add_special_tokens=False`), with no EOS after it, and scored as the continuation of the generation prompt.
+For OmniFusion that equals tokenizing prompt and candidate together, because the prompt ends with the
+`<assistant>` marker and the processor tokenizes the text after each marker independently; for LLaVA-1.5
+(SentencePiece, prompt "... ASSISTANT:") the candidate's own leading word-boundary piece stands for the space the
+template writes after "ASSISTANT:".
+
+Score of a candidate: the mean (OmniFusion's released `test.py`) or the sum (the official LF-gen convention) of
+its token log-probabilities, computed in float32. Higher is better.
+
+Shared-prefix scoring runs the round's context (image, caption, history, question) once, keeps its KV cache and
+scores the candidates in batches against copies of that cache, so each candidate costs only its own few tokens.
+`score_candidates_naive` is the released method (every candidate's full sequence through the LM, the image
+encoded once) and exists to check and time the shared-prefix one.
+"""
+
+import copy
+import importlib.util
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+
+DESCRIBE_PROMPT = "Describe what you can see in the picture."
+SCORE_TYPES = ("mean", "sum")
+METRIC_FILE = Path(__file__).resolve().parent / "metrics" / "visdial" / "visdial.py"
+
+
+def _load_metric_module():
+    """The VisDial metric file imported as a plain module (`scores_to_ranks`, `visdial_metrics`)."""
+    spec = importlib.util.spec_from_file_location("visdial_metric", METRIC_FILE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+visdial_metric = _load_metric_module()
+
+
+def dialog_messages(image, caption: str, history: list[tuple[str, str]], question: str) -> list[dict]:
+    """
+    Chat messages for one round: the image with the describe request, the caption as the assistant's reply, the
+    earlier (question, answer) pairs as user/assistant turns and the current question as the last user turn.
+    Questions are used as given (`visdial_round_question` adds the "?").
+    """
+    messages = [
+        {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": DESCRIBE_PROMPT}]},
+        {"role": "assistant", "content": [{"type": "text", "text": caption}]},
+    ]
+    for past_question, past_answer in history:
+        messages.append({"role": "user", "content": [{"type": "text", "text": past_question}]})
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": past_answer}]})
+    messages.append({"role": "user", "content": [{"type": "text", "text": question}]})
+    return messages
+
+
+def visdial_round_question(text: str) -> str:
+    """A VisDial question as put in the prompt: with the "?" the annotations leave out."""
+    return text if text.endswith("?") else text + "?"
+
+
+def build_context(processor, messages: list[dict]):
+    """
+    The model inputs of a round's context (`input_ids` `[1, context_len]`, `attention_mask`, `pixel_values`, ...)
+    rendered through the processor's chat template with the generation prompt appended.
+    """
+    if getattr(processor, "chat_template", None) is None:
+        raise ValueError(
+            f"{type(processor).__name__} has no chat template; VisDial prompts are built with "
+            "`processor.apply_chat_template`, so save the processor with one (`processor.chat_template = ...`)."
+        )
+    return processor.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
+
+
+def tokenize_candidates(tokenizer, candidates: list[str]) -> list[list[int]]:
+    """Token ids of every candidate answer on its own (no special tokens); raises on an empty candidate."""
+    candidate_ids = tokenizer(list(candidates), add_special_tokens=False)["input_ids"]
+    for text, ids in zip(candidates, candidate_ids):
+        if not ids:
+            raise ValueError(f"Candidate {text!r} tokenizes to no tokens and cannot be scored.")
+    return candidate_ids
+
+
+def _pad_right(candidate_ids: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """`[batch, max_len]` ids right-padded with 0 and the matching 0/1 mask."""
+    length = max(len(ids) for ids in candidate_ids)
+    ids = torch.zeros(len(candidate_ids), length, dtype=torch.long)
+    mask = torch.zeros(len(candidate_ids), length, dtype=torch.long)
+    for row, tokens in enumerate(candidate_ids):
+        ids[row, : len(tokens)] = torch.tensor(tokens)
+        mask[row, : len(tokens)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _candidate_scores(step_logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, score: str) -> torch.Tensor:
+    """
+    Per-candidate log-likelihood from `step_logits` `[batch, len, vocab]`, where position i predicts `ids[:, i]`;
+    padded positions (`mask` 0) are left out. Returns float32 `[batch]`: the sum, or the mean over real tokens.
+    """
+    step_logits = step_logits.float()
+    token_logits = step_logits.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    log_probs = (token_logits - torch.logsumexp(step_logits, dim=-1)) * mask
+    total = log_probs.sum(-1)
+    return total / mask.sum(-1) if score == "mean" else total
+
+
+def _check_arguments(context_inputs, score: str):
+    if score not in SCORE_TYPES:
+        raise ValueError(f"score must be one of {SCORE_TYPES}, got {score!r}")
+    if context_inputs["input_ids"].shape[0] != 1:
+        raise ValueError(f"Expected the context of one round (batch 1), got {context_inputs['input_ids'].shape[0]}.")
+
+
+@torch.no_grad()
+def score_candidates_shared_prefix(
+    model, context_inputs, candidate_ids: list[list[int]], batch_size: int = 50, score: str = "mean"
+) -> torch.Tensor:
+    """
+    Log-likelihood score of every candidate continuing the context, running the context once.
+
+    Args:
+        model: an image-text-to-text model whose forward takes `cache`, `position_ids` and `logits_to_keep`.
+        context_inputs: the processor's output for one round's context (`build_context`), batch 1.
+        candidate_ids: token ids of each candidate (`tokenize_candidates`).
+        batch_size: candidates scored per forward pass; each batch gets its own copy of the context cache.
+        score: `"mean"` or `"sum"` of the candidate's token log-probabilities.
+
+    Returns:
+        float32 `[num_candidates]` scores on the CPU, higher is better.
+    """
+    _check_arguments(context_inputs, score)
+    context_inputs = context_inputs.to(model.device, model.dtype)
+    context = model(**context_inputs, use_cache=True, logits_to_keep=1)
+    context_mask = context_inputs["attention_mask"]
+    context_len = context_mask.shape[1]
+    first_logits = context.logits[:, -1:]  # predicts every candidate's first token
+
+    scores = []
+    for start in range(0, len(candidate_ids), batch_size):
+        ids, mask = _pad_right(candidate_ids[start : start + batch_size], model.device)
+        batch, length = ids.shape
+        cache = copy.deepcopy(context.cache)
+        cache.batch_repeat_interleave(batch)
+        outputs = model(
+            input_ids=ids,
+            attention_mask=torch.cat([context_mask.expand(batch, -1), mask], dim=1),
+            position_ids=torch.arange(context_len, context_len + length, device=model.device).expand(batch, -1),
+            cache=cache,
+            use_cache=True,
+        )
+        step_logits = torch.cat([first_logits.expand(batch, -1, -1), outputs.logits[:, :-1]], dim=1)
+        scores.append(_candidate_scores(step_logits, ids, mask, score))
+    return torch.cat(scores).cpu()
+
+
+@torch.no_grad()
+def score_candidates_naive(
+    model, context_inputs, candidate_ids: list[list[int]], batch_size: int = 50, score: str = "mean"
+) -> torch.Tensor:
+    """
+    The released method: every candidate's full sequence (context + candidate) through the LM, right-padded in
+    batches; the image is encoded once and its features reused. Same arguments and result as
+    `score_candidates_shared_prefix`; `context_inputs` may only hold `input_ids`, `attention_mask`, `pixel_values`.
+    """
+    _check_arguments(context_inputs, score)
+    unsupported = set(context_inputs) - {"input_ids", "attention_mask", "pixel_values"}
+    if unsupported:
+        raise ValueError(f"score_candidates_naive does not handle the context inputs {sorted(unsupported)}.")
+    context_inputs = context_inputs.to(model.device, model.dtype)
+    image_features = model.get_image_features(pixel_values=context_inputs["pixel_values"]).pooler_output
+    context_ids, context_mask = context_inputs["input_ids"], context_inputs["attention_mask"]
+
+    scores = []
+    for start in range(0, len(candidate_ids), batch_size):
+        ids, mask = _pad_right(candidate_ids[start : start + batch_size], model.device)
+        batch, length = ids.shape
+        image_outputs = BaseModelOutputWithPooling(pooler_output=list(image_features) * batch)
+        outputs = model(
+            input_ids=torch.cat([context_ids.expand(batch, -1), ids], dim=1),
+            attention_mask=torch.cat([context_mask.expand(batch, -1), mask], dim=1),
+            mm_encoder_outputs={"image": image_outputs},
+            logits_to_keep=length + 1,
+        )
+        scores.append(_candidate_scores(outputs.logits[:, :-1], ids, mask, score))
+    return torch.cat(scores).cpu()
+
+
+def dense_relevance_by_image(dense_annotations: list[dict] | None) -> dict[int, tuple[int, list[float]]]:
+    """`{image_id: (round_id, relevance)}` from VisDial dense annotations (`gt_relevance`, or train's `relevance`)."""
+    relevance = {}
+    for entry in dense_annotations or []:
+        values = entry["gt_relevance"] if "gt_relevance" in entry else entry["relevance"]
+        relevance[entry["image_id"]] = (entry["round_id"], values)
+    return relevance
+
+
+def evaluate_dialogs(
+    model,
+    processor,
+    visdial_data: dict,
+    images: Mapping | Callable,
+    dense_annotations: list[dict] | None = None,
+    score: str = "mean",
+    batch_size: int = 50,
+    progress: bool = True,
+) -> tuple[dict | None, list[dict]]:
+    """
+    Score and rank the candidates of every round of every dialog, then compute the VisDial metrics.
+
+    Args:
+        model, processor: an image-text-to-text model and its processor (with a chat template).
+        visdial_data: the `data` field of a VisDial JSON file: `{"questions", "answers", "dialogs"}`, dialogs as
+            `{"image_id", "caption", "dialog": [{"question", "answer", "gt_index", "answer_options"}]}` with
+            indices into `questions`/`answers`. A round without `answer` (the last round of a test dialog) is
+            ranked but not scored by the metrics, and dialogs continue with ground-truth answers only.
+        images: `image_id -> PIL image`, a mapping or a callable.
+        dense_annotations: the dense relevance file (one entry per dialog, any order), or None for no NDCG.
+        score, batch_size: see `score_candidates_shared_prefix`.
+        progress: show a progress bar over rounds.
+
+    Returns:
+        `(metrics, ranks)`: `metrics` is `visdial_metrics`' dict of fractions (r@1, r@5, r@10, mrr, mean_rank,
+        ndcg), None if no round has a ground truth; `ranks` is the official submission list
+        `[{"image_id", "round_id" (1-based), "ranks": [1-based rank of each answer option]}]`, one per round.
+    """
+    load_image = images.__getitem__ if isinstance(images, Mapping) else images
+    questions, answers = visdial_data["questions"], visdial_data["answers"]
+    dialogs = visdial_data["dialogs"]
+    relevance_by_image = dense_relevance_by_image(dense_annotations)
+    model.eval()
+
+    ranks, predictions, references, relevance = [], [], [], []
+    bar = tqdm(total=sum(len(d["dialog"]) for d in dialogs), desc="VisDial rounds", unit="round", disable=not progress)
+    for dialog in dialogs:
+        image = load_image(dialog["image_id"])
+        dense_round, dense_values = relevance_by_image.get(dialog["image_id"], (None, None))
+        history = []
+        for round_index, visdial_round in enumerate(dialog["dialog"]):
+            question = visdial_round_question(questions[visdial_round["question"]])
+            context_inputs = build_context(processor, dialog_messages(image, dialog["caption"], history, question))
+            candidates = [answers[index] for index in visdial_round["answer_options"]]
+            candidate_ids = tokenize_candidates(processor.tokenizer, candidates)
+            scores = score_candidates_shared_prefix(model, context_inputs, candidate_ids, batch_size, score)
+            round_ranks = visdial_metric.scores_to_ranks(scores.double().numpy())
+            ranks.append({"image_id": dialog["image_id"], "round_id": round_index + 1, "ranks": round_ranks.tolist()})
+            if "gt_index" in visdial_round:
+                predictions.append(scores.double().tolist())
+                references.append(visdial_round["gt_index"])
+                relevance.append(dense_values if dense_round == round_index + 1 else [])
+            if "answer" in visdial_round:
+                history.append((question, answers[visdial_round["answer"]]))
+            bar.update()
+    bar.close()
+
+    metrics = visdial_metric.visdial_metrics(predictions, references, relevance) if predictions else None
+    return metrics, ranks
+

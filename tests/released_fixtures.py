@@ -1,0 +1,394 @@
+"""Tiny checkpoints in the formats of AIRI's released OmniFusion files, built locally for tests.
+
+The adapter is pickled as a whole ``models.VisualToGPTMapping`` module exactly like the
+release (``torch.save(module, path)``), the special embeddings as a plain dict of
+tensors, the LM as sharded safetensors (v1.1) or ``.bin`` shards (v1.0), and the
+tokenizer as a sentencepiece ``tokenizer.model`` trained on a small English corpus.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModel, MistralConfig, MistralForCausalLM
+
+SPECIAL_KEYS = ("USER", "BOT", "SOI", "EOI")
+
+LAYOUT_NAMES = {
+    "1.1": {"subdir": "OmniMistral-v1_1", "projection": "projection.pt", "lm": "tuned-model", "tokenizer": "tokenizer"},
+    "1.0": {"subdir": "", "projection": "projection", "lm": "OmniMistral-model", "tokenizer": "OmniMistral-tokenizer"},
+}
+
+MODELS_PY = '''\
+from torch import nn
+from torch.nn import Linear, TransformerEncoderLayer
+
+FFN_DIM = {ffn_dim!r}
+
+
+class VisualToGPTMapping(nn.Module):
+    def __init__(self, visual_emb_dim, gpt_emb_dim, num_gpt_embs, num_heads):
+        super(VisualToGPTMapping, self).__init__()
+        extra = {{}} if FFN_DIM is None else {{"dim_feedforward": FFN_DIM}}
+        self.transformer_layer = TransformerEncoderLayer(
+            d_model=visual_emb_dim, nhead=num_heads, batch_first=True, norm_first=False, **extra
+        )
+        self.linear = Linear(visual_emb_dim, gpt_emb_dim)
+        self.n_embeddings = num_gpt_embs
+        self.embedding_dim = gpt_emb_dim
+
+    def forward(self, visual_embs):
+        out = self.transformer_layer(visual_embs)
+        out = self.linear(out).view(-1, self.n_embeddings, self.embedding_dim)
+        return out
+'''
+
+CORPUS = (
+    "This is a dialog with AI assistant.",
+    "What is the sky color on this image? The sky is blue and the grass is green.",
+    "Describe the image in detail. A small red car is parked next to a tall tree.",
+    "Give a brief description of the image. Two cats are sleeping on a sofa.",
+    "How many people are in the picture? There are three people walking on the street.",
+    "The quick brown fox jumps over the lazy dog near the river bank.",
+    "Provide a short description of the image. A plate with bread, cheese and apples.",
+    "Read the text on the sign. It says: open from 9 to 17, closed on Sunday.",
+    "Where is the dog? The dog is under the wooden table in the kitchen.",
+    "What is the woman holding? She is holding an umbrella and a yellow bag.",
+)
+
+TOKENIZER_CONFIG = {
+    "add_bos_token": True,
+    "add_eos_token": False,
+    "added_tokens_decoder": {
+        str(i): {
+            "content": tok,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": True,
+        }
+        for i, tok in enumerate(("<unk>", "<s>", "</s>"))
+    },
+    "additional_special_tokens": [],
+    "bos_token": "<s>",
+    "clean_up_tokenization_spaces": False,
+    "eos_token": "</s>",
+    "legacy": True,
+    "model_max_length": 1000000000000000019884624838656,
+    "pad_token": None,
+    "sp_model_kwargs": {},
+    "spaces_between_special_tokens": False,
+    "tokenizer_class": "LlamaTokenizer",
+    "unk_token": "<unk>",
+    "use_default_system_prompt": False,
+}
+
+SPECIAL_TOKENS_MAP = {
+    name: {"content": tok, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
+    for name, tok in (("bos_token", "<s>"), ("eos_token", "</s>"), ("unk_token", "<unk>"))
+}
+
+
+@contextlib.contextmanager
+def released_models_module(ffn_dim: int | None = None):
+    """Import a temporary ``models`` module holding the release's ``VisualToGPTMapping``."""
+    tmp = tempfile.mkdtemp(prefix="omnifusion_models_")
+    previous = sys.modules.pop("models", None)
+    try:
+        Path(tmp, "models.py").write_text(MODELS_PY.format(ffn_dim=ffn_dim))
+        sys.path.insert(0, tmp)
+        importlib.invalidate_caches()
+        module = importlib.import_module("models")
+        assert Path(module.__file__).parent == Path(tmp)
+        yield module
+    finally:
+        if tmp in sys.path:
+            sys.path.remove(tmp)
+        sys.modules.pop("models", None)
+        if previous is not None:
+            sys.modules["models"] = previous
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_released_projection(
+    path,
+    *,
+    vision_hidden: int = 32,
+    text_hidden: int = 64,
+    num_image_tokens: int = 4,
+    num_heads: int = 4,
+    ffn_dim: int | None = 64,
+    dtype: torch.dtype = torch.bfloat16,
+    seed: int = 0,
+    mutate=None,
+) -> dict[str, torch.Tensor]:
+    """Pickle a whole ``models.VisualToGPTMapping`` like the release; returns a copy of its state dict.
+
+    ``mutate(module)`` may alter the module before saving (e.g. to plant a payload).
+    """
+    with released_models_module(ffn_dim) as models, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        module = models.VisualToGPTMapping(vision_hidden, text_hidden, num_image_tokens, num_heads).to(dtype)
+        with torch.no_grad():
+            for param in module.parameters():
+                param.add_(torch.randn_like(param) * 0.02)
+        if mutate is not None:
+            mutate(module)
+        torch.save(module, path)
+        return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def save_special_embeddings(path, hidden: int, dtype=torch.bfloat16, seed: int = 0, key_order=SPECIAL_KEYS):
+    """Write ``special_embeddings.pt`` as a plain dict; returns the tensors (detached copies)."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    values = {k: (torch.randn(hidden, generator=gen) / hidden**0.5).to(dtype) for k in SPECIAL_KEYS}
+    data = {k: values[k].clone().requires_grad_() for k in key_order}
+    torch.save(data, path)
+    return {k: v.clone() for k, v in values.items()}
+
+
+@functools.lru_cache(maxsize=None)
+def sentencepiece_model_bytes(vocab_size: int = 384) -> bytes:
+    """A Mistral-like sentencepiece BPE model (byte fallback, <unk>=0, <s>=1, </s>=2)."""
+    import sentencepiece as spm
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(CORPUS * 5),
+        model_writer=buf,
+        model_type="bpe",
+        vocab_size=vocab_size,
+        byte_fallback=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        character_coverage=1.0,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        split_digits=True,
+        allow_whitespace_only_pieces=True,
+        add_dummy_prefix=True,
+        num_threads=1,
+        minloglevel=2,
+    )
+    return buf.getvalue()
+
+
+def write_tokenizer_folder(folder, vocab_size: int = 384, tokenizer_files: str = "model_only") -> Path:
+    """Write ``tokenizer.model`` (and for ``"full"`` the release's two JSON files) into ``folder``."""
+    if tokenizer_files not in ("model_only", "full"):
+        raise ValueError(f"tokenizer_files must be 'model_only' or 'full', got {tokenizer_files!r}")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tokenizer.model").write_bytes(sentencepiece_model_bytes(vocab_size))
+    if tokenizer_files == "full":
+        (folder / "tokenizer_config.json").write_text(json.dumps(TOKENIZER_CONFIG, indent=2))
+        (folder / "special_tokens_map.json").write_text(json.dumps(SPECIAL_TOKENS_MAP, indent=2))
+    return folder
+
+
+def tiny_mistral(vocab_size: int, hidden: int = 64, seed: int = 0, dtype=torch.bfloat16) -> MistralForCausalLM:
+    config = MistralConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = MistralForCausalLM(config)
+    return model.to(dtype).eval()
+
+
+def save_bin_shards(model, folder, max_shard_bytes: int = 100_000) -> list[Path]:
+    """Save ``pytorch_model-XXXXX-of-XXXXX.bin`` shards + index, as transformers 4.x did."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(folder)
+    model.generation_config.save_pretrained(folder)
+    chunks: list[OrderedDict] = [OrderedDict()]
+    size = 0
+    for key, tensor in model.state_dict().items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if chunks[-1] and size + nbytes > max_shard_bytes:
+            chunks.append(OrderedDict())
+            size = 0
+        chunks[-1][key] = tensor.detach().clone().contiguous()
+        size += nbytes
+    weight_map, files, total = {}, [], 0
+    for i, chunk in enumerate(chunks, start=1):
+        name = f"pytorch_model-{i:05d}-of-{len(chunks):05d}.bin"
+        torch.save(chunk, folder / name)
+        files.append(folder / name)
+        for key, tensor in chunk.items():
+            weight_map[key] = name
+            total += tensor.numel() * tensor.element_size()
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
+    return files
+
+
+def make_released_checkpoint(
+    root,
+    layout: str = "1.1",
+    dtype: torch.dtype = torch.bfloat16,
+    vision_hidden: int = 32,
+    text_hidden: int = 64,
+    vocab_size: int = 384,
+    seed: int = 0,
+    *,
+    num_image_tokens: int = 4,
+    num_heads: int = 4,
+    ffn_dim: int | None = 64,
+    tokenizer_files: str = "model_only",
+    special_key_order=SPECIAL_KEYS,
+    max_shard_bytes: int = 100_000,
+) -> dict:
+    """Build a tiny released-format checkpoint under ``root``.
+
+    ``layout="1.1"`` writes ``root/OmniMistral-v1_1/{projection.pt, special_embeddings.pt,
+    tuned-model/, tokenizer/}``; ``"1.0"`` writes ``root/{projection, special_embeddings.pt,
+    OmniMistral-model/, OmniMistral-tokenizer/}``. Returns paths (``input_dir``, ``projection``,
+    ``special_embeddings``, ``lm_dir``, ``tokenizer_dir``), ``version``, ``vocab_size`` and the
+    expected tensors (``expected_projection``, ``expected_special_embeddings``).
+    """
+    if layout not in LAYOUT_NAMES:
+        raise ValueError(f"layout must be '1.0' or '1.1', got {layout!r}")
+    names = LAYOUT_NAMES[layout]
+    input_dir = Path(root) / names["subdir"] if names["subdir"] else Path(root)
+    input_dir.mkdir(parents=True, exist_ok=True)
+    projection = input_dir / names["projection"]
+    expected_projection = save_released_projection(
+        projection,
+        vision_hidden=vision_hidden,
+        text_hidden=text_hidden,
+        num_image_tokens=num_image_tokens,
+        num_heads=num_heads,
+        ffn_dim=ffn_dim,
+        dtype=dtype,
+        seed=seed,
+    )
+    special = input_dir / "special_embeddings.pt"
+    expected_special = save_special_embeddings(special, text_hidden, dtype, seed, special_key_order)
+    tokenizer_dir = write_tokenizer_folder(input_dir / names["tokenizer"], vocab_size, tokenizer_files)
+    lm_dir = input_dir / names["lm"]
+    model = tiny_mistral(vocab_size, text_hidden, seed, dtype)
+    if layout == "1.1":
+        model.save_pretrained(lm_dir, max_shard_size=max_shard_bytes)
+    else:
+        save_bin_shards(model, lm_dir, max_shard_bytes)
+    return {
+        "version": layout,
+        "root": Path(root),
+        "input_dir": input_dir,
+        "projection": projection,
+        "special_embeddings": special,
+        "lm_dir": lm_dir,
+        "tokenizer_dir": tokenizer_dir,
+        "tokenizer_model": tokenizer_dir / "tokenizer.model",
+        "vocab_size": vocab_size,
+        "expected_projection": expected_projection,
+        "expected_special_embeddings": expected_special,
+    }
+
+
+def make_clip_vision_folder(
+    root, hidden: int = 32, image_size: int = 28, patch_size: int = 14, layers: int = 2, seed: int = 0
+) -> Path:
+    """Save a tiny ``CLIPVisionModel`` and a matching CLIP image processor into ``root/clip-vision``."""
+    folder = Path(root) / "clip-vision"
+    config = CLIPVisionConfig(
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        image_size=image_size,
+        patch_size=patch_size,
+        projection_dim=hidden,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CLIPVisionModel(config).eval()
+    model.save_pretrained(folder)
+    CLIPImageProcessorPil(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    ).save_pretrained(folder)
+    return folder
+
+
+PAYLOADS = ("os.system", "builtins.exec", "subprocess.run")
+
+
+class _Payload:
+    """Pickles as a call to ``func(*args)``; creating the marker proves it ran."""
+
+    def __init__(self, func, args):
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return self.func, self.args
+
+
+def _payload(kind: str, marker: Path) -> _Payload:
+    if kind == "os.system":
+        return _Payload(os.system, (f"touch '{marker}'",))
+    if kind == "builtins.exec":
+        return _Payload(exec, (f"open({str(marker)!r}, 'w').close()",))
+    if kind == "subprocess.run":
+        return _Payload(subprocess.run, (["touch", str(marker)],))
+    raise ValueError(f"unknown payload {kind!r}; expected one of {PAYLOADS}")
+
+
+def make_malicious_pickle(path, kind: str = "top_level", payload: str = "os.system") -> Path:
+    """Write a torch checkpoint that creates a marker file when unpickled; returns the marker path.
+
+    ``kind="top_level"`` pickles the payload itself, ``"nested"`` hides it as an attribute of
+    ``transformer_layer.self_attn`` inside an otherwise valid ``VisualToGPTMapping``.
+    """
+    path = Path(path)
+    marker = path.with_name(path.name + ".PWNED")
+    if marker.exists():
+        marker.unlink()
+    evil = _payload(payload, marker)
+    if kind == "top_level":
+        torch.save(evil, path)
+    elif kind == "nested":
+        save_released_projection(path, mutate=lambda m: setattr(m.transformer_layer.self_attn, "note", evil))
+    else:
+        raise ValueError(f"kind must be 'top_level' or 'nested', got {kind!r}")
+    return marker
+
+
+def write_raw_torch_archive(
+    path, data_pkl: bytes, records: dict[str, bytes] | None = None, prefix: str = "archive"
+) -> Path:
+    """Write a torch-style zip archive around a hand-made ``data.pkl`` (for hostile-input tests)."""
+    path = Path(path)
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as archive:
+        archive.writestr(f"{prefix}/data.pkl", data_pkl)
+        archive.writestr(f"{prefix}/byteorder", "little")
+        archive.writestr(f"{prefix}/version", "3\n")
+        for name, data in (records or {}).items():
+            archive.writestr(f"{prefix}/{name}", data)
+    return path

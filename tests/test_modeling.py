@@ -1,0 +1,287 @@
+"""OmniFusionForCausalLM: image merge, input-only markers, generate(), gradients, attention and dtype options."""
+
+import pytest
+import torch
+from omnifusion_fixtures import chat, make_image, make_model_and_processor
+
+from modeling_omnifusion import OmniFusionConfig, OmniFusionForCausalLM
+from modeling_omnifusion.modeling_omnifusion import (
+    OmniFusionMLPAdapter,
+    OmniFusionTokenEmbedding,
+    OmniFusionTransformerAdapter,
+)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return make_model_and_processor(adapter_dropout=0.0)
+
+
+def encode(processor, messages_batch):
+    return processor.apply_chat_template(
+        messages_batch, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
+
+
+def count_tower_calls(model):
+    calls = []
+    handle = model.model.vision_tower.register_forward_hook(lambda *args: calls.append(1))
+    return calls, handle
+
+
+def test_default_config_is_the_released_architecture():
+    config = OmniFusionConfig()
+    assert config.vision_config.model_type == "clip_vision_model" and config.vision_config.image_size == 336
+    assert config.text_config.model_type == "mistral"
+    assert config.num_image_tokens == 576
+    assert (config.adapter_type, config.adapter_num_heads, config.adapter_ffn_dim) == ("transformer", 4, 2048)
+    assert (config.vision_feature_layer, config.vision_feature_select_strategy) == (-2, "default")
+
+
+def test_config_round_trips_through_json(tmp_path, tiny):
+    model, _ = tiny
+    model.config.save_pretrained(tmp_path)
+    loaded = OmniFusionConfig.from_pretrained(tmp_path)
+    assert loaded.to_dict() == model.config.to_dict()
+
+
+def test_duplicate_special_ids_are_rejected():
+    with pytest.raises(ValueError, match="distinct"):
+        OmniFusionConfig(image_token_id=5, user_token_id=5)
+
+
+@pytest.mark.parametrize(
+    "vision, strategy, expected_tokens",
+    [("clip", "default", 16), ("clip", "full", 17), ("siglip", "default", 16), ("dinov2", "default", 16), ("dinov2", "full", 17)],
+)
+def test_vision_towers_and_feature_selection(vision, strategy, expected_tokens):
+    model, processor = make_model_and_processor(vision=vision, vision_feature_select_strategy=strategy)
+    assert model.config.num_image_tokens == expected_tokens == processor.num_image_tokens
+    inputs = encode(processor, chat("What?", images=[make_image(0)]))
+    features = model.get_image_features(inputs["pixel_values"]).pooler_output
+    assert len(features) == 1 and features[0].shape == (expected_tokens, model.config.text_config.hidden_size)
+    assert model(**inputs).logits.shape[:2] == inputs["input_ids"].shape
+
+
+@pytest.mark.parametrize("adapter_type", ["transformer", "mlp", "linear"])
+def test_adapter_types(adapter_type):
+    model, processor = make_model_and_processor(adapter_type=adapter_type)
+    names = {name for name, _ in model.model.adapter.named_parameters()}
+    expected = {
+        "transformer": {"transformer_layer.self_attn.in_proj_weight", "transformer_layer.linear1.weight", "linear.weight"},
+        "mlp": {"linear_1.weight", "linear_2.weight"},
+        "linear": {"linear.weight", "linear.bias"},
+    }[adapter_type]
+    assert expected <= names
+    inputs = encode(processor, chat("What?", images=[make_image(0)]))
+    assert torch.isfinite(model(**inputs).logits).all()
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_transformer_adapter_matches_torch_post_norm_encoder_layer(training):
+    model, _ = make_model_and_processor(adapter_dropout=0.0 if training else 0.1)
+    ours = model.model.adapter.transformer_layer.train(training)
+    config = model.config
+    reference = torch.nn.TransformerEncoderLayer(
+        d_model=config.vision_config.hidden_size,
+        nhead=config.adapter_num_heads,
+        dim_feedforward=config.adapter_ffn_dim,
+        dropout=config.adapter_dropout,
+        batch_first=True,
+        norm_first=False,
+    ).train(training)
+    reference.load_state_dict(ours.state_dict(), strict=True)
+    features = torch.randn(3, 16, config.vision_config.hidden_size)
+    torch.testing.assert_close(ours(features), reference(features), atol=1e-5, rtol=1e-5)
+    assert isinstance(model.model.adapter, OmniFusionTransformerAdapter)
+    assert isinstance(make_model_and_processor(adapter_type="mlp")[0].model.adapter, OmniFusionMLPAdapter)
+
+
+def test_markers_are_input_only(tiny):
+    model, processor = tiny
+    vocab = model.config.text_config.vocab_size
+    assert model.lm_head.out_features == vocab
+    assert all(token_id >= vocab for token_id in processor.special_token_ids.values())
+    inputs = encode(processor, chat("What?", images=[make_image(0)]))
+    output = model.generate(**inputs, max_new_tokens=8, do_sample=True, top_k=0, temperature=5.0)
+    assert (output[:, inputs["input_ids"].shape[1] :] < vocab).all()
+
+
+def test_input_embeddings_embed_every_processor_id(tiny):
+    model, processor = tiny
+    embeddings = model.get_input_embeddings()
+    assert isinstance(embeddings, OmniFusionTokenEmbedding)
+    ids = torch.tensor([list(processor.special_token_ids.values()) + [0, 5, 7]])
+    out = embeddings(ids)
+    table = embeddings.special_embeddings.weight
+    assert torch.equal(out[0, :5], table[:5])
+    assert torch.equal(out[0, 5:], embeddings.weight[[0, 5, 7]])
+    assert embeddings.special_embeddings.num_embeddings == 5 and embeddings.num_embeddings == model.config.text_config.vocab_size
+
+
+def test_inputs_embeds_path_equals_input_ids_path(tiny):
+    model, processor = tiny
+    inputs = encode(processor, chat("What colour?", images=[make_image(0)]))
+    with torch.no_grad():
+        by_ids = model(**inputs).logits
+        embeds = model.get_input_embeddings()(inputs["input_ids"])
+        by_embeds = model(inputs_embeds=embeds, pixel_values=inputs["pixel_values"], attention_mask=inputs["attention_mask"]).logits
+    torch.testing.assert_close(by_ids, by_embeds)
+
+
+def test_image_placeholder_count_mismatch_is_a_value_error(tiny):
+    model, processor = tiny
+    inputs = encode(processor, chat("What?", images=[make_image(0)]))
+    two_images = torch.cat([inputs["pixel_values"]] * 2)
+    with pytest.raises(ValueError, match="16 placeholder positions .* 32 image feature vectors"):
+        model(input_ids=inputs["input_ids"], pixel_values=two_images)
+
+
+def test_images_change_the_output_and_are_used_in_order(tiny):
+    model, processor = tiny
+    images = [make_image(1), make_image(2)]
+    with torch.no_grad():
+        forward = encode(processor, chat("Compare.", images=images))
+        swapped = encode(processor, chat("Compare.", images=images[::-1]))
+        assert not torch.allclose(model(**forward).logits, model(**swapped).logits)
+
+
+def test_cached_and_uncached_greedy_generation_are_equal(tiny):
+    model, processor = tiny
+    inputs = encode(processor, chat("What colour?", images=[make_image(3)]))
+    cached = model.generate(**inputs, max_new_tokens=10, do_sample=False, use_cache=True)
+    uncached = model.generate(**inputs, max_new_tokens=10, do_sample=False, use_cache=False)
+    assert torch.equal(cached, uncached)
+
+
+def test_left_padded_batch_equals_rows_one_by_one(tiny):
+    model, processor = tiny
+    chats = [
+        chat("What colour is it?", images=[make_image(4)]),
+        [{"role": "user", "content": "Text only, and a longer question than the others."}],
+        chat("Two?", images=[make_image(5), make_image(6)]),
+    ]
+    batch = encode(processor, chats)
+    assert (batch["attention_mask"] == 0).any()
+    batched = model.generate(**batch, max_new_tokens=6, do_sample=False)[:, batch["input_ids"].shape[1] :]
+    for row, messages in enumerate(chats):
+        single = encode(processor, messages)
+        alone = model.generate(**single, max_new_tokens=6, do_sample=False)[:, single["input_ids"].shape[1] :]
+        assert torch.equal(batched[row], alone[0]), f"row {row}"
+
+
+def test_beam_search_keeps_the_order_of_two_images_in_one_sample(tiny):
+    model, processor = tiny
+    chats = [chat("Which first?", images=[make_image(7), make_image(8)]), chat("One.", images=[make_image(9)])]
+    batch = encode(processor, chats)
+    kwargs = dict(max_new_tokens=6, num_beams=3, num_return_sequences=2, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    batched = model.generate(**batch, **kwargs)
+    for row, messages in enumerate(chats):
+        single = encode(processor, messages)
+        alone = model.generate(**single, **kwargs)
+        new = alone.sequences[:, single["input_ids"].shape[1] :]
+        assert torch.equal(batched.sequences[2 * row : 2 * row + 2, batch["input_ids"].shape[1] :], new), f"row {row}"
+        torch.testing.assert_close(batched.sequences_scores[2 * row : 2 * row + 2], alone.sequences_scores)
+    swapped = encode(processor, [chat("Which first?", images=[make_image(8), make_image(7)])])
+    assert not torch.allclose(model.generate(**swapped, **kwargs).sequences_scores, batched.sequences_scores[:2])
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(do_sample=False), dict(do_sample=True, top_k=5), dict(num_beams=3), dict(do_sample=False, use_cache=False)],
+    ids=["greedy", "sampling", "beam", "no-cache"],
+)
+def test_each_image_is_encoded_exactly_once_per_generate_call(tiny, options):
+    model, processor = tiny
+    batch = encode(processor, [chat("A?", images=[make_image(0), make_image(1)]), chat("B?", images=[make_image(2)])])
+    calls, handle = count_tower_calls(model)
+    try:
+        model.generate(**batch, max_new_tokens=4, **options)
+    finally:
+        handle.remove()
+    assert len(calls) == 1
+
+
+def test_gradients_reach_exactly_the_parameters_meant_to_train():
+    model, processor = make_model_and_processor()
+    model.train()
+    model.requires_grad_(False)
+    model.model.adapter.requires_grad_(True)
+    markers = model.get_input_embeddings().special_embeddings
+    markers.requires_grad_(True)
+    messages = chat("What?", images=[make_image(0)]) + [{"role": "assistant", "content": "A circle."}]
+    inputs = processor.apply_chat_template(messages, tokenize=True, return_dict=True, return_tensors="pt")
+    labels = inputs["input_ids"].masked_fill(inputs["input_ids"] >= model.config.text_config.vocab_size, -100)
+    model(**inputs, labels=labels).loss.backward()
+    trained = {name for name, p in model.named_parameters() if p.grad is not None}
+    expected = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trained == expected
+    assert all(model.get_parameter(name).grad.abs().sum() > 0 for name in trained)
+    used_rows = markers.weight.grad.abs().sum(-1) > 0
+    # image_start, image_end, user and assistant are in the input; the image placeholder row is always overwritten.
+    assert used_rows.tolist() == [False, True, True, True, True]
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    grads = []
+    for checkpointing in (False, True):
+        model, processor = make_model_and_processor(adapter_dropout=0.0)
+        model.train()
+        model.model.vision_tower.requires_grad_(False)
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+            assert model.model.language_model.gradient_checkpointing
+        inputs = encode(processor, chat("What?", images=[make_image(0)]))
+        model(**inputs, labels=inputs["input_ids"].clamp(max=model.config.text_config.vocab_size - 1)).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], msg=name)
+
+
+def test_sdpa_and_eager_attention_agree(tiny):
+    model, processor = tiny
+    inputs = encode(processor, chat("What colour?", images=[make_image(0)]))
+    assert model.config.text_config._attn_implementation == "sdpa"
+    with torch.no_grad():
+        sdpa = model(**inputs).logits
+        model.set_attn_implementation("eager")
+        try:
+            eager = model(**inputs).logits
+        finally:
+            model.set_attn_implementation("sdpa")
+    torch.testing.assert_close(sdpa, eager, atol=1e-4, rtol=1e-4)
+
+
+def test_bfloat16_model_accepts_float32_pixels(tiny):
+    model, processor = tiny
+    inputs = encode(processor, chat("What?", images=[make_image(0)]))
+    bf16 = OmniFusionForCausalLM(model.config).to(torch.bfloat16).eval()
+    bf16.load_state_dict(model.state_dict())
+    assert inputs["pixel_values"].dtype == torch.float32
+    with torch.no_grad():
+        logits = bf16(**inputs).logits
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+    output = bf16.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert output.shape[1] == inputs["input_ids"].shape[1] + 3
+
+
+def test_device_map_loading_gives_identical_logits(tiny, tmp_path):
+    model, processor = tiny
+    model.save_pretrained(tmp_path)
+    inputs = encode(processor, chat("What?", images=[make_image(0)]))
+    offloaded = dict(device_map="auto", max_memory={"cpu": "150KB"}, offload_folder=str(tmp_path / "offload"))
+    for options in (dict(device_map="cpu"), offloaded):
+        loaded = OmniFusionForCausalLM.from_pretrained(tmp_path, **options).eval()
+        if options is offloaded:
+            assert "disk" in set(loaded.hf_device_map.values()), loaded.hf_device_map
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(**inputs).logits, model(**inputs).logits, rtol=0, atol=0)
+
+
+def test_base_model_returns_tuple_with_hidden_states_first(tiny):
+    model, processor = tiny
+    inputs = encode(processor, chat("What?", images=[make_image(0)]))
+    embeds = model.get_input_embeddings()(inputs["input_ids"])
+    out = model.model(inputs_embeds=embeds, position_ids=None, use_cache=False, return_dict=False)
+    assert isinstance(out, tuple) and out[0].shape == (*inputs["input_ids"].shape, model.config.text_config.hidden_size)

@@ -1,0 +1,374 @@
+"""Tests for the safe readers of AIRI's released OmniFusion checkpoint files."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pickle  # noqa: E402
+import shutil  # noqa: E402
+import zipfile  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from released_fixtures import (  # noqa: E402
+    PAYLOADS,
+    make_clip_vision_folder,
+    make_malicious_pickle,
+    make_released_checkpoint,
+    save_released_projection,
+    save_special_embeddings,
+    write_raw_torch_archive,
+)
+
+from modeling_omnifusion.conversion.released_format import (  # noqa: E402
+    PROJECTION_KEYS,
+    SPECIAL_EMBEDDING_KEYS,
+    UnsafePickleError,
+    find_released_layout,
+    load_projection,
+    read_projection,
+    read_special_embeddings,
+)
+
+
+@pytest.fixture(scope="module")
+def ckpt11(tmp_path_factory):
+    return make_released_checkpoint(tmp_path_factory.mktemp("v11"), layout="1.1")
+
+
+@pytest.fixture(scope="module")
+def ckpt10(tmp_path_factory):
+    return make_released_checkpoint(tmp_path_factory.mktemp("v10"), layout="1.0", tokenizer_files="full")
+
+
+def assert_same_tensors(actual, expected):
+    assert list(actual) == list(expected)
+    for key, value in expected.items():
+        assert actual[key].dtype == value.dtype, key
+        assert actual[key].shape == value.shape, key
+        assert torch.equal(actual[key], value), key
+
+
+# ---------------------------------------------------------------- layout
+
+
+def test_layout_v11(ckpt11):
+    layout = find_released_layout(ckpt11["input_dir"])
+    assert layout.version == "1.1"
+    assert layout.projection == ckpt11["projection"] and layout.projection.name == "projection.pt"
+    assert layout.special_embeddings == ckpt11["special_embeddings"]
+    assert layout.lm_dir.name == "tuned-model" and layout.tokenizer_dir.name == "tokenizer"
+    assert layout.lm_weight_format == "safetensors"
+    assert len(list(layout.lm_dir.glob("model-*-of-*.safetensors"))) > 1
+    assert sorted(p.name for p in layout.tokenizer_dir.iterdir()) == ["tokenizer.model"]
+
+
+def test_layout_v11_from_repo_root(ckpt11):
+    layout = find_released_layout(ckpt11["root"])
+    assert layout.version == "1.1" and layout.root == ckpt11["input_dir"]
+
+
+def test_layout_v10(ckpt10):
+    layout = find_released_layout(ckpt10["input_dir"])
+    assert layout.version == "1.0"
+    assert layout.projection.name == "projection" and layout.projection.suffix == ""
+    assert layout.lm_dir.name == "OmniMistral-model" and layout.tokenizer_dir.name == "OmniMistral-tokenizer"
+    assert layout.lm_weight_format == "bin"
+    assert (layout.lm_dir / "pytorch_model.bin.index.json").is_file()
+    assert len(list(layout.lm_dir.glob("pytorch_model-*-of-*.bin"))) > 1
+
+
+def test_layout_repo_root_with_both_versions(tmp_path):
+    make_released_checkpoint(tmp_path, layout="1.0")
+    make_released_checkpoint(tmp_path, layout="1.1")
+    assert find_released_layout(tmp_path).version == "1.0"
+    layout = find_released_layout(tmp_path, version="1.1")
+    assert layout.version == "1.1" and layout.root == tmp_path / "OmniMistral-v1_1"
+
+
+def test_layout_empty_dir(tmp_path):
+    with pytest.raises(FileNotFoundError, match="projection.pt") as err:
+        find_released_layout(tmp_path)
+    assert "OmniMistral-model" in str(err.value) and str(tmp_path) in str(err.value)
+
+
+def test_layout_missing_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope"):
+        find_released_layout(tmp_path / "nope")
+
+
+@pytest.mark.parametrize(
+    "remove, expected",
+    [
+        ("tokenizer", "tokenizer"),
+        ("tokenizer/tokenizer.model", "tokenizer.model"),
+        ("special_embeddings.pt", "special_embeddings.pt"),
+        ("projection.pt", "projection.pt"),
+        ("tuned-model/config.json", "config.json"),
+        ("tuned-model/model-00002-of-00003.safetensors", "model-00002-of-00003.safetensors"),
+    ],
+)
+def test_layout_missing_piece(tmp_path, remove, expected):
+    info = make_released_checkpoint(tmp_path, layout="1.1")
+    target = info["input_dir"] / remove
+    assert target.exists()
+    shutil.rmtree(target) if target.is_dir() else target.unlink()
+    with pytest.raises(FileNotFoundError) as err:
+        find_released_layout(info["input_dir"], version="1.1")
+    message = str(err.value)
+    assert expected in message and str(info["input_dir"]) in message
+
+
+def test_layout_v10_missing_shard(tmp_path):
+    info = make_released_checkpoint(tmp_path, layout="1.0")
+    shard = sorted(info["lm_dir"].glob("pytorch_model-*.bin"))[-1]
+    shard.unlink()
+    with pytest.raises(FileNotFoundError, match=shard.name):
+        find_released_layout(info["input_dir"])
+
+
+def test_layout_unknown_version(tmp_path):
+    with pytest.raises(ValueError, match="2.0"):
+        find_released_layout(tmp_path, version="2.0")
+
+
+# ---------------------------------------------------------------- projection
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("layout", ["1.0", "1.1"])
+def test_projection_matches_fixture_module(tmp_path, layout, dtype):
+    info = make_released_checkpoint(tmp_path, layout=layout, dtype=dtype)
+    state_dict = load_projection(info["projection"])
+    assert set(state_dict) == set(PROJECTION_KEYS)
+    assert_same_tensors(state_dict, info["expected_projection"])
+    assert not any(t.requires_grad for t in state_dict.values())
+
+
+def test_projection_pickled_from_main(tmp_path, ckpt11):
+    path = tmp_path / "projection.pt"
+    with zipfile.ZipFile(ckpt11["projection"]) as src, zipfile.ZipFile(path, "w") as dst:
+        for item in src.infolist():
+            data = src.read(item)
+            if item.filename.endswith("/data.pkl"):
+                assert b"cmodels\nVisualToGPTMapping\n" in data
+                data = data.replace(b"cmodels\nVisualToGPTMapping\n", b"c__main__\nVisualToGPTMapping\n")
+            dst.writestr(item, data)
+    assert_same_tensors(load_projection(path), ckpt11["expected_projection"])
+
+
+def test_projection_metadata(ckpt11):
+    proj = read_projection(ckpt11["projection"])
+    assert proj.vision_hidden_size == 32
+    assert proj.text_hidden_size == 64
+    assert proj.num_heads == 4
+    assert proj.ffn_dim == 64
+    assert proj.dropout == pytest.approx(0.1)
+    assert proj.activation_name == "relu"
+    assert proj.layer_norm_eps == pytest.approx(1e-5)
+    assert proj.norm_first is False
+    assert proj.batch_first is True
+    assert proj.dtype == torch.bfloat16
+    assert proj.num_image_tokens == 4
+    assert proj.state_dict["linear.weight"].shape == (64, 32)
+
+
+def test_projection_torch_defaults(tmp_path):
+    path = tmp_path / "projection.pt"
+    expected = save_released_projection(path, vision_hidden=16, text_hidden=24, num_image_tokens=9, ffn_dim=None)
+    proj = read_projection(path)
+    assert proj.ffn_dim == 2048 and proj.num_image_tokens == 9 and proj.text_hidden_size == 24
+    assert_same_tensors(proj.state_dict, expected)
+
+
+def test_projection_missing_keys(tmp_path):
+    path = tmp_path / "projection.pt"
+    save_released_projection(path, mutate=lambda m: delattr(m, "linear"))
+    with pytest.raises(ValueError, match="missing keys") as err:
+        read_projection(path)
+    assert str(path) in str(err.value) and "linear.weight" in str(err.value) and "linear.bias" in str(err.value)
+
+
+def test_projection_unexpected_keys(tmp_path):
+    path = tmp_path / "projection.pt"
+    save_released_projection(path, mutate=lambda m: m.register_buffer("pos", torch.zeros(3, dtype=torch.bfloat16)))
+    with pytest.raises(ValueError, match="unexpected keys.*pos") as err:
+        read_projection(path)
+    assert str(path) in str(err.value)
+
+
+def test_projection_plain_state_dict_rejected(tmp_path, ckpt11):
+    path = tmp_path / "projection.pt"
+    torch.save(ckpt11["expected_projection"], path)
+    with pytest.raises(ValueError, match="VisualToGPTMapping") as err:
+        read_projection(path)
+    assert str(path) in str(err.value)
+
+
+def test_projection_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="projection.pt"):
+        read_projection(tmp_path / "projection.pt")
+
+
+# ---------------------------------------------------------------- special embeddings
+
+
+def test_special_embeddings_by_name(ckpt11):
+    embs = read_special_embeddings(ckpt11["special_embeddings"], hidden_size=64)
+    assert list(embs) == list(SPECIAL_EMBEDDING_KEYS)
+    assert_same_tensors(embs, ckpt11["expected_special_embeddings"])
+    assert not any(t.requires_grad for t in embs.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_special_embeddings_key_order_irrelevant(tmp_path, dtype):
+    path = tmp_path / "special_embeddings.pt"
+    expected = save_special_embeddings(path, 48, dtype, seed=3, key_order=("EOI", "SOI", "BOT", "USER"))
+    assert list(torch.load(path, weights_only=True)) == ["EOI", "SOI", "BOT", "USER"]
+    embs = read_special_embeddings(path)
+    for key in SPECIAL_EMBEDDING_KEYS:
+        assert embs[key].dtype == dtype
+        assert torch.equal(embs[key], expected[key]), key
+    assert not torch.equal(embs["USER"], embs["EOI"])
+
+
+def test_special_embeddings_wrong_hidden_size(ckpt11):
+    path = ckpt11["special_embeddings"]
+    with pytest.raises(ValueError) as err:
+        read_special_embeddings(path, hidden_size=4096)
+    message = str(err.value)
+    assert str(path) in message and "'USER'" in message and "(64,)" in message and "(4096,)" in message
+
+
+def test_special_embeddings_wrong_shape(tmp_path):
+    path = tmp_path / "special_embeddings.pt"
+    data = {k: torch.zeros(8, dtype=torch.bfloat16) for k in SPECIAL_EMBEDDING_KEYS}
+    data["SOI"] = torch.zeros(2, 4, dtype=torch.bfloat16)
+    torch.save(data, path)
+    with pytest.raises(ValueError, match=r"'SOI' has shape \(2, 4\)") as err:
+        read_special_embeddings(path)
+    assert str(path) in str(err.value)
+
+
+def test_special_embeddings_missing_key(tmp_path):
+    path = tmp_path / "special_embeddings.pt"
+    torch.save({k: torch.zeros(8) for k in ("USER", "BOT", "SOI")}, path)
+    with pytest.raises(ValueError, match="EOI") as err:
+        read_special_embeddings(path, hidden_size=8)
+    assert str(path) in str(err.value)
+
+
+def test_special_embeddings_extra_key(tmp_path):
+    path = tmp_path / "special_embeddings.pt"
+    torch.save({k: torch.zeros(8) for k in (*SPECIAL_EMBEDDING_KEYS, "IMG")}, path)
+    with pytest.raises(ValueError, match="IMG"):
+        read_special_embeddings(path)
+
+
+def test_special_embeddings_parameters_not_allowed(tmp_path):
+    path = tmp_path / "special_embeddings.pt"
+    torch.save({k: torch.nn.Parameter(torch.zeros(8)) for k in SPECIAL_EMBEDDING_KEYS}, path)
+    with pytest.raises(UnsafePickleError, match="torch._utils._rebuild_parameter"):
+        read_special_embeddings(path)
+
+
+# ---------------------------------------------------------------- hostile files
+
+
+@pytest.mark.parametrize("payload", PAYLOADS)
+@pytest.mark.parametrize("kind", ["top_level", "nested"])
+def test_malicious_projection_is_refused(tmp_path, kind, payload):
+    """torch.save writes protocol 2, so the pickle names globals with Python 2 module names."""
+    path = tmp_path / "projection.pt"
+    marker = make_malicious_pickle(path, kind=kind, payload=payload)
+    forbidden = {
+        "os.system": f"{os.system.__module__}.system",
+        "builtins.exec": "__builtin__.exec",
+        "subprocess.run": "commands.run",
+    }[payload]
+    with pytest.raises(UnsafePickleError) as err:
+        read_projection(path)
+    assert str(path) in str(err.value) and f"'{forbidden}'" in str(err.value)
+    assert not marker.exists()
+    with pytest.raises(UnsafePickleError):
+        read_special_embeddings(path)
+    assert not marker.exists()
+
+
+def test_malicious_fixture_really_runs_payload(tmp_path):
+    path = tmp_path / "evil.pt"
+    marker = make_malicious_pickle(path, kind="top_level", payload="builtins.exec")
+    torch.load(path, weights_only=False)
+    assert marker.exists()
+
+
+@pytest.mark.parametrize(
+    "data_pkl, forbidden",
+    [
+        (pickle.dumps(getattr, protocol=4), "builtins.getattr"),
+        (pickle.dumps(eval, protocol=2), "__builtin__.eval"),
+        (b"\x80\x02cevil\nTransformerEncoderLayer\n.", "evil.TransformerEncoderLayer"),
+        (b"\x80\x02cposix\nsystem\nX\x04\x00\x00\x00trueq\x00\x85R.", "posix.system"),
+        (b"\x80\x02ctorch\nDoubleStorage\n.", "torch.DoubleStorage"),
+        (b"\x80\x02ctorch.serialization\nload\n.", "torch.serialization.load"),
+    ],
+)
+def test_forbidden_globals(tmp_path, data_pkl, forbidden):
+    path = write_raw_torch_archive(tmp_path / "projection.pt", data_pkl)
+    with pytest.raises(UnsafePickleError, match=forbidden.replace(".", r"\.")) as err:
+        read_projection(path)
+    assert str(path) in str(err.value)
+
+
+def test_legacy_format_rejected(tmp_path):
+    path = tmp_path / "special_embeddings.pt"
+    torch.save({k: torch.zeros(4) for k in SPECIAL_EMBEDDING_KEYS}, path, _use_new_zipfile_serialization=False)
+    with pytest.raises(ValueError, match="not a torch zip archive") as err:
+        read_special_embeddings(path)
+    assert str(path) in str(err.value)
+
+
+def test_torchscript_archive_rejected(tmp_path):
+    path = write_raw_torch_archive(tmp_path / "projection", pickle.dumps({}, protocol=2), {"constants.pkl": b""})
+    with pytest.raises(ValueError, match="TorchScript"):
+        read_projection(path)
+
+
+def test_truncated_storage_rejected(tmp_path, ckpt11):
+    path = tmp_path / "special_embeddings.pt"
+    with zipfile.ZipFile(ckpt11["special_embeddings"]) as src, zipfile.ZipFile(path, "w") as dst:
+        for item in src.infolist():
+            data = src.read(item)
+            dst.writestr(item, data[:-2] if item.filename.endswith("/data/0") else data)
+    with pytest.raises(ValueError, match="bytes, expected") as err:
+        read_special_embeddings(path)
+    assert str(path) in str(err.value)
+
+
+# ---------------------------------------------------------------- fixtures themselves
+
+
+def test_fixture_lm_and_tokenizer_load(ckpt10, ckpt11):
+    import sentencepiece as spm
+    from transformers import MistralForCausalLM
+
+    for info in (ckpt10, ckpt11):
+        model = MistralForCausalLM.from_pretrained(info["lm_dir"])
+        assert model.config.vocab_size == info["vocab_size"] and model.config.hidden_size == 64
+        assert model.dtype == torch.bfloat16
+        sp = spm.SentencePieceProcessor(model_file=str(info["tokenizer_model"]))
+        assert sp.get_piece_size() == info["vocab_size"]
+        assert [sp.id_to_piece(i) for i in range(3)] == ["<unk>", "<s>", "</s>"]
+    assert (ckpt10["tokenizer_dir"] / "tokenizer_config.json").is_file()
+
+
+def test_fixture_clip_folder(tmp_path):
+    from transformers import AutoImageProcessor, CLIPVisionModel
+
+    folder = make_clip_vision_folder(tmp_path)
+    model = CLIPVisionModel.from_pretrained(folder)
+    processor = AutoImageProcessor.from_pretrained(folder)
+    pixels = processor(images=torch.zeros(3, 40, 50, dtype=torch.uint8), return_tensors="pt").pixel_values
+    assert pixels.shape == (1, 3, 28, 28)
+    out = model(pixel_values=pixels, output_hidden_states=True)
+    assert out.hidden_states[-2].shape == (1, 5, 32)

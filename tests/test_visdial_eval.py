@@ -1,0 +1,352 @@
+"""Tests for VisDial candidate scoring (examples/visdial_scoring.py) and the evaluation script."""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_EVALUATE_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import (  # noqa: E402
+    CLIPImageProcessorPil,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+)
+
+from omnifusion_fixtures import IMAGE_SIZE, PATCH_SIZE, make_image, make_model_and_processor, make_tokenizer, vision_config  # noqa: E402
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+import evaluate_visdial  # noqa: E402
+import visdial_scoring  # noqa: E402
+
+
+# transformers' llava-1.5-hf chat template
+LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{% if message['role'] != 'assistant' %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ content['text'] + ' '}}{% endfor %}{% else %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{% generation %}"
+    "{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+
+def _shared_visdial_dir() -> Path:
+    shared = Path(os.environ.get("OMNIFUSION_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared"))
+    if not (shared / "data" / "visdial").is_dir():
+        shared = Path(__file__).resolve().parents[2] / "shared"
+    path = shared / "data" / "visdial"
+    if not path.is_dir():
+        pytest.skip(f"real VisDial sample not found under {path} (set OMNIFUSION_SHARED_DIR)")
+    return path
+
+
+@pytest.fixture(scope="module")
+def visdial_sample():
+    directory = _shared_visdial_dir()
+    return directory / "visdial_1.0_val_sample5.json", directory / "visdial_1.0_val_dense_annotations_sample5.json"
+
+
+def _sharpen(model, scale: float = 20.0):
+    """Scale the LM head so a random model's next-token distributions are peaked and candidate scores spread out."""
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(scale)
+    return model
+
+
+def make_llava_and_processor(seed: int = 0):
+    """A random tiny LLaVA (CLIP tower, Llama LM) with a LlavaProcessor carrying the llava-1.5 chat template."""
+    torch.manual_seed(seed)
+    tokenizer = make_tokenizer()
+    tokenizer.add_tokens(["<image>"], special_tokens=True)
+    tokenizer.pad_token = tokenizer.unk_token
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=PATCH_SIZE,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=LLAVA_CHAT_TEMPLATE,
+    )
+    text_config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    config = LlavaConfig(
+        vision_config=vision_config("clip"),
+        text_config=text_config,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+    return LlavaForConditionalGeneration(config).eval(), processor
+
+
+@pytest.fixture(scope="module")
+def omnifusion():
+    model, processor = make_model_and_processor()
+    return _sharpen(model), processor
+
+
+@pytest.fixture(scope="module")
+def llava():
+    model, processor = make_llava_and_processor()
+    return _sharpen(model), processor
+
+
+def _real_round(visdial_sample, round_index: int = 3):
+    """(messages, candidates, gt_index) of one real VisDial round, with its GT history and a generated image."""
+    data, _, _ = evaluate_visdial.load_visdial(*visdial_sample, max_dialogs=1)
+    dialog = data["dialogs"][0]
+    question = lambda r: visdial_scoring.visdial_round_question(data["questions"][r["question"]])  # noqa: E731
+    history = [(question(r), data["answers"][r["answer"]]) for r in dialog["dialog"][:round_index]]
+    current = dialog["dialog"][round_index]
+    messages = visdial_scoring.dialog_messages(make_image(1), dialog["caption"], history, question(current))
+    candidates = [data["answers"][index] for index in current["answer_options"]]
+    return messages, candidates, current["gt_index"]
+
+
+def test_prompt_layout_puts_caption_then_ground_truth_history_then_question(omnifusion):
+    _, processor = omnifusion
+    messages = visdial_scoring.dialog_messages(
+        None, "a cat on a mat", [("is it black?", "yes"), ("is it big?", "no")], "any people?"
+    )
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert text == (
+        "This is a dialog with AI assistant.\n<image><user>Describe what you can see in the picture."
+        "<assistant>a cat on a mat<user>is it black?<assistant>yes<user>is it big?<assistant>no"
+        "<user>any people?<assistant>"
+    )
+    assert visdial_scoring.visdial_round_question("is it red") == "is it red?"
+    assert visdial_scoring.visdial_round_question("is it red?") == "is it red?"
+
+
+def test_candidate_tokens_equal_tokenizing_prompt_and_candidate_together(omnifusion, visdial_sample):
+    _, processor = omnifusion
+    messages, candidates, _ = _real_round(visdial_sample)
+    context = visdial_scoring.build_context(processor, messages)
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    image = messages[0]["content"][0]["image"]
+    candidate_ids = visdial_scoring.tokenize_candidates(processor.tokenizer, candidates)
+    for candidate, ids in zip(candidates[:20], candidate_ids[:20]):
+        joint = processor(images=[image], text=[text + candidate], return_tensors="pt")["input_ids"][0]
+        assert joint.tolist() == context["input_ids"][0].tolist() + ids
+
+
+@pytest.mark.parametrize(
+    "kind, score", [("omnifusion", "mean"), ("omnifusion", "sum"), ("llava", "mean")]
+)
+def test_shared_prefix_scores_and_ranking_equal_naive_full_sequences(kind, score, request, visdial_sample):
+    model, processor = request.getfixturevalue(kind)
+    messages, candidates, _ = _real_round(visdial_sample)
+    context = visdial_scoring.build_context(processor, messages)
+    candidate_ids = visdial_scoring.tokenize_candidates(processor.tokenizer, candidates)
+    assert len(candidate_ids) == 100 and len({len(ids) for ids in candidate_ids}) > 3  # ragged batches
+
+    shared = visdial_scoring.score_candidates_shared_prefix(model, context, candidate_ids, batch_size=32, score=score)
+    naive = visdial_scoring.score_candidates_naive(model, context, candidate_ids, batch_size=32, score=score)
+    assert shared.shape == naive.shape == (100,)
+    assert shared.dtype == torch.float32
+    assert torch.isfinite(shared).all()
+    assert shared.std() > 0.1  # a peaked model: the scores differ, so equal rankings mean something
+    assert (shared - naive).abs().max() < 1e-4
+    ranks = visdial_scoring.visdial_metric.scores_to_ranks
+    assert ranks(shared.double().numpy()).tolist() == ranks(naive.double().numpy()).tolist()
+
+
+def test_sum_score_is_mean_times_candidate_length(omnifusion, visdial_sample):
+    model, processor = omnifusion
+    messages, candidates, _ = _real_round(visdial_sample, round_index=0)
+    context = visdial_scoring.build_context(processor, messages)
+    candidate_ids = visdial_scoring.tokenize_candidates(processor.tokenizer, candidates[:10])
+    mean = visdial_scoring.score_candidates_shared_prefix(model, context, candidate_ids, score="mean")
+    total = visdial_scoring.score_candidates_shared_prefix(model, context, candidate_ids, score="sum")
+    lengths = torch.tensor([len(ids) for ids in candidate_ids], dtype=torch.float32)
+    torch.testing.assert_close(total, mean * lengths, rtol=1e-5, atol=1e-5)
+
+
+def test_evaluate_dialogs_ranks_each_round_with_ground_truth_history(omnifusion):
+    model, processor = omnifusion
+    data = {
+        "questions": ["is it red", "how many shapes", "is it big"],
+        "answers": ["yes", "no", "two circles and one square", "it is blue", "one"],
+        "dialogs": [
+            {
+                "image_id": 7,
+                "caption": "a small yellow triangle",
+                "dialog": [
+                    {"question": 0, "answer": 1, "gt_index": 1, "answer_options": [0, 1, 2, 3, 4]},
+                    {"question": 1, "answer": 2, "gt_index": 0, "answer_options": [2, 4, 0, 1, 3]},
+                    {"question": 2, "answer_options": [3, 0, 1, 4, 2]},  # a test-split last round: no answer
+                ],
+            }
+        ],
+    }
+    dense = [{"image_id": 7, "round_id": 2, "gt_relevance": [0.6, 0.0, 0.2, 0.0, 1.0]}]
+    image = make_image(3)
+    metrics, ranks = visdial_scoring.evaluate_dialogs(model, processor, data, {7: image}, dense, progress=False)
+
+    assert [(entry["image_id"], entry["round_id"]) for entry in ranks] == [(7, 1), (7, 2), (7, 3)]
+    history = [("is it red?", "no"), ("how many shapes?", "two circles and one square")]
+    all_scores = []
+    for round_index, visdial_round in enumerate(data["dialogs"][0]["dialog"]):
+        question = data["questions"][visdial_round["question"]] + "?"
+        messages = visdial_scoring.dialog_messages(image, "a small yellow triangle", history[:round_index], question)
+        candidates = [data["answers"][index] for index in visdial_round["answer_options"]]
+        scores = visdial_scoring.score_candidates_shared_prefix(
+            model,
+            visdial_scoring.build_context(processor, messages),
+            visdial_scoring.tokenize_candidates(processor.tokenizer, candidates),
+        )
+        all_scores.append(scores.double().numpy())
+        assert ranks[round_index]["ranks"] == visdial_scoring.visdial_metric.scores_to_ranks(all_scores[-1]).tolist()
+    expected = visdial_scoring.visdial_metric.visdial_metrics(
+        [s.tolist() for s in all_scores[:2]], [1, 0], [[], dense[0]["gt_relevance"]]
+    )
+    assert metrics == expected
+    assert metrics["ndcg"] is not None
+
+
+def test_processor_without_chat_template_is_a_clear_error(omnifusion):
+    _, processor = omnifusion
+    template = processor.chat_template
+    processor.chat_template = None
+    try:
+        with pytest.raises(ValueError, match="no chat template"):
+            visdial_scoring.build_context(processor, visdial_scoring.dialog_messages(make_image(0), "c", [], "q?"))
+    finally:
+        processor.chat_template = template
+
+
+def test_real_annotation_files_parse(visdial_sample):
+    data, split, dense = evaluate_visdial.load_visdial(*visdial_sample)
+    assert split == "val2018"
+    assert len(data["dialogs"]) == 5 and len(dense) == 5
+    for dialog, entry in zip(data["dialogs"], dense):
+        assert entry["image_id"] == dialog["image_id"]
+        assert len(dialog["dialog"]) == 10 and 1 <= entry["round_id"] <= 10
+        assert len(entry["gt_relevance"]) == 100
+        for visdial_round in dialog["dialog"]:
+            assert len(visdial_round["answer_options"]) == 100
+            assert data["answers"][visdial_round["answer_options"][visdial_round["gt_index"]]]
+            assert data["questions"][visdial_round["question"]]
+    two, _, dense_two = evaluate_visdial.load_visdial(*visdial_sample, max_dialogs=2)
+    assert [d["image_id"] for d in two["dialogs"]] == [e["image_id"] for e in dense_two]
+    assert len(dense_two) == 2
+
+
+def _write_images(visdial_json, images_dir: Path, max_dialogs: int):
+    images_dir.mkdir()
+    with open(visdial_json) as f:
+        dialogs = json.load(f)["data"]["dialogs"][:max_dialogs]
+    for dialog in dialogs:
+        image_id = dialog["image_id"]
+        make_image(image_id % 1000, size=48).save(images_dir / f"VisualDialog_val2018_{image_id:012d}.jpg")
+    return [dialog["image_id"] for dialog in dialogs]
+
+
+def _check_outputs(output: Path, ranks_file: Path, image_ids: list[int], model_name: str):
+    results = json.loads(output.read_text())
+    assert results["model"] == model_name
+    metrics = results["metrics"]
+    assert set(metrics) == {"r@1", "r@5", "r@10", "mrr", "mean_rank", "ndcg"}
+    for key in ("r@1", "r@5", "r@10", "mrr", "ndcg"):
+        assert 0.0 <= metrics[key] <= 1.0, key
+    assert metrics["r@1"] <= metrics["r@5"] <= metrics["r@10"]
+    assert 1.0 <= metrics["mean_rank"] <= 100.0
+    assert results["settings"]["num_rounds"] == 10 * len(image_ids)
+    assert results["settings"]["num_dense_rounds"] == len(image_ids)
+
+    ranks = json.loads(ranks_file.read_text())
+    assert [(entry["image_id"], entry["round_id"]) for entry in ranks] == [
+        (image_id, round_id) for image_id in image_ids for round_id in range(1, 11)
+    ]
+    for entry in ranks:
+        assert sorted(entry["ranks"]) == list(range(1, 101))
+    return results
+
+
+def test_script_end_to_end_on_real_annotations(tmp_path, visdial_sample, capsys):
+    model, processor = make_model_and_processor(seed=1)
+    model.save_pretrained(tmp_path / "omnifusion")
+    processor.save_pretrained(tmp_path / "omnifusion")
+    image_ids = _write_images(visdial_sample[0], tmp_path / "images", max_dialogs=2)
+    output = tmp_path / "out" / "omnifusion_visdial.json"
+
+    evaluate_visdial.main(
+        [
+            "--model", str(tmp_path / "omnifusion"),
+            "--visdial_json", str(visdial_sample[0]),
+            "--dense_json", str(visdial_sample[1]),
+            "--images_dir", str(tmp_path / "images"),
+            "--output", str(output),
+            "--max_dialogs", "2",
+            "--score", "sum",
+            "--name", "OmniFusion-tiny",
+        ]
+    )
+    results = _check_outputs(output, tmp_path / "out" / "omnifusion_visdial_ranks.json", image_ids, "OmniFusion-tiny")
+    assert results["settings"]["score"] == "sum"
+    assert results["settings"]["model_type"] == "omnifusion"
+    printed = capsys.readouterr().out
+    assert "| Model | NDCG | MRR | R@1 | R@5 | R@10 |" in printed
+    assert f"| OmniFusion-tiny | {100 * results['metrics']['ndcg']:.2f} |" in printed
+    assert not list((tmp_path / "out").glob(".*"))  # no temporary files left behind
+
+
+def test_script_evaluates_llava_and_plots_a_comparison(tmp_path, visdial_sample, capsys):
+    model, processor = make_llava_and_processor(seed=2)
+    model.save_pretrained(tmp_path / "llava")
+    processor.save_pretrained(tmp_path / "llava")
+    image_ids = _write_images(visdial_sample[0], tmp_path / "images", max_dialogs=1)
+    output = tmp_path / "llava_visdial.json"
+    ranks_file = tmp_path / "submission.json"
+    common = ["--visdial_json", str(visdial_sample[0]), "--dense_json", str(visdial_sample[1])]
+    evaluate_visdial.main(
+        ["--model", str(tmp_path / "llava"), *common, "--images_dir", str(tmp_path / "images"),
+         "--output", str(output), "--ranks_output", str(ranks_file), "--max_dialogs", "1", "--batch_size", "40"]
+    )
+    results = _check_outputs(output, ranks_file, image_ids, "llava")
+    assert results["settings"]["model_type"] == "llava"
+
+    other = dict(results, model="baseline", metrics={**results["metrics"], "ndcg": None})
+    (tmp_path / "baseline.json").write_text(json.dumps(other))
+    chart = tmp_path / "chart.png"
+    capsys.readouterr()
+    evaluate_visdial.main(["--plot", str(output), str(tmp_path / "baseline.json"), "--plot_output", str(chart)])
+    printed = capsys.readouterr().out
+    assert "| llava |" in printed and "| baseline | n/a |" in printed
+    assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_missing_image_names_the_image_id_and_expected_path(tmp_path, visdial_sample):
+    model, processor = make_model_and_processor()
+    model.save_pretrained(tmp_path / "omnifusion")
+    processor.save_pretrained(tmp_path / "omnifusion")
+    (tmp_path / "images").mkdir()
+    data, _, _ = evaluate_visdial.load_visdial(visdial_sample[0], max_dialogs=1)
+    image_id = data["dialogs"][0]["image_id"]
+    expected = tmp_path / "images" / f"VisualDialog_val2018_{image_id:012d}.jpg"
+    with pytest.raises(FileNotFoundError, match=rf"image_id {image_id}: expected {expected}"):
+        evaluate_visdial.main(
+            ["--model", str(tmp_path / "omnifusion"), "--visdial_json", str(visdial_sample[0]),
+             "--images_dir", str(tmp_path / "images"), "--output", str(tmp_path / "r.json"), "--max_dialogs", "1"]
+        )
+    assert not (tmp_path / "r.json").exists()
