@@ -158,6 +158,12 @@ class OmniFusionProcessor(ProcessorMixin):
             num_image_patches=[1] * len(image_sizes),
         )
 
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
+        """Also writes a standalone `preprocessor_config.json`, for tools that read the image processor alone."""
+        saved = super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
+        self.image_processor.save_pretrained(save_directory)
+        return saved
+
     def apply_chat_template(self, conversation, chat_template=None, **kwargs):
         kwargs.setdefault("end_assistant_turns_with_eos", self.end_assistant_turns_with_eos)
         return super().apply_chat_template(conversation, chat_template, **kwargs)

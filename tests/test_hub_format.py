@@ -58,7 +58,7 @@ def test_folder_holds_everything_in_one_flat_directory(saved):
     expected = {
         "model.safetensors", "config.json", "generation_config.json", "README.md", "chat_template.jinja",
         "configuration_omnifusion.py", "modeling_omnifusion.py", "processing_omnifusion.py",
-        "processor_config.json", "tokenizer.json", "tokenizer_config.json",
+        "processor_config.json", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json",
     }
     assert expected <= names
     assert not any(os.path.isdir(folder / name) for name in names)
@@ -93,6 +93,14 @@ def test_model_card_front_matter(saved):
     assert front_matter["base_model"]
     assert front_matter["widget"][0]["src"].startswith("https://") and front_matter["widget"][0]["text"]
     assert front_matter["widget"][1]["messages"][0]["role"] == "user"
+
+
+def test_image_processor_loads_from_its_standalone_config(saved):
+    from transformers import AutoImageProcessor
+
+    folder, _ = saved
+    image_processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)
+    assert image_processor.crop_size == {"height": 32, "width": 32}
 
 
 def test_chat_template_file_is_the_processor_template(saved):
