@@ -23,7 +23,15 @@ from collections import OrderedDict
 from pathlib import Path
 
 import torch
-from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModel, MistralConfig, MistralForCausalLM
+from transformers import (
+    CLIPConfig,
+    CLIPImageProcessorPil,
+    CLIPModel,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    MistralConfig,
+    MistralForCausalLM,
+)
 
 SPECIAL_KEYS = ("USER", "BOT", "SOI", "EOI")
 
@@ -314,10 +322,20 @@ def make_released_checkpoint(
 
 
 def make_clip_vision_folder(
-    root, hidden: int = 32, image_size: int = 28, patch_size: int = 14, layers: int = 2, seed: int = 0
+    root,
+    hidden: int = 32,
+    image_size: int = 28,
+    patch_size: int = 14,
+    layers: int = 2,
+    seed: int = 0,
+    full_clip: bool = False,
 ) -> Path:
-    """Save a tiny ``CLIPVisionModel`` and a matching CLIP image processor into ``root/clip-vision``."""
-    folder = Path(root) / "clip-vision"
+    """Save a tiny ``CLIPVisionModel`` and a matching CLIP image processor into ``root/clip-vision``.
+
+    With ``full_clip`` it is a whole ``CLIPModel`` (text tower too, like ``openai/clip-vit-large-patch14-336``)
+    in ``root/clip-full``.
+    """
+    folder = Path(root) / ("clip-full" if full_clip else "clip-vision")
     config = CLIPVisionConfig(
         hidden_size=hidden,
         intermediate_size=2 * hidden,
@@ -327,9 +345,12 @@ def make_clip_vision_folder(
         patch_size=patch_size,
         projection_dim=hidden,
     )
+    if full_clip:
+        text = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1, num_attention_heads=4)
+        config = CLIPConfig(text_config=text, vision_config=config.to_dict(), projection_dim=hidden)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = CLIPVisionModel(config).eval()
+        model = (CLIPModel if full_clip else CLIPVisionModel)(config).eval()
     model.save_pretrained(folder)
     CLIPImageProcessorPil(
         size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}

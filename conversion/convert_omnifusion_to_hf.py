@@ -1,0 +1,418 @@
+"""Convert AIRI's released OmniFusion checkpoints into one Hugging Face model folder.
+
+The input is a folder in one of the released layouts (the v1.0 repository root with `projection`,
+`OmniMistral-model/`, `OmniMistral-tokenizer/`, or `OmniMistral-v1_1/` with `projection.pt`, `tuned-model/`,
+`tokenizer/`), or a Hub repo id plus `--subfolder`. The output loads with
+`AutoModelForImageTextToText.from_pretrained(out, trust_remote_code=True)` and `AutoProcessor.from_pretrained(...)`.
+
+    omnifusion-convert --input_dir OmniFusion/OmniMistral-v1_1 --output_dir omnifusion-v1_1-hf
+    omnifusion-convert --input_dir AIRI-Institute/OmniFusion --subfolder OmniMistral-v1_1 --output_dir out
+
+The pickled adapter and special embeddings are read by `released_format` with an allow-list unpickler, so nothing
+in them runs; the LM and vision weights go through `from_pretrained` (safetensors, or `.bin` with
+`weights_only=True`). Every weight is mapped by name and shape-checked, and the folder appears only when complete.
+"""
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from huggingface_hub import HfApi, ModelCard, snapshot_download
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModelForCausalLM,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    GenerationConfig,
+    LlamaTokenizer,
+)
+
+from modeling_omnifusion import OmniFusionConfig, OmniFusionForCausalLM, OmniFusionProcessor
+from modeling_omnifusion.configuration_omnifusion import SPECIAL_TOKEN_FIELDS
+
+from .released_format import (
+    ReleasedLayout,
+    ReleasedProjection,
+    find_released_layout,
+    read_projection,
+    read_special_embeddings,
+)
+
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_VISION_MODEL = "openai/clip-vit-large-patch14-336"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Released `special_embeddings.pt` key of each marker-table row; the image placeholder row has none (see below).
+RELEASED_MARKER_KEYS = {
+    "image_start_token_id": "SOI",
+    "image_end_token_id": "EOI",
+    "user_token_id": "USER",
+    "assistant_token_id": "BOT",
+}
+
+# The files of either released layout, relative to the checkpoint folder (for a Hub download).
+RELEASED_FILE_PATTERNS = (
+    "projection",
+    "projection.pt",
+    "special_embeddings.pt",
+    "OmniMistral-model/*",
+    "OmniMistral-tokenizer/*",
+    "tuned-model/*",
+    "tokenizer/*",
+)
+
+CONVERSION_NOTES = """
+## Conversion notes
+
+Converted with `omnifusion-convert` from the released checkpoint `{source}` ({version} layout: `{projection}`,
+`special_embeddings.pt`, `{lm}/`, `{tokenizer}/`) and the vision model `{vision_model}`; weights in {dtype}.
+
+- **Prompt.** The chat template is the released prompt: `"This is a dialog with AI assistant.\\n"`, the image
+  block (`<image_start>`, {num_image_tokens} image positions, `<image_end>`), `<user>` + question, `<assistant>`.
+  Each text segment is tokenized on its own with no BOS, as the released code did. The marker tokens are
+  input-only ({marker_ids}); the marker-table row of `<image>` is zeros because image features replace it.
+- **Decoding.** `generation_config.json` holds the README's settings: 3 beams, `no_repeat_ngram_size=4`,
+  `max_new_tokens=50`, `early_stopping=True`, `repetition_penalty=1.0`, and `bad_words_ids={bad_words_ids}`
+  (the tokenizer's ids of `"\\n"`, `"</s>"`, `":"`, then the newline byte token). That list names EOS, but
+  transformers drops a bad word equal to `eos_token_id` (it did so when the README was written too), so EOS is
+  not banned: generation stops at EOS or after 50 tokens, the last of which `forced_eos_token_id={eos}` makes EOS.
+- **Prompt n-grams.** The README generated from `inputs_embeds` alone, so `no_repeat_ngram_size` only blocked
+  repeats inside the answer; `model.generate(**inputs)` also blocks 4-grams of the prompt (of the question, say).
+  For exactly the README's decoding, generate from the embeddings; the output then holds only the new tokens:
+
+  ```python
+  embeds = model.get_input_embeddings()(inputs["input_ids"])
+  output = model.generate(inputs_embeds=embeds, attention_mask=inputs["attention_mask"],
+                          pixel_values=inputs["pixel_values"])
+  print(processor.decode(output[0], skip_special_tokens=True))
+  ```
+- **First token.** The README decoded `out[:, 1:]`, which with `inputs_embeds` generation drops the first
+  generated token; decode all generated tokens instead.
+- **Dropout.** The released adapter was pickled in training mode and the README never called `.eval()`, so it
+  applied dropout 0.1 at inference. This model loads in eval mode (deterministic), matching the released
+  inference path with the adapter in eval mode.
+"""
+
+
+def resolve_input_dir(input_dir: str | os.PathLike, subfolder: str | None = None) -> Path:
+    """A local folder holding the released files: `input_dir[/subfolder]`, or a Hub snapshot of repo `input_dir`."""
+    local = Path(input_dir)
+    if local.is_dir():
+        return local / subfolder if subfolder else local
+    text = str(input_dir)
+    if not _is_hub_repo_id(text):
+        raise FileNotFoundError(f"{input_dir}: no such folder, and not a Hub repo id")
+    prefix = f"{subfolder.strip('/')}/" if subfolder else ""
+    try:
+        snapshot = snapshot_download(text, allow_patterns=[prefix + pattern for pattern in RELEASED_FILE_PATTERNS])
+    except Exception as exc:
+        raise FileNotFoundError(f"{input_dir}: no such folder, and downloading it from the Hub failed ({exc})") from exc
+    return Path(snapshot) / prefix
+
+
+def weights_file(folder: Path, key: str) -> Path:
+    """The weight file of `folder` that holds `key` (its shard when the folder is sharded), else the folder."""
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = folder / index_name
+        if index.is_file():
+            shard = json.loads(index.read_text()).get("weight_map", {}).get(key)
+            return folder / shard if shard else index
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (folder / name).is_file():
+            return folder / name
+    return folder
+
+
+def load_pretrained_strictly(model_class, name_or_path, dtype, ignore_unexpected: bool = False):
+    """`model_class.from_pretrained` that raises, naming the file and both shapes, on a missing or mis-shaped weight."""
+    model, info = model_class.from_pretrained(
+        name_or_path, dtype=dtype, output_loading_info=True, ignore_mismatched_sizes=True
+    )
+    folder = Path(name_or_path)
+    problems = [
+        f"{weights_file(folder, key)}: '{key}' has shape {tuple(found)}, expected {tuple(expected)}"
+        for key, found, expected in sorted(info["mismatched_keys"])
+    ]
+    if info["missing_keys"]:
+        problems.append(f"{folder}: missing weights {sorted(info['missing_keys'])}")
+    if info["unexpected_keys"] and not ignore_unexpected:
+        problems.append(f"{folder}: unexpected weights {sorted(info['unexpected_keys'])}")
+    if problems:
+        raise ValueError(f"cannot convert {name_or_path}: " + "; ".join(problems))
+    return model
+
+
+def check_projection(projection: ReleasedProjection, path: Path, vision_config, text_config, vision_model: str):
+    """The adapter's widths must match the vision tower and the LM, and the adapter must be the post-norm layer."""
+    linear = tuple(projection.state_dict["linear.weight"].shape)
+    expected = (text_config.hidden_size, vision_config.hidden_size)
+    if linear != expected:
+        raise ValueError(
+            f"{path}: adapter 'linear.weight' has shape {linear}, expected {expected} "
+            f"(LM hidden size {expected[0]}, vision hidden size {expected[1]} of {vision_model})"
+        )
+    if projection.norm_first or not projection.batch_first:
+        raise ValueError(
+            f"{path}: unsupported adapter layout norm_first={projection.norm_first}, "
+            f"batch_first={projection.batch_first}; expected norm_first=False, batch_first=True"
+        )
+
+
+def released_bad_words_ids(tokenizer) -> list[list[int]]:
+    """The README's `tokenizer(["\\n", "</s>", ":"], add_special_tokens=False).input_ids + [[13]]`, for any tokenizer.
+
+    `13` is Mistral's newline byte token `<0x0A>`, looked up here by name; for Mistral this is
+    `[[28705, 13], [2], [714], [13]]`.
+    """
+    bad_words = tokenizer(["\n", "</s>", ":"], add_special_tokens=False).input_ids
+    newline = tokenizer.convert_tokens_to_ids("<0x0A>")
+    if newline is not None and newline != tokenizer.unk_token_id:
+        bad_words.append([newline])
+    return bad_words
+
+
+def released_generation_config(tokenizer) -> GenerationConfig:
+    """The decoding settings of the released README (its EOS quirk is explained in `CONVERSION_NOTES`)."""
+    eos = tokenizer.eos_token_id
+    return GenerationConfig(
+        do_sample=False,
+        num_beams=3,
+        max_new_tokens=50,
+        early_stopping=True,
+        no_repeat_ngram_size=4,
+        repetition_penalty=1.0,
+        remove_invalid_values=True,
+        num_return_sequences=1,
+        use_cache=True,
+        bad_words_ids=released_bad_words_ids(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=eos,
+        pad_token_id=eos,
+        forced_eos_token_id=eos,
+    )
+
+
+def build_marker_table(special_embeddings: dict[str, torch.Tensor]) -> torch.Tensor:
+    """`[5, hidden]` rows in `OmniFusionConfig.special_token_ids` order, taken from the released dict by name.
+
+    The image placeholder row is zeros: image features overwrite it at every use.
+    """
+    hidden = next(iter(special_embeddings.values()))
+    rows = [
+        special_embeddings[RELEASED_MARKER_KEYS[field]] if field in RELEASED_MARKER_KEYS else torch.zeros_like(hidden)
+        for field in SPECIAL_TOKEN_FIELDS
+    ]
+    return torch.stack(rows)
+
+
+def load_released_checkpoint(layout: ReleasedLayout, vision_model: str, dtype: torch.dtype | None):
+    """Read and check every piece, the cheap checks before the large weights; returns `(model, processor)`."""
+    projection = read_projection(layout.projection)
+    text_config = AutoConfig.from_pretrained(layout.lm_dir)
+    vision_config = CLIPVisionConfig.from_pretrained(vision_model)
+    check_projection(projection, layout.projection, vision_config, text_config, vision_model)
+    special_embeddings = read_special_embeddings(layout.special_embeddings, hidden_size=text_config.hidden_size)
+
+    tokenizer = LlamaTokenizer.from_pretrained(layout.tokenizer_dir)
+    if len(tokenizer) > text_config.vocab_size:
+        raise ValueError(
+            f"{layout.tokenizer_dir}: the tokenizer has {len(tokenizer)} tokens, more than the LM's vocab_size "
+            f"{text_config.vocab_size} ({layout.lm_dir / 'config.json'})"
+        )
+    generation_config = released_generation_config(tokenizer)
+    processor = OmniFusionProcessor(AutoImageProcessor.from_pretrained(vision_model, backend="pil"), tokenizer)
+    config = OmniFusionConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        adapter_type="transformer",
+        adapter_num_heads=projection.num_heads,
+        adapter_ffn_dim=projection.ffn_dim,
+        adapter_dropout=projection.dropout,
+        adapter_activation=projection.activation_name,
+        adapter_layer_norm_eps=projection.layer_norm_eps,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        **processor.special_token_ids,
+    )
+    if projection.num_image_tokens is not None and projection.num_image_tokens != config.num_image_tokens:
+        raise ValueError(
+            f"{layout.projection}: the adapter was trained for {projection.num_image_tokens} image tokens "
+            f"(n_embeddings) but {vision_model} gives {config.num_image_tokens} "
+            f"(image_size {vision_config.image_size}, patch_size {vision_config.patch_size})"
+        )
+    processor.num_image_tokens = config.num_image_tokens
+
+    lm = load_pretrained_strictly(AutoModelForCausalLM, layout.lm_dir, dtype or "auto")
+    dtype = dtype or lm.dtype
+    vision_tower = load_pretrained_strictly(CLIPVisionModel, vision_model, dtype, ignore_unexpected=True)
+    for sub_config in (config, config.text_config, config.vision_config):
+        sub_config.dtype = dtype
+    config.text_config._name_or_path = config.vision_config._name_or_path = ""  # no local paths in the model card
+
+    state_dict = {f"model.vision_tower.{k}": v for k, v in vision_tower.state_dict().items()}
+    state_dict.update({f"model.adapter.{k}": v for k, v in projection.state_dict.items()})
+    state_dict.update({f"model.language_model.{k}": v for k, v in lm.get_decoder().state_dict().items()})
+    state_dict["lm_head.weight"] = lm.get_output_embeddings().weight
+    state_dict["model.language_model.embed_tokens.special_embeddings.weight"] = build_marker_table(special_embeddings)
+    with torch.device("meta"):
+        model = OmniFusionForCausalLM(config)
+    model.load_state_dict({k: v.detach().to(dtype) for k, v in state_dict.items()}, strict=True, assign=True)
+    model.generation_config = generation_config
+    return model, processor
+
+
+def add_conversion_notes(folder: Path, layout: ReleasedLayout, source: str, vision_model: str, model, processor):
+    """Append the release's quirks (decoding, prompt n-grams, first token, dropout) to the model card."""
+    card = ModelCard.load(folder / "README.md")
+    generation_config = model.generation_config
+    card.text += CONVERSION_NOTES.format(
+        source=source,
+        version=f"v{layout.version}",
+        projection=layout.projection.name,
+        lm=layout.lm_dir.name,
+        tokenizer=layout.tokenizer_dir.name,
+        dtype=str(model.dtype).removeprefix("torch."),
+        vision_model=vision_model,
+        num_image_tokens=processor.num_image_tokens,
+        marker_ids=", ".join(
+            f"`{processor.tokenizer.convert_ids_to_tokens(i)}`={i}" for i in model.config.special_token_ids
+        ),
+        bad_words_ids=generation_config.bad_words_ids,
+        eos=generation_config.forced_eos_token_id,
+    )
+    card.save(folder / "README.md")
+
+
+def _display_name(name_or_path: str) -> str:
+    """A Hub id as is, a local folder by its last component (no local paths in the model card)."""
+    return Path(name_or_path).name if Path(name_or_path).is_dir() else name_or_path
+
+
+def _is_hub_repo_id(name: str) -> bool:
+    """`owner/name` or `name`, and not written like a path."""
+    if name.startswith((".", "~", "/")) or name.count("/") > 1:
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def replace_folder(new: Path, target: Path):
+    """Move the finished `new` folder to `target`; an existing `target` is moved aside first and deleted last."""
+    if target.is_dir() and not any(target.iterdir()):
+        target.rmdir()
+    if not target.exists():
+        os.rename(new, target)
+        return
+    aside = Path(tempfile.mkdtemp(dir=target.parent, prefix=".omnifusion-replaced-"))
+    os.rename(target, aside / target.name)
+    try:
+        os.rename(new, target)
+    except BaseException:
+        os.rename(aside / target.name, target)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def convert_omnifusion_to_hf(
+    input_dir: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    vision_model: str | os.PathLike = DEFAULT_VISION_MODEL,
+    dtype: str | torch.dtype | None = None,
+    overwrite: bool = False,
+    push_to_hub: str | None = None,
+    subfolder: str | None = None,
+    max_shard_size: int | str = "5GB",
+) -> Path:
+    """
+    Convert a released OmniFusion checkpoint to one Hugging Face folder and return its path.
+
+    Args:
+        input_dir: a released checkpoint folder (v1.0 root or `OmniMistral-v1_1`), or a Hub repo id.
+        output_dir: where the folder appears (built beside it in a temporary folder and renamed when complete).
+        vision_model: folder or Hub id of the CLIP vision model the release was trained with.
+        dtype: `float32`, `bfloat16` or `float16` (or a `torch.dtype`); defaults to the LM's stored dtype.
+        overwrite: replace an existing non-empty `output_dir`; otherwise it is refused before any work.
+        push_to_hub: a Hub repo id to upload the finished folder to.
+        subfolder: the checkpoint's folder inside `input_dir`, e.g. `OmniMistral-v1_1`.
+        max_shard_size: largest safetensors shard, as for `save_pretrained`.
+    """
+    output_dir = Path(output_dir).absolute()
+    if output_dir.exists() and not output_dir.is_dir():
+        raise FileExistsError(f"{output_dir}: exists and is not a folder")
+    if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
+        raise FileExistsError(f"{output_dir}: folder exists and is not empty; pass overwrite=True (--overwrite)")
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        dtype = DTYPES[dtype]
+    vision_model = str(vision_model)
+
+    layout = find_released_layout(resolve_input_dir(input_dir, subfolder))
+    logger.info(f"Converting the released v{layout.version} checkpoint in {layout.root}")
+    model, processor = load_released_checkpoint(layout, vision_model, dtype)
+
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=".omnifusion-convert-"))
+    try:
+        model.save_pretrained(staging, max_shard_size=max_shard_size)
+        processor.save_pretrained(staging)
+        source = layout.root.name if Path(input_dir).is_dir() else "/".join(filter(None, (str(input_dir), subfolder)))
+        add_conversion_notes(staging, layout, source, _display_name(vision_model), model, processor)
+        replace_folder(staging, output_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    logger.info(f"Saved the converted model ({str(model.dtype).removeprefix('torch.')}) to {output_dir}")
+
+    if push_to_hub:
+        api = HfApi()
+        api.create_repo(push_to_hub, exist_ok=True)
+        api.upload_folder(repo_id=push_to_hub, folder_path=output_dir, commit_message="Convert OmniFusion checkpoint")
+    return output_dir
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--input_dir", required=True, help="released checkpoint folder, or a Hub repo id")
+    parser.add_argument("--subfolder", default=None, help="checkpoint folder inside --input_dir, e.g. OmniMistral-v1_1")
+    parser.add_argument("--vision_model", default=DEFAULT_VISION_MODEL, help="CLIP vision model folder or Hub id")
+    parser.add_argument("--output_dir", required=True, help="folder to create")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="weights dtype (default: the LM's)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --output_dir")
+    parser.add_argument("--push_to_hub", default=None, metavar="REPO", help="upload the result to this Hub repo")
+    parser.add_argument("--max_shard_size", default="5GB", help="largest safetensors shard (default: 5GB)")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    max_shard_size = int(args.max_shard_size) if args.max_shard_size.isdigit() else args.max_shard_size
+    return convert_omnifusion_to_hf(
+        args.input_dir,
+        args.output_dir,
+        vision_model=args.vision_model,
+        dtype=args.dtype,
+        overwrite=args.overwrite,
+        push_to_hub=args.push_to_hub,
+        subfolder=args.subfolder,
+        max_shard_size=max_shard_size,
+    )
+
+
+if __name__ == "__main__":
+    main()
