@@ -40,7 +40,9 @@ class VisDialArguments:
     model: str | None = field(
         default=None, metadata={"help": "Model folder or Hub id (AutoModelForImageTextToText + AutoProcessor)."}
     )
-    visdial_json: str | None = field(default=None, metadata={"help": "VisDial v1.0 dialogs, e.g. visdial_1.0_val.json."})
+    visdial_json: str | None = field(
+        default=None, metadata={"help": "VisDial v1.0 dialogs, e.g. visdial_1.0_val.json."}
+    )
     dense_json: str | None = field(
         default=None, metadata={"help": "Dense relevance annotations for NDCG; NDCG is left out without them."}
     )
@@ -61,7 +63,9 @@ class VisDialArguments:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
         default="auto", metadata={"help": "Weights dtype; log-probabilities are always computed in float32."}
     )
-    name: str | None = field(default=None, metadata={"help": "Row name in tables and charts; defaults to the model's."})
+    name: str | None = field(
+        default=None, metadata={"help": "Row name in tables and charts; defaults to the model folder's name."}
+    )
     plot: list[str] | None = field(
         default=None, metadata={"help": "Result JSON files to compare in a table and a grouped bar chart."}
     )
@@ -115,12 +119,16 @@ def image_loader(images_dir, split: str):
     return load
 
 
-def write_json_atomic(path, obj):
+def write_json_atomic(path, obj, indent=None):
     """Write JSON to a temporary file beside `path`, then rename it into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as f:
-        json.dump(obj, f, indent=1)
+        try:
+            json.dump(obj, f, indent=indent)
+        except BaseException:
+            os.unlink(f.name)
+            raise
     os.replace(f.name, path)
 
 
@@ -203,7 +211,7 @@ def evaluate(args: VisDialArguments) -> dict:
         },
     }
     write_json_atomic(ranks_path(args), ranks)
-    write_json_atomic(args.output, results)
+    write_json_atomic(args.output, results, indent=1)
     return results
 
 

@@ -14,16 +14,16 @@ Prompt of a round (the released OmniFusion layout, rendered by the processor's c
 
 VisDial questions carry no "?"; it is added, as the official starter code does. A candidate is tokenized on its
 own (`add_special_tokens=False`), with no EOS after it, and scored as the continuation of the generation prompt.
-For OmniFusion that equals tokenizing prompt and candidate together, because the prompt ends with the
-`<assistant>` marker and the processor tokenizes the text after each marker independently; for LLaVA-1.5
-(SentencePiece, prompt "... ASSISTANT:") the candidate's own leading word-boundary piece stands for the space the
-template writes after "ASSISTANT:".
+For OmniFusion that equals tokenizing prompt and candidate together (tested), because the prompt ends with the
+`<assistant>` marker and the processor tokenizes the text after each marker independently. LLaVA-1.5's template
+writes a reply as "ASSISTANT: " + answer but ends the generation prompt at "ASSISTANT:"; its SentencePiece
+tokenizer gives a candidate tokenized alone the leading word-boundary piece that stands for that space.
 
 Score of a candidate: the mean (OmniFusion's released `test.py`) or the sum (the official LF-gen convention) of
 its token log-probabilities, computed in float32. Higher is better.
 
 Shared-prefix scoring runs the round's context (image, caption, history, question) once, keeps its KV cache and
-scores the candidates in batches against copies of that cache, so each candidate costs only its own few tokens.
+scores the candidates in batches on that cache, so each candidate costs only its own few tokens.
 `score_candidates_naive` is the released method (every candidate's full sequence through the LM, the image
 encoded once) and exists to check and time the shared-prefix one.
 """
@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 
@@ -101,26 +102,46 @@ def tokenize_candidates(tokenizer, candidates: list[str]) -> list[list[int]]:
 
 
 def _pad_right(candidate_ids: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """`[batch, max_len]` ids right-padded with 0 and the matching 0/1 mask."""
+    """`[batch, max_len]` ids right-padded with 0 and the matching boolean mask of real tokens."""
     length = max(len(ids) for ids in candidate_ids)
     ids = torch.zeros(len(candidate_ids), length, dtype=torch.long)
-    mask = torch.zeros(len(candidate_ids), length, dtype=torch.long)
+    real = torch.zeros(len(candidate_ids), length, dtype=torch.bool)
     for row, tokens in enumerate(candidate_ids):
         ids[row, : len(tokens)] = torch.tensor(tokens)
-        mask[row, : len(tokens)] = 1
-    return ids.to(device), mask.to(device)
+        real[row, : len(tokens)] = True
+    return ids.to(device), real.to(device)
 
 
-def _candidate_scores(step_logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, score: str) -> torch.Tensor:
-    """
-    Per-candidate log-likelihood from `step_logits` `[batch, len, vocab]`, where position i predicts `ids[:, i]`;
-    padded positions (`mask` 0) are left out. Returns float32 `[batch]`: the sum, or the mean over real tokens.
-    """
-    step_logits = step_logits.float()
-    token_logits = step_logits.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
-    log_probs = (token_logits - torch.logsumexp(step_logits, dim=-1)) * mask
+def _token_log_probs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """float32 log-probability of each of `targets` `[n]` under the matching row of `logits` `[n, vocab]`."""
+    logits = logits.float()
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def _reduce(log_probs: torch.Tensor, real: torch.Tensor, score: str) -> torch.Tensor:
+    """Per-candidate sum, or mean over its real tokens, of `log_probs` `[batch, len]` (0 at padding)."""
     total = log_probs.sum(-1)
-    return total / mask.sum(-1) if score == "mean" else total
+    return total / real.sum(-1) if score == "mean" else total
+
+
+def _expand_cache(cache, batch_size: int):
+    """
+    The batch-1 context cache widened to `batch_size` rows for one candidate batch; `cache` itself is left as it is.
+    Full and sliding-window dynamic layers get stride-0 views of the context keys/values (their `update` writes the
+    concatenation to new tensors, so the views are only read); any other layer type is deep-copied and repeated.
+    """
+    expanded = copy.copy(cache)
+    expanded.layers = []
+    for layer in cache.layers:
+        if type(layer) in (DynamicLayer, DynamicSlidingWindowLayer) and layer.is_initialized:
+            layer = copy.copy(layer)
+            layer.keys = layer.keys.expand(batch_size, -1, -1, -1)
+            layer.values = layer.values.expand(batch_size, -1, -1, -1)
+        else:
+            layer = copy.deepcopy(layer)
+            layer.batch_repeat_interleave(batch_size)
+        expanded.layers.append(layer)
+    return expanded
 
 
 def _check_arguments(context_inputs, score: str):
@@ -137,39 +158,49 @@ def score_candidates_shared_prefix(
     """
     Log-likelihood score of every candidate continuing the context, running the context once.
 
+    The context's last logits give every candidate's first token; each batch of candidates (grouped by length, so
+    little padding) runs on the context cache widened to the batch, with position ids continuing the context, and
+    the LM head is applied only where a candidate token follows (`logits_to_keep` as a boolean mask).
+
     Args:
         model: an image-text-to-text model whose forward takes `cache`, `position_ids` and `logits_to_keep`.
         context_inputs: the processor's output for one round's context (`build_context`), batch 1.
         candidate_ids: token ids of each candidate (`tokenize_candidates`).
-        batch_size: candidates scored per forward pass; each batch gets its own copy of the context cache.
+        batch_size: candidates per forward pass.
         score: `"mean"` or `"sum"` of the candidate's token log-probabilities.
 
     Returns:
-        float32 `[num_candidates]` scores on the CPU, higher is better.
+        float32 `[num_candidates]` scores on the CPU, in `candidate_ids` order, higher is better.
     """
     _check_arguments(context_inputs, score)
     context_inputs = context_inputs.to(model.device, model.dtype)
     context = model(**context_inputs, use_cache=True, logits_to_keep=1)
     context_mask = context_inputs["attention_mask"]
     context_len = context_mask.shape[1]
-    first_logits = context.logits[:, -1:]  # predicts every candidate's first token
+    first_token_log_probs = torch.log_softmax(context.logits[0, -1].float(), dim=-1)
 
-    scores = []
-    for start in range(0, len(candidate_ids), batch_size):
-        ids, mask = _pad_right(candidate_ids[start : start + batch_size], model.device)
+    by_length = sorted(range(len(candidate_ids)), key=lambda index: len(candidate_ids[index]))
+    scores = torch.empty(len(candidate_ids), device=model.device)
+    for start in range(0, len(by_length), batch_size):
+        rows = by_length[start : start + batch_size]
+        ids, real = _pad_right([candidate_ids[row] for row in rows], model.device)
         batch, length = ids.shape
-        cache = copy.deepcopy(context.cache)
-        cache.batch_repeat_interleave(batch)
-        outputs = model(
-            input_ids=ids,
-            attention_mask=torch.cat([context_mask.expand(batch, -1), mask], dim=1),
-            position_ids=torch.arange(context_len, context_len + length, device=model.device).expand(batch, -1),
-            cache=cache,
-            use_cache=True,
-        )
-        step_logits = torch.cat([first_logits.expand(batch, -1, -1), outputs.logits[:, :-1]], dim=1)
-        scores.append(_candidate_scores(step_logits, ids, mask, score))
-    return torch.cat(scores).cpu()
+        log_probs = torch.zeros(batch, length, device=model.device)
+        log_probs[:, 0] = first_token_log_probs[ids[:, 0]]
+        if length > 1:
+            predicts_next = torch.zeros_like(real)
+            predicts_next[:, :-1] = real[:, 1:]
+            outputs = model(
+                input_ids=ids,
+                attention_mask=torch.cat([context_mask.expand(batch, -1), real.long()], dim=1),
+                position_ids=torch.arange(context_len, context_len + length, device=model.device).expand(batch, -1),
+                cache=_expand_cache(context.cache, batch),
+                use_cache=True,
+                logits_to_keep=predicts_next,
+            )
+            log_probs[:, 1:][real[:, 1:]] = _token_log_probs(outputs.logits, ids[:, 1:][real[:, 1:]])
+        scores[rows] = _reduce(log_probs, real, score)
+    return scores.cpu()
 
 
 @torch.no_grad()
@@ -188,23 +219,27 @@ def score_candidates_naive(
     context_inputs = context_inputs.to(model.device, model.dtype)
     image_features = model.get_image_features(pixel_values=context_inputs["pixel_values"]).pooler_output
     context_ids, context_mask = context_inputs["input_ids"], context_inputs["attention_mask"]
+    context_len = context_ids.shape[1]
 
     scores = []
     for start in range(0, len(candidate_ids), batch_size):
-        ids, mask = _pad_right(candidate_ids[start : start + batch_size], model.device)
+        ids, real = _pad_right(candidate_ids[start : start + batch_size], model.device)
         batch, length = ids.shape
-        image_outputs = BaseModelOutputWithPooling(pooler_output=list(image_features) * batch)
+        predicts_candidate = torch.zeros(batch, context_len + length, dtype=torch.bool, device=model.device)
+        predicts_candidate[:, context_len - 1 : -1] = real
         outputs = model(
             input_ids=torch.cat([context_ids.expand(batch, -1), ids], dim=1),
-            attention_mask=torch.cat([context_mask.expand(batch, -1), mask], dim=1),
-            mm_encoder_outputs={"image": image_outputs},
-            logits_to_keep=length + 1,
+            attention_mask=torch.cat([context_mask.expand(batch, -1), real.long()], dim=1),
+            mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=list(image_features) * batch)},
+            logits_to_keep=predicts_candidate,
         )
-        scores.append(_candidate_scores(outputs.logits[:, :-1], ids, mask, score))
+        log_probs = torch.zeros(batch, length, device=model.device)
+        log_probs[real] = _token_log_probs(outputs.logits, ids[real])
+        scores.append(_reduce(log_probs, real, score))
     return torch.cat(scores).cpu()
 
 
-def dense_relevance_by_image(dense_annotations: list[dict] | None) -> dict[int, tuple[int, list[float]]]:
+def _dense_relevance_by_image(dense_annotations: list[dict] | None) -> dict[int, tuple[int, list[float]]]:
     """`{image_id: (round_id, relevance)}` from VisDial dense annotations (`gt_relevance`, or train's `relevance`)."""
     relevance = {}
     for entry in dense_annotations or []:
@@ -237,6 +272,8 @@ def evaluate_dialogs(
         score, batch_size: see `score_candidates_shared_prefix`.
         progress: show a progress bar over rounds.
 
+    The model runs in eval mode and is put back in its previous mode at the end.
+
     Returns:
         `(metrics, ranks)`: `metrics` is `visdial_metrics`' dict of fractions (r@1, r@5, r@10, mrr, mean_rank,
         ndcg), None if no round has a ground truth; `ranks` is the official submission list
@@ -245,7 +282,8 @@ def evaluate_dialogs(
     load_image = images.__getitem__ if isinstance(images, Mapping) else images
     questions, answers = visdial_data["questions"], visdial_data["answers"]
     dialogs = visdial_data["dialogs"]
-    relevance_by_image = dense_relevance_by_image(dense_annotations)
+    relevance_by_image = _dense_relevance_by_image(dense_annotations)
+    was_training = model.training
     model.eval()
 
     ranks, predictions, references, relevance = [], [], [], []
@@ -270,6 +308,7 @@ def evaluate_dialogs(
                 history.append((question, answers[visdial_round["answer"]]))
             bar.update()
     bar.close()
+    model.train(was_training)
 
     metrics = visdial_metric.visdial_metrics(predictions, references, relevance) if predictions else None
     return metrics, ranks

@@ -8,7 +8,6 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_EVALUATE_OFFLINE", "1")
 
-import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from transformers import (  # noqa: E402
@@ -19,7 +18,14 @@ from transformers import (  # noqa: E402
     LlavaProcessor,
 )
 
-from omnifusion_fixtures import IMAGE_SIZE, PATCH_SIZE, make_image, make_model_and_processor, make_tokenizer, vision_config  # noqa: E402
+from omnifusion_fixtures import (  # noqa: E402
+    IMAGE_SIZE,
+    PATCH_SIZE,
+    make_image,
+    make_model_and_processor,
+    make_tokenizer,
+    vision_config,
+)
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
@@ -31,7 +37,8 @@ import visdial_scoring  # noqa: E402
 LLAVA_CHAT_TEMPLATE = (
     "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
     "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
-    "{% if message['role'] != 'assistant' %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% if message['role'] != 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
     "{{ content['text'] + ' '}}{% endfor %}{% else %}"
     "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{% generation %}"
     "{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}{% endfor %}"
@@ -169,6 +176,19 @@ def test_shared_prefix_scores_and_ranking_equal_naive_full_sequences(kind, score
     assert (shared - naive).abs().max() < 1e-4
     ranks = visdial_scoring.visdial_metric.scores_to_ranks
     assert ranks(shared.double().numpy()).tolist() == ranks(naive.double().numpy()).tolist()
+
+
+def test_single_token_candidates_are_scored_from_the_context_logits(omnifusion, visdial_sample):
+    model, processor = omnifusion
+    messages, _, _ = _real_round(visdial_sample)
+    context = visdial_scoring.build_context(processor, messages)
+    candidates = ["1", "It", "2", "yes it is", "circles", "0"]  # "1", "It", "2", "0" are one token each
+    candidate_ids = visdial_scoring.tokenize_candidates(processor.tokenizer, candidates)
+    assert sum(len(ids) == 1 for ids in candidate_ids) == 4
+    for score in ("mean", "sum"):
+        shared = visdial_scoring.score_candidates_shared_prefix(model, context, candidate_ids, batch_size=2, score=score)
+        naive = visdial_scoring.score_candidates_naive(model, context, candidate_ids, batch_size=2, score=score)
+        torch.testing.assert_close(shared, naive, rtol=0, atol=1e-4)
 
 
 def test_sum_score_is_mean_times_candidate_length(omnifusion, visdial_sample):
@@ -350,3 +370,28 @@ def test_missing_image_names_the_image_id_and_expected_path(tmp_path, visdial_sa
              "--images_dir", str(tmp_path / "images"), "--output", str(tmp_path / "r.json"), "--max_dialogs", "1"]
         )
     assert not (tmp_path / "r.json").exists()
+
+
+def test_expanded_cache_reads_the_context_without_changing_it():
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    class CustomLayer(DynamicLayer):
+        """A layer type the view shortcut does not know: it must be copied instead."""
+
+    keys, values = torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4)
+    cache = DynamicCache()
+    cache.update(keys, values, layer_idx=0)
+    cache.layers.append(CustomLayer())
+    cache.update(keys + 1, values + 1, layer_idx=1)
+
+    expanded = visdial_scoring._expand_cache(cache, 3)
+    assert [layer.keys.shape for layer in expanded.layers] == [(3, 2, 5, 4)] * 2
+    assert expanded.layers[0].keys.stride(0) == 0  # a view of the context
+    assert expanded.layers[1].keys.data_ptr() != cache.layers[1].keys.data_ptr()  # a copy
+    expanded.update(torch.randn(3, 2, 2, 4), torch.randn(3, 2, 2, 4), layer_idx=0)
+    expanded.update(torch.randn(3, 2, 2, 4), torch.randn(3, 2, 2, 4), layer_idx=1)
+    assert expanded.get_seq_length() == 7
+    assert [layer.keys.shape for layer in cache.layers] == [(1, 2, 5, 4)] * 2
+    torch.testing.assert_close(cache.layers[0].keys, keys)
+    torch.testing.assert_close(cache.layers[1].values, values + 1)
+    torch.testing.assert_close(expanded.layers[1].keys[:, :, :5], (keys + 1).expand(3, -1, -1, -1))
