@@ -120,15 +120,6 @@ def leftovers(parent: Path) -> list[str]:
     return sorted(p.name for p in parent.iterdir() if p.name.startswith(".omnifusion-"))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The tiny models' ops are far too small to share: a second thread makes generation ~10x slower on 2 cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory):
     return make_clip_vision_folder(tmp_path_factory.mktemp("clip"))
