@@ -284,8 +284,9 @@ class OmniFusionModel(OmniFusionPreTrainedModel):
         kwargs.pop("return_dict", None)
         kwargs.pop("output_hidden_states", None)
         tower_dtype = next(self.vision_tower.parameters()).dtype
+        # Asking for the one layer used keeps only that hidden state (transformers 5 output capturing).
         image_outputs = self.vision_tower(
-            pixel_values.to(tower_dtype), output_hidden_states=True, return_dict=True, **kwargs
+            pixel_values.to(tower_dtype), output_hidden_states=[layer], return_dict=True, **kwargs
         )
         image_features = image_outputs.hidden_states[layer]
         if strategy == "default":
