@@ -35,9 +35,16 @@ class OmniFusionTokenEmbedding(nn.Embedding):
         super().__init__(num_embeddings, embedding_dim, padding_idx=padding_idx)
         self.special_embeddings = nn.Embedding(len(special_token_ids), embedding_dim)
         self.special_token_ids = list(special_token_ids)
+        self._special_ids_on_device = {}
+
+    def _special_ids(self, device: torch.device) -> torch.Tensor:
+        """The marker ids as a tensor on `device`, made once per device (not a buffer: loading skips those)."""
+        if device not in self._special_ids_on_device:
+            self._special_ids_on_device[device] = torch.tensor(self.special_token_ids, device=device)
+        return self._special_ids_on_device[device]
 
     def forward(self, input_ids: torch.LongTensor) -> torch.Tensor:
-        matches = input_ids.unsqueeze(-1) == torch.tensor(self.special_token_ids, device=input_ids.device)
+        matches = input_ids.unsqueeze(-1) == self._special_ids(input_ids.device)
         is_special = matches.any(-1)
         text_embeds = super().forward(input_ids.masked_fill(is_special, 0))
         special_embeds = self.special_embeddings(matches.int().argmax(-1))
