@@ -137,6 +137,7 @@ FRESH_PROCESS_SCRIPT = textwrap.dedent(
     for name in ("modeling_omnifusion", "processing", "conversion"):
         sys.modules[name] = None  # the project is neither installed nor importable here
     import torch
+    torch.set_num_threads(1)  # as in the test process (conftest), so the float reductions run in the same order
     from PIL import Image
     from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText,
                               AutoProcessor, AutoTokenizer, pipeline)
