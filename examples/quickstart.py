@@ -1,0 +1,292 @@
+"""
+Train a small OmniFusion end to end on CPU, with nothing downloaded, and check that it answers questions about images.
+
+    python examples/quickstart.py --output_dir quickstart-output
+
+Steps, each with a progress bar:
+  1. draw a synthetic dataset of coloured shapes (`synthetic_shapes.py`): caption records for stage 1 and multi-turn
+     question-answer dialogs for stage 2, in the same LLaVA-style JSON as real data, plus held-out images;
+  2. train a byte-level BPE tokenizer on the dataset's text and pre-train a small Mistral-architecture LM on it: a
+     caption, then questions about it with their answers, so that the LM learns to answer from its context, as a
+     pretrained LLM can;
+  3. pre-train a small CLIP-architecture vision tower on a separate pool of drawn images (shared linear probes on every
+     patch token of the hidden layer OmniFusion reads), standing in for a pretrained CLIP: a random frozen tower
+     does not show the LM enough;
+  4. stage 1 with `train_stage1_pretrain.py` (adapter and markers only; the MLP adapter, which trains far more reliably
+     than the released transformer adapter at this tiny scale);
+  5. stage 2 with `train_stage2_sft.py` (adapter, markers and the whole LM); both scripts run through their `main`,
+     with the same flags as on the command line;
+  6. reload the saved Hub-format folder with `AutoModelForImageTextToText` / `AutoProcessor`
+     (`trust_remote_code=True`), ask one question per attribute about every held-out image, print a few answers and the
+     exact-match accuracy of the greedy answers. The last line is `accuracy=<value>`.
+
+About 2 minutes on 2 CPU cores, with a held-out accuracy of 0.99-1.0. `--quick` runs a few steps of everything, as
+a smoke test (its accuracy means nothing).
+"""
+
+import os
+import random
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import (
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    CLIPImageProcessorPil,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    HfArgumentParser,
+    MistralConfig,
+    MistralForCausalLM,
+    PreTrainedTokenizerFast,
+)
+
+import synthetic_shapes
+import train_stage1_pretrain
+import train_stage2_sft
+from modeling_omnifusion.processing.processing_omnifusion import DEFAULT_SYSTEM_PROMPT
+from synthetic_shapes import ATTRIBUTES, QUESTIONS
+
+
+IMAGE_SIZE = 32
+PATCH_SIZE = 8
+
+
+@dataclass
+class QuickstartArguments:
+    output_dir: str = field(default="quickstart-output", metadata={"help": "Where the data and models go."})
+    quick: bool = field(default=False, metadata={"help": "A few steps of everything: a smoke test."})
+    seed: int = field(default=0, metadata={"help": "Seed of the drawn data and of every training run."})
+
+
+START = time.time()
+
+
+def step(title: str):
+    print(f"\n=== [{time.time() - START:.0f} s] {title}", flush=True)
+
+
+def train_tokenizer(lines: list[str]) -> PreTrainedTokenizerFast:
+    """Byte-level BPE with <unk> (also padding), <s> and </s>; every word of the synthetic text becomes one token."""
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=512,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(lines, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<unk>"
+    )
+
+
+def pretrain_language_model(tokenizer, texts: list[str], steps: int, folder: str) -> None:
+    """A 2-layer Mistral-architecture LM trained on `texts`, each closed by EOS; saved with its tokenizer."""
+    config = MistralConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=96,
+        intermediate_size=192,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    model = MistralForCausalLM(config)
+    encoded = tokenizer([text + tokenizer.eos_token for text in texts], add_special_tokens=False)["input_ids"]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps, pct_start=0.1)
+    for _ in tqdm(range(steps), desc="Pre-training the LM"):
+        batch = tokenizer.pad({"input_ids": random.choices(encoded, k=32)}, return_tensors="pt")
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        loss = model(**batch, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+    print(f"LM loss {loss.item():.3f}")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def pretrain_vision_tower(images: list[Image.Image], scenes, steps: int, folder: str) -> None:
+    """
+    A 3-layer CLIP-architecture vision tower trained so that every patch token of its second-to-last hidden state (the
+    one OmniFusion reads) tells, through shared linear probes, the scene's colour, shape, count and position; saved
+    with its image processor. `images` are a pool of their own, much larger than the training split (like a real
+    encoder's pre-training data), so that the features hold on unseen images.
+    """
+    config = CLIPVisionConfig(
+        image_size=IMAGE_SIZE,
+        patch_size=PATCH_SIZE,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        projection_dim=64,
+    )
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    )
+    pixel_values = image_processor(images, return_tensors="pt")["pixel_values"]
+    targets = {
+        attribute: torch.tensor([values.index(scene.answer(attribute)) for scene in scenes])
+        for attribute, values in ATTRIBUTES.items()
+    }
+    tower = CLIPVisionModel(config)
+    probes = nn.ModuleDict({name: nn.Linear(config.hidden_size, len(values)) for name, values in ATTRIBUTES.items()})
+    optimizer = torch.optim.AdamW([*tower.parameters(), *probes.parameters()], lr=3e-3, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps, pct_start=0.1)
+    for _ in tqdm(range(steps), desc="Pre-training the vision tower"):
+        index = torch.randint(len(images), (64,))
+        patches = tower(pixel_values[index], output_hidden_states=True).hidden_states[-2][:, 1:]
+        labels = {name: target[index].repeat_interleave(patches.shape[1]) for name, target in targets.items()}
+        losses = {name: F.cross_entropy(probe(patches).flatten(0, 1), labels[name]) for name, probe in probes.items()}
+        loss = sum(losses.values())
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+    print("Vision probe losses: " + ", ".join(f"{name} {value.item():.3f}" for name, value in losses.items()))
+    tower.save_pretrained(folder)
+    image_processor.save_pretrained(folder)
+
+
+def trainer_flags(output_dir: str, data_path: str, image_folder: str, **flags) -> list[str]:
+    common = {
+        "data_path": data_path,
+        "image_folder": image_folder,
+        "output_dir": output_dir,
+        "per_device_train_batch_size": 32,
+        "gradient_accumulation_steps": 1,
+        "save_strategy": "no",
+        "report_to": "none",
+        "dataloader_num_workers": 1,
+        "dataloader_persistent_workers": True,
+        "logging_steps": 25,
+        **flags,
+    }
+    return [arg for key, value in common.items() for arg in (f"--{key}", str(value))]
+
+
+@torch.inference_mode()
+def evaluate(model, processor, data_dir: str, samples, seed: int) -> list[dict]:
+    """Asks one question per attribute about every held-out image and answers greedily."""
+    rng = random.Random(seed)
+    questions = [
+        {"image": image, "attribute": name, "question": rng.choice(QUESTIONS[name]), "expected": scene.answer(name)}
+        for image, scene in samples
+        for name in ATTRIBUTES
+    ]
+    batch_size = 50
+    for start in tqdm(range(0, len(questions), batch_size), desc="Answering held-out questions"):
+        batch = questions[start : start + batch_size]
+        conversations = [
+            [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image", "image": Image.open(os.path.join(data_dir, item["image"])).convert("RGB")},
+                        {"type": "text", "text": item["question"]},
+                    ],
+                }
+            ]
+            for item in batch
+        ]
+        inputs = processor.apply_chat_template(
+            conversations, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+        )
+        output = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+        answers = processor.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        for item, answer in zip(batch, answers):
+            item["answer"] = answer
+            item["correct"] = answer.strip().strip(".").lower() == item["expected"]
+    return questions
+
+
+def main(args: list[str] | None = None):
+    (args,) = HfArgumentParser(QuickstartArguments).parse_args_into_dataclasses(args)
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    # The matrices here are tiny: one compute thread is as fast as two, and far faster when the cores are shared;
+    # the second core prepares batches (`--dataloader_num_workers 1`).
+    torch.set_num_threads(1)
+    quick = args.quick
+    sizes = {
+        "train_images": 64 if quick else 2000,
+        "test_images": 8 if quick else 100,
+        "lm_steps": 5 if quick else 300,
+        "vision_images": 256 if quick else 8000,
+        "vision_steps": 5 if quick else 600,
+        "stage1_steps": 4 if quick else 100,
+        "stage2_steps": 4 if quick else 200,
+    }
+    data_dir = os.path.join(args.output_dir, "data")
+    vision_dir = os.path.join(args.output_dir, "vision-tower")
+    language_dir = os.path.join(args.output_dir, "language-model")
+    stage1_dir = os.path.join(args.output_dir, "omnifusion-stage1")
+    final_dir = os.path.join(args.output_dir, "omnifusion")
+
+    step("1/6 Drawing the synthetic shapes dataset")
+    train = synthetic_shapes.write_split(data_dir, "train", sizes["train_images"], args.seed, IMAGE_SIZE)
+    test = synthetic_shapes.write_split(data_dir, "test", sizes["test_images"], args.seed + 1, IMAGE_SIZE)
+    print(f"{len(train)} training images, {len(test)} held-out images in {data_dir}")
+
+    step("2/6 Tokenizer and language model")
+    texts = synthetic_shapes.reading_texts(train, args.seed)
+    tokenizer = train_tokenizer([DEFAULT_SYSTEM_PROMPT, *synthetic_shapes.CAPTION_PROMPTS, *texts])
+    pretrain_language_model(tokenizer, texts, sizes["lm_steps"], language_dir)
+
+    step("3/6 Vision tower")
+    images, scenes = synthetic_shapes.draw_scenes(sizes["vision_images"], args.seed + 2, IMAGE_SIZE, "Drawing images")
+    pretrain_vision_tower(images, scenes, sizes["vision_steps"], vision_dir)
+
+    step("4/6 Stage 1: adapter and markers (examples/train_stage1_pretrain.py)")
+    train_stage1_pretrain.main(
+        ["--vision_model_name_or_path", vision_dir, "--language_model_name_or_path", language_dir]
+        + ["--adapter_type", "mlp"]
+        + trainer_flags(
+            stage1_dir, os.path.join(data_dir, "train_captions.json"), data_dir, max_steps=sizes["stage1_steps"]
+        )
+    )
+
+    step("5/6 Stage 2: adapter, markers and LM (examples/train_stage2_sft.py)")
+    train_stage2_sft.main(
+        ["--model_name_or_path", stage1_dir]
+        + trainer_flags(
+            final_dir,
+            os.path.join(data_dir, "train_dialogs.json"),
+            data_dir,
+            max_steps=sizes["stage2_steps"],
+            learning_rate=1e-3,
+        )
+    )
+
+    step(f"6/6 Reloading {final_dir} with the Auto classes and answering held-out questions")
+    model = AutoModelForImageTextToText.from_pretrained(final_dir, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(final_dir, trust_remote_code=True)
+    results = evaluate(model, processor, data_dir, test, args.seed)
+    for item in results[:8]:
+        print(f"{item['image']}  Q: {item['question']}  A: {item['answer']!r}  (expected {item['expected']!r})")
+    per_attribute = {
+        attribute: sum(item["correct"] for item in results if item["attribute"] == attribute) / len(test)
+        for attribute in ATTRIBUTES
+    }
+    print("Accuracy per attribute: " + ", ".join(f"{name} {value:.2f}" for name, value in per_attribute.items()))
+    accuracy = sum(item["correct"] for item in results) / len(results)
+    print(f"Total time {time.time() - START:.0f} s")
+    print(f"accuracy={accuracy:.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""
+OmniFusion stage 1 (pre-training): build a new OmniFusion from a pretrained vision encoder and a pretrained LM, then
+train only the adapter and the learned marker embeddings on image-text conversations (usually captions). The vision
+encoder, the LM and its token embeddings stay frozen, bit for bit.
+
+    python examples/train_stage1_pretrain.py \
+        --vision_model_name_or_path openai/clip-vit-large-patch14-336 \
+        --language_model_name_or_path mistralai/Mistral-7B-v0.1 \
+        --data_path blip_laion_cc_sbu_558k.json --image_folder images/ \
+        --output_dir omnifusion-stage1 --bf16
+
+Defaults follow the released training code: Adafactor at lr 1e-2, cosine schedule with 1% warmup, 4 sequences per
+device with 8 accumulation steps (x 8 GPUs = 256 per step), 2048 tokens. Every `TrainingArguments` flag works
+(`--max_steps`, `--activation_checkpointing`, `--resume_from_checkpoint`, `--report_to`, ...); see examples/README.md
+for `torchrun`, `accelerate launch`, DeepSpeed and FSDP. `--output_dir` ends up holding a Hub-format folder (model,
+processor, remote code), the input of `train_stage2_sft.py`.
+"""
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from transformers import HfArgumentParser, Trainer
+from transformers.integrations import is_deepspeed_zero3_enabled
+
+from omnifusion_training import (
+    DataArguments,
+    OmniFusionTrainingArguments,
+    build_model_from_pretrained_parts,
+    make_trainer,
+    setup_run,
+    train_only,
+)
+
+
+@dataclass
+class ModelArguments:
+    vision_model_name_or_path: str = field(
+        metadata={"help": "Vision encoder (a CLIP/SigLIP/DINOv2 folder or Hub id, full CLIP models included)."}
+    )
+    language_model_name_or_path: str = field(metadata={"help": "Decoder LM with its tokenizer (folder or Hub id)."})
+    adapter_type: Literal["transformer", "mlp", "linear"] = field(
+        default="transformer", metadata={"help": "Adapter between the two (released: transformer)."}
+    )
+
+
+@dataclass
+class Stage1TrainingArguments(OmniFusionTrainingArguments):
+    learning_rate: float = field(default=1e-2, metadata={"help": "Peak learning rate (released stage 1: 1e-2)."})
+    per_device_train_batch_size: int = field(default=4, metadata={"help": "Sequences per device (released: 4)."})
+    gradient_accumulation_steps: int = field(default=8, metadata={"help": "Accumulation steps (released: 8)."})
+
+
+def main(args: list[str] | None = None) -> Trainer:
+    parser = HfArgumentParser((ModelArguments, DataArguments, Stage1TrainingArguments))
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args)
+    if is_deepspeed_zero3_enabled():
+        parser.error(
+            "Stage 1 copies two checkpoints' weights into a new model, which ZeRO-3 partitions as they load. It trains "
+            "only the adapter and markers: use ZeRO-2 (examples/configs/deepspeed_zero2.json) or FSDP."
+        )
+    setup_run(training_args)
+
+    model, processor = build_model_from_pretrained_parts(
+        model_args.vision_model_name_or_path,
+        model_args.language_model_name_or_path,
+        adapter_type=model_args.adapter_type,
+    )
+    train_only(model, [model.model.adapter, model.get_input_embeddings().special_embeddings])
+
+    trainer = make_trainer(model, processor, data_args, training_args)
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model()
+    return trainer
+
+
+if __name__ == "__main__":
+    main()

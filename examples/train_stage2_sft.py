@@ -1,0 +1,101 @@
+"""
+OmniFusion stage 2 (supervised fine-tuning): starting from a stage-1 folder, train the adapter, the learned marker
+embeddings and the language model on image-text dialogs. The LM is trained fully, or with `--lora_r N` through LoRA
+on its attention and MLP projections; the vision encoder is never trained.
+
+    python examples/train_stage2_sft.py \
+        --model_name_or_path omnifusion-stage1 \
+        --data_path llava_v1_5_mix665k.json --image_folder images/ \
+        --output_dir omnifusion-sft --bf16 [--lora_r 64]
+
+Defaults follow the released training code: Adafactor at lr 1e-4, cosine schedule with 1% warmup, 1 sequence per
+device with 64 accumulation steps (x 8 GPUs = 512 per step), 2048 tokens. Every `TrainingArguments` flag works; see
+examples/README.md for distributed launches. `--output_dir` ends up holding a Hub-format folder (model, processor,
+remote code). With LoRA, the adapter is saved in `<output_dir>/lora_adapter` and merged into the saved model, or, with
+`--save_lora_adapter_only`, saved alone in `--output_dir` (it loads on top of `--model_name_or_path`).
+"""
+
+import os
+from dataclasses import dataclass, field
+
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import HfArgumentParser, Trainer
+
+from modeling_omnifusion import OmniFusionForCausalLM, OmniFusionProcessor
+from omnifusion_training import (
+    DataArguments,
+    OmniFusionTrainingArguments,
+    log_trainable_parameters,
+    make_trainer,
+    setup_run,
+    train_only,
+)
+
+
+# The LM's attention and MLP projections (Llama/Mistral/Qwen naming); a full match, so the vision tower's own
+# `q_proj`/`k_proj`/`v_proj` are never hit.
+LANGUAGE_MODEL_PROJECTIONS = r"model\.language_model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)"
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(metadata={"help": "A stage-1 output folder (or any OmniFusion folder/Hub id)."})
+    lora_r: int | None = field(default=None, metadata={"help": "Train the LM through LoRA of this rank, not fully."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (with --lora_r)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input (with --lora_r)."})
+    save_lora_adapter_only: bool = field(
+        default=False, metadata={"help": "With --lora_r: save only the LoRA adapter, unmerged."}
+    )
+
+
+@dataclass
+class Stage2TrainingArguments(OmniFusionTrainingArguments):
+    learning_rate: float = field(default=1e-4, metadata={"help": "Peak learning rate (released stage 2: 1e-4)."})
+    per_device_train_batch_size: int = field(default=1, metadata={"help": "Sequences per device (released: 1)."})
+    gradient_accumulation_steps: int = field(default=64, metadata={"help": "Accumulation steps (released: 64)."})
+
+
+def main(args: list[str] | None = None) -> Trainer:
+    parser = HfArgumentParser((ModelArguments, DataArguments, Stage2TrainingArguments))
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args)
+    if model_args.save_lora_adapter_only and not model_args.lora_r:
+        parser.error("--save_lora_adapter_only needs --lora_r.")
+    setup_run(training_args)
+
+    model = OmniFusionForCausalLM.from_pretrained(model_args.model_name_or_path)
+    processor = OmniFusionProcessor.from_pretrained(model_args.model_name_or_path)
+    processor.end_assistant_turns_with_eos = True
+    if model_args.lora_r:  # get_peft_model freezes everything but the LoRA weights and the modules to save
+        lora_config = LoraConfig(
+            r=model_args.lora_r,
+            lora_alpha=model_args.lora_alpha,
+            lora_dropout=model_args.lora_dropout,
+            target_modules=LANGUAGE_MODEL_PROJECTIONS,
+            modules_to_save=["adapter", "special_embeddings"],
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, lora_config)
+        log_trainable_parameters(model)
+    else:
+        train_only(model, [model.model.adapter, model.model.language_model, model.lm_head])
+
+    trainer = make_trainer(model, processor, data_args, training_args)
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+
+    if not model_args.lora_r or model_args.save_lora_adapter_only:
+        trainer.save_model()
+        return trainer
+    # Merge from the saved adapter, which `save_model` gathers from every process (DDP, ZeRO-3, FSDP alike).
+    adapter_dir = os.path.join(training_args.output_dir, "lora_adapter")
+    trainer.save_model(adapter_dir)
+    if trainer.is_world_process_zero():
+        base = OmniFusionForCausalLM.from_pretrained(model_args.model_name_or_path)
+        merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+        merged.save_pretrained(training_args.output_dir)
+        processor.save_pretrained(training_args.output_dir)
+    trainer.accelerator.wait_for_everyone()
+    return trainer
+
+
+if __name__ == "__main__":
+    main()
