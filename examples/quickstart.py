@@ -51,7 +51,9 @@ import synthetic_shapes
 import train_stage1_pretrain
 import train_stage2_sft
 from modeling_omnifusion.processing.processing_omnifusion import DEFAULT_SYSTEM_PROMPT
+from evaluate_visdial import results_table
 from synthetic_shapes import ATTRIBUTES, QUESTIONS
+from visdial_scoring import evaluate_dialogs
 
 
 IMAGE_SIZE = 32
@@ -214,6 +216,32 @@ def evaluate(model, processor, data_dir: str, samples, seed: int) -> list[dict]:
     return questions
 
 
+def synthetic_visdial(samples, seed: int) -> tuple[dict, list[dict]]:
+    """
+    Held-out images as Visual Dialog data: caption, one round per attribute, every answer the dataset has as the
+    candidate options, and dense relevance (1 for the right answer, 0.5 for other values of the asked attribute,
+    0 for answers to other questions) on the first round, as in VisDial's single dense round per dialog.
+    """
+    rng = random.Random(seed)
+    answers = [value for values in ATTRIBUTES.values() for value in values]
+    questions, dialogs, dense = [], [], []
+    for image_id, (_, scene) in enumerate(samples):
+        rounds = []
+        for attribute in ATTRIBUTES:
+            questions.append(rng.choice(QUESTIONS[attribute]).rstrip("?"))
+            answer = answers.index(scene.answer(attribute))
+            rounds.append(
+                {"question": len(questions) - 1, "answer": answer, "gt_index": answer, "answer_options": list(range(len(answers)))}
+            )
+        dialogs.append({"image_id": image_id, "caption": scene.caption(), "dialog": rounds})
+        first = next(iter(ATTRIBUTES))
+        relevance = [
+            1.0 if value == scene.answer(first) else 0.5 if value in ATTRIBUTES[first] else 0.0 for value in answers
+        ]
+        dense.append({"image_id": image_id, "round_id": 1, "gt_relevance": relevance})
+    return {"questions": questions, "answers": answers, "dialogs": dialogs}, dense
+
+
 def main(args: list[str] | None = None):
     (args,) = HfArgumentParser(QuickstartArguments).parse_args_into_dataclasses(args)
     random.seed(args.seed)
@@ -272,7 +300,7 @@ def main(args: list[str] | None = None):
         )
     )
 
-    step(f"6/6 Reloading {final_dir} with the Auto classes and answering held-out questions")
+    step(f"6/6 Reloading {final_dir} with the Auto classes; held-out questions and VisDial-style ranking")
     model = AutoModelForImageTextToText.from_pretrained(final_dir, trust_remote_code=True).eval()
     processor = AutoProcessor.from_pretrained(final_dir, trust_remote_code=True)
     results = evaluate(model, processor, data_dir, test, args.seed)
@@ -283,6 +311,13 @@ def main(args: list[str] | None = None):
         for attribute in ATTRIBUTES
     }
     print("Accuracy per attribute: " + ", ".join(f"{name} {value:.2f}" for name, value in per_attribute.items()))
+
+    visdial_data, dense = synthetic_visdial(test, args.seed)
+    images = {image_id: Image.open(os.path.join(data_dir, name)).convert("RGB") for image_id, (name, _) in enumerate(test)}
+    metrics, _ = evaluate_dialogs(model, processor, visdial_data, images, dense_annotations=dense)
+    print(f"Visual Dialog ranking on synthetic dialogs ({len(visdial_data['answers'])} candidates per round):")
+    print(results_table([{"model": "quickstart OmniFusion", "metrics": metrics}]))
+
     accuracy = sum(item["correct"] for item in results) / len(results)
     print(f"Total time {time.time() - START:.0f} s")
     print(f"accuracy={accuracy:.3f}")
