@@ -112,37 +112,14 @@ def chat(text: str, n_images: int = 1, images=None) -> list[dict]:
     return [{"role": "user", "content": content + [{"type": "text", "text": text}]}]
 
 
-def make_sentencepiece_tokenizer(folder, vocab_size: int = 400):
+def make_sentencepiece_tokenizer(folder):
     """A Llama/Mistral-style tokenizer: a SentencePiece BPE model with byte fallback, loaded by `LlamaTokenizer`.
 
     Returns `(tokenizer, sentencepiece_processor)`; the folder holds only `tokenizer.model`, like a released one.
     """
-    import os
-
     import sentencepiece as spm
+    from released_fixtures import write_tokenizer_folder
     from transformers import LlamaTokenizer
 
-    os.makedirs(folder, exist_ok=True)
-    corpus = os.path.join(folder, "corpus.txt")
-    with open(corpus, "w") as f:
-        f.write("\n".join(CORPUS * 20))
-    spm.SentencePieceTrainer.train(
-        input=corpus,
-        model_prefix=os.path.join(folder, "tokenizer"),
-        vocab_size=vocab_size,
-        model_type="bpe",
-        byte_fallback=True,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        character_coverage=1.0,
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
-        split_digits=True,
-        minloglevel=2,
-    )
-    os.remove(corpus)
-    os.remove(os.path.join(folder, "tokenizer.vocab"))
-    model_file = os.path.join(folder, "tokenizer.model")
-    return LlamaTokenizer.from_pretrained(folder), spm.SentencePieceProcessor(model_file=model_file)
+    folder = write_tokenizer_folder(folder)
+    return LlamaTokenizer.from_pretrained(folder), spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
