@@ -52,7 +52,7 @@ def _shared_visdial_dir() -> Path:
         shared = Path(__file__).resolve().parents[2] / "shared"
     path = shared / "data" / "visdial"
     if not path.is_dir():
-        pytest.skip(f"real VisDial sample not found under {path} (set OMNIFUSION_SHARED_DIR)")
+        pytest.fail(f"real VisDial sample not found under {path} (set OMNIFUSION_SHARED_DIR)")
     return path
 
 

@@ -49,7 +49,7 @@ def val_data():
     """(dialogs, dense entries) of the real VisDial v1.0 val sample."""
     data_dir = _shared_visdial_dir()
     if data_dir is None:
-        pytest.skip("VisDial val sample not found (shared/data/visdial or $OMNIFUSION_SHARED_DIR)")
+        pytest.fail("VisDial val sample not found (shared/data/visdial or $OMNIFUSION_SHARED_DIR)")
     val = json.loads((data_dir / VAL_FILE).read_text())
     dense = json.loads((data_dir / DENSE_FILE).read_text())
     return val, dense
