@@ -1,51 +1,320 @@
 """OmniFusion processor: image processor + tokenizer + the released prompt layout as a chat template."""
 
+import base64
+import copy
+import io
+import itertools
+import os
+import re
+
 import numpy as np
+import PIL.Image
+import PIL.ImageOps
 from tokenizers import AddedToken
 from tokenizers import normalizers as tk_normalizers
 from tokenizers import pre_tokenizers as tk_pre_tokenizers
 from transformers.processing_utils import MultiModalData, ProcessorMixin
+from transformers.utils import logging
+
+
+logger = logging.get_logger(__name__)
 
 
 DEFAULT_SYSTEM_PROMPT = "This is a dialog with AI assistant.\n"
 
+# Message text is escaped by the chat template: a word joiner (U+2060) after every "<", so that no text a user types
+# can spell a marker or a special token (they all start with "<") in the rendered prompt, whichever engine tokenizes
+# it. The tokenizer's normalizer deletes the word joiner again (`_delete_text_escape`); it runs after the special
+# tokens are split out, so escaped text gets exactly the ids of the same characters as ordinary text.
+TEXT_ESCAPE = "\u2060"
+
+CHAT_ROLES = ("system", "user", "assistant")
+CONTENT_TYPES = ("text", "image")
+
 # The released sequence: system prompt, then for every user turn its image blocks and <user> + text, for every
 # assistant turn <assistant> + text (+ EOS when `end_assistant_turns_with_eos`); nothing in between, no BOS.
 DEFAULT_CHAT_TEMPLATE = (
+    "{%- macro text(value) -%}{{- value | replace('<', '<\\u2060') -}}{%- endmacro -%}"
+    "{%- macro content_text(content) -%}"
+    "{%- if content is string -%}{{- text(content) -}}"
+    "{%- else -%}{%- for item in content if item['type'] == 'text' -%}{{- text(item['text']) -}}{%- endfor -%}"
+    "{%- endif -%}"
+    "{%- endmacro -%}"
     "{%- if messages and messages[0]['role'] == 'system' -%}"
-    "{%- set content = messages[0]['content'] -%}"
-    "{%- if content is string -%}{{- content -}}"
-    "{%- else -%}{%- for item in content if item['type'] == 'text' -%}{{- item['text'] -}}{%- endfor -%}{%- endif -%}"
+    "{{- content_text(messages[0]['content']) -}}"
     "{%- set messages = messages[1:] -%}"
-    "{%- else -%}{{- system_prompt | default('" + DEFAULT_SYSTEM_PROMPT.replace("\n", "\\n") + "') -}}{%- endif -%}"
+    "{%- else -%}{{- text(system_prompt | default('" + DEFAULT_SYSTEM_PROMPT.replace("\n", "\\n") + "')) -}}"
+    "{%- endif -%}"
     "{%- for message in messages -%}"
+    "{%- if message['role'] not in ['user', 'assistant'] -%}"
+    "{{- raise_exception('OmniFusion chat roles are user and assistant after one optional first system message, got '"
+    " ~ message['role']) -}}"
+    "{%- endif -%}"
     "{%- set content = message['content'] -%}"
     "{%- if content is not string -%}"
     "{%- for item in content if item['type'] == 'image' -%}<image>{%- endfor -%}"
     "{%- endif -%}"
-    "{%- if message['role'] == 'user' -%}<user>{%- else -%}<assistant>{%- endif -%}"
-    "{%- if message['role'] == 'assistant' -%}{%- generation -%}"
-    "{%- if content is string -%}{{- content -}}"
-    "{%- else -%}{%- for item in content if item['type'] == 'text' -%}{{- item['text'] -}}{%- endfor -%}{%- endif -%}"
+    "{%- if message['role'] == 'user' -%}<user>{{- content_text(content) -}}"
+    "{%- else -%}<assistant>{%- generation -%}{{- content_text(content) -}}"
     "{%- if end_assistant_turns_with_eos -%}{{- eos_token -}}{%- endif -%}"
     "{%- endgeneration -%}"
-    "{%- else -%}"
-    "{%- if content is string -%}{{- content -}}"
-    "{%- else -%}{%- for item in content if item['type'] == 'text' -%}{{- item['text'] -}}{%- endfor -%}{%- endif -%}"
     "{%- endif -%}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}<assistant>{%- endif -%}"
 )
 
 
-def _as_rgb_compatible(image):
-    """2-D (grayscale) arrays and tensors get a channel axis; everything else is passed through unchanged."""
-    if isinstance(image, (list, tuple)):
-        return [_as_rgb_compatible(item) for item in image]
-    if hasattr(image, "ndim") and image.ndim == 2:
-        array = image.numpy() if hasattr(image, "numpy") else image
-        return np.repeat(np.asarray(array)[..., None], 3, axis=-1)
-    return image
+# --------------------------------------------------------------------------------------------------------------------
+# Input checks: every image and text enters here, and leaves as 8-bit RGB / checked strings or a clear error
+# --------------------------------------------------------------------------------------------------------------------
+
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def _check_string(value, name: str) -> str:
+    """`value` if it is a string that can be encoded (no lone surrogate), else a `TypeError`/`ValueError`."""
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a string, got {type(value).__name__}: {value!r:.80}")
+    surrogate = LONE_SURROGATE.search(value)
+    if surrogate:
+        raise ValueError(
+            f"{name} holds a lone surrogate {surrogate.group()!r} at character {surrogate.start()}, which is not "
+            "valid Unicode text (decode the input with errors='replace' or fix its source)."
+        )
+    return value
+
+
+def _check_num_image_tokens(value):
+    """`value` (image positions per image) if it is a positive int or `None`, else a clear error."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(
+            f"OmniFusionProcessor num_image_tokens must be a positive int (OmniFusionConfig.num_image_tokens), "
+            f"got {type(value).__name__}: {value!r:.80}"
+        )
+    if value < 1:
+        raise ValueError(
+            f"OmniFusionProcessor num_image_tokens must be a positive int (OmniFusionConfig.num_image_tokens), got {value}"
+        )
+    return int(value)
+
+
+def _open_image_source(source: str, name: str) -> PIL.Image.Image:
+    """A local path, an http(s) URL or base64 data as a PIL image in its own mode (transformers' loader makes RGB)."""
+    try:
+        if source.startswith(("http://", "https://")):
+            from huggingface_hub.utils import get_session
+
+            data = io.BytesIO(get_session().get(source, follow_redirects=True).content)
+        elif os.path.isfile(source):
+            data = source
+        else:
+            data = io.BytesIO(base64.b64decode(source.split(",", 1)[-1] if source.startswith("data:") else source))
+        image = PIL.Image.open(data)
+        image.load()
+    except (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError) as error:
+        raise ValueError(
+            f"{name}: cannot read {source!r:.100} as an image (a path to an image file, an http(s) URL or base64 "
+            f"data was expected): {type(error).__name__}: {error}"
+        ) from None
+    return PIL.ImageOps.exif_transpose(image)
+
+
+def _check_image_size(height: int, width: int, name: str):
+    """A `ValueError` for an empty image, or one beyond PIL's decompression-bomb limit (what `Image.open` refuses)."""
+    if height < 1 or width < 1:
+        raise ValueError(f"{name} is empty: {height}x{width} pixels (height x width).")
+    limit = PIL.Image.MAX_IMAGE_PIXELS
+    if limit is not None and height * width > 2 * limit:
+        raise ValueError(
+            f"{name} has {height}x{width} = {height * width} pixels, over twice PIL.Image.MAX_IMAGE_PIXELS "
+            f"({limit}): refused as a decompression bomb, as PIL refuses such a file."
+        )
+
+
+def _as_uint8(array: np.ndarray, name: str) -> np.ndarray:
+    """
+    Pixel values as 8 bits. uint8 and bool as they are; uint16 (16-bit) scaled by 255/65535; other integer types
+    must hold 0..255; floats must be finite and in [0, 1] (already rescaled: transformers' `do_rescale` convention,
+    scaled by 255) or else in [0, 255]. Anything else is a `ValueError`: never a silently different picture.
+    """
+    if array.dtype == np.uint8:
+        return array
+    if array.dtype == np.bool_:
+        return array.astype(np.uint8) * 255
+    if array.dtype.kind == "u" and array.dtype.itemsize == 2:
+        return np.round(array.astype(np.float32) * (255 / 65535)).astype(np.uint8)
+    if array.dtype.kind in "iu":
+        low, high = int(array.min()), int(array.max())
+        if low < 0 or high > 255:
+            raise ValueError(
+                f"{name} is a {array.dtype} image with values {low}..{high}: integer pixels must be 0..255 unless the "
+                "image is uint16 (16-bit, PIL mode 'I;16'); convert it to uint8 or uint16 first."
+            )
+        return array.astype(np.uint8)
+    if array.dtype.kind == "f":
+        array = array.astype(np.float32)
+        if not np.isfinite(array).all():
+            raise ValueError(f"{name} holds NaN or infinite pixel values.")
+        low, high = float(array.min()), float(array.max())
+        if low >= 0 and high <= 1:
+            return np.round(array * 255).astype(np.uint8)
+        if low >= 0 and high <= 255:
+            return np.round(array).astype(np.uint8)
+        raise ValueError(
+            f"{name} is a float image with values in [{low:.4g}, {high:.4g}]: float pixels must be in [0, 1] "
+            "(or 0..255); a normalised image cannot be read back."
+        )
+    raise TypeError(f"{name} has pixel type {array.dtype}; expected uint8, uint16, another integer type, float or bool.")
+
+
+def _array_to_rgb(array: np.ndarray, name: str, channels_first_preferred: bool) -> PIL.Image.Image:
+    """An HxW, HxWxC or CxHxW array (C = 1 gray, 2 gray + alpha, 3 RGB, 4 RGBA) as an 8-bit RGB image."""
+    if array.ndim == 3:
+        first, last = array.shape[0] in (1, 2, 3, 4), array.shape[-1] in (1, 2, 3, 4)
+        if first and (channels_first_preferred or not last):
+            array = np.moveaxis(array, 0, -1)
+        elif not last:
+            raise ValueError(
+                f"{name} has shape {tuple(array.shape)}: expected HxW, HxWxC or CxHxW with C in 1..4 channels."
+            )
+    elif array.ndim != 2:
+        raise ValueError(f"{name} has shape {tuple(array.shape)}: expected HxW, HxWxC or CxHxW (a 4-D array is a batch).")
+    _check_image_size(array.shape[0], array.shape[1], name)
+    array = _as_uint8(array, name)
+    if array.ndim == 2:
+        array = array[..., None]
+    if array.shape[-1] in (1, 2):
+        array = array[..., :1].repeat(3, axis=-1)
+    return PIL.Image.fromarray(np.ascontiguousarray(array[..., :3]), "RGB")
+
+
+def _pil_to_rgb(image: PIL.Image.Image, name: str) -> PIL.Image.Image:
+    """A PIL image as 8-bit RGB; high bit depth ('I;16', 'I') and float ('F') modes go through `_as_uint8`."""
+    _check_image_size(image.height, image.width, name)
+    if image.mode in SIXTEEN_BIT_MODES or image.mode in ("I", "F"):
+        array = np.asarray(image)
+        if image.mode in SIXTEEN_BIT_MODES:
+            array = array.astype(np.uint16)
+        return _array_to_rgb(array, name, channels_first_preferred=False)
+    if image.mode == "RGB":
+        return image
+    try:
+        return image.convert("RGB")
+    except (ValueError, OSError) as error:
+        raise ValueError(f"{name}: cannot convert a PIL image of mode {image.mode!r} to RGB ({error}).") from None
+
+
+def _to_rgb_image(image, name: str) -> list[PIL.Image.Image]:
+    """
+    One input image as 8-bit RGB PIL images (a list: a 4-D array or tensor is a batch). Accepts PIL images,
+    numpy arrays and torch tensors (HxW, HxWxC, CxHxW; torch is channels-first), paths, URLs and base64 strings.
+    """
+    if isinstance(image, str):
+        image = _open_image_source(image, name)
+    if isinstance(image, PIL.Image.Image):
+        return [_pil_to_rgb(image, name)]
+    channels_first_preferred = False
+    if type(image).__module__.startswith("torch"):
+        if not hasattr(image, "detach"):
+            raise TypeError(f"{name} is a {type(image).__name__}; expected an image tensor.")
+        image = image.detach().cpu()
+        image = (image.float() if image.is_floating_point() else image).numpy()
+        channels_first_preferred = True
+    if not isinstance(image, np.ndarray):
+        raise TypeError(
+            f"{name} is a {type(image).__name__}; expected a PIL image, a numpy array, a torch tensor, a path or a URL."
+        )
+    if image.ndim == 4:
+        return [
+            _array_to_rgb(item, f"{name}[{index}]", channels_first_preferred) for index, item in enumerate(image)
+        ]
+    return [_array_to_rgb(image, name, channels_first_preferred)]
+
+
+def _check_images(images):
+    """
+    Every image of `images` (one image, a list, or a list per sample) as 8-bit RGB, in the same nesting; `None`
+    when there is none. Each problem is a `ValueError`/`TypeError` naming the image by its position.
+    """
+    if images is None:
+        return None
+    positions = itertools.count()
+    found = []
+
+    def convert(item) -> list:
+        if not isinstance(item, (list, tuple)):
+            converted = _to_rgb_image(item, f"Image {next(positions)}")
+            found.extend(converted)
+            return converted
+        nested = []
+        for element in item:
+            nested += [convert(element)] if isinstance(element, (list, tuple)) else convert(element)
+        return nested
+
+    converted = convert(images)
+    return converted if found else None
+
+
+def _check_text(text, has_images: bool):
+    """The processor's `text` (a string or a list of strings), checked; a clear error if it cannot be a prompt."""
+    if text is None:
+        if has_images:
+            raise ValueError(
+                "OmniFusionProcessor got images but text=None: pass a prompt with one '<image>' per image "
+                "(or call processor.image_processor(images) for pixel values alone)."
+            )
+        return None
+    if isinstance(text, str):
+        return _check_string(text, "text")
+    if not isinstance(text, (list, tuple)):
+        raise TypeError(f"text must be a string or a list of strings, got {type(text).__name__}: {text!r:.80}")
+    if not text:
+        raise ValueError("text is an empty list: pass at least one prompt string.")
+    return [_check_string(sample, f"text[{index}]") for index, sample in enumerate(text)]
+
+
+def _check_conversation(conversation):
+    """
+    A `ValueError`/`TypeError` naming the message if `conversation` (one chat or a batch of chats, after
+    transformers' normalisation) is not a non-empty list of messages with a known role (one system message at most,
+    first) and content that is a string or a list of `{"type": "text" | "image", ...}` items.
+    """
+    for chat_index, chat in enumerate(conversation):
+        prefix = f"conversation {chat_index}: " if len(conversation) > 1 else ""
+        if not isinstance(chat, (list, tuple)) or not chat:
+            raise ValueError(f"{prefix}a chat must be a non-empty list of messages, got {chat!r:.80}")
+        for index, message in enumerate(chat):
+            where = f"{prefix}message {index}"
+            if not isinstance(message, dict):
+                raise TypeError(f"{where} must be a dict with 'role' and 'content', got {type(message).__name__}")
+            role = message.get("role")
+            if role not in CHAT_ROLES:
+                raise ValueError(f"{where} has role {role!r:.40}; expected one of {list(CHAT_ROLES)}.")
+            if role == "system" and index != 0:
+                raise ValueError(f"{where} is a system message; only the first message may be one.")
+            content = message.get("content")
+            if isinstance(content, str):
+                _check_string(content, f"{where} content")
+                continue
+            if not isinstance(content, (list, tuple)):
+                raise TypeError(
+                    f"{where} content must be a string or a list of content items, got {type(content).__name__}: "
+                    f"{content!r:.80}"
+                )
+            for item_index, item in enumerate(content):
+                item_name = f"{where} content item {item_index}"
+                if not isinstance(item, dict) or item.get("type") not in CONTENT_TYPES:
+                    found = item.get("type", "no 'type'") if isinstance(item, dict) else type(item).__name__
+                    raise ValueError(
+                        f"{item_name} must be a dict with 'type' in {list(CONTENT_TYPES)}, got {found!r:.80}"
+                    )
+                if item["type"] == "text":
+                    _check_string(item.get("text"), f"{item_name} 'text'")
+                elif role != "user":
+                    raise ValueError(f"{item_name} is an image in a {role} message; images go in user messages.")
 
 
 def _encode_segments_independently(tokenizer):
@@ -70,6 +339,34 @@ def _encode_segments_independently(tokenizer):
     backend.pre_tokenizer = tk_pre_tokenizers.Metaspace(
         replacement=replacement, prepend_scheme="never", split=pre_tokenizer.split
     )
+
+
+
+def _delete_text_escape(tokenizer):
+    """
+    Make the tokenizer's normalizer delete `TEXT_ESCAPE`, so escaped message text gets the ids of its characters.
+    Normalizing happens after the special tokens are split out, so an escaped "<user>" can never become the marker.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise TypeError(
+            f"OmniFusionProcessor needs a fast (tokenizers) tokenizer, got {type(tokenizer).__name__}; "
+            "load it with AutoTokenizer.from_pretrained(...)."
+        )
+    if backend.normalizer is not None and TEXT_ESCAPE not in backend.normalizer.normalize_str(TEXT_ESCAPE):
+        return
+    steps = [tk_normalizers.Replace(TEXT_ESCAPE, "")]
+    if backend.normalizer is not None:
+        steps.append(backend.normalizer)
+    backend.normalizer = tk_normalizers.Sequence(steps)
+
+
+def _tokens_text_can_spell(tokenizer) -> list[str]:
+    """The tokenizer's added tokens that escaped message text still encodes to (none for the usual "<...>" tokens)."""
+    tokens = [token for token in tokenizer.added_tokens_encoder if token]
+    escaped = [token.replace("<", "<" + TEXT_ESCAPE) for token in tokens]
+    encodings = tokenizer.backend_tokenizer.encode_batch(escaped, add_special_tokens=False)
+    return [token for token, encoding in zip(tokens, encodings) if tokenizer.added_tokens_encoder[token] in encoding.ids]
 
 
 class OmniFusionProcessor(ProcessorMixin):
@@ -107,7 +404,7 @@ class OmniFusionProcessor(ProcessorMixin):
         end_assistant_turns_with_eos: bool = False,
         **kwargs,
     ):
-        self.num_image_tokens = num_image_tokens
+        self.num_image_tokens = _check_num_image_tokens(num_image_tokens)
         self.image_token = image_token
         self.image_start_token = image_start_token
         self.image_end_token = image_end_token
@@ -122,6 +419,14 @@ class OmniFusionProcessor(ProcessorMixin):
             tokenizer.pad_token = tokenizer.unk_token if tokenizer.unk_token is not None else tokenizer.eos_token
         tokenizer.padding_side = "left"
         _encode_segments_independently(tokenizer)
+        _delete_text_escape(tokenizer)
+        spellable = _tokens_text_can_spell(tokenizer)
+        if spellable:
+            logger.warning(
+                "Message text can still spell these tokens of the tokenizer (the chat template escapes only tokens "
+                "that start with '<'): %s",
+                spellable,
+            )
         self.image_token_id, self.image_start_token_id, self.image_end_token_id, self.user_token_id, self.assistant_token_id = (
             tokenizer.convert_tokens_to_ids(special_tokens)
         )
@@ -140,14 +445,18 @@ class OmniFusionProcessor(ProcessorMixin):
         }
 
     def prepare_inputs_layout(self, images=None, text=None, videos=None, audio=None, **kwargs):
-        if images is not None:
-            images = _as_rgb_compatible(images)
-        return super().prepare_inputs_layout(images=images, text=text, videos=videos, audio=audio, **kwargs)
+        """Every image becomes 8-bit RGB and the text is checked here, or a clear error names what is wrong."""
+        if videos is not None or audio is not None:
+            raise ValueError("OmniFusionProcessor takes images and text only, not videos or audio.")
+        images = _check_images(images)
+        text = _check_text(text, has_images=images is not None)
+        return super().prepare_inputs_layout(images=images, text=text, **kwargs)
 
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
-        if self.num_image_tokens is None:
+        num_image_tokens = _check_num_image_tokens(self.num_image_tokens)
+        if num_image_tokens is None:
             raise ValueError("OmniFusionProcessor needs `num_image_tokens` (OmniFusionConfig.num_image_tokens).")
-        return self.image_start_token + self.image_token * self.num_image_tokens + self.image_end_token
+        return self.image_start_token + self.image_token * num_image_tokens + self.image_end_token
 
     def _get_num_multimodal_tokens(self, image_sizes=None, **kwargs) -> MultiModalData:
         """Tokens each image becomes (its whole block, markers included); one patch per image."""
@@ -165,8 +474,15 @@ class OmniFusionProcessor(ProcessorMixin):
         return saved
 
     def apply_chat_template(self, conversation, chat_template=None, **kwargs):
+        """
+        The released prompt for `conversation`. Message text is always text: the template escapes it, so typed
+        markers, `<image>` or `</s>` stay characters; images come only from `{"type": "image"}` content items.
+        """
+        if not isinstance(conversation, (list, tuple)) or not conversation:
+            raise ValueError(f"conversation must be a non-empty list of messages, got {conversation!r:.80}")
+        _check_conversation(self._normalize_conversations(copy.deepcopy(conversation))[0])
         kwargs.setdefault("end_assistant_turns_with_eos", self.end_assistant_turns_with_eos)
         return super().apply_chat_template(conversation, chat_template, **kwargs)
 
 
-__all__ = ["OmniFusionProcessor", "DEFAULT_CHAT_TEMPLATE", "DEFAULT_SYSTEM_PROMPT"]
+__all__ = ["OmniFusionProcessor", "DEFAULT_CHAT_TEMPLATE", "DEFAULT_SYSTEM_PROMPT", "TEXT_ESCAPE"]
