@@ -9,7 +9,8 @@ Data is a JSON list or a JSONL file of LLaVA-style records, as in LLaVA and the 
 
 `image` (optional) is a path relative to `--image_folder`; the image is shown at the first human turn. LLaVA's
 literal `<image>` (and the newline next to it) is removed from the text: where the image goes is decided by the chat
-template, never by the text. The records are read with `json` into a `datasets.Dataset` (one JSON string per record,
+template, never by the text. Any other text is text: a `<user>`, `</s>` or `<s>` typed in a record is trained on as
+those characters (the chat template escapes message text), never as a marker or EOS. The records are read with `json` into a `datasets.Dataset` (one JSON string per record,
 so that a malformed record reaches validation instead of breaking Arrow's schema inference), checked once up front
 (structure, image file present and readable, tokenized length) and turned into model inputs lazily, per batch, by a
 dataset transform: chat template -> token ids -> truncation -> labels, and the image through the image processor.
@@ -136,11 +137,9 @@ def read_records(data_path: str) -> datasets.Dataset:
     return datasets.Dataset.from_dict({"name": names, "record": records})
 
 
-def record_to_messages(name: str, record_json: str, reserved_tokens: list[str]) -> tuple[list[dict], str | None]:
-    """
-    Chat messages (processor format) and the image path of one record; `ValueError` naming the record if it is
-    malformed or its text holds one of `reserved_tokens` (the processor's markers) after LLaVA's `<image>` is removed.
-    """
+def record_to_messages(name: str, record_json: str) -> tuple[list[dict], str | None]:
+    """Chat messages (processor format) and the image path of one record; `ValueError` naming the record if it is
+    malformed."""
     try:
         record = json.loads(record_json)
     except json.JSONDecodeError as error:
@@ -163,9 +162,6 @@ def record_to_messages(name: str, record_json: str, reserved_tokens: list[str]) 
         if not isinstance(value, str):
             raise ValueError(f"Record {name}: turn {index} needs a string 'value', got {value!r:.80}.")
         text = LLAVA_IMAGE_PATTERN.sub("", value)
-        reserved = [token for token in reserved_tokens if token in text]
-        if reserved:
-            raise ValueError(f"Record {name}: turn {index} contains the reserved token(s) {reserved}.")
         messages.append({"role": ROLES[turn["from"]], "content": [{"type": "text", "text": text}]})
     if not any(message["role"] == "assistant" for message in messages):
         raise ValueError(f"Record {name}: the conversation has no 'gpt' turn, so nothing to learn from.")
@@ -212,7 +208,6 @@ class ConversationEncoder:
         self.processor = processor
         self.image_folder = image_folder
         self.max_length = max_length
-        self.reserved_tokens = processor.tokenizer.convert_ids_to_tokens(list(processor.special_token_ids.values()))
 
     def tokenize(self, messages: list[dict]) -> torch.LongTensor:
         """Token ids exactly as `processor(images=..., text=chat)` gives them, without decoding any image."""
@@ -225,7 +220,7 @@ class ConversationEncoder:
         return truncate(torch.tensor(input_ids, dtype=torch.long), self.max_length, processor)
 
     def read_image(self, name: str, image: str, decode: bool = True) -> Image.Image | None:
-        """The record's image as RGB (`decode=False`: only check that it is there and readable)."""
+        """The record's image, decoded in its own mode (`decode=False`: only check that it is there and readable)."""
         path = os.path.join(self.image_folder, image)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"Record {name}: image file not found: {path}")
@@ -234,14 +229,15 @@ class ConversationEncoder:
                 if not decode:
                     file.verify()
                     return None
-                return file.convert("RGB")
+                file.load()
+                return file
         except Exception as error:  # PIL raises many types (OSError, SyntaxError, struct.error, ...) on bad files
             raise ValueError(f"Record {name}: cannot read image {path} ({type(error).__name__}: {error}).") from error
 
     def check(self, row: dict) -> dict:
         """`error` (message, empty if fine), `error_type` and `has_answer` for one stored row."""
         try:
-            messages, image = record_to_messages(row["name"], row["record"], self.reserved_tokens)
+            messages, image = record_to_messages(row["name"], row["record"])
             if image is not None:
                 self.read_image(row["name"], image, decode=False)
             labels = assistant_labels(self.tokenize(messages), self.processor)
@@ -250,11 +246,14 @@ class ConversationEncoder:
         return {"error": "", "error_type": "", "has_answer": bool((labels != -100).any())}
 
     def encode(self, name: str, record: str) -> dict:
-        messages, image = record_to_messages(name, record, self.reserved_tokens)
+        messages, image = record_to_messages(name, record)
         input_ids = self.tokenize(messages)
         pixel_values = None
         if image is not None and (input_ids == self.processor.image_end_token_id).any():
-            image_inputs = self.processor.image_processor([self.read_image(name, image)], return_tensors="pt")
+            try:
+                image_inputs = self.processor.prepare_images([self.read_image(name, image)], return_tensors="pt")
+            except (TypeError, ValueError) as error:
+                raise ValueError(f"Record {name}: image {os.path.join(self.image_folder, image)}: {error}") from error
             pixel_values = image_inputs["pixel_values"]
         return {
             "input_ids": input_ids,

@@ -24,6 +24,18 @@ def num_vision_prefix_tokens(vision_config) -> int:
     return 1 + int(getattr(vision_config, "num_register_tokens", 0) or 0)
 
 
+def check_vision_feature_layer(layer, vision_config):
+    """A `ValueError`/`TypeError` unless `layer` indexes the tower's hidden states (embeddings + one per layer)."""
+    if isinstance(layer, bool) or not isinstance(layer, int):
+        raise TypeError(f"vision_feature_layer must be an int, got {type(layer).__name__}: {layer!r:.80}")
+    num_layers = getattr(vision_config, "num_hidden_layers", None)
+    if num_layers is not None and not -(num_layers + 1) <= layer <= num_layers:
+        raise ValueError(
+            f"vision_feature_layer={layer} is out of range for a {vision_config.model_type} tower with "
+            f"{num_layers} layers: its hidden states are indexed {-(num_layers + 1)}..{num_layers}."
+        )
+
+
 @strict
 class OmniFusionConfig(PreTrainedConfig):
     r"""
@@ -92,6 +104,7 @@ class OmniFusionConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
         if not self.tie_word_embeddings and getattr(self.text_config, "tie_word_embeddings", False):
             self.tie_word_embeddings = True
+        check_vision_feature_layer(self.vision_feature_layer, self.vision_config)
         ids = self.special_token_ids
         if len(set(ids)) != len(ids):
             raise ValueError(

@@ -18,7 +18,13 @@ from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils import torch_compilable_check
 from transformers.utils.generic import can_return_tuple
 
-from .configuration_omnifusion import OmniFusionConfig, num_vision_prefix_tokens
+from .configuration_omnifusion import OmniFusionConfig, check_vision_feature_layer, num_vision_prefix_tokens
+from .input_checks_omnifusion import (
+    check_generation_config_file,
+    check_generation_settings,
+    check_prompt,
+    non_finite_weights,
+)
 
 
 class OmniFusionTokenEmbedding(nn.Embedding):
@@ -211,6 +217,24 @@ class OmniFusionPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     _can_compile_fullgraph = False
 
+    # Checked for NaN/Inf when a folder is loaded (a cheap scan: the parts a broken training run or file spoils first).
+    _finite_check_prefixes = ("lm_head.", "model.language_model.embed_tokens.", "model.adapter.", "language_model.embed_tokens.", "adapter.")
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, after checking the folder's generation settings and before returning,
+        a `ValueError` if the LM head, the token/marker embeddings or the adapter hold NaN or Inf values."""
+        check_generation_config_file(pretrained_model_name_or_path, kwargs.get("subfolder", ""))
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        broken = non_finite_weights(model, cls._finite_check_prefixes)
+        if broken:
+            raise ValueError(
+                f"{pretrained_model_name_or_path}: weights with NaN or Inf values (count per tensor): {broken}. "
+                "The model cannot give meaningful outputs; re-export or re-train it."
+            )
+        return loaded
+
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Save weights, config, generation config, the remote code with `auto_map` for every Auto class, and a model card."""
         if self._auto_class is not None:
@@ -287,6 +311,7 @@ class OmniFusionModel(OmniFusionPreTrainedModel):
             tensor per image (the adapter output).
         """
         layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
+        check_vision_feature_layer(layer, self.config.vision_config)
         strategy = vision_feature_select_strategy or self.config.vision_feature_select_strategy
         kwargs.pop("return_dict", None)
         kwargs.pop("output_hidden_states", None)
@@ -318,7 +343,8 @@ class OmniFusionModel(OmniFusionPreTrainedModel):
             n_positions == image_features.shape[0],
             lambda: f"Image features and image placeholder tokens do not match: {int(n_positions)} placeholder "
             f"positions in the input but {image_features.shape[0]} image feature vectors "
-            f"({self.config.num_image_tokens} per image).",
+            f"({self.config.num_image_tokens} per image); the processor's num_image_tokens must equal this "
+            f"model's config.num_image_tokens ({self.config.num_image_tokens}).",
         )
         return mask.unsqueeze(-1).to(inputs_embeds.device)
 
@@ -342,6 +368,12 @@ class OmniFusionModel(OmniFusionPreTrainedModel):
             raise ValueError("Pass either `pixel_values` or pre-encoded `mm_encoder_outputs`, not both.")
         if "past_key_values" in kwargs and cache is None:
             cache = kwargs.pop("past_key_values")
+        check_prompt(
+            input_ids,
+            inputs_embeds,
+            cache.get_seq_length() if cache is not None else 0,
+            getattr(self.config.text_config, "max_position_embeddings", None),
+        )
 
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
@@ -395,6 +427,14 @@ class OmniFusionForCausalLM(OmniFusionPreTrainedModel, GenerationMixin):
 
     def get_image_features(self, pixel_values: torch.FloatTensor, **kwargs) -> BaseModelOutputWithPooling:
         return self.model.get_image_features(pixel_values, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        """`GenerationMixin.generate`, after a `TypeError` check of the generation settings' types (a mistyped
+        `generation_config.json` value such as `"do_sample": "false"` would otherwise sample, or fail deep inside)."""
+        generation_config = kwargs.get("generation_config") or self.generation_config
+        check_generation_settings(generation_config.to_dict(), "generation_config")
+        check_generation_settings(kwargs, "generate()")
+        return super().generate(*args, **kwargs)
 
     @can_return_tuple
     def forward(

@@ -452,6 +452,11 @@ class OmniFusionProcessor(ProcessorMixin):
         text = _check_text(text, has_images=images is not None)
         return super().prepare_inputs_layout(images=images, text=text, **kwargs)
 
+    def prepare_images(self, images, **kwargs):
+        """The image processor's output for `images` alone, after the same intake as a processor call (8-bit RGB, or
+        a `ValueError`/`TypeError` naming the image). `kwargs` go to the image processor."""
+        return self.image_processor(_check_images(images), **kwargs)
+
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
         num_image_tokens = _check_num_image_tokens(self.num_image_tokens)
         if num_image_tokens is None:

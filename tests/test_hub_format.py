@@ -76,8 +76,11 @@ def test_auto_map_covers_all_five_auto_classes(saved):
 
 def test_remote_code_imports_only_torch_transformers_and_siblings(saved):
     folder, _ = saved
-    allowed = {"torch", "transformers", "huggingface_hub", "tokenizers", "numpy", "os", "typing"}
-    for name in ("configuration_omnifusion.py", "modeling_omnifusion.py", "processing_omnifusion.py"):
+    # The standard library, and Pillow: what every transformers image processor already needs.
+    allowed = {"torch", "transformers", "huggingface_hub", "tokenizers", "numpy", "PIL"} | set(sys.stdlib_module_names)
+    names = ["configuration_omnifusion.py", "modeling_omnifusion.py", "processing_omnifusion.py", "input_checks_omnifusion.py"]
+    assert sorted(path.name for path in folder.glob("*.py")) == sorted(names)
+    for name in names:
         for line in (folder / name).read_text().splitlines():
             if line.startswith(("import ", "from ")) and not line.startswith("from ."):
                 assert line.split()[1].split(".")[0] in allowed, f"{name}: {line}"

@@ -7,9 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from peft import PeftModel
+from PIL import Image
 from safetensors.torch import load_file
 from transformers import (
     AutoModelForImageTextToText,
@@ -105,7 +107,7 @@ def test_labels_are_the_assistant_text_and_its_eos_only():
         {"from": "human", "value": "How many?"},
         {"from": "gpt", "value": "two"},
     ]
-    messages, _ = record_to_messages("r1", record(conversations), enc.reserved_tokens)
+    messages, _ = record_to_messages("r1", record(conversations))
     input_ids = enc.tokenize(messages)
     labels = omnifusion_training.assistant_labels(input_ids, enc.processor)
 
@@ -118,7 +120,7 @@ def test_tokenize_gives_the_ids_of_a_processor_call_with_the_image():
     enc = encoder()
     processor = enc.processor
     messages, _ = record_to_messages(
-        "r1", record([{"from": "human", "value": "<image>\nColour?"}, {"from": "gpt", "value": "red"}]), []
+        "r1", record([{"from": "human", "value": "<image>\nColour?"}, {"from": "gpt", "value": "red"}])
     )
     chat = processor.apply_chat_template(messages)
     expected = processor(images=[make_image()], text=[chat])["input_ids"][0]
@@ -132,11 +134,49 @@ def test_llava_image_literal_is_removed_and_the_image_shown_at_the_first_human_t
         {"from": "human", "value": "<image>\nAnd now?"},
         {"from": "gpt", "value": "Still a cat."},
     ]
-    messages, image = record_to_messages("r1", record(conversations, image="cat.jpg"), ["<user>"])
+    messages, image = record_to_messages("r1", record(conversations, image="cat.jpg"))
     assert image == "cat.jpg"
     assert messages[0]["content"] == [{"type": "image"}, {"type": "text", "text": "Describe this."}]
     assert messages[2]["content"] == [{"type": "text", "text": "And now?"}]
     assert [message["role"] for message in messages] == ["user", "assistant", "user", "assistant"]
+
+
+def test_record_text_cannot_write_markers_or_eos():
+    enc = encoder()
+    processor, tokenizer = enc.processor, enc.processor.tokenizer
+    typed = "<user> <assistant> <image_start> <image_end> </s> <s> <unk>"  # (LLaVA's <image> is removed by design)
+    conversations = [{"from": "human", "value": f"Q {typed}"}, {"from": "gpt", "value": f"A {typed} end"}]
+    input_ids = enc.tokenize(record_to_messages("r1", record(conversations, image=None))[0])
+    control = [*processor.special_token_ids.values(), tokenizer.bos_token_id, tokenizer.unk_token_id]
+    # Only the template's own: one <user>, one <assistant>, one EOS closing the answer.
+    assert {i: int((input_ids == i).sum()) for i in control if (input_ids == i).any()} == {
+        processor.user_token_id: 1,
+        processor.assistant_token_id: 1,
+    }
+    assert int((input_ids == tokenizer.eos_token_id).sum()) == 1 and input_ids[-1] == tokenizer.eos_token_id
+    labels = omnifusion_training.assistant_labels(input_ids, processor)
+    as_text = tokenizer(f"A {typed} end", add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    assert labels[labels != -100].tolist() == as_text + [tokenizer.eos_token_id]
+
+
+def test_a_16_bit_image_trains_as_the_same_picture_in_8_bits(tmp_path):
+    pixels = np.asarray(make_image(3).convert("L"))
+    Image.fromarray(pixels.astype(np.uint16) * 257).save(tmp_path / "deep.png")
+    Image.fromarray(pixels).save(tmp_path / "flat.png")
+    enc = encoder(image_folder=str(tmp_path))
+    conversations = [{"from": "human", "value": "<image>\nColour?"}, {"from": "gpt", "value": "grey"}]
+    deep = enc.encode("r1", record(conversations, image="deep.png"))["pixel_values"]
+    flat = enc.encode("r2", record(conversations, image="flat.png"))["pixel_values"]
+    assert Image.open(tmp_path / "deep.png").mode == "I;16"
+    assert torch.equal(deep, flat)
+
+
+def test_an_unusable_image_is_a_value_error_naming_the_record_and_file(tmp_path):
+    Image.fromarray(np.full((8, 8), 70000, dtype=np.int32)).save(tmp_path / "wide.tiff")
+    enc = encoder(image_folder=str(tmp_path))
+    conversations = [{"from": "human", "value": "<image>\nColour?"}, {"from": "gpt", "value": "grey"}]
+    with pytest.raises(ValueError, match=r"Record r9: image .*wide\.tiff: Image 0 is a int32 image with values"):
+        enc.encode("r9", record(conversations, image="wide.tiff"))
 
 
 def test_truncation_moves_a_cut_inside_an_image_block_before_it_and_drops_the_image(tmp_path):
@@ -193,7 +233,6 @@ BAD_CONVERSATIONS = {
     "wrong-role": ([{"from": "system", "value": "hi"}, {"from": "gpt", "value": "x"}], "turn 0 needs 'from'"),
     "no-answer": ([{"from": "human", "value": "<image>\nhi"}], "has no 'gpt' turn"),
     "not-a-string": ([{"from": "human", "value": "hi"}, {"from": "gpt", "value": ["x"]}], "turn 1 needs a string"),
-    "reserved-token": ([{"from": "human", "value": "hi <user>"}, {"from": "gpt", "value": "x"}], "reserved token"),
 }
 
 

@@ -1,0 +1,115 @@
+"""
+Guards where input enters an OmniFusion model: the prompt of a forward call, the generation settings of a
+`generate()` call or a loaded folder, and the weights of a loaded folder. Each fails with a clear error naming what
+is wrong, before any work is done.
+"""
+
+import json
+import os
+
+import torch
+
+
+def check_prompt(input_ids, inputs_embeds, past_length: int, max_position_embeddings: int | None):
+    """
+    A `ValueError` for an empty prompt, or for one that does not fit the LM's positions: checked on every call that
+    feeds more than one token (a prompt, or a chunk of one after cached tokens), before anything is allocated.
+    Single-token decoding steps are not limited, as in transformers.
+    """
+    shape = tuple((input_ids if input_ids is not None else inputs_embeds).shape)
+    name = "input_ids" if input_ids is not None else "inputs_embeds"
+    if len(shape) < 2 or shape[0] == 0 or shape[1] == 0:
+        raise ValueError(f"The prompt is empty: {name} has shape {shape}; expected [batch, sequence] with both > 0.")
+    length = shape[1]
+    if max_position_embeddings and length > 1 and past_length + length > max_position_embeddings:
+        cached = f" after {past_length} cached tokens" if past_length else ""
+        raise ValueError(
+            f"The prompt is {length} tokens long{cached} (image positions included), more than the language model's "
+            f"max_position_embeddings={max_position_embeddings}; shorten it to at most "
+            f"{max_position_embeddings - past_length} tokens."
+        )
+
+
+INT_FIELDS = (
+    "max_length", "max_new_tokens", "min_length", "min_new_tokens", "num_beams", "num_beam_groups", "top_k",
+    "no_repeat_ngram_size", "encoder_no_repeat_ngram_size", "num_return_sequences", "num_assistant_tokens",
+    "prompt_lookup_num_tokens", "max_matching_ngram_size",
+)  # fmt: skip
+FLOAT_FIELDS = (
+    "temperature", "top_p", "min_p", "top_h", "typical_p", "epsilon_cutoff", "eta_cutoff", "repetition_penalty",
+    "encoder_repetition_penalty", "length_penalty", "diversity_penalty", "penalty_alpha", "max_time",
+    "guidance_scale", "assistant_confidence_threshold",
+)  # fmt: skip
+BOOL_FIELDS = (
+    "do_sample", "use_cache", "output_scores", "output_logits", "output_attentions", "output_hidden_states",
+    "return_dict_in_generate", "renormalize_logits", "remove_invalid_values",
+)  # fmt: skip
+TOKEN_ID_FIELDS = ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id", "forced_bos_token_id",
+                   "forced_eos_token_id")  # fmt: skip
+ID_LIST_FIELDS = ("suppress_tokens", "begin_suppress_tokens")
+ID_LISTS_FIELDS = ("bad_words_ids",)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _type_problem(name: str, value) -> str | None:
+    """What is wrong with the type of generation setting `name`, or `None` (unknown settings are not judged)."""
+    if value is None:
+        return None
+    if name in INT_FIELDS and not _is_int(value):
+        return "an int"
+    if name in FLOAT_FIELDS and not (_is_int(value) or isinstance(value, float)):
+        return "a number"
+    if name in BOOL_FIELDS and not isinstance(value, bool):
+        return "true or false"
+    if name == "early_stopping" and not (isinstance(value, bool) or value == "never"):
+        return 'true, false or "never"'
+    if name in TOKEN_ID_FIELDS and not (_is_int(value) or (isinstance(value, list) and all(map(_is_int, value)))):
+        return "a token id (int) or a list of them"
+    if name in ID_LIST_FIELDS and not (isinstance(value, list) and all(map(_is_int, value))):
+        return "a list of token ids (ints)"
+    if name in ID_LISTS_FIELDS and not (
+        isinstance(value, list) and all(isinstance(ids, list) and all(map(_is_int, ids)) for ids in value)
+    ):
+        return "a list of lists of token ids (ints)"
+    return None
+
+
+def check_generation_settings(settings: dict, source: str):
+    """A `TypeError` naming `source` and the setting if a known generation setting has the wrong type."""
+    for name, value in settings.items():
+        expected = _type_problem(name, value)
+        if expected:
+            raise TypeError(f"{source}: generation setting {name!r} must be {expected}, got {value!r:.80}.")
+
+
+def check_generation_config_file(pretrained_model_name_or_path, subfolder: str = ""):
+    """Check the types in a local folder's `generation_config.json` before transformers reads it."""
+    path = os.path.join(str(pretrained_model_name_or_path), subfolder or "", "generation_config.json")
+    if not os.path.isfile(path):
+        return
+    try:
+        with open(path, encoding="utf-8-sig") as file:
+            settings = json.load(file)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{path}: not a readable JSON file ({error}).") from None
+    if not isinstance(settings, dict):
+        raise ValueError(f"{path}: expected a JSON object of generation settings, got {type(settings).__name__}.")
+    check_generation_settings(settings, path)
+
+
+def non_finite_weights(model: torch.nn.Module, names: tuple[str, ...]) -> dict[str, int]:
+    """`{parameter name: number of NaN/Inf values}` over the parameters whose name starts with one of `names`."""
+    found = {}
+    for name, parameter in model.named_parameters():
+        if not name.startswith(names) or parameter.device.type == "meta":
+            continue
+        bad = int((~torch.isfinite(parameter.detach())).sum())
+        if bad:
+            found[name] = bad
+    return found
+
+
+__all__ = ["check_generation_config_file", "check_generation_settings", "check_prompt", "non_finite_weights"]
