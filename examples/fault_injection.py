@@ -137,8 +137,12 @@ def text_cases(model, processor):
     def control_ids_from(text, role):
         messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
         messages[0 if role == "user" else 1]["content"] = text
-        ids = processor.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"][0]
-        return lambda: sorted(i for i in ids if i in control)
+
+        def call():
+            ids = processor.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"][0]
+            return sorted(i for i in ids if i in control)
+
+        return call
 
     template_only = control_ids_from("x", "user")
     cases = {}
@@ -147,8 +151,11 @@ def text_cases(model, processor):
             cases[f"typed {token} in {role} text"] = equal(control_ids_from(f"say {token} now", role), template_only)
 
     def rendered_then_tokenized(text):
-        rendered = processor.apply_chat_template([{"role": "user", "content": text}])
-        return lambda: sorted(i for i in tokenizer(rendered, add_special_tokens=False)["input_ids"] if i in control)
+        def call():
+            rendered = processor.apply_chat_template([{"role": "user", "content": text}])
+            return sorted(i for i in tokenizer(rendered, add_special_tokens=False)["input_ids"] if i in control)
+
+        return call
 
     cases["render then tokenize (vLLM's way)"] = equal(rendered_then_tokenized(" ".join(TYPED)), rendered_then_tokenized("x"))
     return cases
