@@ -365,8 +365,8 @@ def _tokens_text_can_spell(tokenizer) -> list[str]:
     """The tokenizer's added tokens that escaped message text still encodes to (none for the usual "<...>" tokens)."""
     tokens = [token for token in tokenizer.added_tokens_encoder if token]
     escaped = [token.replace("<", "<" + TEXT_ESCAPE) for token in tokens]
-    encodings = tokenizer.backend_tokenizer.encode_batch(escaped, add_special_tokens=False)
-    return [token for token, encoding in zip(tokens, encodings) if tokenizer.added_tokens_encoder[token] in encoding.ids]
+    encodings = tokenizer(escaped, add_special_tokens=False, padding=False)["input_ids"]
+    return [token for token, ids in zip(tokens, encodings) if tokenizer.added_tokens_encoder[token] in ids]
 
 
 class OmniFusionProcessor(ProcessorMixin):

@@ -442,3 +442,32 @@ def test_a_clean_folder_loads_and_generates(saved_folder, model_and_processor):
     model = OmniFusionForCausalLM.from_pretrained(saved_folder)
     inputs = processor(images=make_image(0), text="<image>hi", return_tensors="pt")
     assert model.generate(**inputs, max_new_tokens=2).shape[1] == inputs["input_ids"].shape[1] + 2
+
+
+def test_the_saved_folder_escapes_for_a_loader_that_knows_nothing_of_omnifusion(tmp_path, any_processor):
+    """vLLM renders `chat_template.jinja` itself and tokenizes the text: no typed marker may survive that either."""
+    from transformers import AutoTokenizer
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    any_processor.save_pretrained(tmp_path)
+    template = (tmp_path / "chat_template.jinja").read_text()
+    (rendered,), _ = render_jinja_template(
+        conversations=[[{"role": "user", "content": " ".join(TYPED)}]], chat_template=template, add_generation_prompt=True
+    )
+    plain_tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    ids = plain_tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    assert control_counts(any_processor, ids) == {"<user>": 1, "<assistant>": 1}
+    # With the processor built around that tokenizer (as vLLM's multimodal path does), the ids are the processor's.
+    rebuilt = OmniFusionProcessor(any_processor.image_processor, plain_tokenizer, num_image_tokens=16)
+    assert rebuilt(text=rendered)["input_ids"][0] == any_processor(text=rendered)["input_ids"][0]
+
+
+def test_control_tokens_the_escape_cannot_cover_are_reported(any_processor):
+    from omnifusion_fixtures import make_tokenizer
+
+    from modeling_omnifusion.processing.processing_omnifusion import _tokens_text_can_spell
+
+    assert _tokens_text_can_spell(any_processor.tokenizer) == []
+    tokenizer = make_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["[INST]"]})
+    assert _tokens_text_can_spell(make_processor(tokenizer=tokenizer).tokenizer) == ["[INST]"]
