@@ -218,7 +218,13 @@ class OmniFusionPreTrainedModel(PreTrainedModel):
     _can_compile_fullgraph = False
 
     # Checked for NaN/Inf when a folder is loaded (a cheap scan: the parts a broken training run or file spoils first).
-    _finite_check_prefixes = ("lm_head.", "model.language_model.embed_tokens.", "model.adapter.", "language_model.embed_tokens.", "adapter.")
+    _finite_check_prefixes = (
+        "lm_head.",
+        "model.language_model.embed_tokens.",
+        "model.adapter.",
+        "language_model.embed_tokens.",
+        "adapter.",
+    )
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):

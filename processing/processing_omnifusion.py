@@ -89,15 +89,11 @@ def _check_num_image_tokens(value):
     """`value` (image positions per image) if it is a positive int or `None`, else a clear error."""
     if value is None:
         return None
+    expected = "OmniFusionProcessor num_image_tokens must be a positive int (OmniFusionConfig.num_image_tokens)"
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(
-            f"OmniFusionProcessor num_image_tokens must be a positive int (OmniFusionConfig.num_image_tokens), "
-            f"got {type(value).__name__}: {value!r:.80}"
-        )
+        raise TypeError(f"{expected}, got {type(value).__name__}: {value!r:.80}")
     if value < 1:
-        raise ValueError(
-            f"OmniFusionProcessor num_image_tokens must be a positive int (OmniFusionConfig.num_image_tokens), got {value}"
-        )
+        raise ValueError(f"{expected}, got {value}")
     return int(value)
 
 
@@ -155,9 +151,9 @@ def _as_uint8(array: np.ndarray, name: str) -> np.ndarray:
             )
         return array.astype(np.uint8)
     if array.dtype.kind == "f":
-        array = array.astype(np.float32)
         if not np.isfinite(array).all():
             raise ValueError(f"{name} holds NaN or infinite pixel values.")
+        array = array.astype(np.float32)
         low, high = float(array.min()), float(array.max())
         if low >= 0 and high <= 1:
             return np.round(array * 255).astype(np.uint8)
@@ -167,7 +163,7 @@ def _as_uint8(array: np.ndarray, name: str) -> np.ndarray:
             f"{name} is a float image with values in [{low:.4g}, {high:.4g}]: float pixels must be in [0, 1] "
             "(or 0..255); a normalised image cannot be read back."
         )
-    raise TypeError(f"{name} has pixel type {array.dtype}; expected uint8, uint16, another integer type, float or bool.")
+    raise TypeError(f"{name} has pixel type {array.dtype}; expected uint8, uint16, another integer, float or bool.")
 
 
 def _array_to_rgb(array: np.ndarray, name: str, channels_first_preferred: bool) -> PIL.Image.Image:
@@ -181,7 +177,9 @@ def _array_to_rgb(array: np.ndarray, name: str, channels_first_preferred: bool) 
                 f"{name} has shape {tuple(array.shape)}: expected HxW, HxWxC or CxHxW with C in 1..4 channels."
             )
     elif array.ndim != 2:
-        raise ValueError(f"{name} has shape {tuple(array.shape)}: expected HxW, HxWxC or CxHxW (a 4-D array is a batch).")
+        raise ValueError(
+            f"{name} has shape {tuple(array.shape)}: expected HxW, HxWxC or CxHxW (a 4-D array is a batch)."
+        )
     _check_image_size(array.shape[0], array.shape[1], name)
     array = _as_uint8(array, name)
     if array.ndim == 2:
