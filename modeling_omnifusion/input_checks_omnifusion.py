@@ -5,6 +5,7 @@ is wrong, before any work is done.
 """
 
 import json
+import numbers
 import os
 
 import torch
@@ -51,7 +52,7 @@ ID_LISTS_FIELDS = ("bad_words_ids",)
 
 
 def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _type_problem(name: str, value) -> str | None:
@@ -60,7 +61,7 @@ def _type_problem(name: str, value) -> str | None:
         return None
     if name in INT_FIELDS and not _is_int(value):
         return "an int"
-    if name in FLOAT_FIELDS and not (_is_int(value) or isinstance(value, float)):
+    if name in FLOAT_FIELDS and not (isinstance(value, numbers.Real) and not isinstance(value, bool)):
         return "a number"
     if name in BOOL_FIELDS and not isinstance(value, bool):
         return "true or false"

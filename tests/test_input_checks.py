@@ -21,6 +21,7 @@ FUZZ = settings(
     max_examples=int(FUZZ_EXAMPLES or 300),
     derandomize=FUZZ_EXAMPLES is None,
     deadline=None,
+    database=None,  # nothing written into the checkout
     suppress_health_check=list(HealthCheck),
 )
 PROCESSOR = make_processor(end_assistant_turns_with_eos=True)
@@ -471,3 +472,10 @@ def test_control_tokens_the_escape_cannot_cover_are_reported(any_processor):
     tokenizer = make_tokenizer()
     tokenizer.add_special_tokens({"additional_special_tokens": ["[INST]"]})
     assert _tokens_text_can_spell(make_processor(tokenizer=tokenizer).tokenizer) == ["[INST]"]
+
+
+def test_numpy_numbers_are_valid_generation_settings(model_and_processor):
+    model, processor = model_and_processor
+    inputs = processor(text="hello", return_tensors="pt")
+    out = model.generate(**inputs, max_new_tokens=np.int64(2), temperature=np.float32(1.0), do_sample=False)
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 2
