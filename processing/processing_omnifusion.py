@@ -34,16 +34,16 @@ CONTENT_TYPES = ("text", "image")
 # The released sequence: system prompt, then for every user turn its image blocks and <user> + text, for every
 # assistant turn <assistant> + text (+ EOS when `end_assistant_turns_with_eos`); nothing in between, no BOS.
 DEFAULT_CHAT_TEMPLATE = (
-    "{%- macro text(value) -%}{{- value | replace('<', '<\\u2060') -}}{%- endmacro -%}"
-    "{%- macro content_text(content) -%}"
-    "{%- if content is string -%}{{- text(content) -}}"
-    "{%- else -%}{%- for item in content if item['type'] == 'text' -%}{{- text(item['text']) -}}{%- endfor -%}"
+    "{%- macro escaped(value) -%}{{- value | replace('<', '<\\u2060') -}}{%- endmacro -%}"
+    "{%- macro message_text(content) -%}"
+    "{%- if content is string -%}{{- escaped(content) -}}"
+    "{%- else -%}{%- for item in content if item['type'] == 'text' -%}{{- escaped(item['text']) -}}{%- endfor -%}"
     "{%- endif -%}"
     "{%- endmacro -%}"
     "{%- if messages and messages[0]['role'] == 'system' -%}"
-    "{{- content_text(messages[0]['content']) -}}"
+    "{{- message_text(messages[0]['content']) -}}"
     "{%- set messages = messages[1:] -%}"
-    "{%- else -%}{{- text(system_prompt | default('" + DEFAULT_SYSTEM_PROMPT.replace("\n", "\\n") + "')) -}}"
+    "{%- else -%}{{- escaped(system_prompt | default('" + DEFAULT_SYSTEM_PROMPT.replace("\n", "\\n") + "')) -}}"
     "{%- endif -%}"
     "{%- for message in messages -%}"
     "{%- if message['role'] not in ['user', 'assistant'] -%}"
@@ -54,8 +54,8 @@ DEFAULT_CHAT_TEMPLATE = (
     "{%- if content is not string -%}"
     "{%- for item in content if item['type'] == 'image' -%}<image>{%- endfor -%}"
     "{%- endif -%}"
-    "{%- if message['role'] == 'user' -%}<user>{{- content_text(content) -}}"
-    "{%- else -%}<assistant>{%- generation -%}{{- content_text(content) -}}"
+    "{%- if message['role'] == 'user' -%}<user>{{- message_text(content) -}}"
+    "{%- else -%}<assistant>{%- generation -%}{{- message_text(content) -}}"
     "{%- if end_assistant_turns_with_eos -%}{{- eos_token -}}{%- endif -%}"
     "{%- endgeneration -%}"
     "{%- endif -%}"
@@ -383,7 +383,9 @@ class OmniFusionProcessor(ProcessorMixin):
         chat_template: defaults to the released prompt layout, `DEFAULT_CHAT_TEMPLATE`.
 
     Text segments between special tokens are tokenized independently and no BOS is added, exactly as the released
-    code did.
+    code did. Message text given to the chat template is always text (escaped, see `TEXT_ESCAPE`); a plain-text call
+    reads its text as a prompt, markers and `<image>` placeholders included. Every image becomes 8-bit RGB on the way
+    in, or a `ValueError`/`TypeError` naming it (`_check_images`).
     """
 
     text_kwargs = {"add_special_tokens": False, "padding": "longest"}
