@@ -219,6 +219,13 @@ class ConversationEncoder:
         input_ids = processor.tokenizer(text, add_special_tokens=False)["input_ids"]
         return truncate(torch.tensor(input_ids, dtype=torch.long), self.max_length, processor)
 
+    def tokenize_record(self, name: str, messages: list[dict]) -> torch.LongTensor:
+        """`tokenize`, with what the processor refuses (e.g. a lone surrogate in the text) named by the record."""
+        try:
+            return self.tokenize(messages)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"Record {name}: {error}") from error
+
     def read_image(self, name: str, image: str, decode: bool = True) -> Image.Image | None:
         """The record's image, decoded in its own mode (`decode=False`: only check that it is there and readable)."""
         path = os.path.join(self.image_folder, image)
@@ -240,14 +247,14 @@ class ConversationEncoder:
             messages, image = record_to_messages(row["name"], row["record"])
             if image is not None:
                 self.read_image(row["name"], image, decode=False)
-            labels = assistant_labels(self.tokenize(messages), self.processor)
+            labels = assistant_labels(self.tokenize_record(row["name"], messages), self.processor)
         except (FileNotFoundError, ValueError) as error:
             return {"error": str(error), "error_type": type(error).__name__, "has_answer": False}
         return {"error": "", "error_type": "", "has_answer": bool((labels != -100).any())}
 
     def encode(self, name: str, record: str) -> dict:
         messages, image = record_to_messages(name, record)
-        input_ids = self.tokenize(messages)
+        input_ids = self.tokenize_record(name, messages)
         pixel_values = None
         if image is not None and (input_ids == self.processor.image_end_token_id).any():
             try:

@@ -233,6 +233,7 @@ BAD_CONVERSATIONS = {
     "wrong-role": ([{"from": "system", "value": "hi"}, {"from": "gpt", "value": "x"}], "turn 0 needs 'from'"),
     "no-answer": ([{"from": "human", "value": "<image>\nhi"}], "has no 'gpt' turn"),
     "not-a-string": ([{"from": "human", "value": "hi"}, {"from": "gpt", "value": ["x"]}], "turn 1 needs a string"),
+    "lone-surrogate": ([{"from": "human", "value": "hi \ud800"}, {"from": "gpt", "value": "x"}], "lone surrogate"),
 }
 
 
