@@ -6,6 +6,7 @@ import io
 import itertools
 import os
 import re
+import warnings
 
 import numpy as np
 import PIL.Image
@@ -127,6 +128,12 @@ def _check_image_size(height: int, width: int, name: str):
         raise ValueError(
             f"{name} has {height}x{width} = {height * width} pixels, over twice PIL.Image.MAX_IMAGE_PIXELS "
             f"({limit}): refused as a decompression bomb, as PIL refuses such a file."
+        )
+    if limit is not None and height * width > limit:
+        warnings.warn(
+            f"{name} has {height * width} pixels, over PIL.Image.MAX_IMAGE_PIXELS ({limit}); PIL warns the same for "
+            "such a file.",
+            PIL.Image.DecompressionBombWarning,
         )
 
 

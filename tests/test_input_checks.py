@@ -109,6 +109,9 @@ def test_an_in_memory_image_beyond_the_decompression_bomb_limit_is_refused_like_
         pixels(np.zeros((20, 20, 3), np.uint8))
     with pytest.raises(ValueError, match="Image 0: cannot read .*big.png"):
         pixels(str(tmp_path / "big.png"))
+    monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", 300)  # between the limit and twice it: a warning, like PIL's
+    with pytest.warns(PIL.Image.DecompressionBombWarning):
+        pixels(make_image(0, size=20))
 
 
 def test_a_16_bit_file_by_path_and_in_a_chat_is_the_same_picture(tmp_path):
