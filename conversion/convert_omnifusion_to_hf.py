@@ -29,20 +29,25 @@ from huggingface_hub.utils import validate_repo_id
 from transformers import (
     AutoConfig,
     AutoImageProcessor,
+    AutoModel,
     AutoModelForCausalLM,
     CLIPVisionConfig,
     CLIPVisionModel,
     GenerationConfig,
     LlamaTokenizer,
+    SiglipVisionModel,
 )
 
 from modeling_omnifusion import OmniFusionConfig, OmniFusionForCausalLM, OmniFusionProcessor
 from modeling_omnifusion.configuration_omnifusion import SPECIAL_TOKEN_FIELDS
+from modeling_omnifusion.processing.processing_omnifusion import image_processor_output_size
 
 from .released_format import (
     ReleasedLayout,
     ReleasedProjection,
+    describe_projection_structure,
     find_released_layout,
+    read_mix_projection,
     read_projection,
     read_special_embeddings,
 )
@@ -102,6 +107,16 @@ Converted with `omnifusion-convert` from the released checkpoint `{source}` ({ve
 - **Dropout.** The released adapter was pickled in training mode and the README never called `.eval()`, so it
   applied dropout 0.1 at inference. This model loads in eval mode (deterministic), matching the released
   inference path with the adapter in eval mode.
+"""
+
+
+MIX_CONVERSION_NOTES = """
+- **Encoders mix.** The released projection holds only LayerNorms, Linears and raw coefficients; it was mapped onto
+  `adapter_type="mix_sum"` (the report's projection & summation) by structure: {groups} (LayerNorms / Linears to
+  width {width} / per-layer coefficients), then the final Linear. Encoders: {encoders}; CLS tokens dropped. The
+  pickle names no activation: GELU is assumed, as the report describes. Which DINOv2 and which input size the
+  release used are not public; DINOv2's position table was interpolated (its own `interpolate_pos_encoding`) to
+  its image processor's size, which is what DINOv2 computes at run time.
 """
 
 
@@ -216,21 +231,69 @@ def build_marker_table(special_embeddings: dict[str, torch.Tensor]) -> torch.Ten
     return torch.stack(rows)
 
 
-def load_released_checkpoint(layout: ReleasedLayout, vision_model: str, dtype: torch.dtype | None):
-    """Read and check every piece, the cheap checks before the large weights; returns `(model, processor)`."""
-    projection = read_projection(layout.projection)
-    text_config = AutoConfig.from_pretrained(layout.lm_dir)
-    vision_config = CLIPVisionConfig.from_pretrained(vision_model)
-    check_projection(projection, layout.projection, vision_config, text_config, vision_model)
-    special_embeddings = read_special_embeddings(layout.special_embeddings, hidden_size=text_config.hidden_size)
+def split_vision_models(vision_model) -> list[str]:
+    """`--vision_model`: one folder/Hub id, several comma-separated (`clip_dir,dinov2_dir`), or a list."""
+    names = vision_model.split(",") if isinstance(vision_model, str) else [str(v) for v in vision_model]
+    names = [name.strip() for name in names if name.strip()]
+    if not names:
+        raise ValueError(f"--vision_model names no vision model: {vision_model!r}")
+    return names
 
+
+def load_text_side(layout: ReleasedLayout):
+    """The released LM config, markers, tokenizer and decoding settings, checked against each other."""
+    text_config = AutoConfig.from_pretrained(layout.lm_dir)
+    special_embeddings = read_special_embeddings(layout.special_embeddings, hidden_size=text_config.hidden_size)
     tokenizer = LlamaTokenizer.from_pretrained(layout.tokenizer_dir)
     if len(tokenizer) > text_config.vocab_size:
         raise ValueError(
             f"{layout.tokenizer_dir}: the tokenizer has {len(tokenizer)} tokens, more than the LM's vocab_size "
             f"{text_config.vocab_size} ({layout.lm_dir / 'config.json'})"
         )
-    generation_config = released_generation_config(tokenizer)
+    return text_config, special_embeddings, tokenizer, released_generation_config(tokenizer)
+
+
+def assemble_model(config, layout, dtype, vision_state, adapter_state, special_embeddings, generation_config):
+    """The converted `OmniFusionForCausalLM`: vision tower(s), adapter, the released LM and the marker table."""
+    lm = load_pretrained_strictly(AutoModelForCausalLM, layout.lm_dir, dtype or "auto")
+    dtype = dtype or lm.dtype
+    vision_state = vision_state(dtype)
+    config.dtype = dtype
+    for sub_config in (config.text_config, *config.vision_configs):
+        sub_config.dtype = dtype
+        sub_config._name_or_path = ""  # no local paths in the model card
+    state_dict = {f"model.vision_tower.{k}": v for k, v in vision_state.items()}
+    state_dict.update({f"model.adapter.{k}": v for k, v in adapter_state.items()})
+    state_dict.update({f"model.language_model.{k}": v for k, v in lm.get_decoder().state_dict().items()})
+    state_dict["lm_head.weight"] = lm.get_output_embeddings().weight
+    state_dict["model.language_model.embed_tokens.special_embeddings.weight"] = build_marker_table(special_embeddings)
+    with torch.device("meta"):
+        model = OmniFusionForCausalLM(config)
+    model.load_state_dict({k: v.detach().to(dtype) for k, v in state_dict.items()}, strict=True, assign=True)
+    model.generation_config = generation_config
+    return model
+
+
+def load_released_checkpoint(layout: ReleasedLayout, vision_model, dtype: torch.dtype | None):
+    """Read and check every piece, the cheap checks before the large weights; returns `(model, processor)`.
+
+    A projection without the transformer layer is the encoders-mix release: see `load_released_mix_checkpoint`.
+    """
+    vision_models = split_vision_models(vision_model)
+    structure = describe_projection_structure(layout.projection)
+    if not any(entry.path == "transformer_layer" for entry in structure):
+        return load_released_mix_checkpoint(layout, vision_models, dtype)
+    if len(vision_models) > 1:
+        raise ValueError(
+            f"{layout.projection}: this adapter reads one vision encoder (a transformer layer), but --vision_model "
+            f"names {len(vision_models)}: {', '.join(vision_models)}"
+        )
+    vision_model = vision_models[0]
+    projection = read_projection(layout.projection)
+    text_config = AutoConfig.from_pretrained(layout.lm_dir)
+    vision_config = CLIPVisionConfig.from_pretrained(vision_model)
+    check_projection(projection, layout.projection, vision_config, text_config, vision_model)
+    text_config, special_embeddings, tokenizer, generation_config = load_text_side(layout)
     processor = OmniFusionProcessor(AutoImageProcessor.from_pretrained(vision_model, backend="pil"), tokenizer)
     config = OmniFusionConfig(
         vision_config=vision_config,
@@ -253,22 +316,106 @@ def load_released_checkpoint(layout: ReleasedLayout, vision_model: str, dtype: t
         )
     processor.num_image_tokens = config.num_image_tokens
 
-    lm = load_pretrained_strictly(AutoModelForCausalLM, layout.lm_dir, dtype or "auto")
-    dtype = dtype or lm.dtype
-    vision_tower = load_pretrained_strictly(CLIPVisionModel, vision_model, dtype, ignore_unexpected=True)
-    for sub_config in (config, config.text_config, config.vision_config):
-        sub_config.dtype = dtype
-    config.text_config._name_or_path = config.vision_config._name_or_path = ""  # no local paths in the model card
+    def vision_state(dtype):
+        tower = load_pretrained_strictly(CLIPVisionModel, vision_model, dtype, ignore_unexpected=True)
+        return tower.state_dict()
 
-    state_dict = {f"model.vision_tower.{k}": v for k, v in vision_tower.state_dict().items()}
-    state_dict.update({f"model.adapter.{k}": v for k, v in projection.state_dict.items()})
-    state_dict.update({f"model.language_model.{k}": v for k, v in lm.get_decoder().state_dict().items()})
-    state_dict["lm_head.weight"] = lm.get_output_embeddings().weight
-    state_dict["model.language_model.embed_tokens.special_embeddings.weight"] = build_marker_table(special_embeddings)
-    with torch.device("meta"):
-        model = OmniFusionForCausalLM(config)
-    model.load_state_dict({k: v.detach().to(dtype) for k, v in state_dict.items()}, strict=True, assign=True)
-    model.generation_config = generation_config
+    model = assemble_model(
+        config, layout, dtype, vision_state, projection.state_dict, special_embeddings, generation_config
+    )
+    return model, processor
+
+
+VISION_MODEL_CLASSES = {"clip_vision_model": CLIPVisionModel, "siglip_vision_model": SiglipVisionModel}
+
+
+def load_vision_config(name_or_path: str):
+    """The vision encoder config of a folder/Hub id (the vision half of a full CLIP/SigLIP checkpoint)."""
+    config = AutoConfig.from_pretrained(name_or_path)
+    return getattr(config, "vision_config", None) or config
+
+
+def vision_state_at_input_size(tower, input_size: int) -> dict[str, torch.Tensor]:
+    """
+    `tower`'s weights for `input_size` px inputs. DINOv2 interpolates its position table at run time when the input
+    differs from its config's `image_size` (518 px table, 224 px crops); the table is interpolated here once with the
+    model's own `interpolate_pos_encoding`, so the converted tower computes exactly what the original does.
+    """
+    config = tower.config
+    state = tower.state_dict()
+    if config.image_size == input_size:
+        return state
+    if config.model_type != "dinov2":
+        raise ValueError(
+            f"{config._name_or_path or config.model_type}: its image processor outputs {input_size} px but the "
+            f"model is built for {config.image_size} px; only DINOv2 interpolates its position embeddings"
+        )
+    num_patches = (input_size // config.patch_size) ** 2
+    table = state["embeddings.position_embeddings"]
+    with torch.no_grad():
+        dummy = torch.zeros(1, num_patches + 1, config.hidden_size, dtype=table.dtype)
+        state["embeddings.position_embeddings"] = tower.embeddings.interpolate_pos_encoding(dummy, input_size, input_size)
+    return state
+
+
+def load_released_mix_checkpoint(layout: ReleasedLayout, vision_models: list[str], dtype: torch.dtype | None):
+    """
+    The encoders-mix release (`OmniMistral-v1_1-encoders-mix`): a projection holding only LayerNorms, Linears and
+    raw coefficients, mapped onto `adapter_type="mix_sum"` (`released_format.read_mix_projection`), with one vision
+    encoder per `--vision_model` entry (CLIP ViT-L/14-336 first, then DINOv2), each with its own image processor.
+    """
+    if len(vision_models) < 2:
+        raise ValueError(
+            f"{layout.projection}: this is an encoders-mix adapter (no transformer layer), which reads two vision "
+            f"encoders; pass both: --vision_model <clip>,<dinov2> (got {vision_models})"
+        )
+    image_processors = [AutoImageProcessor.from_pretrained(v, backend="pil") for v in vision_models]
+    vision_configs = [load_vision_config(v) for v in vision_models]
+    input_sizes = [image_processor_output_size(p) for p in image_processors]
+    text_config = AutoConfig.from_pretrained(layout.lm_dir)
+    projection = read_mix_projection(
+        layout.projection,
+        [(v.model_type, v.num_hidden_layers + 1, v.hidden_size) for v in vision_configs],
+        text_config.hidden_size,
+    )
+    text_config, special_embeddings, tokenizer, generation_config = load_text_side(layout)
+    model_configs = []
+    for vision, size in zip(vision_configs, input_sizes):
+        vision = type(vision).from_dict({**vision.to_dict(), "image_size": size})
+        model_configs.append(vision)
+    processor = OmniFusionProcessor(image_processors[0], tokenizer, extra_encoder_preprocessors=image_processors[1:])
+    config = OmniFusionConfig(
+        vision_config=model_configs,
+        text_config=text_config,
+        adapter_type="mix_sum",
+        adapter_hidden_size=projection.width,
+        adapter_layer_norm_eps=projection.layer_norm_eps,
+        adapter_hidden_act="gelu",
+        vision_feature_select_strategy="default",
+        **processor.special_token_ids,
+    )
+    if projection.num_image_tokens is not None and projection.num_image_tokens != config.num_image_tokens:
+        raise ValueError(
+            f"{layout.projection}: the adapter was trained for {projection.num_image_tokens} image tokens "
+            f"(n_embeddings) but the encoders give {config.num_image_tokens} (the longest of "
+            + ", ".join(f"{v} at {s}px" for v, s in zip(vision_models, input_sizes)) + ")"
+        )
+    for name, value in config.processor_kwargs.items():
+        setattr(processor, name, value)
+
+    def vision_state(dtype):
+        state = {}
+        for index, (name, vision) in enumerate(zip(vision_models, vision_configs)):
+            model_class = VISION_MODEL_CLASSES.get(vision.model_type, AutoModel)
+            tower = load_pretrained_strictly(model_class, name, dtype, ignore_unexpected=True)
+            tower_state = vision_state_at_input_size(tower, input_sizes[index])
+            state.update({f"{index}.{k}": v for k, v in tower_state.items()})
+        return state
+
+    model = assemble_model(
+        config, layout, dtype, vision_state, projection.state_dict, special_embeddings, generation_config
+    )
+    model.released_mix_groups = projection.groups
     return model, processor
 
 
@@ -291,6 +438,16 @@ def add_conversion_notes(folder: Path, layout: ReleasedLayout, source: str, visi
         bad_words_ids=generation_config.bad_words_ids,
         eos=generation_config.forced_eos_token_id,
     )
+    groups = getattr(model, "released_mix_groups", None)
+    if groups:
+        card.text += MIX_CONVERSION_NOTES.format(
+            encoders=", ".join(
+                f"{vision.model_type} at {vision.image_size} px ({vision.num_hidden_layers + 1} hidden states)"
+                for vision in model.config.vision_configs
+            ),
+            groups="; ".join(f"encoder {i}: `{g}`" for i, g in enumerate(groups)),
+            width=model.config.mix_adapter_width,
+        )
     card.save(folder / "README.md")
 
 
@@ -343,7 +500,8 @@ def convert_omnifusion_to_hf(
     Args:
         input_dir: a released checkpoint folder (v1.0 root or `OmniMistral-v1_1`), or a Hub repo id.
         output_dir: where the folder appears (built beside it in a temporary folder and renamed when complete).
-        vision_model: folder or Hub id of the CLIP vision model the release was trained with.
+        vision_model: folder or Hub id of the CLIP vision model the release was trained with; for the encoders-mix
+            release both encoders, comma-separated or as a list (CLIP, then DINOv2).
         dtype: `float32`, `bfloat16` or `float16` (or a `torch.dtype`); defaults to the LM's stored dtype.
         overwrite: replace an existing non-empty `output_dir`; otherwise it is refused before any work.
         push_to_hub: a Hub repo id to upload the finished folder to.
@@ -359,7 +517,7 @@ def convert_omnifusion_to_hf(
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         dtype = DTYPES[dtype]
-    vision_model = str(vision_model)
+    vision_model = ",".join(split_vision_models(str(vision_model) if isinstance(vision_model, os.PathLike) else vision_model))
 
     layout = find_released_layout(resolve_input_dir(input_dir, subfolder))
     logger.info(f"Converting the released v{layout.version} checkpoint in {layout.root}")
@@ -371,7 +529,8 @@ def convert_omnifusion_to_hf(
         model.save_pretrained(staging, max_shard_size=max_shard_size)
         processor.save_pretrained(staging)
         source = layout.root.name if Path(input_dir).is_dir() else "/".join(filter(None, (str(input_dir), subfolder)))
-        add_conversion_notes(staging, layout, source, _display_name(vision_model), model, processor)
+        vision_names = ", ".join(_display_name(name) for name in split_vision_models(vision_model))
+        add_conversion_notes(staging, layout, source, vision_names, model, processor)
         replace_folder(staging, output_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -389,7 +548,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--input_dir", required=True, help="released checkpoint folder, or a Hub repo id")
     parser.add_argument("--subfolder", default=None, help="checkpoint folder inside --input_dir, e.g. OmniMistral-v1_1")
-    parser.add_argument("--vision_model", default=DEFAULT_VISION_MODEL, help="CLIP vision model folder or Hub id")
+    parser.add_argument(
+        "--vision_model", default=DEFAULT_VISION_MODEL,
+        help="CLIP vision model folder or Hub id; for the encoders-mix release the two encoders, comma-separated "
+        "(CLIP first, then DINOv2: openai/clip-vit-large-patch14-336,facebook/dinov2-large)",
+    )
     parser.add_argument("--output_dir", required=True, help="folder to create")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="weights dtype (default: the LM's)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --output_dir")

@@ -15,6 +15,7 @@ import dataclasses
 import io
 import json
 import pickle
+import re
 import sys
 import zipfile
 from collections import OrderedDict
@@ -33,11 +34,16 @@ __all__ = [
     "SPECIAL_EMBEDDINGS_ALLOWED_GLOBALS",
     "SPECIAL_EMBEDDING_KEYS",
     "ReleasedLayout",
+    "ReleasedMixProjection",
     "ReleasedProjection",
     "ReleasedVisualToGPTMapping",
+    "StructureEntry",
     "UnsafePickleError",
+    "describe_projection_structure",
     "find_released_layout",
+    "format_structure",
     "load_projection",
+    "read_mix_projection",
     "read_projection",
     "read_special_embeddings",
 ]
@@ -565,4 +571,298 @@ def find_released_layout(input_dir: str | Path, version: str | None = None) -> R
         lm_dir=lm_dir,
         tokenizer_dir=tokenizer_dir,
         lm_weight_format=weight_format,
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Structure report and the encoders-mix adapter
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class StructureEntry:
+    """One thing found in an unpickled adapter: a module, a tensor, a list or a plain attribute."""
+
+    path: str
+    kind: str  # "module", "parameter", "buffer", "tensor", "list", "attribute"
+    type_name: str
+    shape: tuple[int, ...] | None = None
+    dtype: torch.dtype | None = None
+    value: Any = None
+    tensor: torch.Tensor | None = dataclasses.field(default=None, repr=False, compare=False)
+
+    def describe(self) -> str:
+        if self.shape is not None:
+            return f"{self.path}: {self.kind} {list(self.shape)} {str(self.dtype).removeprefix('torch.')}"
+        if self.kind == "attribute":
+            return f"{self.path}: {self.type_name} = {self.value!r}"
+        return f"{self.path or '<root>'}: {self.kind} {self.type_name}"
+
+
+_SCALARS = (int, float, bool, str, type(None))
+
+
+def _walk_structure(value: Any, path: str, entries: list[StructureEntry], seen: set[int], depth: int = 0) -> None:
+    if depth > 16:
+        raise ValueError(f"'{path}' is nested more than 16 levels deep")
+    if isinstance(value, nn.Module) or "_parameters" in getattr(value, "__dict__", {}):  # a module or a stand-in
+        if id(value) in seen:
+            raise ValueError(f"module '{path}' appears more than once")
+        seen.add(id(value))
+        entries.append(StructureEntry(path, "module", type(value).__name__))
+        attrs = vars(value)
+        prefix = f"{path}." if path else ""
+        for kind, key in (("parameter", "_parameters"), ("buffer", "_buffers")):
+            for name, tensor in (attrs.get(key) or {}).items():
+                if isinstance(tensor, torch.Tensor):
+                    entries.append(StructureEntry(prefix + name, kind, "Tensor", tuple(tensor.shape), tensor.dtype,
+                                                  tensor=tensor.detach()))
+        for name, child in (attrs.get("_modules") or {}).items():
+            if child is not None:
+                _walk_structure(child, prefix + name, entries, seen, depth + 1)
+        for name, item in attrs.items():
+            if not name.startswith("_") and name != "training":
+                _walk_structure(item, prefix + name, entries, seen, depth + 1)
+    elif isinstance(value, torch.Tensor):
+        kind = "parameter" if isinstance(value, nn.Parameter) else "tensor"
+        entries.append(StructureEntry(path, kind, "Tensor", tuple(value.shape), value.dtype, tensor=value.detach()))
+    elif isinstance(value, (list, tuple)):
+        entries.append(StructureEntry(path, "list", f"{type(value).__name__}[{len(value)}]"))
+        for index, item in enumerate(value):
+            _walk_structure(item, f"{path}[{index}]", entries, seen, depth + 1)
+    elif isinstance(value, dict):
+        entries.append(StructureEntry(path, "list", f"dict[{len(value)}]"))
+        for key, item in value.items():
+            _walk_structure(item, f"{path}[{key!r}]", entries, seen, depth + 1)
+    elif isinstance(value, _SCALARS):
+        entries.append(StructureEntry(path, "attribute", type(value).__name__, value=value))
+    else:  # functions and other allow-listed objects, named but never called
+        entries.append(StructureEntry(path, "attribute", type(value).__name__, value=getattr(value, "__name__", None)))
+
+
+def describe_projection_structure(path: str | Path) -> list[StructureEntry]:
+    """
+    What a released adapter pickle holds, read through the same allow-list unpickler as `read_projection` (nothing
+    in it runs): every submodule (direct, in a plain list or dict), parameter and tensor with its shape and dtype,
+    and every plain attribute with its value, in the order the pickle stores them.
+    """
+    path = Path(path)
+    root = _load_restricted(path, _PROJECTION_GLOBALS)
+    if not isinstance(root, ReleasedVisualToGPTMapping):
+        raise ValueError(f"{path}: expected a pickled models.VisualToGPTMapping module, found {type(root).__name__}")
+    entries: list[StructureEntry] = []
+    try:
+        _walk_structure(root, "", entries, set())
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from exc
+    return entries
+
+
+_LEAF_MODULES = ("Linear", "LayerNorm", "NonDynamicallyQuantizableLinear", "Dropout")
+
+
+def format_structure(entries: list[StructureEntry], limit: int = 40) -> str:
+    """
+    The structure report as indented lines: one per module (a Linear or LayerNorm with its tensors' shapes and
+    dtype on the same line), tensor and plain attribute; runs differing only in one number are folded
+    (`clip_norm_{0..24}: LayerNorm weight [1024], bias [1024] bfloat16`).
+    """
+    leaves = {e.path for e in entries if e.kind == "module" and e.type_name in _LEAF_MODULES}
+    lines = []
+    for entry in entries:
+        owner = entry.path.rsplit(".", 1)[0] if "." in entry.path else None
+        if owner in leaves:
+            continue
+        if entry.path in leaves:
+            tensors = [e for e in entries if e.path.startswith(entry.path + ".") and e.shape is not None]
+            shapes = ", ".join(f"{e.path.rsplit('.', 1)[1]} {list(e.shape)}" for e in tensors)
+            dtypes = sorted({str(e.dtype).removeprefix("torch.") for e in tensors})
+            lines.append(f"{entry.path}: {entry.type_name} {shapes} {'/'.join(dtypes)}".rstrip())
+        else:
+            lines.append(entry.describe())
+    folded: dict[str, list] = {}  # template (or the line itself) -> [first line, numbers], in order of appearance
+    for line in lines:
+        name = line.split(":", 1)[0]
+        match = re.search(r"(\d+)(?=\D*$)", name)
+        if match is None:
+            folded[line] = [line, []]
+            continue
+        template = line.replace(name, name[: match.start()] + "{N}" + name[match.end():], 1)
+        folded.setdefault(template, [line, []])[1].append(int(match.group(1)))
+    out = [
+        template.replace("{N}", "{" + f"{min(numbers)}..{max(numbers)}" + "}", 1) if len(numbers) > 1 else line
+        for template, (line, numbers) in folded.items()
+    ]
+    if len(out) > limit:
+        out = out[:limit] + [f"... ({len(out) - limit} more)"]
+    return "\n  ".join([""] + out)
+
+
+@dataclasses.dataclass(frozen=True)
+class ReleasedMixProjection:
+    """A released encoders-mix adapter mapped onto `OmniFusionMixSumAdapter`'s parameter names."""
+
+    state_dict: dict[str, torch.Tensor]
+    width: int
+    text_hidden_size: int
+    layer_norm_eps: float
+    dtype: torch.dtype
+    num_image_tokens: int | None
+    groups: tuple[str, ...]  # the released attribute groups, per encoder: norms, projections, coefficients
+
+
+def _is_a(entry: StructureEntry, kind: str) -> bool:
+    """`entry` is a module of `kind` ("Linear", "LayerNorm"), by class name (torch's or an allow-list stand-in's)."""
+    if entry.kind != "module":
+        return False
+    if kind == "Linear":
+        return entry.type_name.endswith("Linear") and "Quantizable" not in entry.type_name
+    return kind in entry.type_name
+
+
+def _indexed_groups(entries: list[StructureEntry], kind: str) -> dict[str, dict[int, str]]:
+    """Paths of `kind` modules grouped by their path without its last number (`clip_norm_3` -> `clip_norm_`)."""
+    groups: dict[str, dict[int, str]] = {}
+    for entry in entries:
+        if _is_a(entry, kind):
+            match = re.fullmatch(r"(.*?)(\d+)\]?", entry.path)
+            key, index = (match.group(1), int(match.group(2))) if match else (entry.path, -1)
+            groups.setdefault(key, {})[index] = entry.path
+    return groups
+
+
+def _encoder_hint(model_type: str) -> str:
+    return "dino" if model_type.startswith("dinov2") else model_type.split("_")[0]
+
+
+def read_mix_projection(
+    path: str | Path, encoders: list[tuple[str, int, int]], text_hidden_size: int
+) -> ReleasedMixProjection:
+    """
+    Map a released encoders-mix adapter onto the mix_sum adapter, or raise a `ValueError` listing what was found and
+    what was expected.
+
+    `encoders`: per vision encoder in config order, `(model_type, num_hidden_states, hidden_size)`. The adapter fits
+    when it holds exactly, per encoder, `num_hidden_states` LayerNorm(hidden) and Linear(hidden, width) (numbered
+    attributes or plain lists) and one trainable coefficient per hidden state, plus one Linear(width,
+    text_hidden_size). Groups are matched to encoders by name (`clip...`, `dino...`) where the names say it, else in
+    pickle order; the shapes must agree either way.
+    """
+    path = Path(path)
+    entries = describe_projection_structure(path)
+    tensors = {e.path: e.tensor for e in entries if e.tensor is not None}
+    values = {e.path: e.value for e in entries if e.kind == "attribute"}
+
+    def shape(name: str) -> tuple[int, ...] | None:
+        return tuple(tensors[name].shape) if name in tensors else None
+
+    width = None
+    finals = [
+        e for e in entries
+        if _is_a(e, "Linear") and not any(ch.isdigit() for ch in e.path)
+        and (shape(e.path + ".weight") or (0,))[0] == text_hidden_size
+    ]
+    if len(finals) == 1:
+        width = shape(finals[0].path + ".weight")[1]
+    expected = "".join(
+        f"\n  encoder {i} ({model_type}): {layers} x LayerNorm({hidden}), {layers} x Linear({hidden}, W), "
+        f"{layers} coefficients"
+        for i, (model_type, layers, hidden) in enumerate(encoders)
+    ) + f"\n  and one Linear(W, {text_hidden_size}) (W = {width if width is not None else 'any width'})"
+
+    def misfit(reason: str) -> ValueError:
+        return ValueError(
+            f"{path}: the adapter does not fit the mix_sum (projection & summation) adapter: {reason}.\n"
+            f"Expected:{expected}\nFound:{format_structure(entries)}"
+        )
+
+    if width is None:
+        raise misfit(f"expected one final Linear(W, {text_hidden_size}), found {len(finals)}")
+    norm_groups = _indexed_groups(entries, "LayerNorm")
+    linear_groups = {k: v for k, v in _indexed_groups(entries, "Linear").items() if -1 not in v}
+    coefficients = [
+        e for e in entries
+        if e.kind in ("parameter", "tensor") and e.tensor.is_floating_point() and e.tensor.squeeze().dim() == 1
+        and not any(e.path.startswith(m.path + ".") for m in entries
+                    if m.path and (_is_a(m, "Linear") or _is_a(m, "LayerNorm")))
+        and e.path.rsplit(".", 1)[0] not in {f.path for f in finals}
+    ]
+    if not (len(norm_groups) == len(linear_groups) == len(coefficients) == len(encoders)):
+        raise misfit(
+            f"expected {len(encoders)} groups each of LayerNorms, Linears and coefficients, found "
+            f"{len(norm_groups)}, {len(linear_groups)} and {len(coefficients)}"
+        )
+
+    def order(keys: list[str]) -> list[str]:
+        hints = [_encoder_hint(model_type) for model_type, _, _ in encoders]
+        by_name = [[k for k in keys if hint in k.lower()] for hint in hints]
+        if len(set(hints)) == len(hints) and all(len(m) == 1 for m in by_name):
+            return [m[0] for m in by_name]
+        return keys  # pickle order
+
+    norm_keys = order(list(norm_groups))
+    linear_keys = order(list(linear_groups))
+    coefficient_keys = order([e.path for e in coefficients])
+    coefficient_by_path = {e.path: e.tensor.squeeze() for e in coefficients}
+    state_dict: dict[str, torch.Tensor] = {}
+    eps_values = set()
+    for index, ((model_type, layers, hidden), norm_key, linear_key, coefficient_key) in enumerate(
+        zip(encoders, norm_keys, linear_keys, coefficient_keys)
+    ):
+        norms, linears = norm_groups[norm_key], linear_groups[linear_key]
+        coefficient = coefficient_by_path[coefficient_key]
+        if sorted(norms) != list(range(layers)) or sorted(linears) != list(range(layers)) or coefficient.numel() != layers:
+            raise misfit(
+                f"encoder {index} ({model_type}) has {layers} hidden states but '{norm_key}' holds {len(norms)} "
+                f"LayerNorms, '{linear_key}' {len(linears)} Linears and '{coefficient_key}' {coefficient.numel()} "
+                "coefficients"
+            )
+        for layer in range(layers):
+            norm, linear = norms[layer], linears[layer]
+            found = {name: shape(f"{module}.{name.split('.')[1]}") for name, module in (
+                ("norm.weight", norm), ("norm.bias", norm), ("linear.weight", linear), ("linear.bias", linear))}
+            wanted = {"norm.weight": (hidden,), "norm.bias": (hidden,), "linear.weight": (width, hidden),
+                      "linear.bias": (width,)}
+            if found != wanted:
+                raise misfit(
+                    f"encoder {index} ({model_type}) layer {layer}: '{norm}' and '{linear}' hold "
+                    + ", ".join(f"{k} {list(v) if v else None}" for k, v in found.items())
+                    + "; expected " + ", ".join(f"{k} {list(v)}" for k, v in wanted.items())
+                )
+            prefix = f"encoder_mixes.{index}"
+            state_dict[f"{prefix}.layer_norms.{layer}.weight"] = tensors[f"{norm}.weight"]
+            state_dict[f"{prefix}.layer_norms.{layer}.bias"] = tensors[f"{norm}.bias"]
+            state_dict[f"{prefix}.layer_projections.{layer}.weight"] = tensors[f"{linear}.weight"]
+            state_dict[f"{prefix}.layer_projections.{layer}.bias"] = tensors[f"{linear}.bias"]
+            eps = values.get(f"{norm}.eps", 1e-5)
+            if not isinstance(eps, (int, float)) or isinstance(eps, bool):
+                raise misfit(f"'{norm}.eps' is {eps!r}, not a number")
+            eps_values.add(float(eps))
+        state_dict[f"encoder_mixes.{index}.layer_weights"] = coefficient.detach()
+    final = finals[0].path
+    if shape(f"{final}.bias") != (text_hidden_size,):
+        raise misfit(f"the final Linear '{final}' has bias {shape(final + '.bias')}, expected [{text_hidden_size}]")
+    state_dict["linear.weight"], state_dict["linear.bias"] = tensors[f"{final}.weight"], tensors[f"{final}.bias"]
+    modules = {e.path for e in entries if e.kind == "module" and e.path}
+    used = set(norm_keys) | set(linear_keys)
+    unused = sorted(
+        m for m in modules
+        if m != finals[0].path and not any(m.startswith(k) and m[len(k):].rstrip("]").isdigit() for k in used)
+    )
+    if unused:
+        raise misfit(f"modules {unused} have no place in the mix_sum adapter")
+    if len(eps_values) != 1:
+        raise misfit(f"the LayerNorms use different eps values {sorted(eps_values)}")
+    dtypes = {t.dtype for t in state_dict.values()}
+    if len(dtypes) != 1:
+        raise misfit(f"the weights mix dtypes {sorted(map(str, dtypes))}")
+    num_image_tokens = next((e.value for e in entries if e.path == "n_embeddings" and e.kind == "attribute"), None)
+    return ReleasedMixProjection(
+        state_dict=state_dict,
+        width=width,
+        text_hidden_size=text_hidden_size,
+        layer_norm_eps=eps_values.pop(),
+        dtype=dtypes.pop(),
+        num_image_tokens=num_image_tokens if type(num_image_tokens) is int else None,
+        groups=tuple(f"{n} / {l} / {c}" for n, l, c in zip(norm_keys, linear_keys, coefficient_keys)),
     )

@@ -46,6 +46,8 @@ from transformers import (
 )
 
 from modeling_omnifusion import OmniFusionConfig, OmniFusionForCausalLM, OmniFusionProcessor
+from modeling_omnifusion.conversion.convert_omnifusion_to_hf import vision_state_at_input_size
+from modeling_omnifusion.processing.processing_omnifusion import image_processor_output_size
 
 
 logger = logging.getLogger(__name__)
@@ -209,20 +211,24 @@ class ConversationEncoder:
         self.image_folder = image_folder
         self.max_length = max_length
 
-    def tokenize(self, messages: list[dict]) -> torch.LongTensor:
-        """Token ids exactly as `processor(images=..., text=chat)` gives them, without decoding any image."""
+    def tokenize(self, messages: list[dict], image_size: tuple[int, int] | None = None) -> torch.LongTensor:
+        """Token ids exactly as `processor(images=..., text=chat)` gives them, without decoding any image (with
+        tiles the image block's length depends on the image's `(height, width)`, read from its header)."""
         processor = self.processor
         chat = processor.apply_chat_template(messages, tokenize=False)
         num_images = sum(item["type"] == "image" for message in messages for item in message["content"])
-        blocks = [processor.replace_image_token({}, index) for index in range(num_images)]
+        num_views = processor.num_image_views(*image_size) if image_size is not None else 1
+        blocks = [processor.image_block(num_views) for _ in range(num_images)]
         (text,), _ = processor.get_text_with_replacements([chat], images_replacements=blocks)
         input_ids = processor.tokenizer(text, add_special_tokens=False)["input_ids"]
         return truncate(torch.tensor(input_ids, dtype=torch.long), self.max_length, processor)
 
-    def tokenize_record(self, name: str, messages: list[dict]) -> torch.LongTensor:
+    def tokenize_record(
+        self, name: str, messages: list[dict], image_size: tuple[int, int] | None = None
+    ) -> torch.LongTensor:
         """`tokenize`, with what the processor refuses (e.g. a lone surrogate in the text) named by the record."""
         try:
-            return self.tokenize(messages)
+            return self.tokenize(messages, image_size)
         except (TypeError, ValueError) as error:
             raise ValueError(f"Record {name}: {error}") from error
 
@@ -241,20 +247,33 @@ class ConversationEncoder:
         except Exception as error:  # PIL raises many types (OSError, SyntaxError, struct.error, ...) on bad files
             raise ValueError(f"Record {name}: cannot read image {path} ({type(error).__name__}: {error}).") from error
 
+    def image_size(self, name: str, image: str | None) -> tuple[int, int] | None:
+        """`(height, width)` of the record's image when the processor tiles (its block length depends on it)."""
+        if image is None or self.processor.image_grid_pinpoints is None:
+            return None
+        path = os.path.join(self.image_folder, image)
+        try:
+            with Image.open(path) as file:
+                width, height = file.size
+        except Exception as error:
+            raise ValueError(f"Record {name}: cannot read image {path} ({type(error).__name__}: {error}).") from error
+        return height, width
+
     def check(self, row: dict) -> dict:
         """`error` (message, empty if fine), `error_type` and `has_answer` for one stored row."""
         try:
             messages, image = record_to_messages(row["name"], row["record"])
             if image is not None:
                 self.read_image(row["name"], image, decode=False)
-            labels = assistant_labels(self.tokenize_record(row["name"], messages), self.processor)
+            image_size = self.image_size(row["name"], image)
+            labels = assistant_labels(self.tokenize_record(row["name"], messages, image_size), self.processor)
         except (FileNotFoundError, ValueError) as error:
             return {"error": str(error), "error_type": type(error).__name__, "has_answer": False}
         return {"error": "", "error_type": "", "has_answer": bool((labels != -100).any())}
 
     def encode(self, name: str, record: str) -> dict:
         messages, image = record_to_messages(name, record)
-        input_ids = self.tokenize_record(name, messages)
+        input_ids = self.tokenize_record(name, messages, self.image_size(name, image))
         pixel_values = None
         if image is not None and (input_ids == self.processor.image_end_token_id).any():
             try:
@@ -344,30 +363,82 @@ def load_vision_tower(name_or_path: str) -> nn.Module:
     return AutoModel.from_pretrained(name_or_path, config=getattr(config, "vision_config", config))
 
 
+def parse_vision_models(value: str) -> list[str]:
+    """`--vision_model_name_or_path`: one folder/Hub id, or several comma-separated (`clip_dir,dinov2_dir`)."""
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    if not names:
+        raise ValueError(f"--vision_model_name_or_path names no vision model: {value!r}")
+    return names
+
+
+def parse_grid_pinpoints(value: str | None) -> list[list[int]] | None:
+    """`--image_grid_pinpoints` as JSON, e.g. '[[672, 336], [336, 672], [672, 672]]' (None: no tiles)."""
+    if value is None or value.strip().lower() in ("", "none", "null"):
+        return None
+    try:
+        pinpoints = json.loads(value)
+    except ValueError as exc:
+        raise ValueError(f"--image_grid_pinpoints must be JSON like '[[672, 336], [672, 672]]', got {value!r}") from exc
+    if not isinstance(pinpoints, list):
+        raise ValueError(f"--image_grid_pinpoints must be a JSON list of [height, width] pairs, got {value!r}")
+    return pinpoints
+
+
+def load_vision_towers(names: list[str], one_input_size: bool) -> tuple[list, list, list[dict]]:
+    """
+    The pretrained encoders, their image processors and their weights. With several encoders and tiles every
+    processor outputs the first's size (tiles are one size); DINOv2's position table is then interpolated to its
+    processor's size with its own code (`vision_state_at_input_size`), as DINOv2 does at run time.
+    """
+    towers = [load_vision_tower(name) for name in names]
+    image_processors = [AutoImageProcessor.from_pretrained(name) for name in names]
+    if len(names) == 1:
+        return [towers[0].config], image_processors, [towers[0].state_dict()]
+    if one_input_size:
+        size = image_processor_output_size(image_processors[0])
+        for image_processor in image_processors[1:]:
+            image_processor.size = {"shortest_edge": size}
+            image_processor.crop_size = {"height": size, "width": size}
+    configs, states = [], []
+    for tower, image_processor in zip(towers, image_processors):
+        size = image_processor_output_size(image_processor)
+        states.append(vision_state_at_input_size(tower, size))
+        configs.append(type(tower.config).from_dict({**tower.config.to_dict(), "image_size": size}))
+    return configs, image_processors, states
+
+
 def build_model_from_pretrained_parts(
     vision_model_name_or_path: str, language_model_name_or_path: str, **config_kwargs
 ) -> tuple[OmniFusionForCausalLM, OmniFusionProcessor]:
     """
-    A new OmniFusion around a pretrained vision encoder and a pretrained decoder LM (whose tokenizer it takes), with a
-    freshly initialised adapter and markers, and its processor. `config_kwargs` go to `OmniFusionConfig`.
+    A new OmniFusion around pretrained vision encoder(s) (comma-separated for several) and a pretrained decoder LM
+    (whose tokenizer it takes), with a freshly initialised adapter and markers, and its processor. `config_kwargs`
+    go to `OmniFusionConfig` (`adapter_type`, `image_grid_pinpoints`, ...).
     """
-    vision_tower = load_vision_tower(vision_model_name_or_path)
+    names = parse_vision_models(vision_model_name_or_path)
+    vision_configs, image_processors, vision_states = load_vision_towers(
+        names, one_input_size=config_kwargs.get("image_grid_pinpoints") is not None
+    )
     language_model = AutoModelForCausalLM.from_pretrained(language_model_name_or_path)
     processor = OmniFusionProcessor(
-        AutoImageProcessor.from_pretrained(vision_model_name_or_path),
+        image_processors[0],
         AutoTokenizer.from_pretrained(language_model_name_or_path),
         end_assistant_turns_with_eos=True,
+        extra_encoder_preprocessors=image_processors[1:],
     )
     config = OmniFusionConfig(
-        vision_config=vision_tower.config,
+        vision_config=vision_configs if len(names) > 1 else vision_configs[0],
         text_config=language_model.config,
         **processor.special_token_ids,
         **config_kwargs,
     )
-    processor.num_image_tokens = config.num_image_tokens
+    for name, value in config.processor_kwargs.items():
+        setattr(processor, name, value)
 
     model = OmniFusionForCausalLM(config)
-    model.model.vision_tower.load_state_dict(vision_tower.state_dict())
+    towers = model.model.vision_tower if len(names) > 1 else [model.model.vision_tower]
+    for tower, state in zip(towers, vision_states):
+        tower.load_state_dict(state)
     missing, unexpected = model.model.language_model.load_state_dict(
         language_model.base_model.state_dict(), strict=False
     )
@@ -380,6 +451,15 @@ def build_model_from_pretrained_parts(
     model.generation_config.eos_token_id = processor.tokenizer.eos_token_id
     model.generation_config.pad_token_id = model.config.text_config.pad_token_id = processor.tokenizer.pad_token_id
     return model, processor
+
+
+def set_image_grid_pinpoints(model: OmniFusionForCausalLM, processor: OmniFusionProcessor, pinpoints):
+    """Switch tiles on (or change them) for an existing model and its processor; the weights are unchanged."""
+    config = model.config
+    config.image_grid_pinpoints = pinpoints
+    config.check_image_grid_pinpoints()
+    for name, value in config.processor_kwargs.items():
+        setattr(processor, name, value)
 
 
 def train_only(model: nn.Module, modules: list[nn.Module]):

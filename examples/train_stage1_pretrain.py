@@ -1,7 +1,9 @@
 """
 OmniFusion stage 1 (pre-training): build a new OmniFusion from a pretrained vision encoder and a pretrained LM, then
 train only the adapter and the learned marker embeddings on image-text conversations (usually captions). The vision
-encoder, the LM and its token embeddings stay frozen, bit for bit.
+encoder(s), the LM and its token embeddings stay frozen, bit for bit. Several encoders (comma-separated, e.g. CLIP and
+DINOv2 with `--adapter_type mix_sum`: the mix adapter's per-layer maps and coefficients train here) and tiles
+(`--image_grid_pinpoints '[[672, 336], [336, 672], [672, 672]]'`) are options.
 
     python examples/train_stage1_pretrain.py \
         --vision_model_name_or_path openai/clip-vit-large-patch14-336 \
@@ -27,6 +29,7 @@ from omnifusion_training import (
     OmniFusionTrainingArguments,
     build_model_from_pretrained_parts,
     make_trainer,
+    parse_grid_pinpoints,
     setup_run,
     train_only,
 )
@@ -35,11 +38,19 @@ from omnifusion_training import (
 @dataclass
 class ModelArguments:
     vision_model_name_or_path: str = field(
-        metadata={"help": "Vision encoder (a CLIP/SigLIP/DINOv2 folder or Hub id, full CLIP models included)."}
+        metadata={
+            "help": "Vision encoder (a CLIP/SigLIP/DINOv2 folder or Hub id, full CLIP models included), or several "
+            "comma-separated (clip_dir,dinov2_dir) for a mix adapter."
+        }
     )
     language_model_name_or_path: str = field(metadata={"help": "Decoder LM with its tokenizer (folder or Hub id)."})
-    adapter_type: Literal["transformer", "mlp", "linear"] = field(
-        default="transformer", metadata={"help": "Adapter between the two (released: transformer)."}
+    adapter_type: Literal["transformer", "mlp", "linear", "mix_sum", "mix_concat"] = field(
+        default="transformer",
+        metadata={"help": "Adapter between the two (released: transformer; two encoders: mix_sum or mix_concat)."},
+    )
+    image_grid_pinpoints: str | None = field(
+        default=None,
+        metadata={"help": "Tiles: JSON list of [height, width] canvases, e.g. '[[672, 336], [336, 672], [672, 672]]'."},
     )
 
 
@@ -64,6 +75,7 @@ def main(args: list[str] | None = None) -> Trainer:
         model_args.vision_model_name_or_path,
         model_args.language_model_name_or_path,
         adapter_type=model_args.adapter_type,
+        image_grid_pinpoints=parse_grid_pinpoints(model_args.image_grid_pinpoints),
     )
     train_only(model, [model.model.adapter, model.get_input_embeddings().special_embeddings])
 

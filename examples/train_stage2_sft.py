@@ -27,6 +27,8 @@ from omnifusion_training import (
     OmniFusionTrainingArguments,
     log_trainable_parameters,
     make_trainer,
+    parse_grid_pinpoints,
+    set_image_grid_pinpoints,
     setup_run,
     train_only,
 )
@@ -45,6 +47,13 @@ class ModelArguments:
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input (with --lora_r)."})
     save_lora_adapter_only: bool = field(
         default=False, metadata={"help": "With --lora_r: save only the LoRA adapter, unmerged."}
+    )
+    image_grid_pinpoints: str | None = field(
+        default=None,
+        metadata={
+            "help": "Tiles for this stage: JSON list of [height, width] canvases, e.g. '[[672, 336], [336, 672], "
+            "[672, 672]]' (default: as the --model_name_or_path folder). The encoders are that folder's."
+        },
     )
 
 
@@ -65,6 +74,8 @@ def main(args: list[str] | None = None) -> Trainer:
     model = OmniFusionForCausalLM.from_pretrained(model_args.model_name_or_path)
     processor = OmniFusionProcessor.from_pretrained(model_args.model_name_or_path)
     processor.end_assistant_turns_with_eos = True
+    if model_args.image_grid_pinpoints is not None:
+        set_image_grid_pinpoints(model, processor, parse_grid_pinpoints(model_args.image_grid_pinpoints))
     if model_args.lora_r:  # get_peft_model freezes everything but the LoRA weights and the modules to save
         lora_config = LoraConfig(
             r=model_args.lora_r,

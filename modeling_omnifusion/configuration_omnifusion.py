@@ -1,4 +1,4 @@
-"""OmniFusion configuration: a vision encoder, an adapter and a decoder-only language model."""
+"""OmniFusion configuration: one or several vision encoders, an adapter and a decoder-only language model."""
 
 from typing import Literal
 
@@ -15,6 +15,9 @@ SPECIAL_TOKEN_FIELDS = (
     "user_token_id",
     "assistant_token_id",
 )
+
+
+MIX_ADAPTER_TYPES = ("mix_sum", "mix_concat")
 
 
 def num_vision_prefix_tokens(vision_config) -> int:
@@ -34,6 +37,22 @@ def check_vision_feature_layer(layer, vision_config):
             f"vision_feature_layer={layer} is out of range for a {vision_config.model_type} tower with "
             f"{num_layers} layers: its hidden states are indexed {-(num_layers + 1)}..{num_layers}."
         )
+def _as_vision_config(entry, index: int) -> PreTrainedConfig:
+    """A vision config from a config object or a dict naming its `model_type`."""
+    if isinstance(entry, PreTrainedConfig):
+        return entry
+    if isinstance(entry, dict) and entry.get("model_type"):
+        entry = dict(entry)
+        return AutoConfig.for_model(entry.pop("model_type"), **entry)
+    raise TypeError(
+        f"OmniFusionConfig vision_config[{index}] must be a vision config or a dict with its `model_type`, "
+        f"got {type(entry).__name__}"
+    )
+
+
+def _describe_encoder(index: int, vision_config) -> str:
+    name = vision_config._name_or_path or vision_config.model_type
+    return f"vision_config[{index}] ({name}, {vision_config.image_size}px)"
 
 
 @strict
@@ -41,17 +60,37 @@ class OmniFusionConfig(PreTrainedConfig):
     r"""
     Configuration of an OmniFusion model.
 
-    vision_config (`dict` or `PreTrainedConfig`):
-        Any transformers vision encoder config (CLIP vision by default; SigLIP and DINOv2 work too).
+    vision_config (`dict`, `PreTrainedConfig` or a list of them):
+        Any transformers vision encoder config (CLIP vision by default; SigLIP and DINOv2 work too), or a list of
+        them for several encoders (the report's pair: CLIP ViT-L/14-336 + DINOv2). A list is stored as
+        `vision_config` (the first encoder) plus `additional_vision_configs` (the others), so single-encoder configs and
+        saved folders are unchanged; `vision_configs` lists all of them. Several encoders need a mixing adapter.
     text_config (`dict` or `PreTrainedConfig`):
         Any decoder-only LM config (Mistral by default).
     adapter_type (`str`):
         `"transformer"` (the released adapter: one post-norm `nn.TransformerEncoderLayer`, then a Linear to the LM
-        width), `"mlp"` (Linear-GELU-Linear) or `"linear"`.
+        width), `"mlp"` (Linear-GELU-Linear) or `"linear"`: one encoder. For one or several encoders:
+        `"mix_sum"`, the report's "projection & summation" (all hidden states of every encoder, a LayerNorm and a
+        Linear per hidden state, trainable per-layer coefficients, the encoders' sequences summed with the shorter
+        right-padded by zeros, GELU, a Linear to the LM width; positions per view: the longest encoder sequence), or
+        `"mix_concat"`, "embedding concatenation" (each encoder's `vision_feature_layer` through its own Linear,
+        concatenated along the sequence, one transformer layer, a Linear; positions: the sum of the sequences).
     adapter_num_heads, adapter_ffn_dim, adapter_dropout, adapter_activation, adapter_layer_norm_eps:
         Sizes of the transformer adapter (released: 4 heads, FFN 2048, dropout 0.1, ReLU, eps 1e-5).
     adapter_hidden_size, adapter_hidden_act:
-        Hidden width (defaults to the LM width) and activation of the MLP adapter.
+        Hidden width and activation of the MLP adapter (width defaults to the LM width) and of the mix adapters
+        (width defaults to the first encoder's width: the release's per-layer Linear(1024, 1024)).
+    image_grid_pinpoints (`list[list[int]]`, *optional*):
+        Tiling ("anyres", report 1.4): candidate `[height, width]` canvases in pixels, each a multiple of the
+        encoders' image size, e.g. `[[672, 336], [336, 672], [672, 672]]` for 1x2, 2x1 and 2x2 tiles of 336 px.
+        The processor resizes each image (aspect kept, bicubic) into the best-fitting canvas (the one keeping the
+        most image pixels, then the least padding, as LLaVA-NeXT), pads it centred with black, cuts it into
+        non-overlapping tiles in row-major order and adds the whole image resized to one tile as the global view. Every view is encoded and
+        adapted on its own; an image becomes `num_views * num_image_tokens` positions inside one
+        `<image_start>` ... `<image_end>` pair, with no separators. `None` (default): one view, as released.
+    image_global_view_position (`str`):
+        Where the global view goes among an image's views when tiling: `"first"` (default, as LLaVA-NeXT) or
+        `"last"`.
     vision_feature_layer (`int`):
         Which vision hidden state feeds the adapter (released: -2).
     vision_feature_select_strategy (`str`):
@@ -80,9 +119,10 @@ class OmniFusionConfig(PreTrainedConfig):
         "text_config": SubConfigSpec(config_class=AutoConfig, model_type="mistral"),
     }
 
-    vision_config: dict | PreTrainedConfig | None = None
+    vision_config: dict | PreTrainedConfig | list | None = None
     text_config: dict | PreTrainedConfig | None = None
-    adapter_type: Literal["transformer", "mlp", "linear"] = "transformer"
+    additional_vision_configs: list | None = None
+    adapter_type: Literal["transformer", "mlp", "linear", "mix_sum", "mix_concat"] = "transformer"
     adapter_num_heads: int = 4
     adapter_ffn_dim: int = 2048
     adapter_dropout: float = 0.1
@@ -92,6 +132,8 @@ class OmniFusionConfig(PreTrainedConfig):
     adapter_hidden_act: str = "gelu"
     vision_feature_layer: int = -2
     vision_feature_select_strategy: Literal["default", "full"] = "default"
+    image_grid_pinpoints: list | None = None
+    image_global_view_position: Literal["first", "last"] = "first"
     image_token_id: int = 32000
     image_start_token_id: int = 32001
     image_end_token_id: int = 32002
@@ -101,15 +143,103 @@ class OmniFusionConfig(PreTrainedConfig):
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
+        if isinstance(self.vision_config, (list, tuple)):
+            if not self.vision_config:
+                raise ValueError("OmniFusionConfig vision_config is an empty list; give at least one vision config")
+            if self.additional_vision_configs:
+                raise ValueError("Pass several encoders either as a vision_config list or as additional_vision_configs")
+            self.vision_config, *self.additional_vision_configs = self.vision_config
+        self.additional_vision_configs = [
+            _as_vision_config(entry, index) for index, entry in enumerate(self.additional_vision_configs or [], 1)
+        ] or None
         super().__post_init__(**kwargs)
         if not self.tie_word_embeddings and getattr(self.text_config, "tie_word_embeddings", False):
             self.tie_word_embeddings = True
-        check_vision_feature_layer(self.vision_feature_layer, self.vision_config)
         ids = self.special_token_ids
         if len(set(ids)) != len(ids):
             raise ValueError(
                 f"OmniFusionConfig special token ids must be distinct, got {dict(zip(SPECIAL_TOKEN_FIELDS, ids))}"
             )
+        self._check_encoders_combine()
+        self.check_image_grid_pinpoints()
+
+    def _check_encoders_combine(self):
+        encoders = self.vision_configs
+        if len(encoders) > 1 and self.adapter_type not in MIX_ADAPTER_TYPES:
+            raise ValueError(
+                f"adapter_type={self.adapter_type!r} reads one vision encoder, but the config has {len(encoders)}: "
+                + ", ".join(_describe_encoder(i, v) for i, v in enumerate(encoders))
+                + f"; use one of {list(MIX_ADAPTER_TYPES)}"
+            )
+        for index, vision in enumerate(encoders):
+            if self.adapter_type != "mix_sum":  # mix_sum reads every hidden state
+                check_vision_feature_layer(self.vision_feature_layer, vision)
+            if vision.image_size % vision.patch_size:
+                raise ValueError(
+                    f"{_describe_encoder(index, vision)}: image_size is not a multiple of patch_size {vision.patch_size}"
+                )
+
+    def check_image_grid_pinpoints(self):
+        if self.image_grid_pinpoints is None:
+            return
+        pinpoints = self.image_grid_pinpoints
+        if not pinpoints or not all(
+            isinstance(p, (list, tuple)) and len(p) == 2 and all(type(v) is int and v > 0 for v in p) for p in pinpoints
+        ):
+            raise ValueError(
+                f"image_grid_pinpoints must be a non-empty list of [height, width] pixel sizes, got {pinpoints!r}"
+            )
+        encoders = self.vision_configs
+        first = encoders[0]
+        for index, vision in enumerate(encoders[1:], 1):
+            if vision.image_size != first.image_size:
+                raise ValueError(
+                    f"tiles need one tile size shared by every encoder, but {_describe_encoder(0, first)} and "
+                    f"{_describe_encoder(index, vision)} differ: give both encoders the same image_size"
+                )
+        tile = first.image_size
+        bad = [list(p) for p in pinpoints if p[0] % tile or p[1] % tile]
+        if bad:
+            raise ValueError(f"image_grid_pinpoints {bad} are not multiples of the tile size {tile}px")
+        self.image_grid_pinpoints = [list(p) for p in pinpoints]
+
+    def to_dict(self) -> dict:
+        output = super().to_dict()
+        if self.additional_vision_configs:
+            output["additional_vision_configs"] = [vision.to_dict() for vision in self.additional_vision_configs]
+        return output
+
+    @property
+    def processor_kwargs(self) -> dict:
+        """The `OmniFusionProcessor` settings this config fixes: positions per view and the tiling layout."""
+        return {
+            "num_image_tokens": self.num_image_tokens,
+            "image_grid_pinpoints": self.image_grid_pinpoints,
+            "image_global_view_position": self.image_global_view_position,
+        }
+
+    @property
+    def vision_configs(self) -> list:
+        """Every vision encoder's config, in order (`vision_config` first)."""
+        return [self.vision_config, *(self.additional_vision_configs or [])]
+
+    @property
+    def mix_adapter_width(self) -> int:
+        """Hidden width of the mix adapters (default: the first encoder's width)."""
+        return self.adapter_hidden_size or self.vision_config.hidden_size
+
+    def vision_feature_layers(self, vision_config) -> list[int]:
+        """The hidden states of `vision_config`'s encoder the adapter reads: all of them for `mix_sum`."""
+        if self.adapter_type == "mix_sum":
+            return list(range(vision_config.num_hidden_layers + 1))
+        return [self.vision_feature_layer]
+
+    def encoder_num_image_tokens(self, vision_config) -> int:
+        """Feature vectors one view gives from `vision_config`'s encoder after the select strategy."""
+        num_patches = (vision_config.image_size // vision_config.patch_size) ** 2
+        if self.vision_feature_select_strategy == "full":
+            num_patches += num_vision_prefix_tokens(vision_config)
+        return num_patches
 
     @property
     def special_token_ids(self) -> list[int]:
@@ -118,12 +248,12 @@ class OmniFusionConfig(PreTrainedConfig):
 
     @property
     def num_image_tokens(self) -> int:
-        """Image positions per image: what the adapter outputs and what the processor must emit."""
-        vision = self.vision_config
-        num_patches = (vision.image_size // vision.patch_size) ** 2
-        if self.vision_feature_select_strategy == "full":
-            num_patches += num_vision_prefix_tokens(vision)
-        return num_patches
+        """
+        Image positions per view (per image without tiles): what the adapter outputs for one view and what the
+        processor emits per view. With several encoders: the longest sequence (`mix_sum`) or their sum (`mix_concat`).
+        """
+        counts = [self.encoder_num_image_tokens(vision) for vision in self.vision_configs]
+        return sum(counts) if self.adapter_type == "mix_concat" else max(counts)
 
 
-__all__ = ["OmniFusionConfig"]
+__all__ = ["MIX_ADAPTER_TYPES", "OmniFusionConfig"]

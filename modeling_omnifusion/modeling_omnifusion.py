@@ -7,7 +7,6 @@ from huggingface_hub import ModelCard, ModelCardData
 from torch import nn
 from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
-from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import (
     BaseModelOutputWithPooling,
@@ -18,7 +17,22 @@ from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils import torch_compilable_check
 from transformers.utils.generic import can_return_tuple
 
-from .configuration_omnifusion import OmniFusionConfig, check_vision_feature_layer, num_vision_prefix_tokens
+from .adapters_omnifusion import (  # the adapter classes stay importable from here, where they used to live
+    ADAPTER_CLASSES,
+    OmniFusionAdapterSelfAttention,
+    OmniFusionLayerMix,
+    OmniFusionLinearAdapter,  # noqa: F401
+    OmniFusionMixConcatAdapter,  # noqa: F401
+    OmniFusionMixSumAdapter,  # noqa: F401
+    OmniFusionMLPAdapter,  # noqa: F401
+    OmniFusionTransformerAdapter,  # noqa: F401
+)
+from .configuration_omnifusion import (
+    MIX_ADAPTER_TYPES,
+    OmniFusionConfig,
+    check_vision_feature_layer,
+    num_vision_prefix_tokens,
+)
 from .input_checks_omnifusion import (
     check_generation_config_file,
     check_generation_settings,
@@ -57,107 +71,13 @@ class OmniFusionTokenEmbedding(nn.Embedding):
         return torch.where(is_special.unsqueeze(-1), special_embeds.to(text_embeds.dtype), text_embeds)
 
 
-class OmniFusionAdapterSelfAttention(nn.Module):
-    """Multi-head self-attention with `nn.MultiheadAttention`'s parameter layout (packed `in_proj_weight`), on SDPA."""
-
-    def __init__(self, hidden_size: int, num_heads: int, dropout: float):
-        super().__init__()
-        if hidden_size % num_heads:
-            raise ValueError(f"adapter width {hidden_size} is not divisible by adapter_num_heads={num_heads}")
-        self.num_heads = num_heads
-        self.dropout = dropout
-        self.in_proj_weight = nn.Parameter(torch.empty(3 * hidden_size, hidden_size))
-        self.in_proj_bias = nn.Parameter(torch.empty(3 * hidden_size))
-        self.out_proj = nn.Linear(hidden_size, hidden_size)
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        batch, length, width = hidden_states.shape
-        qkv = nn.functional.linear(hidden_states, self.in_proj_weight, self.in_proj_bias)
-        query, key, value = qkv.view(batch, length, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
-        attention = nn.functional.scaled_dot_product_attention(
-            query, key, value, dropout_p=self.dropout if self.training else 0.0
-        )
-        return self.out_proj(attention.transpose(1, 2).reshape(batch, length, width))
-
-
-class OmniFusionAdapterEncoderLayer(nn.Module):
-    """
-    A post-norm transformer encoder layer, numerically `nn.TransformerEncoderLayer(batch_first=True, norm_first=False)`
-    and with the same parameter names, so released adapters load by name. Every weight is used through a submodule
-    call, which keeps device maps and offloading working.
-    """
-
-    def __init__(self, config: OmniFusionConfig):
-        super().__init__()
-        width = config.vision_config.hidden_size
-        self.self_attn = OmniFusionAdapterSelfAttention(width, config.adapter_num_heads, config.adapter_dropout)
-        self.linear1 = nn.Linear(width, config.adapter_ffn_dim)
-        self.linear2 = nn.Linear(config.adapter_ffn_dim, width)
-        self.activation = ACT2FN[config.adapter_activation]
-        self.norm1 = nn.LayerNorm(width, eps=config.adapter_layer_norm_eps)
-        self.norm2 = nn.LayerNorm(width, eps=config.adapter_layer_norm_eps)
-        self.dropout = nn.Dropout(config.adapter_dropout)
-        self.dropout1 = nn.Dropout(config.adapter_dropout)
-        self.dropout2 = nn.Dropout(config.adapter_dropout)
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        hidden_states = self.norm1(hidden_states + self.dropout1(self.self_attn(hidden_states)))
-        feed_forward = self.linear2(self.dropout(self.activation(self.linear1(hidden_states))))
-        return self.norm2(hidden_states + self.dropout2(feed_forward))
-
-
-class OmniFusionTransformerAdapter(nn.Module):
-    """The released adapter: one post-norm transformer encoder layer over the patches, then a Linear to the LM width."""
-
-    def __init__(self, config: OmniFusionConfig):
-        super().__init__()
-        self.transformer_layer = OmniFusionAdapterEncoderLayer(config)
-        self.linear = nn.Linear(config.vision_config.hidden_size, config.text_config.hidden_size)
-
-    def forward(self, image_features: torch.Tensor) -> torch.Tensor:
-        return self.linear(self.transformer_layer(image_features))
-
-
-class OmniFusionMLPAdapter(nn.Module):
-    """Linear-activation-Linear from the vision width to the LM width (the paper's best single-encoder adapter)."""
-
-    def __init__(self, config: OmniFusionConfig):
-        super().__init__()
-        hidden = config.adapter_hidden_size or config.text_config.hidden_size
-        self.linear_1 = nn.Linear(config.vision_config.hidden_size, hidden)
-        self.act = ACT2FN[config.adapter_hidden_act]
-        self.linear_2 = nn.Linear(hidden, config.text_config.hidden_size)
-
-    def forward(self, image_features: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(self.act(self.linear_1(image_features)))
-
-
-class OmniFusionLinearAdapter(nn.Module):
-    """A single Linear from the vision width to the LM width."""
-
-    def __init__(self, config: OmniFusionConfig):
-        super().__init__()
-        self.linear = nn.Linear(config.vision_config.hidden_size, config.text_config.hidden_size)
-
-    def forward(self, image_features: torch.Tensor) -> torch.Tensor:
-        return self.linear(image_features)
-
-
-ADAPTER_CLASSES = {
-    "transformer": OmniFusionTransformerAdapter,
-    "mlp": OmniFusionMLPAdapter,
-    "linear": OmniFusionLinearAdapter,
-}
-
-
 WIDGET_IMAGE_URL = "https://huggingface.co/datasets/huggingface/documentation-images/resolve/main/bee.jpg"
 
 
 def build_model_card(config: OmniFusionConfig) -> ModelCard:
     """A Hub model card: front matter for the image-text-to-text widget and a usage snippet."""
-    base_models = [
-        name for name in (config.text_config._name_or_path, config.vision_config._name_or_path) if name
-    ] or ["AIRI-Institute/OmniFusion"]
+    names = [config.text_config._name_or_path] + [vision._name_or_path for vision in config.vision_configs]
+    base_models = [name for name in names if name] or ["AIRI-Institute/OmniFusion"]
     data = ModelCardData(
         library_name="transformers",
         pipeline_tag="image-text-to-text",
@@ -179,15 +99,17 @@ def build_model_card(config: OmniFusionConfig) -> ModelCard:
             },
         ],
     )
-    vision = config.vision_config
+    encoders = " + ".join(f"{vision.model_type} ({vision.image_size}px)" for vision in config.vision_configs)
+    layers = "all hidden layers" if config.adapter_type == "mix_sum" else f"hidden layer {config.vision_feature_layer}"
+    tiles = f", tiled over {config.image_grid_pinpoints} plus a global view" if config.image_grid_pinpoints else ""
     content = f"""---
 {data.to_yaml()}
 ---
 
 # OmniFusion
 
-An OmniFusion vision-language model: a frozen {vision.model_type} vision encoder ({vision.image_size}px,
-{config.num_image_tokens} image tokens from hidden layer {config.vision_feature_layer}), a `{config.adapter_type}`
+An OmniFusion vision-language model: frozen vision encoder(s) {encoders} ({config.num_image_tokens} image tokens
+per view from {layers}{tiles}), a `{config.adapter_type}`
 adapter, learned image-start/end and user/assistant embeddings, and a {config.text_config.model_type} language model.
 
 ```python
@@ -261,9 +183,18 @@ class OmniFusionPreTrainedModel(PreTrainedModel):
         if isinstance(module, OmniFusionAdapterSelfAttention):
             init.xavier_uniform_(module.in_proj_weight)
             init.zeros_(module.in_proj_bias)
+        if isinstance(module, OmniFusionLayerMix):
+            init.constant_(module.layer_weights, 1.0 / module.layer_weights.numel())
         if isinstance(module, OmniFusionTokenEmbedding):
             # The released markers were drawn from N(0, 1/sqrt(hidden)), the scale of a typical token embedding.
             init.normal_(module.special_embeddings.weight, std=module.embedding_dim**-0.5)
+
+
+def build_vision_tower(config: OmniFusionConfig) -> nn.Module:
+    """One encoder as is (the released layout), several as an `nn.ModuleList` in config order."""
+    if config.additional_vision_configs:
+        return nn.ModuleList(AutoModel.from_config(vision) for vision in config.vision_configs)
+    return AutoModel.from_config(config.vision_config)
 
 
 class OmniFusionModel(OmniFusionPreTrainedModel):
@@ -271,7 +202,7 @@ class OmniFusionModel(OmniFusionPreTrainedModel):
 
     def __init__(self, config: OmniFusionConfig):
         super().__init__(config)
-        self.vision_tower = AutoModel.from_config(config.vision_config)
+        self.vision_tower = build_vision_tower(config)
         self.adapter = ADAPTER_CLASSES[config.adapter_type](config)
         self.language_model = AutoModel.from_config(config.text_config)
         text_embeddings = self.language_model.get_input_embeddings()
@@ -310,28 +241,69 @@ class OmniFusionModel(OmniFusionPreTrainedModel):
         Encode images and project them into the LM's embedding space.
 
         Args:
-            pixel_values: `[num_images, channels, height, width]`.
+            pixel_values: `[num_views, channels, height, width]` with one encoder; with several,
+                `[num_views, num_encoders, channels, height, width]` (see `_encoder_pixel_values`). A view is an image,
+                or with `image_grid_pinpoints` one tile or the global view of an image, in placeholder order.
 
         Returns:
-            The vision tower's output whose `pooler_output` is a list with one `[num_image_tokens, text_hidden]`
-            tensor per image (the adapter output).
+            The (first) vision tower's output whose `pooler_output` is a list with one `[num_image_tokens, text_hidden]`
+            tensor per view (the adapter output; one view per image without tiles).
         """
         layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
-        check_vision_feature_layer(layer, self.config.vision_config)
+        if self.config.adapter_type != "mix_sum":  # mix_sum reads every hidden state
+            for vision_config in self.config.vision_configs:
+                check_vision_feature_layer(layer, vision_config)
         strategy = vision_feature_select_strategy or self.config.vision_feature_select_strategy
         kwargs.pop("return_dict", None)
         kwargs.pop("output_hidden_states", None)
-        tower_dtype = next(self.vision_tower.parameters()).dtype
-        # Asking for the one layer used keeps only that hidden state (transformers 5 output capturing).
-        image_outputs = self.vision_tower(
-            pixel_values.to(tower_dtype), output_hidden_states=[layer], return_dict=True, **kwargs
-        )
-        image_features = image_outputs.hidden_states[layer]
-        if strategy == "default":
-            image_features = image_features[:, num_vision_prefix_tokens(self.config.vision_config) :]
-        image_embeds = self.adapter(image_features.to(next(self.adapter.parameters()).dtype))
+        towers = self.vision_tower if isinstance(self.vision_tower, nn.ModuleList) else [self.vision_tower]
+        encoder_features, image_outputs = [], None
+        for index, (tower, vision_config) in enumerate(zip(towers, self.config.vision_configs)):
+            layers = self.config.vision_feature_layers(vision_config)
+            if self.config.adapter_type != "mix_sum":
+                layers = [layer]  # the call's `vision_feature_layer` overrides the config's
+            outputs = tower(
+                self._encoder_pixel_values(pixel_values, index, vision_config).to(next(tower.parameters()).dtype),
+                # Asking for the layers used keeps only those hidden states (transformers 5 output capturing).
+                output_hidden_states=layers,
+                return_dict=True,
+                **kwargs,
+            )
+            prefix = num_vision_prefix_tokens(vision_config) if strategy == "default" else 0
+            encoder_features.append([outputs.hidden_states[i][:, prefix:] for i in layers])
+            if image_outputs is None:
+                image_outputs = outputs
+        adapter_dtype = next(self.adapter.parameters()).dtype
+        encoder_features = [[states.to(adapter_dtype) for states in layers] for layers in encoder_features]
+        if self.config.adapter_type in MIX_ADAPTER_TYPES:
+            image_embeds = self.adapter(encoder_features)
+        else:
+            image_embeds = self.adapter(encoder_features[0][0])
+        if vision_feature_select_strategy is None and image_embeds.shape[1] != self.config.num_image_tokens:
+            raise ValueError(
+                f"The {self.config.adapter_type} adapter returned {image_embeds.shape[1]} positions per view but the "
+                f"config (and so the processor) lays out num_image_tokens={self.config.num_image_tokens}"
+            )
         image_outputs.pooler_output = list(image_embeds)
         return image_outputs
+
+    def _encoder_pixel_values(self, pixel_values: torch.Tensor, index: int, vision_config) -> torch.Tensor:
+        """
+        The `[num_views, 3, size, size]` input of encoder `index`: `pixel_values` itself with one encoder; with
+        several, `pixel_values` is `[num_views, num_encoders, 3, height, width]`, each encoder's views zero-padded at
+        the bottom/right to the largest encoder size, and encoder `index` reads its own `image_size` corner.
+        """
+        if not self.config.additional_vision_configs:
+            return pixel_values
+        num_encoders = len(self.config.vision_configs)
+        size = vision_config.image_size
+        if pixel_values.dim() != 5 or pixel_values.shape[1] != num_encoders or min(pixel_values.shape[-2:]) < size:
+            raise ValueError(
+                f"pixel_values for {num_encoders} vision encoders must be [num_views, {num_encoders}, 3, height, "
+                f"width] with height and width at least each encoder's image_size (encoder {index}: {size}), got "
+                f"{list(pixel_values.shape)}; build the inputs with the model's OmniFusionProcessor"
+            )
+        return pixel_values[:, index, :, :size, :size]
 
     def get_placeholder_mask(
         self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor, image_features: torch.Tensor

@@ -11,9 +11,13 @@ import warnings
 import numpy as np
 import PIL.Image
 import PIL.ImageOps
+import transformers
 from tokenizers import AddedToken
 from tokenizers import normalizers as tk_normalizers
 from tokenizers import pre_tokenizers as tk_pre_tokenizers
+from transformers.image_transforms import to_pil_image
+from transformers.image_utils import PILImageResampling, make_flat_list_of_images
+from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import MultiModalData, ProcessorMixin
 from transformers.utils import logging
 
@@ -372,6 +376,72 @@ def _tokens_text_can_spell(tokenizer) -> list[str]:
     escaped = [token.replace("<", "<" + TEXT_ESCAPE) for token in tokens]
     encodings = tokenizer(escaped, add_special_tokens=False, padding=False)["input_ids"]
     return [token for token, ids in zip(tokens, encodings) if tokenizer.added_tokens_encoder[token] in ids]
+def select_best_resolution(height: int, width: int, pinpoints: list[list[int]]) -> tuple[int, int]:
+    """
+    The `[height, width]` canvas among `pinpoints` that keeps the most of the image's pixels once the image is resized
+    into it with its aspect ratio kept, ties broken by the least padding (LLaVA-NeXT's rule).
+    """
+    best, best_key = None, None
+    for canvas_height, canvas_width in pinpoints:
+        scale = min(canvas_height / height, canvas_width / width)
+        effective = min(int(height * scale) * int(width * scale), height * width)
+        key = (effective, -(canvas_height * canvas_width - effective))
+        if best_key is None or key > best_key:
+            best, best_key = (canvas_height, canvas_width), key
+    return best
+
+
+def fit_to_canvas(image, canvas_height: int, canvas_width: int) -> np.ndarray:
+    """A PIL `image` resized (aspect kept, bicubic) to fit the canvas, centred on black padding: `[H, W, 3]` uint8."""
+    scale = min(canvas_height / image.height, canvas_width / image.width)
+    height = min(canvas_height, max(1, int(np.ceil(image.height * scale))))
+    width = min(canvas_width, max(1, int(np.ceil(image.width * scale))))
+    canvas = np.zeros((canvas_height, canvas_width, 3), dtype=np.uint8)
+    top, left = (canvas_height - height) // 2, (canvas_width - width) // 2
+    canvas[top : top + height, left : left + width] = np.asarray(image.resize((width, height), PILImageResampling.BICUBIC))
+    return canvas
+
+
+def tile_views(image, pinpoints: list[list[int]], tile: int, global_view_position: str) -> list[np.ndarray]:
+    """
+    The views of one tiled image (`[tile, tile, 3]` uint8 each): its best-fit canvas cut into `tile` x `tile` tiles in
+    row-major order, and the whole image resized to one tile (the global view) first or last.
+    """
+    image = to_pil_image(image).convert("RGB")
+    canvas_height, canvas_width = select_best_resolution(image.height, image.width, pinpoints)
+    canvas = fit_to_canvas(image, canvas_height, canvas_width)
+    tiles = [
+        canvas[top : top + tile, left : left + tile]
+        for top in range(0, canvas_height, tile)
+        for left in range(0, canvas_width, tile)
+    ]
+    global_view = np.asarray(image.resize((tile, tile), PILImageResampling.BICUBIC))
+    return [global_view, *tiles] if global_view_position == "first" else [*tiles, global_view]
+
+
+def num_tile_views(height: int, width: int, pinpoints: list[list[int]], tile: int) -> int:
+    """How many views `tile_views` makes of a `height` x `width` image: the canvas's tiles plus the global view."""
+    canvas_height, canvas_width = select_best_resolution(height, width, pinpoints)
+    return (canvas_height // tile) * (canvas_width // tile) + 1
+
+
+def image_processor_output_size(image_processor) -> int:
+    """The square side an image processor outputs (its crop size when it crops, else its resize size)."""
+    size = image_processor.crop_size if getattr(image_processor, "do_center_crop", False) else image_processor.size
+    size = dict(size or {})
+    return size.get("height") or size.get("shortest_edge") or size.get("longest_edge")
+
+
+def _image_processor_from_dict(entry):
+    """An image processor saved in `processor_config.json` by `OmniFusionProcessor.to_dict`."""
+    if not isinstance(entry, dict):
+        return entry
+    entry = dict(entry)
+    class_name = entry.pop("image_processor_type", None)
+    image_processor_class = getattr(transformers, class_name or "", None)
+    if image_processor_class is None:
+        raise ValueError(f"extra_encoder_preprocessors: unknown image processor class {class_name!r}")
+    return image_processor_class(**entry)
 
 
 class OmniFusionProcessor(ProcessorMixin):
@@ -380,10 +450,17 @@ class OmniFusionProcessor(ProcessorMixin):
     placeholder becomes `<image_start>` + `num_image_tokens` x `<image>` + `<image_end>`.
 
     Args:
-        image_processor: any transformers image processor (CLIP's for the released model).
+        image_processor: any transformers image processor (CLIP's for the released model); the first encoder's.
         tokenizer: the LM's tokenizer. The five special tokens are added to it if missing, a pad token is set when it
             has none (`<unk>` as in the released training code, else EOS) and padding is on the left, for generation.
-        num_image_tokens (`int`): image positions per image, `OmniFusionConfig.num_image_tokens`.
+        num_image_tokens (`int`): image positions per view, `OmniFusionConfig.num_image_tokens`.
+        extra_encoder_preprocessors (`list`, *optional*): the image processors of the second and later vision
+            encoders (`OmniFusionConfig.additional_vision_configs` order), each normalising and resizing its own way.
+            With several encoders `pixel_values` is `[num_views, num_encoders, 3, height, width]`, each encoder's
+            views zero-padded at the bottom/right to the largest.
+        image_grid_pinpoints (`list[list[int]]`, *optional*), image_global_view_position (`str`): tiling, as
+            `OmniFusionConfig` documents it. Each image becomes `num_views * num_image_tokens` positions, `num_views`
+            depending on its size (`num_tile_views`); the views follow each other in `pixel_values`.
         end_assistant_turns_with_eos (`bool`, defaults to `False`): whether the chat template closes every
             assistant turn with the tokenizer's EOS. The released model never saw EOS after a reply (so it does not
             stop by itself); models trained with this project's scripts set it to `True` so generation stops.
@@ -409,9 +486,17 @@ class OmniFusionProcessor(ProcessorMixin):
         user_token: str = "<user>",
         assistant_token: str = "<assistant>",
         end_assistant_turns_with_eos: bool = False,
+        extra_encoder_preprocessors: list | None = None,
+        image_grid_pinpoints: list | None = None,
+        image_global_view_position: str = "first",
         **kwargs,
     ):
         self.num_image_tokens = _check_num_image_tokens(num_image_tokens)
+        self.extra_encoder_preprocessors = [_image_processor_from_dict(p) for p in extra_encoder_preprocessors or []]
+        self.image_grid_pinpoints = [list(p) for p in image_grid_pinpoints] if image_grid_pinpoints else None
+        if image_global_view_position not in ("first", "last"):
+            raise ValueError(f"image_global_view_position must be 'first' or 'last', got {image_global_view_position!r}")
+        self.image_global_view_position = image_global_view_position
         self.image_token = image_token
         self.image_start_token = image_start_token
         self.image_end_token = image_end_token
@@ -460,24 +545,86 @@ class OmniFusionProcessor(ProcessorMixin):
         return super().prepare_inputs_layout(images=images, text=text, **kwargs)
 
     def prepare_images(self, images, **kwargs):
-        """The image processor's output for `images` alone, after the same intake as a processor call (8-bit RGB, or
-        a `ValueError`/`TypeError` naming the image). `kwargs` go to the image processor."""
-        return self.image_processor(_check_images(images), **kwargs)
+        """`pixel_values` for `images` alone, after the same intake as a processor call (8-bit RGB, or a
+        `ValueError`/`TypeError` naming the image) and laid out as it does (views, encoders). `kwargs` go to the
+        image processor(s)."""
+        images = _check_images(images)
+        if not self.extra_encoder_preprocessors and self.image_grid_pinpoints is None:
+            return self.image_processor(images, **kwargs)
+        processed, _ = self._process_images(images, **kwargs)
+        return BatchFeature(dict(processed), tensor_type=kwargs.get("return_tensors"))
 
-    def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
+    @property
+    def image_processors(self) -> list:
+        """One image processor per vision encoder, in config order."""
+        return [self.image_processor, *self.extra_encoder_preprocessors]
+
+    @property
+    def tile_size(self) -> int:
+        return image_processor_output_size(self.image_processor)
+
+    def num_image_views(self, height: int, width: int) -> int:
+        """Views (encoder inputs) an image of this size becomes: 1, or its tiles plus the global view."""
+        if self.image_grid_pinpoints is None:
+            return 1
+        return num_tile_views(height, width, self.image_grid_pinpoints, self.tile_size)
+
+    def image_block(self, num_views: int = 1) -> str:
+        """The text one image becomes: `<image_start>`, `num_views * num_image_tokens` x `<image>`, `<image_end>`."""
         num_image_tokens = _check_num_image_tokens(self.num_image_tokens)
         if num_image_tokens is None:
             raise ValueError("OmniFusionProcessor needs `num_image_tokens` (OmniFusionConfig.num_image_tokens).")
-        return self.image_start_token + self.image_token * num_image_tokens + self.image_end_token
+        return self.image_start_token + self.image_token * (num_views * num_image_tokens) + self.image_end_token
+
+    def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
+        return self.image_block()
+
+    def _process_images(self, images, **kwargs):
+        """One encoder without tiles: the image processor's output as is. Otherwise the views of every image
+        (`tile_views`) through every encoder's image processor, stacked as `OmniFusionModel` reads them."""
+        if not self.extra_encoder_preprocessors and self.image_grid_pinpoints is None:
+            return super()._process_images(images, **kwargs)
+        flat = make_flat_list_of_images(images)
+        if self.image_grid_pinpoints is None:
+            views, counts = flat, [1] * len(flat)
+        else:
+            per_image = [
+                tile_views(image, self.image_grid_pinpoints, self.tile_size, self.image_global_view_position)
+                for image in flat
+            ]
+            views, counts = [view for image_views in per_image for view in image_views], [len(v) for v in per_image]
+        kwargs = {**kwargs, "return_tensors": "np"}
+        encoder_pixels = [np.asarray(p(views, **kwargs)["pixel_values"]) for p in self.image_processors]
+        processed = {"pixel_values": self._stack_encoder_pixels(encoder_pixels)}
+        return processed, [self.image_block(count) for count in counts]
+
+    def _stack_encoder_pixels(self, encoder_pixels: list[np.ndarray]) -> np.ndarray:
+        if len(encoder_pixels) == 1:
+            return encoder_pixels[0]
+        height = max(pixels.shape[-2] for pixels in encoder_pixels)
+        width = max(pixels.shape[-1] for pixels in encoder_pixels)
+        stacked = np.zeros((len(encoder_pixels[0]), len(encoder_pixels), 3, height, width), dtype=encoder_pixels[0].dtype)
+        for index, pixels in enumerate(encoder_pixels):
+            stacked[:, index, :, : pixels.shape[-2], : pixels.shape[-1]] = pixels
+        return stacked
 
     def _get_num_multimodal_tokens(self, image_sizes=None, **kwargs) -> MultiModalData:
-        """Tokens each image becomes (its whole block, markers included); one patch per image."""
+        """Tokens each image of `image_sizes` (`[height, width]` each) becomes (its whole block, markers included),
+        and its number of views (`num_image_patches`: 1 without tiles)."""
         if image_sizes is None:
             return MultiModalData()
+        views = [self.num_image_views(int(height), int(width)) for height, width in image_sizes]
         return MultiModalData(
-            num_image_tokens=[self.num_image_tokens + 2] * len(image_sizes),
-            num_image_patches=[1] * len(image_sizes),
+            num_image_tokens=[count * self.num_image_tokens + 2 for count in views],
+            num_image_patches=views,
         )
+
+    def to_dict(self) -> dict:
+        output = super().to_dict()
+        output["extra_encoder_preprocessors"] = [
+            {**p.to_dict(), "image_processor_type": type(p).__name__} for p in self.extra_encoder_preprocessors
+        ]
+        return output
 
     def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
         """Also writes a standalone `preprocessor_config.json`, for tools that read the image processor alone."""
@@ -497,4 +644,11 @@ class OmniFusionProcessor(ProcessorMixin):
         return super().apply_chat_template(conversation, chat_template, **kwargs)
 
 
-__all__ = ["OmniFusionProcessor", "DEFAULT_CHAT_TEMPLATE", "DEFAULT_SYSTEM_PROMPT", "TEXT_ESCAPE"]
+__all__ = [
+    "OmniFusionProcessor",
+    "DEFAULT_CHAT_TEMPLATE",
+    "DEFAULT_SYSTEM_PROMPT",
+    "TEXT_ESCAPE",
+    "select_best_resolution",
+    "tile_views",
+]

@@ -5,6 +5,7 @@ import torch
 from PIL import Image
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
+    BitImageProcessorPil,
     CLIPImageProcessorPil,
     CLIPVisionConfig,
     Dinov2Config,
@@ -43,15 +44,29 @@ def make_tokenizer(vocab_size: int = 300) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
 
 
-def vision_config(kind: str = "clip", hidden: int = 32):
-    common = dict(hidden_size=hidden, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+def vision_config(kind: str = "clip", hidden: int = 32, image_size: int = IMAGE_SIZE, num_layers: int = 2):
+    common = dict(hidden_size=hidden, intermediate_size=64, num_hidden_layers=num_layers, num_attention_heads=4)
     if kind == "clip":
-        return CLIPVisionConfig(image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, projection_dim=hidden, **common)
+        return CLIPVisionConfig(image_size=image_size, patch_size=PATCH_SIZE, projection_dim=hidden, **common)
     if kind == "siglip":
-        return SiglipVisionConfig(image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, **common)
+        return SiglipVisionConfig(image_size=image_size, patch_size=PATCH_SIZE, **common)
     if kind == "dinov2":
-        return Dinov2Config(image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, mlp_ratio=2, **common)
+        return Dinov2Config(image_size=image_size, patch_size=PATCH_SIZE, mlp_ratio=2, **common)
     raise ValueError(kind)
+
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def encoder_image_processor(kind: str, size: int = IMAGE_SIZE):
+    """The image processor each encoder family ships with, at `size`: DINOv2's resizes larger, crops and uses
+    ImageNet statistics; the others CLIP's."""
+    if kind == "dinov2":
+        return BitImageProcessorPil(
+            size={"shortest_edge": size + size // 7}, crop_size={"height": size, "width": size},
+            image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD,
+        )
+    return CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
 
 
 def make_processor(config: OmniFusionConfig | None = None, tokenizer=None, **kwargs) -> OmniFusionProcessor:
@@ -64,7 +79,7 @@ def make_processor(config: OmniFusionConfig | None = None, tokenizer=None, **kwa
     )
 
 
-def make_config(processor: OmniFusionProcessor, vision: str = "clip", adapter_type: str = "transformer", **kwargs):
+def make_config(processor: OmniFusionProcessor, vision="clip", adapter_type: str = "transformer", **kwargs):
     text_config = MistralConfig(
         vocab_size=len(processor.tokenizer) - 5,
         hidden_size=64,
@@ -78,7 +93,7 @@ def make_config(processor: OmniFusionProcessor, vision: str = "clip", adapter_ty
         eos_token_id=processor.tokenizer.eos_token_id,
     )
     return OmniFusionConfig(
-        vision_config=vision_config(vision),
+        vision_config=vision_config(vision) if isinstance(vision, str) else vision,
         text_config=text_config,
         adapter_type=adapter_type,
         adapter_ffn_dim=64,
@@ -88,13 +103,23 @@ def make_config(processor: OmniFusionProcessor, vision: str = "clip", adapter_ty
     )
 
 
-def make_model_and_processor(vision: str = "clip", adapter_type: str = "transformer", seed: int = 0, **kwargs):
-    """A random tiny OmniFusion (2-layer vision tower and LM) in eval mode, with its processor."""
+def make_model_and_processor(
+    vision: str | list = "clip", adapter_type: str = "transformer", seed: int = 0, vision_sizes=None, **kwargs
+):
+    """
+    A random tiny OmniFusion (2-layer vision tower(s) and LM) in eval mode, with its processor. `vision` is one
+    encoder kind or a list of them (each with its own image processor, at `vision_sizes` px).
+    """
     torch.manual_seed(seed)
     processor = make_processor()
+    if not isinstance(vision, str):
+        sizes = vision_sizes or [IMAGE_SIZE] * len(vision)
+        image_processors = [encoder_image_processor(kind, size) for kind, size in zip(vision, sizes)]
+        processor.image_processor, *processor.extra_encoder_preprocessors = image_processors
+        vision = [vision_config(kind, image_size=size) for kind, size in zip(vision, sizes)]
     config = make_config(processor, vision=vision, adapter_type=adapter_type, **kwargs)
-    if config.num_image_tokens != processor.num_image_tokens:
-        processor.num_image_tokens = config.num_image_tokens
+    for name, value in config.processor_kwargs.items():
+        setattr(processor, name, value)
     model = OmniFusionForCausalLM(config).eval()
     model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
     return model, processor

@@ -112,12 +112,12 @@ SPECIAL_TOKENS_MAP = {
 
 
 @contextlib.contextmanager
-def released_models_module(ffn_dim: int | None = None):
-    """Import a temporary ``models`` module holding the release's ``VisualToGPTMapping``."""
+def released_models_module(ffn_dim: int | None = None, source: str | None = None):
+    """Import a temporary ``models`` module holding the release's ``VisualToGPTMapping`` (or ``source``)."""
     tmp = tempfile.mkdtemp(prefix="omnifusion_models_")
     previous = sys.modules.pop("models", None)
     try:
-        Path(tmp, "models.py").write_text(MODELS_PY.format(ffn_dim=ffn_dim))
+        Path(tmp, "models.py").write_text(source if source is not None else MODELS_PY.format(ffn_dim=ffn_dim))
         sys.path.insert(0, tmp)
         importlib.invalidate_caches()
         module = importlib.import_module("models")
@@ -413,3 +413,119 @@ def write_raw_torch_archive(
         for name, data in (records or {}).items():
             archive.writestr(f"{prefix}/{name}", data)
     return path
+
+
+# ---------------------------------------------------------------- the encoders-mix release (CLIP + DINOv2)
+
+MIX_MODELS_PY = '''\
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn import LayerNorm, Linear
+
+
+class VisualToGPTMapping(nn.Module):
+    """The report's "projection & summation" (variant 3), in the layout the release's pickle allows: only Linear,
+    LayerNorm and raw Parameters, per-layer modules as numbered attributes ("attributes") or plain lists ("list")."""
+
+    def __init__(self, clip_layers, clip_dim, dino_layers, dino_dim, width, gpt_emb_dim, num_gpt_embs, layout):
+        super(VisualToGPTMapping, self).__init__()
+        self.layout = layout
+        for name, layers, dim in (("clip", clip_layers, clip_dim), ("dino", dino_layers, dino_dim)):
+            norms = [LayerNorm(dim) for _ in range(layers)]
+            projections = [Linear(dim, width) for _ in range(layers)]
+            if layout == "list":
+                setattr(self, name + "_norms", norms)
+                setattr(self, name + "_projections", projections)
+            else:
+                for index in range(layers):
+                    setattr(self, name + "_norm_" + str(index), norms[index])
+                    setattr(self, name + "_projection_" + str(index), projections[index])
+            setattr(self, name + "_layer_weights", nn.Parameter(torch.full((layers,), 1.0 / layers)))
+        self.linear = Linear(width, gpt_emb_dim)
+        self.n_embeddings = num_gpt_embs
+        self.embedding_dim = gpt_emb_dim
+
+    def layer_modules(self, name):
+        if self.layout == "list":
+            return getattr(self, name + "_norms"), getattr(self, name + "_projections")
+        layers = getattr(self, name + "_layer_weights").numel()
+        return ([getattr(self, name + "_norm_" + str(i)) for i in range(layers)],
+                [getattr(self, name + "_projection_" + str(i)) for i in range(layers)])
+
+    def extra_modules(self):
+        """Per-layer modules held in plain lists, which `nn.Module` does not track."""
+        if self.layout != "list":
+            return []
+        return [m for name in ("clip", "dino") for group in self.layer_modules(name) for m in group]
+
+    def mix(self, name, hidden_states):
+        norms, projections = self.layer_modules(name)
+        weights = getattr(self, name + "_layer_weights")
+        out = 0
+        for index, states in enumerate(hidden_states):
+            out = out + weights[index] * projections[index](norms[index](states))
+        return out
+
+    def forward(self, clip_hidden_states, dino_hidden_states):
+        clip = self.mix("clip", clip_hidden_states)
+        dino = self.mix("dino", dino_hidden_states)
+        length = max(clip.shape[1], dino.shape[1])
+        clip = F.pad(clip, (0, 0, 0, length - clip.shape[1]))
+        dino = F.pad(dino, (0, 0, 0, length - dino.shape[1]))
+        return self.linear(F.gelu(clip + dino))
+'''
+
+
+def released_mix_models_module():
+    """Import a temporary ``models`` module holding the encoders-mix ``VisualToGPTMapping``."""
+    return released_models_module(source=MIX_MODELS_PY)
+
+
+def save_released_mix_projection(
+    path, *, clip=(3, 32), dino=(3, 32), width=32, text_hidden=64, num_image_tokens=4, layout="attributes",
+    dtype=torch.bfloat16, seed=0, mutate=None,
+):
+    """Pickle an encoders-mix ``VisualToGPTMapping`` (``clip``/``dino``: (hidden states, width)) like the release."""
+    with released_mix_models_module() as models, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        module = models.VisualToGPTMapping(*clip, *dino, width, text_hidden, num_image_tokens, layout)
+        with torch.no_grad():
+            for part in [module, *module.extra_modules()]:
+                part.to(dtype)
+                for param in part.parameters():
+                    param.add_(torch.randn_like(param) * 0.1)
+        if mutate is not None:
+            mutate(module)
+        torch.save(module, path)
+
+
+def make_dinov2_folder(root, hidden=32, image_size=28, crop_size=14, patch_size=7, layers=2, seed=0) -> Path:
+    """A tiny ``Dinov2Model`` whose image processor crops smaller than its config's image size, as DINOv2's do
+    (518 px position table, 224 px crops)."""
+    from transformers import BitImageProcessorPil, Dinov2Config, Dinov2Model
+
+    folder = Path(root) / "dinov2"
+    config = Dinov2Config(
+        hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=4,
+        image_size=image_size, patch_size=patch_size, mlp_ratio=2,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        Dinov2Model(config).eval().save_pretrained(folder)
+    BitImageProcessorPil(
+        size={"shortest_edge": crop_size + crop_size // 7}, crop_size={"height": crop_size, "width": crop_size},
+        image_mean=(0.485, 0.456, 0.406), image_std=(0.229, 0.224, 0.225),
+    ).save_pretrained(folder)
+    return folder
+
+
+def make_released_mix_checkpoint(root, dtype=torch.bfloat16, layout="attributes", clip_layers=3, dino_layers=3,
+                                 width=32, seed=0, **projection_kwargs) -> dict:
+    """A v1.1-layout folder like ``OmniMistral-v1_1-encoders-mix``: the encoders-mix ``projection.pt``."""
+    info = make_released_checkpoint(root, layout="1.1", dtype=dtype, seed=seed)
+    save_released_mix_projection(
+        info["projection"], clip=(clip_layers, 32), dino=(dino_layers, 32), width=width, layout=layout, dtype=dtype,
+        seed=seed, **projection_kwargs,
+    )
+    return info

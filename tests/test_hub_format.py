@@ -29,11 +29,10 @@ AUTO_MODEL_CLASSES = {
 }
 
 
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
+def save_with_reference(tmp_path_factory, **model_kwargs):
     """A tiny model + processor saved to one folder, with reference inputs and logits beside it."""
     folder = tmp_path_factory.mktemp("omnifusion-tiny")
-    model, processor = make_model_and_processor()
+    model, processor = make_model_and_processor(**model_kwargs)
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     reference = tmp_path_factory.mktemp("reference")
@@ -52,12 +51,26 @@ def saved(tmp_path_factory):
     return folder, reference
 
 
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    return save_with_reference(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def saved_mixed_tiled(tmp_path_factory):
+    """Two encoders (CLIP + DINOv2, each with its own image processor), mix_sum, 1x2/2x1/2x2 tiles + global view."""
+    return save_with_reference(
+        tmp_path_factory, vision=["clip", "dinov2"], adapter_type="mix_sum",
+        image_grid_pinpoints=[[64, 32], [32, 64], [64, 64]],
+    )
+
+
 def test_folder_holds_everything_in_one_flat_directory(saved):
     folder, _ = saved
     names = set(os.listdir(folder))
     expected = {
         "model.safetensors", "config.json", "generation_config.json", "README.md", "chat_template.jinja",
-        "configuration_omnifusion.py", "modeling_omnifusion.py", "processing_omnifusion.py",
+        "configuration_omnifusion.py", "modeling_omnifusion.py", "adapters_omnifusion.py", "processing_omnifusion.py",
         "processor_config.json", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json",
     }
     assert expected <= names
@@ -78,7 +91,8 @@ def test_remote_code_imports_only_torch_transformers_and_siblings(saved):
     folder, _ = saved
     # The standard library, and Pillow: what every transformers image processor already needs.
     allowed = {"torch", "transformers", "huggingface_hub", "tokenizers", "numpy", "PIL"} | set(sys.stdlib_module_names)
-    names = ["configuration_omnifusion.py", "modeling_omnifusion.py", "processing_omnifusion.py", "input_checks_omnifusion.py"]
+    names = ["configuration_omnifusion.py", "modeling_omnifusion.py", "adapters_omnifusion.py", "processing_omnifusion.py",
+             "input_checks_omnifusion.py"]
     assert sorted(path.name for path in folder.glob("*.py")) == sorted(names)
     for name in names:
         for line in (folder / name).read_text().splitlines():
@@ -176,8 +190,9 @@ FRESH_PROCESS_SCRIPT = textwrap.dedent(
 )
 
 
-def test_folder_loads_in_a_fresh_python_without_this_project(saved, tmp_path):
-    folder, reference = saved
+@pytest.mark.parametrize("variant", ["saved", "saved_mixed_tiled"])
+def test_folder_loads_in_a_fresh_python_without_this_project(variant, request, tmp_path):
+    folder, reference = request.getfixturevalue(variant)
     script = tmp_path / "fresh_load.py"
     script.write_text(FRESH_PROCESS_SCRIPT)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": ""}

@@ -113,6 +113,15 @@ def omnifusion():
 
 
 @pytest.fixture(scope="module")
+def omnifusion_mixed_tiled():
+    """Two encoders with mix_sum and 1x2/2x1/2x2 tiles + global view."""
+    model, processor = make_model_and_processor(
+        vision=["clip", "dinov2"], adapter_type="mix_sum", image_grid_pinpoints=[[64, 32], [32, 64], [64, 64]]
+    )
+    return _sharpen(model), processor
+
+
+@pytest.fixture(scope="module")
 def llava():
     model, processor = make_llava_and_processor()
     return _sharpen(model), processor
@@ -158,7 +167,8 @@ def test_candidate_tokens_equal_tokenizing_prompt_and_candidate_together(omnifus
 
 
 @pytest.mark.parametrize(
-    "kind, score", [("omnifusion", "mean"), ("omnifusion", "sum"), ("llava", "mean")]
+    "kind, score",
+    [("omnifusion", "mean"), ("omnifusion", "sum"), ("omnifusion_mixed_tiled", "mean"), ("llava", "mean")],
 )
 def test_shared_prefix_scores_and_ranking_equal_naive_full_sequences(kind, score, request, visdial_sample):
     model, processor = request.getfixturevalue(kind)
