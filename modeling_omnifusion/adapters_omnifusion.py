@@ -8,19 +8,40 @@ each `[num_views, num_patches_of_that_encoder, its_hidden]`.
 import torch
 from torch import nn
 from transformers.activations import ACT2FN
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .configuration_omnifusion import MIX_ADAPTER_TYPES, OmniFusionConfig
 
 
-class OmniFusionAdapterSelfAttention(nn.Module):
-    """Multi-head self-attention with `nn.MultiheadAttention`'s parameter layout (packed `in_proj_weight`), on SDPA."""
+def eager_adapter_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """Plain softmax attention over `[batch, heads, length, head_dim]` (the adapter never masks); output transposed
+    to `[batch, length, heads, head_dim]` like transformers' attention functions."""
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    scores = torch.matmul(query, key.transpose(-2, -1)) * scaling
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    weights = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = nn.functional.dropout(weights, p=dropout, training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
 
-    def __init__(self, hidden_size: int, num_heads: int, dropout: float):
+
+class OmniFusionAdapterSelfAttention(nn.Module):
+    """
+    Multi-head self-attention with `nn.MultiheadAttention`'s parameter layout (packed `in_proj_weight`).
+
+    It dispatches through transformers' attention interface on `config._attn_implementation` (the top-level
+    `OmniFusionConfig`), so `set_attn_implementation` switches the adapter too; without a config it runs SDPA.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, dropout: float, config: OmniFusionConfig | None = None):
         super().__init__()
         if hidden_size % num_heads:
             raise ValueError(f"adapter width {hidden_size} is not divisible by adapter_num_heads={num_heads}")
+        self.config = config
         self.num_heads = num_heads
         self.dropout = dropout
+        self.scaling = (hidden_size // num_heads) ** -0.5
+        self.is_causal = False
         self.in_proj_weight = nn.Parameter(torch.empty(3 * hidden_size, hidden_size))
         self.in_proj_bias = nn.Parameter(torch.empty(3 * hidden_size))
         self.out_proj = nn.Linear(hidden_size, hidden_size)
@@ -29,10 +50,19 @@ class OmniFusionAdapterSelfAttention(nn.Module):
         batch, length, width = hidden_states.shape
         qkv = nn.functional.linear(hidden_states, self.in_proj_weight, self.in_proj_bias)
         query, key, value = qkv.view(batch, length, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
-        attention = nn.functional.scaled_dot_product_attention(
-            query, key, value, dropout_p=self.dropout if self.training else 0.0
+        implementation = self.config._attn_implementation if self.config is not None else "sdpa"
+        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_adapter_attention)
+        attention, _ = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            None,
+            dropout=self.dropout if self.training else 0.0,
+            scaling=self.scaling,
+            is_causal=False,
         )
-        return self.out_proj(attention.transpose(1, 2).reshape(batch, length, width))
+        return self.out_proj(attention.reshape(batch, length, width))
 
 
 class OmniFusionAdapterEncoderLayer(nn.Module):
@@ -45,7 +75,9 @@ class OmniFusionAdapterEncoderLayer(nn.Module):
     def __init__(self, config: OmniFusionConfig, width: int | None = None):
         super().__init__()
         width = width or config.vision_config.hidden_size
-        self.self_attn = OmniFusionAdapterSelfAttention(width, config.adapter_num_heads, config.adapter_dropout)
+        self.self_attn = OmniFusionAdapterSelfAttention(
+            width, config.adapter_num_heads, config.adapter_dropout, config=config
+        )
         self.linear1 = nn.Linear(width, config.adapter_ffn_dim)
         self.linear2 = nn.Linear(config.adapter_ffn_dim, width)
         self.activation = ACT2FN[config.adapter_activation]

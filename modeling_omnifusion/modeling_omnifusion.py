@@ -15,6 +15,7 @@ from transformers.modeling_outputs import (
 )
 from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils import torch_compilable_check
+from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple
 
 from .adapters_omnifusion import (  # the adapter classes stay importable from here, where they used to live
@@ -41,6 +42,15 @@ from .input_checks_omnifusion import (
 )
 
 
+def embed_with_markers(text_embedding, marker_table: nn.Embedding, input_ids: torch.LongTensor, marker_ids: torch.Tensor):
+    """Embed `input_ids`: marker ids from `marker_table` (row i for `marker_ids[i]`), every other id with `text_embedding`."""
+    matches = input_ids.unsqueeze(-1) == marker_ids
+    is_special = matches.any(-1)
+    text_embeds = text_embedding(input_ids.masked_fill(is_special, 0))
+    special_embeds = marker_table(matches.int().argmax(-1))
+    return torch.where(is_special.unsqueeze(-1), special_embeds.to(text_embeds.dtype), text_embeds)
+
+
 class OmniFusionTokenEmbedding(nn.Embedding):
     """
     The LM's token embedding table extended with a small table of learned, input-only vectors.
@@ -64,11 +74,7 @@ class OmniFusionTokenEmbedding(nn.Embedding):
         return self._special_ids_on_device[device]
 
     def forward(self, input_ids: torch.LongTensor) -> torch.Tensor:
-        matches = input_ids.unsqueeze(-1) == self._special_ids(input_ids.device)
-        is_special = matches.any(-1)
-        text_embeds = super().forward(input_ids.masked_fill(is_special, 0))
-        special_embeds = self.special_embeddings(matches.int().argmax(-1))
-        return torch.where(is_special.unsqueeze(-1), special_embeds.to(text_embeds.dtype), text_embeds)
+        return embed_with_markers(super().forward, self.special_embeddings, input_ids, self._special_ids(input_ids.device))
 
 
 WIDGET_IMAGE_URL = "https://huggingface.co/datasets/huggingface/documentation-images/resolve/main/bee.jpg"
@@ -216,20 +222,29 @@ class OmniFusionModel(OmniFusionPreTrainedModel):
         )
         self.post_init()
 
-    def get_input_embeddings(self) -> OmniFusionTokenEmbedding:
+    def get_input_embeddings(self) -> nn.Module:
         return self.language_model.get_input_embeddings()
 
-    def set_input_embeddings(self, value: nn.Embedding):
-        if not isinstance(value, OmniFusionTokenEmbedding):
-            markers = self.get_input_embeddings().special_embeddings
-            wrapped = OmniFusionTokenEmbedding(
-                value.num_embeddings, value.embedding_dim, self.config.special_token_ids, value.padding_idx
-            ).to(device=value.weight.device, dtype=value.weight.dtype)
-            wrapped.weight = value.weight
-            wrapped.special_embeddings = markers
-            value = wrapped
+    def set_input_embeddings(self, value: nn.Module):
+        """
+        Make `value` the LM's input embeddings: `get_input_embeddings()` returns `value` itself and its own `forward`
+        embeds the text ids. The learned markers stay: a module without a `special_embeddings` table gets the current
+        one attached as a submodule (same weight name, `language_model.embed_tokens.special_embeddings.weight`), and
+        `forward` embeds the marker ids from it. An `OmniFusionTokenEmbedding` brings its own table.
+        """
+        if not hasattr(value, "special_embeddings"):
+            value.special_embeddings = self.get_input_embeddings().special_embeddings
         self.language_model.set_input_embeddings(value)
 
+    def embed_ids(self, input_ids: torch.LongTensor) -> torch.Tensor:
+        """Embed every id the processor emits: text ids by the LM's input embeddings, marker ids by the marker table."""
+        embeddings = self.get_input_embeddings()
+        if isinstance(embeddings, OmniFusionTokenEmbedding):
+            return embeddings(input_ids)
+        marker_ids = torch.tensor(self.config.special_token_ids, device=input_ids.device)
+        return embed_with_markers(embeddings, embeddings.special_embeddings, input_ids, marker_ids)
+
+    @can_return_tuple
     def get_image_features(
         self,
         pixel_values: torch.FloatTensor,
@@ -244,6 +259,9 @@ class OmniFusionModel(OmniFusionPreTrainedModel):
             pixel_values: `[num_views, channels, height, width]` with one encoder; with several,
                 `[num_views, num_encoders, channels, height, width]` (see `_encoder_pixel_values`). A view is an image,
                 or with `image_grid_pinpoints` one tile or the global view of an image, in placeholder order.
+            output_hidden_states: `True` (or the vision config's `output_hidden_states`) returns every vision hidden
+                state; otherwise only the ones the adapter reads are kept (the others are `None`).
+            return_dict: `False` returns `to_tuple()` of the output.
 
         Returns:
             The (first) vision tower's output whose `pooler_output` is a list with one `[num_image_tokens, text_hidden]`
@@ -254,8 +272,9 @@ class OmniFusionModel(OmniFusionPreTrainedModel):
             for vision_config in self.config.vision_configs:
                 check_vision_feature_layer(layer, vision_config)
         strategy = vision_feature_select_strategy or self.config.vision_feature_select_strategy
-        kwargs.pop("return_dict", None)
-        kwargs.pop("output_hidden_states", None)
+        output_hidden_states = kwargs.pop("output_hidden_states", None)
+        if output_hidden_states is None:
+            output_hidden_states = self.config.vision_config.output_hidden_states or self.config.output_hidden_states
         towers = self.vision_tower if isinstance(self.vision_tower, nn.ModuleList) else [self.vision_tower]
         encoder_features, image_outputs = [], None
         for index, (tower, vision_config) in enumerate(zip(towers, self.config.vision_configs)):
@@ -265,7 +284,7 @@ class OmniFusionModel(OmniFusionPreTrainedModel):
             outputs = tower(
                 self._encoder_pixel_values(pixel_values, index, vision_config).to(next(tower.parameters()).dtype),
                 # Asking for the layers used keeps only those hidden states (transformers 5 output capturing).
-                output_hidden_states=layers,
+                output_hidden_states=True if output_hidden_states else layers,
                 return_dict=True,
                 **kwargs,
             )
@@ -310,9 +329,7 @@ class OmniFusionModel(OmniFusionPreTrainedModel):
     ) -> torch.BoolTensor:
         """`[batch, seq, 1]` mask of the image placeholder positions; checks it matches the number of features."""
         if input_ids is None:
-            placeholder = self.get_input_embeddings()(
-                torch.tensor(self.config.image_token_id, device=inputs_embeds.device)
-            )
+            placeholder = self.embed_ids(torch.tensor(self.config.image_token_id, device=inputs_embeds.device))
             mask = (inputs_embeds == placeholder.to(inputs_embeds.dtype)).all(-1)
         else:
             mask = input_ids == self.config.image_token_id
@@ -327,6 +344,7 @@ class OmniFusionModel(OmniFusionPreTrainedModel):
         return mask.unsqueeze(-1).to(inputs_embeds.device)
 
     @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -344,8 +362,6 @@ class OmniFusionModel(OmniFusionPreTrainedModel):
             raise ValueError("OmniFusionModel.forward needs exactly one of `input_ids` or `inputs_embeds`.")
         if pixel_values is not None and mm_encoder_outputs:
             raise ValueError("Pass either `pixel_values` or pre-encoded `mm_encoder_outputs`, not both.")
-        if "past_key_values" in kwargs and cache is None:
-            cache = kwargs.pop("past_key_values")
         check_prompt(
             input_ids,
             inputs_embeds,
@@ -354,12 +370,12 @@ class OmniFusionModel(OmniFusionPreTrainedModel):
         )
 
         if inputs_embeds is None:
-            inputs_embeds = self.get_input_embeddings()(input_ids)
+            inputs_embeds = self.embed_ids(input_ids)
 
         image_outputs = (mm_encoder_outputs or {}).get("image")
         if image_outputs is None and pixel_values is not None:
             image_outputs = self.get_image_features(
-                pixel_values, vision_feature_layer, vision_feature_select_strategy
+                pixel_values, vision_feature_layer, vision_feature_select_strategy, return_dict=True
             )
         if image_outputs is not None:
             image_features = torch.cat(list(image_outputs.pooler_output), dim=0)
@@ -387,6 +403,8 @@ class OmniFusionForCausalLM(OmniFusionPreTrainedModel, GenerationMixin):
     """OmniFusion with the LM head: training loss, logits and `generate()`."""
 
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+    # The LM's plan shards `embed_tokens` (vocab-parallel); the head tied to it is sharded with it, as in the LMs.
+    _tp_plan = {"lm_head": "colwise_gather_output"}
 
     def __init__(self, config: OmniFusionConfig):
         super().__init__(config)
@@ -394,10 +412,10 @@ class OmniFusionForCausalLM(OmniFusionPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
 
-    def get_input_embeddings(self) -> OmniFusionTokenEmbedding:
+    def get_input_embeddings(self) -> nn.Module:
         return self.model.get_input_embeddings()
 
-    def set_input_embeddings(self, value: nn.Embedding):
+    def set_input_embeddings(self, value: nn.Module):
         self.model.set_input_embeddings(value)
 
     def get_output_embeddings(self) -> nn.Linear:
@@ -415,6 +433,7 @@ class OmniFusionForCausalLM(OmniFusionPreTrainedModel, GenerationMixin):
         return super().generate(*args, **kwargs)
 
     @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
