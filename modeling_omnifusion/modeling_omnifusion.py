@@ -324,6 +324,15 @@ class OmniFusionModel(OmniFusionPreTrainedModel):
             )
         return pixel_values[:, index, :, :size, :size]
 
+    def _images_are_in_the_cache(self, input_ids, inputs_embeds, cache) -> bool:
+        """Whether `cache` already holds tokens and the new input has no image placeholder position at all."""
+        if cache is None or cache.get_seq_length() == 0:
+            return False
+        if input_ids is not None:
+            return not (input_ids == self.config.image_token_id).any()
+        placeholder = self.embed_ids(torch.tensor(self.config.image_token_id, device=inputs_embeds.device))
+        return not (inputs_embeds == placeholder.to(inputs_embeds.dtype)).all(-1).any()
+
     def get_placeholder_mask(
         self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor, image_features: torch.Tensor
     ) -> torch.BoolTensor:
@@ -373,6 +382,12 @@ class OmniFusionModel(OmniFusionPreTrainedModel):
             inputs_embeds = self.embed_ids(input_ids)
 
         image_outputs = (mm_encoder_outputs or {}).get("image")
+        if (image_outputs is not None or pixel_values is not None) and self._images_are_in_the_cache(
+            input_ids, inputs_embeds, cache
+        ):
+            # Continuing from a cache that already holds the prompt (e.g. `generate(..., cache=previous.cache)` with
+            # the same inputs): the images were merged into that prefix, and the new tokens have no placeholder.
+            image_outputs = pixel_values = None
         if image_outputs is None and pixel_values is not None:
             image_outputs = self.get_image_features(
                 pixel_values, vision_feature_layer, vision_feature_select_strategy, return_dict=True

@@ -1,5 +1,7 @@
 """OmniFusionForCausalLM: image merge, input-only markers, generate(), gradients, attention and dtype options."""
 
+import copy
+
 import pytest
 import torch
 from omnifusion_fixtures import chat, make_image, make_model_and_processor
@@ -285,3 +287,184 @@ def test_base_model_returns_tuple_with_hidden_states_first(tiny):
     embeds = model.get_input_embeddings()(inputs["input_ids"])
     out = model.model(inputs_embeds=embeds, position_ids=None, use_cache=False, return_dict=False)
     assert isinstance(out, tuple) and out[0].shape == (*inputs["input_ids"].shape, model.config.text_config.hidden_size)
+
+
+# What transformers' GenerationTesterMixin checks (its tests/generation/test_utils.py is not in the sdist the
+# transformers-common CI tier runs), on OmniFusion with images.
+
+
+def test_greedy_generate_dict_outputs_have_one_entry_per_step(tiny):
+    model, processor = tiny
+    inputs = encode(processor, [chat("A?", images=[make_image(0)]), chat("Longer question B?", images=[make_image(1)])])
+    batch, prompt = inputs["input_ids"].shape
+    config = model.config.text_config
+    model.set_attn_implementation("eager")
+    try:
+        out = model.generate(
+            **inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False, return_dict_in_generate=True,
+            output_scores=True, output_logits=True, output_hidden_states=True, output_attentions=True,
+        )
+    finally:
+        model.set_attn_implementation("sdpa")
+    assert out.sequences.shape == (batch, prompt + 3)
+    assert len(out.scores) == len(out.logits) == len(out.hidden_states) == len(out.attentions) == 3
+    assert all(step.shape == (batch, config.vocab_size) for step in out.scores + out.logits)
+    assert torch.equal(torch.stack(out.logits).argmax(-1).T, out.sequences[:, prompt:])
+    for step, length in enumerate([prompt, 1, 1]):
+        assert len(out.hidden_states[step]) == config.num_hidden_layers + 1
+        assert out.hidden_states[step][-1].shape == (batch, length, config.hidden_size)
+        assert len(out.attentions[step]) == config.num_hidden_layers
+        assert out.attentions[step][0].shape == (batch, config.num_attention_heads, length, prompt + step)
+    assert out.cache.get_seq_length() == prompt + 2
+
+
+def test_sampling_with_num_return_sequences_gives_each_copy_its_images(tiny):
+    model, processor = tiny
+    inputs = encode(processor, [chat("A?", images=[make_image(2)]), chat("B?", images=[make_image(3), make_image(4)])])
+    greedy = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+    # top_k=1 sampling is greedy, so every returned copy must equal its prompt's greedy output
+    sampled = model.generate(**inputs, max_new_tokens=5, do_sample=True, top_k=1, num_return_sequences=3)
+    assert torch.equal(sampled, greedy.repeat_interleave(3, dim=0))
+    free = model.generate(**inputs, max_new_tokens=5, do_sample=True, temperature=2.0, num_return_sequences=3)
+    assert free.shape == (6, inputs["input_ids"].shape[1] + 5)
+
+
+def test_generate_from_inputs_embeds_equals_generate_from_input_ids(tiny):
+    model, processor = tiny
+    inputs = encode(processor, chat("What colour?", images=[make_image(5)]))
+    prompt = inputs["input_ids"].shape[1]
+    by_ids = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+    embeds = model.get_input_embeddings()(inputs["input_ids"])
+    common = dict(pixel_values=inputs["pixel_values"], attention_mask=inputs["attention_mask"], max_new_tokens=5, do_sample=False)
+    only_embeds = model.generate(inputs_embeds=embeds, **common)
+    assert torch.equal(only_embeds, by_ids[:, prompt:])
+    both = model.generate(input_ids=inputs["input_ids"], inputs_embeds=embeds, **common)
+    assert torch.equal(both, by_ids)
+
+
+def test_generate_continues_from_a_returned_cache(tiny):
+    model, processor = tiny
+    inputs = encode(processor, chat("What colour?", images=[make_image(6)]))
+    at_once = model.generate(**inputs, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    first = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+    mask = torch.ones_like(first.sequences)
+    # with the images passed again (as transformers' own continuation test does: they are already in the cache) or not
+    for images in (dict(pixel_values=inputs["pixel_values"]), {}):
+        cache = copy.deepcopy(first.cache)
+        continued = model.generate(
+            input_ids=first.sequences, attention_mask=mask, cache=cache, max_new_tokens=3, min_new_tokens=3,
+            do_sample=False, **images,
+        )
+        assert torch.equal(continued, at_once)
+    # without a cache, images with no placeholder left are still an error
+    with pytest.raises(ValueError, match="0 placeholder positions"):
+        model(input_ids=first.sequences[:, -3:], pixel_values=inputs["pixel_values"])
+
+
+@pytest.mark.parametrize("options", [dict(prompt_lookup_num_tokens=2), dict(cache_implementation="static")], ids=["prompt-lookup", "static-cache"])
+def test_other_decoding_paths_match_greedy(tiny, options):
+    model, processor = tiny
+    inputs = encode(processor, [chat("What colour is the shape?", images=[make_image(7)])])
+    greedy = model.generate(**inputs, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    other = model.generate(**inputs, max_new_tokens=6, min_new_tokens=6, do_sample=False, **options)
+    assert torch.equal(other, greedy)
+
+
+def test_assisted_decoding_matches_greedy(tiny):
+    model, processor = tiny
+    inputs = encode(processor, [chat("What colour is the shape?", images=[make_image(8)])])
+    greedy = model.generate(**inputs, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    assisted = model.generate(**inputs, max_new_tokens=6, min_new_tokens=6, do_sample=False, assistant_model=model)
+    assert torch.equal(assisted, greedy)
+
+
+def test_logits_to_keep_returns_the_last_logits(tiny):
+    model, processor = tiny
+    inputs = encode(processor, chat("What?", images=[make_image(0)]))
+    with torch.no_grad():
+        full = model(**inputs).logits
+        last = model(**inputs, logits_to_keep=1).logits
+    assert last.shape[1] == 1
+    torch.testing.assert_close(last, full[:, -1:])
+
+
+# Defects transformers' common tests found (see tests/transformers_common).
+
+
+def test_past_key_values_is_a_deprecated_name_for_cache(tiny):
+    from transformers import DynamicCache
+
+    model, processor = tiny
+    inputs = encode(processor, chat("What?", images=[make_image(0)]))
+    for module in (model, model.model):
+        with pytest.warns(FutureWarning, match="`past_key_values` is deprecated"):
+            old = module(**inputs, past_key_values=DynamicCache(config=model.config.text_config), use_cache=True)
+        new = module(**inputs, cache=DynamicCache(config=model.config.text_config), use_cache=True)
+        assert old.cache.get_seq_length() == new.cache.get_seq_length() == inputs["input_ids"].shape[1]
+
+
+def test_get_image_features_gives_every_hidden_state_on_request_and_a_tuple_without_return_dict(tiny):
+    model, processor = tiny
+    pixel_values = encode(processor, chat("What?", images=[make_image(0)]))["pixel_values"]
+    layers = model.config.vision_config.num_hidden_layers
+    with torch.no_grad():
+        default = model.get_image_features(pixel_values)
+        everything = model.get_image_features(pixel_values, output_hidden_states=True)
+        as_tuple = model.get_image_features(pixel_values, return_dict=False)
+    # only the layer the adapter reads (-2) is kept by default; all of them when asked
+    assert [h is None for h in default.hidden_states] == [True] * (layers - 1) + [False, True]
+    assert len(everything.hidden_states) == layers + 1 and all(h is not None for h in everything.hidden_states)
+    torch.testing.assert_close(everything.hidden_states[-2], default.hidden_states[-2])
+    torch.testing.assert_close(torch.stack(everything.pooler_output), torch.stack(default.pooler_output))
+    assert isinstance(as_tuple, tuple)
+    torch.testing.assert_close(as_tuple[0], default.last_hidden_state)
+
+
+def test_set_input_embeddings_keeps_the_given_module_and_the_markers():
+    model, processor = make_model_and_processor(adapter_dropout=0.0)
+    inputs = encode(processor, chat("What?", images=[make_image(0)]))
+    with torch.no_grad():
+        reference = model(**inputs).logits
+    old = model.get_input_embeddings()
+    calls = []
+
+    class CountingEmbedding(torch.nn.Embedding):
+        def forward(self, input_ids):
+            calls.append(input_ids)
+            return super().forward(input_ids)
+
+    new = CountingEmbedding(old.num_embeddings, old.embedding_dim)
+    new.weight = old.weight
+    model.set_input_embeddings(new)
+    assert model.get_input_embeddings() is new and model.model.get_input_embeddings() is new
+    assert new.special_embeddings is old.special_embeddings
+    assert "model.language_model.embed_tokens.special_embeddings.weight" in model.state_dict()
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    assert calls and all((ids < old.num_embeddings).all() for ids in calls)
+    torch.testing.assert_close(logits, reference)
+
+
+def test_set_attn_implementation_switches_the_top_level_config_and_the_adapter(tiny):
+    model, processor = tiny
+    inputs = encode(processor, chat("What?", images=[make_image(0)]))
+    adapter_attention = model.model.adapter.transformer_layer.self_attn
+    with torch.no_grad():
+        sdpa = model.model.adapter(torch.randn(2, 16, 32, generator=torch.Generator().manual_seed(0)))
+        model.set_attn_implementation("eager")
+        try:
+            configs = [model.config, model.config.text_config, model.config.vision_config, adapter_attention.config]
+            assert [c._attn_implementation for c in configs] == ["eager"] * 4
+            eager = model.model.adapter(torch.randn(2, 16, 32, generator=torch.Generator().manual_seed(0)))
+            model(**inputs)
+        finally:
+            model.set_attn_implementation("sdpa")
+    assert model.config._attn_implementation == "sdpa"
+    torch.testing.assert_close(sdpa, eager, atol=1e-5, rtol=1e-5)
+
+
+def test_tied_lm_head_is_sharded_with_the_embedding():
+    model, _ = make_model_and_processor(tie_word_embeddings=True)
+    assert model.lm_head.weight is model.get_input_embeddings().weight
+    assert model.tp_plan["lm_head"] == "colwise_gather_output"
+    assert "model.language_model.embed_tokens" in model.tp_plan
