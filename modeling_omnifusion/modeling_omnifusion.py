@@ -14,7 +14,8 @@ from transformers.modeling_outputs import (
     MultimodalCausalLMOutputWithPast,
 )
 from transformers.modeling_utils import slice_logits_to_keep
-from transformers.utils import torch_compilable_check
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, torch_compilable_check
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple
 
@@ -239,7 +240,7 @@ class OmniFusionModel(OmniFusionPreTrainedModel):
     def embed_ids(self, input_ids: torch.LongTensor) -> torch.Tensor:
         """Embed every id the processor emits: text ids by the LM's input embeddings, marker ids by the marker table."""
         embeddings = self.get_input_embeddings()
-        if isinstance(embeddings, OmniFusionTokenEmbedding):
+        if isinstance(embeddings, OmniFusionTokenEmbedding) or not hasattr(embeddings, "special_embeddings"):
             return embeddings(input_ids)
         marker_ids = torch.tensor(self.config.special_token_ids, device=input_ids.device)
         return embed_with_markers(embeddings, embeddings.special_embeddings, input_ids, marker_ids)
@@ -365,7 +366,7 @@ class OmniFusionModel(OmniFusionPreTrainedModel):
         vision_feature_layer: int | None = None,
         vision_feature_select_strategy: str | None = None,
         mm_encoder_outputs: dict | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> MultimodalBaseModelOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("OmniFusionModel.forward needs exactly one of `input_ids` or `inputs_embeds`.")
@@ -462,7 +463,7 @@ class OmniFusionForCausalLM(OmniFusionPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         mm_encoder_outputs: dict | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> MultimodalCausalLMOutputWithPast:
         """
         Args:

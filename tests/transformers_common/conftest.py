@@ -111,3 +111,10 @@ if not (TESTS_DIR.parent / "utils" / "fetch_hub_objects_for_ci.py").exists():
     fetch_module = types.ModuleType("fetch_hub_objects_for_ci")
     fetch_module.url_to_local_path = url_to_local_path
     sys.modules.setdefault("fetch_hub_objects_for_ci", fetch_module)
+
+
+def pytest_configure(config):
+    # markers upstream's conftest registers and the mixins use
+    markers = ("slow", "accelerate_tests", "flash_attn_test", "flash_attn_3_test", "flash_attn_4_test", "torch_compile_test")
+    for marker in markers:
+        config.addinivalue_line("markers", f"{marker}: transformers test marker")
