@@ -43,8 +43,10 @@ from .input_checks_omnifusion import (
 )
 
 
-def embed_with_markers(text_embedding, marker_table: nn.Embedding, input_ids: torch.LongTensor, marker_ids: torch.Tensor):
-    """Embed `input_ids`: marker ids from `marker_table` (row i for `marker_ids[i]`), every other id with `text_embedding`."""
+def embed_with_markers(
+    text_embedding, marker_table: nn.Embedding, input_ids: torch.LongTensor, marker_ids: torch.Tensor
+) -> torch.Tensor:
+    """Embed `input_ids`: marker ids from `marker_table` (row i for `marker_ids[i]`), other ids with `text_embedding`."""
     matches = input_ids.unsqueeze(-1) == marker_ids
     is_special = matches.any(-1)
     text_embeds = text_embedding(input_ids.masked_fill(is_special, 0))
@@ -75,7 +77,8 @@ class OmniFusionTokenEmbedding(nn.Embedding):
         return self._special_ids_on_device[device]
 
     def forward(self, input_ids: torch.LongTensor) -> torch.Tensor:
-        return embed_with_markers(super().forward, self.special_embeddings, input_ids, self._special_ids(input_ids.device))
+        marker_ids = self._special_ids(input_ids.device)
+        return embed_with_markers(super().forward, self.special_embeddings, input_ids, marker_ids)
 
 
 WIDGET_IMAGE_URL = "https://huggingface.co/datasets/huggingface/documentation-images/resolve/main/bee.jpg"

@@ -295,7 +295,8 @@ def test_base_model_returns_tuple_with_hidden_states_first(tiny):
 
 def test_greedy_generate_dict_outputs_have_one_entry_per_step(tiny):
     model, processor = tiny
-    inputs = encode(processor, [chat("A?", images=[make_image(0)]), chat("Longer question B?", images=[make_image(1)])])
+    chats = [chat("A?", images=[make_image(0)]), chat("Longer question B?", images=[make_image(1)])]
+    inputs = encode(processor, chats)
     batch, prompt = inputs["input_ids"].shape
     config = model.config.text_config
     model.set_attn_implementation("eager")
@@ -335,7 +336,9 @@ def test_generate_from_inputs_embeds_equals_generate_from_input_ids(tiny):
     prompt = inputs["input_ids"].shape[1]
     by_ids = model.generate(**inputs, max_new_tokens=5, do_sample=False)
     embeds = model.get_input_embeddings()(inputs["input_ids"])
-    common = dict(pixel_values=inputs["pixel_values"], attention_mask=inputs["attention_mask"], max_new_tokens=5, do_sample=False)
+    common = dict(
+        pixel_values=inputs["pixel_values"], attention_mask=inputs["attention_mask"], max_new_tokens=5, do_sample=False
+    )
     only_embeds = model.generate(inputs_embeds=embeds, **common)
     assert torch.equal(only_embeds, by_ids[:, prompt:])
     both = model.generate(input_ids=inputs["input_ids"], inputs_embeds=embeds, **common)
@@ -361,7 +364,11 @@ def test_generate_continues_from_a_returned_cache(tiny):
         model(input_ids=first.sequences[:, -3:], pixel_values=inputs["pixel_values"])
 
 
-@pytest.mark.parametrize("options", [dict(prompt_lookup_num_tokens=2), dict(cache_implementation="static")], ids=["prompt-lookup", "static-cache"])
+@pytest.mark.parametrize(
+    "options",
+    [dict(prompt_lookup_num_tokens=2), dict(cache_implementation="static")],
+    ids=["prompt-lookup", "static-cache"],
+)
 def test_other_decoding_paths_match_greedy(tiny, options):
     model, processor = tiny
     inputs = encode(processor, [chat("What colour is the shape?", images=[make_image(7)])])

@@ -115,6 +115,8 @@ if not (TESTS_DIR.parent / "utils" / "fetch_hub_objects_for_ci.py").exists():
 
 def pytest_configure(config):
     # markers upstream's conftest registers and the mixins use
-    markers = ("slow", "accelerate_tests", "flash_attn_test", "flash_attn_3_test", "flash_attn_4_test", "torch_compile_test")
+    markers = (
+        "slow", "accelerate_tests", "flash_attn_test", "flash_attn_3_test", "flash_attn_4_test", "torch_compile_test"
+    )
     for marker in markers:
         config.addinivalue_line("markers", f"{marker}: transformers test marker")

@@ -46,7 +46,9 @@ _NAME_TABLES = {
     "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES": "OmniFusionForCausalLM",
     "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES": "OmniFusionForCausalLM",
 }
-_patches = [mock.patch.dict(getattr(modeling_auto, table), {"omnifusion": name}) for table, name in _NAME_TABLES.items()]
+_patches = [
+    mock.patch.dict(getattr(modeling_auto, table), {"omnifusion": name}) for table, name in _NAME_TABLES.items()
+]
 
 
 def setUpModule():
