@@ -16,6 +16,7 @@ import unittest
 from unittest import mock
 
 import torch
+from parameterized import parameterized
 from transformers import AutoImageProcessor, CLIPImageProcessorPil
 from transformers.models.auto import modeling_auto
 from transformers_sdist_tests.generation.test_utils import GenerationTesterMixin
@@ -187,6 +188,15 @@ class OmniFusionModelTest(ModelTesterMixin, GenerationTesterMixin, unittest.Test
     def test_generation_tester_mixin_inheritance(self):
         pass
 
+    @parameterized.expand([("linear",), ("dynamic",), ("yarn",)])
+    @unittest.skip(
+        reason="design conflict: the test feeds 1.5 x max_position_embeddings tokens to the LM, and OmniFusion refuses a "
+        "prompt longer than text_config.max_position_embeddings with a ValueError before any work (issue 10's input "
+        "check); rope scaling itself is the LM's (Mistral's) own code"
+    )
+    def test_model_rope_scaling_from_config(self, scaling_type):
+        pass
+
     def test_resize_keeps_markers(self):
         """Growing the vocabulary keeps every old row and the markers: ids now inside the vocabulary stay markers."""
         config, inputs = self.model_tester.prepare_config_and_inputs_for_common()
@@ -219,8 +229,34 @@ def _without_auto_map(value):
     return value
 
 
+VIDEOS_AND_AUDIO_REFUSED = (
+    "design conflict: the test passes videos and audio to every processor and expects an image-only one to drop "
+    "them silently; OmniFusionProcessor refuses them with a ValueError (no input is silently lost); "
+    "test_model_input_names_and_return_tensors_for_images_and_text runs the same checks on images and text"
+)
+
+
 class OmniFusionProcessorTest(ProcessorTesterMixin, unittest.TestCase):
     processor_class = OmniFusionProcessor
+
+    @unittest.skip(reason=VIDEOS_AND_AUDIO_REFUSED)
+    def test_model_input_names(self):
+        pass
+
+    @unittest.skip(reason=VIDEOS_AND_AUDIO_REFUSED)
+    def test_flat_kwarg_applied_when_modality_dict_lacks_it(self):
+        pass
+
+    def test_model_input_names_and_return_tensors_for_images_and_text(self):
+        processor = self.get_processor()
+        inputs_dict = {"text": self.prepare_text_inputs(modalities=["image"]), "images": self.prepare_images_inputs()}
+        inputs = processor(**inputs_dict, return_tensors="pt")
+        self.assertSetEqual(set(inputs.keys()), set(processor.model_input_names))
+        flat = processor(**inputs_dict, text_kwargs={}, return_tensors="pt")
+        for key, value in flat.items():
+            self.assertIsInstance(value, torch.Tensor, msg=f"{key} should be a torch.Tensor")
+        with self.assertRaisesRegex(ValueError, "not videos or audio"):
+            processor(**inputs_dict, videos=self.prepare_videos_inputs())
 
     @unittest.skip(reason=AUTO_MAP_ROUND_TRIP)
     def test_processor_from_and_save_pretrained(self):
