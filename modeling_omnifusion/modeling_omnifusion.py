@@ -46,7 +46,7 @@ from .input_checks_omnifusion import (
 def embed_with_markers(
     text_embedding, marker_table: nn.Embedding, input_ids: torch.LongTensor, marker_ids: torch.Tensor
 ) -> torch.Tensor:
-    """Embed `input_ids`: marker ids from `marker_table` (row i for `marker_ids[i]`), other ids with `text_embedding`."""
+    """Embed `input_ids`: marker ids from `marker_table` (row i for `marker_ids[i]`), the rest by `text_embedding`."""
     matches = input_ids.unsqueeze(-1) == marker_ids
     is_special = matches.any(-1)
     text_embeds = text_embedding(input_ids.masked_fill(is_special, 0))
