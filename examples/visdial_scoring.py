@@ -356,10 +356,11 @@ class DialogScorer:
         return keep
 
     @torch.no_grad()
-    def score_round(self, context_inputs, candidate_ids: list[list[int]]) -> torch.Tensor:
+    def score_round(self, context_inputs, candidate_ids: list[list[int]], messages=None) -> torch.Tensor:
         """
         Scores of every candidate continuing this round's context (`build_context`, batch 1), float32 on the CPU
         in `candidate_ids` order, higher is better; equal to `score_candidates_shared_prefix` on the same inputs.
+        `messages` (the round's chat messages) is accepted for the common scorer interface and not needed here.
         """
         _check_arguments(context_inputs, self.score)
         model = self.model
@@ -455,6 +456,7 @@ def evaluate_dialogs(
     score: str = "mean",
     batch_size: int = 50,
     progress: bool = True,
+    scorer_factory: Callable | None = None,
 ) -> tuple[dict | None, list[dict]]:
     """
     Score and rank the candidates of every round of every dialog, then compute the VisDial metrics.
@@ -470,8 +472,11 @@ def evaluate_dialogs(
         score, batch_size: see `score_candidates_shared_prefix`. Each dialog runs on one growing KV cache
             (`DialogScorer`): the image, caption and earlier rounds go through the model once per dialog.
         progress: show a progress bar over rounds.
+        scorer_factory: `dialog -> scorer` whose `score_round(context_inputs, candidate_ids, messages)` scores a
+            round (e.g. `visdial_vllm.VLLMDialogScorer`); by default a `DialogScorer` on `model` per dialog. With a
+            factory, `model` may be None.
 
-    The model runs in eval mode and is put back in its previous mode at the end.
+    The model (if any) runs in eval mode and is put back in its previous mode at the end.
 
     Returns:
         `(metrics, ranks)`: `metrics` is `visdial_metrics`' dict of fractions (r@1, r@5, r@10, mrr, mean_rank,
@@ -482,8 +487,11 @@ def evaluate_dialogs(
     questions, answers = visdial_data["questions"], visdial_data["answers"]
     dialogs = visdial_data["dialogs"]
     relevance_by_image = _dense_relevance_by_image(dense_annotations)
-    was_training = model.training
-    model.eval()
+    if scorer_factory is None:
+        scorer_factory = lambda dialog: DialogScorer(model, batch_size, score)  # noqa: E731
+    was_training = model is not None and model.training
+    if model is not None:
+        model.eval()
 
     ranks, predictions, references, relevance = [], [], [], []
     bar = tqdm(total=sum(len(d["dialog"]) for d in dialogs), desc="VisDial rounds", unit="round", disable=not progress)
@@ -491,13 +499,14 @@ def evaluate_dialogs(
         image = load_image(dialog["image_id"])
         dense_round, dense_values = relevance_by_image.get(dialog["image_id"], (None, None))
         history = []
-        scorer = DialogScorer(model, batch_size, score)
+        scorer = scorer_factory(dialog)
         for round_index, visdial_round in enumerate(dialog["dialog"]):
             question = visdial_round_question(questions[visdial_round["question"]])
-            context_inputs = build_context(processor, dialog_messages(image, dialog["caption"], history, question))
+            messages = dialog_messages(image, dialog["caption"], history, question)
+            context_inputs = build_context(processor, messages)
             candidates = [answers[index] for index in visdial_round["answer_options"]]
             candidate_ids = tokenize_candidates(processor.tokenizer, candidates)
-            scores = scorer.score_round(context_inputs, candidate_ids)
+            scores = scorer.score_round(context_inputs, candidate_ids, messages)
             round_ranks = visdial_metric.scores_to_ranks(scores.double().numpy())
             ranks.append({"image_id": dialog["image_id"], "round_id": round_index + 1, "ranks": round_ranks.tolist()})
             if "gt_index" in visdial_round:
@@ -508,7 +517,8 @@ def evaluate_dialogs(
                 history.append((question, answers[visdial_round["answer"]]))
             bar.update()
     bar.close()
-    model.train(was_training)
+    if model is not None:
+        model.train(was_training)
 
     metrics = visdial_metric.visdial_metrics(predictions, references, relevance) if predictions else None
     return metrics, ranks
