@@ -584,3 +584,34 @@ def test_tensor_parallel_on_the_hf_backend_is_refused(tmp_path, visdial_sample):
             ["--model", str(tmp_path / "m"), "--visdial_json", str(visdial_sample[0]), "--images_dir", str(tmp_path),
              "--tensor_parallel_size", "2"]
         )
+
+
+def test_shards_merged_equal_one_unsharded_run(tmp_path, visdial_sample, capsys):
+    model, processor = make_model_and_processor(seed=3)
+    model.save_pretrained(tmp_path / "omnifusion")
+    processor.save_pretrained(tmp_path / "omnifusion")
+    image_ids = _write_images(visdial_sample[0], tmp_path / "images", max_dialogs=3)
+    common = [
+        "--model", str(tmp_path / "omnifusion"), "--visdial_json", str(visdial_sample[0]),
+        "--dense_json", str(visdial_sample[1]), "--images_dir", str(tmp_path / "images"), "--max_dialogs", "3",
+    ]
+    evaluate_visdial.main([*common, "--output", str(tmp_path / "whole.json")])
+    for index in (1, 0):
+        evaluate_visdial.main(
+            [*common, "--num_shards", "2", "--shard_index", str(index), "--output", str(tmp_path / f"shard{index}.json")]
+        )
+    shard_sizes = [json.loads((tmp_path / f"shard{i}.json").read_text())["settings"]["num_dialogs"] for i in (0, 1)]
+    assert shard_sizes == [1, 2]
+    shards = [str(tmp_path / "shard1.json"), str(tmp_path / "shard0.json")]
+    evaluate_visdial.main(["--merge", *shards, "--output", str(tmp_path / "merged.json"), "--name", "merged"])
+    whole = json.loads((tmp_path / "whole.json").read_text())
+    merged = _check_outputs(tmp_path / "merged.json", tmp_path / "merged_ranks.json", image_ids, "merged")
+    assert merged["metrics"] == whole["metrics"]
+    assert (tmp_path / "merged_ranks.json").read_text() == (tmp_path / "whole_ranks.json").read_text()
+    assert f"| merged | {100 * whole['metrics']['ndcg']:.2f} |" in capsys.readouterr().out
+
+    with pytest.raises(ValueError, match=r"each of the 2 shards exactly once, got shard indices \[0\]"):
+        evaluate_visdial.main(["--merge", shards[1], "--output", str(tmp_path / "bad.json")])
+    with pytest.raises(ValueError, match=r"--shard_index must be in 0..1"):
+        evaluate_visdial.main([*common, "--num_shards", "2", "--shard_index", "2"])
+    assert not (tmp_path / "bad.json").exists()
