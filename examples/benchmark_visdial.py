@@ -20,7 +20,7 @@ with the line `speedup=<naive time / shared-prefix time> dialog_speedup=<naive t
 methods alternate round by round; with `--threads 1` (the default) a busy machine disturbs the many small kernels
 of the cached passes far less than with oversubscribed threads.
 
-    python examples/benchmark_visdial.py    # 10 rounds x 100 candidates: about 4 minutes on one CPU thread
+    python examples/benchmark_visdial.py    # 10 rounds x 100 candidates: about 4 minutes on one quiet CPU thread
 """
 
 import sys
