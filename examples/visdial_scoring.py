@@ -248,8 +248,7 @@ def _score_packed(
     device = model.device
     dtype = model.dtype
     scores = torch.empty(len(candidate_ids), device=device)
-    for start in range(0, len(candidate_ids), batch_size):
-        rows = list(range(start, min(start + batch_size, len(candidate_ids))))
+    for rows in _packed_batches(model, context_len, candidate_ids, batch_size):
         groups = [candidate_ids[row] for row in rows]
         first = torch.tensor([tokens[0] for tokens in groups], device=device)
         totals = first_token_log_probs[first].clone()
@@ -278,6 +277,26 @@ def _score_packed(
             totals = totals.index_add(0, segment, log_probs)
         scores[rows] = totals / lengths if score == "mean" else totals
     return scores.cpu()
+
+
+def _packed_batches(model, context_len: int, candidate_ids, batch_size: int) -> list[list[int]]:
+    """
+    Candidate indices in order, cut into batches of at most `batch_size` whose packed tokens also fit the LM's
+    `max_position_embeddings` after the context (the model's input checks count a forward's length after the cache
+    against it, even though each packed candidate's positions restart at the context length).
+    """
+    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    room = limit - context_len if limit else None
+    batches, current, tokens = [], [], 0
+    for row, ids in enumerate(candidate_ids):
+        if current and (len(current) == batch_size or (room is not None and tokens + len(ids) - 1 > room)):
+            batches.append(current)
+            current, tokens = [], 0
+        current.append(row)
+        tokens += len(ids) - 1
+    if current:
+        batches.append(current)
+    return batches
 
 
 def _crop_cache(cache, length: int) -> bool:

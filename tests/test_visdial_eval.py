@@ -590,10 +590,10 @@ def test_shards_merged_equal_one_unsharded_run(tmp_path, visdial_sample, capsys)
     model, processor = make_model_and_processor(seed=3)
     model.save_pretrained(tmp_path / "omnifusion")
     processor.save_pretrained(tmp_path / "omnifusion")
-    image_ids = _write_images(visdial_sample[0], tmp_path / "images", max_dialogs=3)
+    image_ids = _write_images(visdial_sample[0], tmp_path / "images", max_dialogs=2)  # the 3rd is too long
     common = [
         "--model", str(tmp_path / "omnifusion"), "--visdial_json", str(visdial_sample[0]),
-        "--dense_json", str(visdial_sample[1]), "--images_dir", str(tmp_path / "images"), "--max_dialogs", "3",
+        "--dense_json", str(visdial_sample[1]), "--images_dir", str(tmp_path / "images"), "--max_dialogs", "2",
     ]
     evaluate_visdial.main([*common, "--output", str(tmp_path / "whole.json")])
     for index in (1, 0):
@@ -601,7 +601,7 @@ def test_shards_merged_equal_one_unsharded_run(tmp_path, visdial_sample, capsys)
             [*common, "--num_shards", "2", "--shard_index", str(index), "--output", str(tmp_path / f"shard{index}.json")]
         )
     shard_sizes = [json.loads((tmp_path / f"shard{i}.json").read_text())["settings"]["num_dialogs"] for i in (0, 1)]
-    assert shard_sizes == [1, 2]
+    assert shard_sizes == [1, 1]
     shards = [str(tmp_path / "shard1.json"), str(tmp_path / "shard0.json")]
     evaluate_visdial.main(["--merge", *shards, "--output", str(tmp_path / "merged.json"), "--name", "merged"])
     whole = json.loads((tmp_path / "whole.json").read_text())
@@ -615,3 +615,15 @@ def test_shards_merged_equal_one_unsharded_run(tmp_path, visdial_sample, capsys)
     with pytest.raises(ValueError, match=r"--shard_index must be in 0..1"):
         evaluate_visdial.main([*common, "--num_shards", "2", "--shard_index", "2"])
     assert not (tmp_path / "bad.json").exists()
+
+
+def test_packed_batches_keep_batch_size_and_fit_the_positions_after_the_context(omnifusion):
+    model, _ = omnifusion
+    limit = model.config.get_text_config().max_position_embeddings
+    candidate_ids = [[1] * length for length in (3, 8, 1, 5, 5, 2, 9, 4)]
+    assert visdial_scoring._packed_batches(model, 10, candidate_ids, 2) == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    batches = visdial_scoring._packed_batches(model, limit - 12, candidate_ids, 50)
+    assert [row for batch in batches for row in batch] == list(range(8))
+    for batch in batches:
+        assert sum(len(candidate_ids[row]) - 1 for row in batch) <= 12
+    assert batches == [[0, 1, 2], [3, 4, 5], [6, 7]]  # 2+7+0, 4+4+1, 8+3 tokens run
