@@ -88,7 +88,11 @@ def setup(tmp_path_factory):
     for dialog in data["dialogs"]:
         image_id = dialog["image_id"]
         make_image(image_id, size=48).save(root / "images" / f"VisualDialog_val2018_{image_id:012d}.png")
-    llm = visdial_vllm.make_engine(str(folder), dtype="float32", max_model_len=512, enforce_eager=True)
+    # max_num_batched_tokens <= the tiny LM's 512 positions: vLLM runs a step's tokens as one flat sequence, and
+    # OmniFusion's input check (main) refuses a forward longer than max_position_embeddings, vLLM's or not
+    llm = visdial_vllm.make_engine(
+        str(folder), dtype="float32", max_model_len=512, enforce_eager=True, max_num_batched_tokens=512
+    )
     yield {"root": root, "folder": folder, "model": model, "processor": processor, "data": data, "dense": dense,
            "llm": llm}
     del llm
