@@ -11,18 +11,30 @@ import os
 import torch
 
 
-def check_prompt(input_ids, inputs_embeds, past_length: int, max_position_embeddings: int | None):
+def check_prompt(input_ids, inputs_embeds, past_length: int, max_position_embeddings: int | None, position_ids=None):
     """
     A `ValueError` for an empty prompt, or for one that does not fit the LM's positions: checked on every call that
     feeds more than one token (a prompt, or a chunk of one after cached tokens), before anything is allocated.
-    Single-token decoding steps are not limited, as in transformers.
+    Single-token decoding steps are not limited, as in transformers. When `position_ids` are given, the positions
+    themselves are checked rather than the length: engines that run several sequences flattened into one row (vLLM,
+    packed training batches) pass positions that restart per sequence.
     """
     shape = tuple((input_ids if input_ids is not None else inputs_embeds).shape)
     name = "input_ids" if input_ids is not None else "inputs_embeds"
     if len(shape) < 2 or shape[0] == 0 or shape[1] == 0:
         raise ValueError(f"The prompt is empty: {name} has shape {shape}; expected [batch, sequence] with both > 0.")
     length = shape[1]
-    if max_position_embeddings and length > 1 and past_length + length > max_position_embeddings:
+    if not max_position_embeddings or length <= 1:
+        return
+    if position_ids is not None:
+        furthest = int(position_ids.max()) + 1
+        if furthest > max_position_embeddings:
+            raise ValueError(
+                f"The prompt reaches position {furthest} (image positions included), more than the language model's "
+                f"max_position_embeddings={max_position_embeddings}; shorten it."
+            )
+        return
+    if past_length + length > max_position_embeddings:
         cached = f" after {past_length} cached tokens" if past_length else ""
         raise ValueError(
             f"The prompt is {length} tokens long{cached} (image positions included), more than the language model's "

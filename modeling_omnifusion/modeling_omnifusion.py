@@ -380,6 +380,7 @@ class OmniFusionModel(OmniFusionPreTrainedModel):
             inputs_embeds,
             cache.get_seq_length() if cache is not None else 0,
             getattr(self.config.text_config, "max_position_embeddings", None),
+            position_ids,
         )
 
         if inputs_embeds is None:

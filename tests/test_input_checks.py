@@ -352,14 +352,25 @@ def test_a_prompt_longer_than_the_positions_is_refused_before_any_work(model_and
     long_prompt = torch.ones(1, 75_000, dtype=torch.long)
     with pytest.raises(ValueError, match="75000 tokens long .*max_position_embeddings=512"):
         model(input_ids=long_prompt)
-    with pytest.raises(ValueError, match="75000 tokens long .*max_position_embeddings=512"):
+    with pytest.raises(ValueError, match="reaches position 75000 .*max_position_embeddings=512"):
         model.generate(input_ids=long_prompt, max_new_tokens=1)
+    with pytest.raises(ValueError, match="reaches position 600 .*max_position_embeddings=512"):
+        model(input_ids=torch.ones(1, 600, dtype=torch.long), position_ids=torch.arange(600)[None])
 
 
 def test_a_prompt_that_fits_and_decoding_past_it_still_work(model_and_processor):
     model, processor = model_and_processor
     prompt = torch.ones(1, 510, dtype=torch.long)
     assert model.generate(input_ids=prompt, max_new_tokens=4, do_sample=False).shape == (1, 514)
+
+
+def test_flattened_sequences_are_judged_by_their_positions_not_the_row_length(model_and_processor):
+    """vLLM and packed batches run several sequences in one row, with positions restarting per sequence."""
+    model, _ = model_and_processor
+    input_ids = torch.randint(3, 100, (1, 900))
+    position_ids = torch.cat([torch.arange(450), torch.arange(450)])[None]
+    logits = model(input_ids=input_ids, position_ids=position_ids).logits
+    assert logits.shape == (1, 900, model.config.text_config.vocab_size)
 
 
 def test_vision_feature_layer_out_of_range_is_refused_at_config_and_call(model_and_processor):
