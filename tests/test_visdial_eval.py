@@ -21,6 +21,7 @@ from transformers import (  # noqa: E402
 from omnifusion_fixtures import (  # noqa: E402
     IMAGE_SIZE,
     PATCH_SIZE,
+    VISDIAL_DATA_DIR,
     make_image,
     make_model_and_processor,
     make_tokenizer,
@@ -46,20 +47,12 @@ LLAVA_CHAT_TEMPLATE = (
 )
 
 
-def _shared_visdial_dir() -> Path:
-    shared = Path(os.environ.get("OMNIFUSION_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared"))
-    if not (shared / "data" / "visdial").is_dir():
-        shared = Path(__file__).resolve().parents[2] / "shared"
-    path = shared / "data" / "visdial"
-    if not path.is_dir():
-        pytest.fail(f"real VisDial sample not found under {path} (set OMNIFUSION_SHARED_DIR)")
-    return path
-
-
 @pytest.fixture(scope="module")
 def visdial_sample():
-    directory = _shared_visdial_dir()
-    return directory / "visdial_1.0_val_sample5.json", directory / "visdial_1.0_val_dense_annotations_sample5.json"
+    return (
+        VISDIAL_DATA_DIR / "visdial_1.0_val_sample5.json",
+        VISDIAL_DATA_DIR / "visdial_1.0_val_dense_annotations_sample5.json",
+    )
 
 
 def _sharpen(model, scale: float = 20.0):
