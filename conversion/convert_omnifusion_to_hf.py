@@ -38,6 +38,10 @@ from transformers import (
 
 from modeling_omnifusion import OmniFusionConfig, OmniFusionForCausalLM, OmniFusionProcessor
 from modeling_omnifusion.configuration_omnifusion import SPECIAL_TOKEN_FIELDS
+from modeling_omnifusion.processing.processing_omnifusion import (
+    check_tokenizer_folder,
+    rank_merges_by_sentencepiece_scores,
+)
 
 from .released_format import (
     ReleasedLayout,
@@ -218,6 +222,7 @@ def build_marker_table(special_embeddings: dict[str, torch.Tensor]) -> torch.Ten
 
 def load_released_checkpoint(layout: ReleasedLayout, vision_model: str, dtype: torch.dtype | None):
     """Read and check every piece, the cheap checks before the large weights; returns `(model, processor)`."""
+    sentencepiece_model = check_tokenizer_folder(layout.tokenizer_dir)  # names a missing sentencepiece/protobuf
     projection = read_projection(layout.projection)
     text_config = AutoConfig.from_pretrained(layout.lm_dir)
     vision_config = CLIPVisionConfig.from_pretrained(vision_model)
@@ -225,6 +230,8 @@ def load_released_checkpoint(layout: ReleasedLayout, vision_model: str, dtype: t
     special_embeddings = read_special_embeddings(layout.special_embeddings, hidden_size=text_config.hidden_size)
 
     tokenizer = LlamaTokenizer.from_pretrained(layout.tokenizer_dir)
+    if sentencepiece_model is not None:
+        rank_merges_by_sentencepiece_scores(tokenizer, sentencepiece_model)
     if len(tokenizer) > text_config.vocab_size:
         raise ValueError(
             f"{layout.tokenizer_dir}: the tokenizer has {len(tokenizer)} tokens, more than the LM's vocab_size "

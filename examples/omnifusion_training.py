@@ -46,6 +46,10 @@ from transformers import (
 )
 
 from modeling_omnifusion import OmniFusionConfig, OmniFusionForCausalLM, OmniFusionProcessor
+from modeling_omnifusion.processing.processing_omnifusion import (
+    check_tokenizer_folder,
+    rank_merges_by_sentencepiece_scores,
+)
 
 
 logger = logging.getLogger(__name__)
@@ -351,11 +355,15 @@ def build_model_from_pretrained_parts(
     A new OmniFusion around a pretrained vision encoder and a pretrained decoder LM (whose tokenizer it takes), with a
     freshly initialised adapter and markers, and its processor. `config_kwargs` go to `OmniFusionConfig`.
     """
+    sentencepiece_model = check_tokenizer_folder(language_model_name_or_path)
     vision_tower = load_vision_tower(vision_model_name_or_path)
     language_model = AutoModelForCausalLM.from_pretrained(language_model_name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(language_model_name_or_path)
+    if sentencepiece_model is not None:
+        rank_merges_by_sentencepiece_scores(tokenizer, sentencepiece_model)
     processor = OmniFusionProcessor(
         AutoImageProcessor.from_pretrained(vision_model_name_or_path),
-        AutoTokenizer.from_pretrained(language_model_name_or_path),
+        tokenizer,
         end_assistant_turns_with_eos=True,
     )
     config = OmniFusionConfig(
