@@ -7,6 +7,9 @@ The input is a folder in one of the released layouts (the v1.0 repository root w
 
     omnifusion-convert --input_dir OmniFusion/OmniMistral-v1_1 --output_dir omnifusion-v1_1-hf
     omnifusion-convert --input_dir AIRI-Institute/OmniFusion --subfolder OmniMistral-v1_1 --output_dir out
+    python conversion/convert_omnifusion_to_hf.py --input_dir OmniFusion/OmniMistral-v1_1 --output_dir out
+
+Both exit with status 0 on success, and on failure print the error and exit with status 1.
 
 The pickled adapter and special embeddings are read by `released_format` with an allow-list unpickler, so nothing
 in them runs; the LM and vision weights go through `from_pretrained` (safetensors, or `.bin` with
@@ -18,6 +21,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,19 +40,26 @@ from transformers import (
     LlamaTokenizer,
 )
 
-from modeling_omnifusion import OmniFusionConfig, OmniFusionForCausalLM, OmniFusionProcessor
+try:
+    from modeling_omnifusion import OmniFusionConfig, OmniFusionForCausalLM, OmniFusionProcessor
+except ModuleNotFoundError as error:  # run as a script from a checkout that was never installed
+    if error.name != "modeling_omnifusion":
+        raise
+    raise SystemExit(
+        "convert_omnifusion_to_hf.py needs the omnifusion-transformers package: run `pip install .` in the checkout"
+    ) from None
+# Absolute imports, so that `python conversion/convert_omnifusion_to_hf.py` runs as a script as well as `-m`/entry point.
 from modeling_omnifusion.configuration_omnifusion import SPECIAL_TOKEN_FIELDS
-from modeling_omnifusion.processing.processing_omnifusion import (
-    check_tokenizer_folder,
-    rank_merges_by_sentencepiece_scores,
-)
-
-from .released_format import (
+from modeling_omnifusion.conversion.released_format import (
     ReleasedLayout,
     ReleasedProjection,
     find_released_layout,
     read_projection,
     read_special_embeddings,
+)
+from modeling_omnifusion.processing.processing_omnifusion import (
+    check_tokenizer_folder,
+    rank_merges_by_sentencepiece_scores,
 )
 
 
@@ -405,21 +416,27 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: Sequence[str] | None = None) -> Path:
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command line: the exit status, 0 once the folder is complete, 1 (after printing the error) on bad input."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     max_shard_size = int(args.max_shard_size) if args.max_shard_size.isdigit() else args.max_shard_size
-    return convert_omnifusion_to_hf(
-        args.input_dir,
-        args.output_dir,
-        vision_model=args.vision_model,
-        dtype=args.dtype,
-        overwrite=args.overwrite,
-        push_to_hub=args.push_to_hub,
-        subfolder=args.subfolder,
-        max_shard_size=max_shard_size,
-    )
+    try:
+        convert_omnifusion_to_hf(
+            args.input_dir,
+            args.output_dir,
+            vision_model=args.vision_model,
+            dtype=args.dtype,
+            overwrite=args.overwrite,
+            push_to_hub=args.push_to_hub,
+            subfolder=args.subfolder,
+            max_shard_size=max_shard_size,
+        )
+    except (OSError, ValueError, ImportError) as error:
+        print(f"omnifusion-convert: error: {error}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
