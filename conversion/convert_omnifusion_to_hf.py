@@ -66,6 +66,7 @@ from modeling_omnifusion.processing.processing_omnifusion import (
 logger = logging.getLogger(__name__)
 
 DEFAULT_VISION_MODEL = "openai/clip-vit-large-patch14-336"
+RELEASED_REPO_ID = "AIRI-Institute/OmniFusion"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # Released `special_embeddings.pt` key of each marker-table row; the image placeholder row has none (see below).
@@ -276,7 +277,10 @@ def load_released_checkpoint(layout: ReleasedLayout, vision_model: str, dtype: t
     vision_tower = load_pretrained_strictly(CLIPVisionModel, vision_model, dtype, ignore_unexpected=True)
     for sub_config in (config, config.text_config, config.vision_config):
         sub_config.dtype = dtype
-    config.text_config._name_or_path = config.vision_config._name_or_path = ""  # no local paths in the model card
+    # The model card's base_model: the release (whose tuned LM this is) and the vision model's Hub id if it has one;
+    # saving writes a local path as nothing (`hub_model_id`).
+    config.text_config._name_or_path = RELEASED_REPO_ID
+    config.vision_config._name_or_path = vision_model
 
     state_dict = {f"model.vision_tower.{k}": v for k, v in vision_tower.state_dict().items()}
     state_dict.update({f"model.adapter.{k}": v for k, v in projection.state_dict.items()})

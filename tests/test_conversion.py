@@ -13,6 +13,7 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import sentencepiece as spm  # noqa: E402
 import torch  # noqa: E402
+import yaml  # noqa: E402
 from omnifusion_fixtures import chat, make_image  # noqa: E402
 from released_fixtures import (  # noqa: E402
     make_clip_vision_folder,
@@ -247,6 +248,18 @@ def test_output_folder_is_the_hub_format(converted_fp32):
                  "loads in eval mode"):
         assert note in card, note
     assert f"v{info['version']} layout" in card and str(info["input_dir"]) not in card
+
+
+def test_converted_folder_names_the_release_as_base_and_no_local_path(converted_fp32):
+    info, out, _, _, _ = converted_fp32
+    front_matter = yaml.safe_load((out / "README.md").read_text().split("---")[1])
+    assert front_matter["base_model"] == ["AIRI-Institute/OmniFusion"]  # the vision model here is a local folder
+    config = json.loads((out / "config.json").read_text())
+    assert config["text_config"]["_name_or_path"] == "AIRI-Institute/OmniFusion"
+    assert not config["vision_config"].get("_name_or_path")
+    for path in out.iterdir():
+        if path.suffix in (".json", ".md", ".jinja", ".py"):
+            assert str(info["root"]) not in path.read_text(), path.name
 
 
 def test_generation_config_values(converted_fp32):

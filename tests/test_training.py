@@ -430,3 +430,10 @@ def test_quickstart_quick_mode_runs_end_to_end(tmp_path):
     last_line = result.stdout.strip().splitlines()[-1]
     assert last_line.startswith("accuracy=") and 0 <= float(last_line.removeprefix("accuracy=")) <= 1
     assert (tmp_path / "omnifusion" / "config.json").exists()
+    # the demo's final folder: safetensors and JSON only, and its card names none of the demo's local folders
+    final = tmp_path / "omnifusion"
+    assert not [p.name for p in final.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl")]
+    assert (final / "training_args.json").is_file()
+    for name in ("README.md", "config.json", "training_args.json"):
+        text = (final / name).read_text()
+        assert str(tmp_path) not in text and "language-model" not in text and "vision-tower" not in text, name

@@ -349,6 +349,28 @@ def test_script_evaluates_llava_and_plots_a_comparison(tmp_path, visdial_sample,
     assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_plot_draws_a_missing_metric_as_missing_and_gives_each_run_its_rounds():
+    metrics = {"ndcg": 0.5, "mrr": 0.4, "r@1": 0.3, "r@5": 0.6, "r@10": 0.7}
+    results = [
+        {"model": "dense", "metrics": metrics, "settings": {"num_rounds": 20, "num_dense_rounds": 2}},
+        {"model": "sparse", "metrics": {**metrics, "ndcg": None}, "settings": {"num_rounds": 970, "num_dense_rounds": 0}},
+    ]
+    figure = evaluate_visdial.draw_results(results)
+    axes = figure.axes[0]
+    assert [text.get_text() for text in axes.get_legend().get_texts()] == [
+        "dense (20 rounds, 2 with NDCG)", "sparse (970 rounds, 0 with NDCG)"
+    ]  # fmt: skip
+    dense, sparse = axes.containers
+    ndcg_column = [key for _, key in evaluate_visdial.TABLE_COLUMNS].index("ndcg")
+    assert [bar.get_height() for bar in dense] == pytest.approx([100 * metrics[k] for _, k in evaluate_visdial.TABLE_COLUMNS])
+    assert len(sparse) == len(evaluate_visdial.TABLE_COLUMNS) - 1  # no bar (of height 0) for the missing NDCG
+    sparse_centers = [bar.get_x() + bar.get_width() / 2 for bar in sparse]
+    assert all(abs(center - ndcg_column) > 0.5 for center in sparse_centers)
+    marks = [text for text in axes.texts if text.get_text() == "n/a"]
+    assert len(marks) == 1 and abs(marks[0].get_position()[0] - ndcg_column) < 0.5
+    assert "0.0" not in [text.get_text() for text in axes.texts]
+
+
 def test_missing_image_names_the_image_id_and_expected_path(tmp_path, visdial_sample):
     model, processor = make_model_and_processor()
     model.save_pretrained(tmp_path / "omnifusion")
