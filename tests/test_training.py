@@ -378,7 +378,7 @@ class StopAfterStep(TrainerCallback):
 def test_a_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_run(parts, data_path, tmp_path, monkeypatch):
     vision, language = parts
 
-    class InterruptedTrainer(omnifusion_training.Trainer):
+    class InterruptedTrainer(omnifusion_training.OmniFusionTrainer):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, callbacks=[StopAfterStep(3)], **kwargs)
 
@@ -390,7 +390,7 @@ def test_a_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_run(parts,
 
     uninterrupted = run(tmp_path / "a")
     with monkeypatch.context() as patch:
-        patch.setattr(omnifusion_training, "Trainer", InterruptedTrainer)
+        patch.setattr(omnifusion_training, "OmniFusionTrainer", InterruptedTrainer)
         interrupted = run(tmp_path / "b")
     assert interrupted.state.global_step == 3 and (tmp_path / "b" / "checkpoint-3").is_dir()
     resumed = run(tmp_path / "b", resume_from_checkpoint=tmp_path / "b" / "checkpoint-3")
