@@ -7,6 +7,9 @@ The input is a folder in one of the released layouts (the v1.0 repository root w
 
     omnifusion-convert --input_dir OmniFusion/OmniMistral-v1_1 --output_dir omnifusion-v1_1-hf
     omnifusion-convert --input_dir AIRI-Institute/OmniFusion --subfolder OmniMistral-v1_1 --output_dir out
+    python conversion/convert_omnifusion_to_hf.py --input_dir OmniFusion/OmniMistral-v1_1 --output_dir out
+
+Both exit with status 0 on success, and on failure print the error and exit with status 1.
 
 The pickled adapter and special embeddings are read by `released_format` with an allow-list unpickler, so nothing
 in them runs; the LM and vision weights go through `from_pretrained` (safetensors, or `.bin` with
@@ -18,6 +21,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,11 +42,19 @@ from transformers import (
     SiglipVisionModel,
 )
 
-from modeling_omnifusion import OmniFusionConfig, OmniFusionForCausalLM, OmniFusionProcessor
+try:
+    from modeling_omnifusion import OmniFusionConfig, OmniFusionForCausalLM, OmniFusionProcessor
+except ModuleNotFoundError as error:  # run as a script from a checkout that was never installed
+    if error.name != "modeling_omnifusion":
+        raise
+    raise SystemExit(
+        "convert_omnifusion_to_hf.py needs the omnifusion-transformers package: run `pip install .` in the checkout"
+    ) from None
+# Absolute imports, so that `python conversion/convert_omnifusion_to_hf.py` runs as a script as well as `-m`/entry point.
 from modeling_omnifusion.configuration_omnifusion import SPECIAL_TOKEN_FIELDS
 from modeling_omnifusion.processing.processing_omnifusion import image_processor_output_size
 
-from .released_format import (
+from modeling_omnifusion.conversion.released_format import (
     ReleasedLayout,
     ReleasedProjection,
     describe_projection_structure,
@@ -51,11 +63,16 @@ from .released_format import (
     read_projection,
     read_special_embeddings,
 )
+from modeling_omnifusion.processing.processing_omnifusion import (
+    check_tokenizer_folder,
+    rank_merges_by_sentencepiece_scores,
+)
 
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_VISION_MODEL = "openai/clip-vit-large-patch14-336"
+RELEASED_REPO_ID = "AIRI-Institute/OmniFusion"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # Released `special_embeddings.pt` key of each marker-table row; the image placeholder row has none (see below).
@@ -240,11 +257,16 @@ def split_vision_models(vision_model) -> list[str]:
     return names
 
 
-def load_text_side(layout: ReleasedLayout):
-    """The released LM config, markers, tokenizer and decoding settings, checked against each other."""
+def load_text_side(layout: ReleasedLayout, sentencepiece_model):
+    """The released LM config, markers, tokenizer and decoding settings, checked against each other.
+
+    `sentencepiece_model` is what `check_tokenizer_folder` returned for the tokenizer folder (checked first of all).
+    """
     text_config = AutoConfig.from_pretrained(layout.lm_dir)
     special_embeddings = read_special_embeddings(layout.special_embeddings, hidden_size=text_config.hidden_size)
     tokenizer = LlamaTokenizer.from_pretrained(layout.tokenizer_dir)
+    if sentencepiece_model is not None:
+        rank_merges_by_sentencepiece_scores(tokenizer, sentencepiece_model)
     if len(tokenizer) > text_config.vocab_size:
         raise ValueError(
             f"{layout.tokenizer_dir}: the tokenizer has {len(tokenizer)} tokens, more than the LM's vocab_size "
@@ -261,7 +283,9 @@ def assemble_model(config, layout, dtype, vision_state, adapter_state, special_e
     config.dtype = dtype
     for sub_config in (config.text_config, *config.vision_configs):
         sub_config.dtype = dtype
-        sub_config._name_or_path = ""  # no local paths in the model card
+    # The model card's base_model: the release (whose tuned LM this is) and the vision models' Hub ids where they have
+    # them; saving writes a local path as nothing (`hub_model_id`).
+    config.text_config._name_or_path = RELEASED_REPO_ID
     state_dict = {f"model.vision_tower.{k}": v for k, v in vision_state.items()}
     state_dict.update({f"model.adapter.{k}": v for k, v in adapter_state.items()})
     state_dict.update({f"model.language_model.{k}": v for k, v in lm.get_decoder().state_dict().items()})
@@ -279,10 +303,11 @@ def load_released_checkpoint(layout: ReleasedLayout, vision_model, dtype: torch.
 
     A projection without the transformer layer is the encoders-mix release: see `load_released_mix_checkpoint`.
     """
+    sentencepiece_model = check_tokenizer_folder(layout.tokenizer_dir)  # names a missing sentencepiece/protobuf
     vision_models = split_vision_models(vision_model)
     structure = describe_projection_structure(layout.projection)
     if not any(entry.path == "transformer_layer" for entry in structure):
-        return load_released_mix_checkpoint(layout, vision_models, dtype)
+        return load_released_mix_checkpoint(layout, vision_models, dtype, sentencepiece_model)
     if len(vision_models) > 1:
         raise ValueError(
             f"{layout.projection}: this adapter reads one vision encoder (a transformer layer), but --vision_model "
@@ -293,7 +318,7 @@ def load_released_checkpoint(layout: ReleasedLayout, vision_model, dtype: torch.
     text_config = AutoConfig.from_pretrained(layout.lm_dir)
     vision_config = CLIPVisionConfig.from_pretrained(vision_model)
     check_projection(projection, layout.projection, vision_config, text_config, vision_model)
-    text_config, special_embeddings, tokenizer, generation_config = load_text_side(layout)
+    text_config, special_embeddings, tokenizer, generation_config = load_text_side(layout, sentencepiece_model)
     processor = OmniFusionProcessor(AutoImageProcessor.from_pretrained(vision_model, backend="pil"), tokenizer)
     config = OmniFusionConfig(
         vision_config=vision_config,
@@ -358,7 +383,9 @@ def vision_state_at_input_size(tower, input_size: int) -> dict[str, torch.Tensor
     return state
 
 
-def load_released_mix_checkpoint(layout: ReleasedLayout, vision_models: list[str], dtype: torch.dtype | None):
+def load_released_mix_checkpoint(
+    layout: ReleasedLayout, vision_models: list[str], dtype: torch.dtype | None, sentencepiece_model
+):
     """
     The encoders-mix release (`OmniMistral-v1_1-encoders-mix`): a projection holding only LayerNorms, Linears and
     raw coefficients, mapped onto `adapter_type="mix_sum"` (`released_format.read_mix_projection`), with one vision
@@ -378,7 +405,7 @@ def load_released_mix_checkpoint(layout: ReleasedLayout, vision_models: list[str
         [(v.model_type, v.num_hidden_layers + 1, v.hidden_size) for v in vision_configs],
         text_config.hidden_size,
     )
-    text_config, special_embeddings, tokenizer, generation_config = load_text_side(layout)
+    text_config, special_embeddings, tokenizer, generation_config = load_text_side(layout, sentencepiece_model)
     model_configs = []
     for vision, size in zip(vision_configs, input_sizes):
         vision = type(vision).from_dict({**vision.to_dict(), "image_size": size})
@@ -561,21 +588,27 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: Sequence[str] | None = None) -> Path:
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command line: the exit status, 0 once the folder is complete, 1 (after printing the error) on bad input."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     max_shard_size = int(args.max_shard_size) if args.max_shard_size.isdigit() else args.max_shard_size
-    return convert_omnifusion_to_hf(
-        args.input_dir,
-        args.output_dir,
-        vision_model=args.vision_model,
-        dtype=args.dtype,
-        overwrite=args.overwrite,
-        push_to_hub=args.push_to_hub,
-        subfolder=args.subfolder,
-        max_shard_size=max_shard_size,
-    )
+    try:
+        convert_omnifusion_to_hf(
+            args.input_dir,
+            args.output_dir,
+            vision_model=args.vision_model,
+            dtype=args.dtype,
+            overwrite=args.overwrite,
+            push_to_hub=args.push_to_hub,
+            subfolder=args.subfolder,
+            max_shard_size=max_shard_size,
+        )
+    except (OSError, ValueError, ImportError) as error:
+        print(f"omnifusion-convert: error: {error}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

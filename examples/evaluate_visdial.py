@@ -178,8 +178,22 @@ def results_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot_results(results: list[dict], output):
-    """A grouped bar chart of the table's metrics (percent), one bar colour per result file."""
+def plot_legend_label(result: dict) -> str:
+    """A run's name with how many rounds it covered (and how many of them had dense relevance, for NDCG)."""
+    settings = result.get("settings", {})
+    rounds = settings.get("num_rounds")
+    if rounds is None:
+        return f"{result['model']} (rounds not recorded)"
+    dense = settings.get("num_dense_rounds")
+    return f"{result['model']} ({rounds} rounds" + (f", {dense} with NDCG)" if dense is not None else ")")
+
+
+def draw_results(results: list[dict]):
+    """The grouped bar chart of the table's metrics (percent), one bar colour per result file; returns the figure.
+
+    A missing metric (`null` in the file, such as NDCG without dense annotations) gets no bar, only an "n/a" mark,
+    so that it cannot be read as 0.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -188,15 +202,30 @@ def plot_results(results: list[dict], output):
     width = 0.8 / len(results)
     figure, axes = plt.subplots(figsize=(1.6 * len(TABLE_COLUMNS) + 1, 4))
     for index, result in enumerate(results):
-        values = [100 * (result["metrics"][key] or 0.0) for _, key in TABLE_COLUMNS]
-        positions = [column + (index - (len(results) - 1) / 2) * width for column in range(len(TABLE_COLUMNS))]
-        bars = axes.bar(positions, values, width, label=result["model"])
+        offsets = [column + (index - (len(results) - 1) / 2) * width for column in range(len(TABLE_COLUMNS))]
+        values = [result["metrics"].get(key) for _, key in TABLE_COLUMNS]
+        present = [(x, 100 * value) for x, value in zip(offsets, values) if value is not None]
+        color = f"C{index}"
+        bars = axes.bar(
+            [x for x, _ in present], [y for _, y in present], width, color=color, label=plot_legend_label(result)
+        )
         axes.bar_label(bars, fmt="%.1f", fontsize=7)
+        for x, value in zip(offsets, values):
+            if value is None:
+                axes.text(x, 0, "n/a", ha="center", va="bottom", fontsize=7, color=color)
     axes.set_xticks(range(len(TABLE_COLUMNS)), [title for title, _ in TABLE_COLUMNS])
     axes.set_ylabel("%")
     axes.set_title("Visual Dialog v1.0")
-    axes.legend()
+    axes.legend(fontsize=8)
     figure.tight_layout()
+    return figure
+
+
+def plot_results(results: list[dict], output):
+    """`draw_results` saved to `output` (written beside it first, then renamed)."""
+    import matplotlib.pyplot as plt
+
+    figure = draw_results(results)
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     temporary = output.with_name(f".{output.stem}.tmp{output.suffix}")

@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 import datasets
 import torch
 import transformers
+from huggingface_hub import ModelCard, is_offline_mode, try_to_load_from_cache
+from transformers.trainer import TRAINING_ARGS_NAME
 from PIL import Image
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence
@@ -48,6 +50,11 @@ from transformers import (
 from modeling_omnifusion import OmniFusionConfig, OmniFusionForCausalLM, OmniFusionProcessor
 from modeling_omnifusion.conversion.convert_omnifusion_to_hf import vision_state_at_input_size
 from modeling_omnifusion.processing.processing_omnifusion import image_processor_output_size
+from modeling_omnifusion.modeling_omnifusion import hub_model_id
+from modeling_omnifusion.processing.processing_omnifusion import (
+    check_tokenizer_folder,
+    rank_merges_by_sentencepiece_scores,
+)
 
 
 logger = logging.getLogger(__name__)
@@ -85,12 +92,44 @@ class OmniFusionTrainingArguments(TrainingArguments):
     optim: str = field(default="adafactor", metadata={"help": "Optimizer (released: Adafactor, relative_step=False)."})
     lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning-rate schedule (released: cosine)."})
     warmup_steps: float = field(
-        default=0.01, metadata={"help": "Warmup steps, or a fraction of all steps when < 1 (released: 1%)."}
+        default=0.01, metadata={"help": "Warmup steps, or a fraction of all steps when < 1 (released: 0.01)."}
     )
     logging_steps: float = field(default=10, metadata={"help": "Log every this many steps."})
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Must stay False: the records are turned into model inputs lazily."}
     )
+
+
+def _check_pretrained_argument(argument: str, value: str):
+    """A `--*_name_or_path` value must be a local folder or a Hub id; a missing local path is named at once."""
+    if os.path.isdir(value):
+        return
+    if os.path.exists(value):
+        raise ValueError(f"--{argument} {value}: expected a model folder (or a Hub id), found a file.")
+    first = value.split("/", 1)[0]
+    if hub_model_id(value) is None or ("/" in value and os.path.isdir(first)):
+        raise FileNotFoundError(f"--{argument} {value}: no such folder (and not a Hub model id).")
+    if is_offline_mode() and not isinstance(try_to_load_from_cache(value, "config.json"), str):
+        raise FileNotFoundError(
+            f"--{argument} {value}: no such folder, and, offline (HF_HUB_OFFLINE=1), not a Hub model in the local cache."
+        )
+
+
+def check_path_arguments(data_args: DataArguments, **pretrained: str):
+    """
+    Check the path arguments before anything is loaded, naming a bad one: each `pretrained` argument (name -> value,
+    e.g. `language_model_name_or_path`) must be a local folder or a Hub model id (a value written like a local path,
+    or whose first folder exists here, must exist), `--data_path` a file and `--image_folder` a folder.
+    """
+    for argument, value in pretrained.items():
+        # several vision encoders are comma-separated (`clip_dir,dinov2_dir`): each is checked
+        for part in value.split(",") if argument == "vision_model_name_or_path" else [value]:
+            _check_pretrained_argument(argument, part.strip())
+    if not os.path.isfile(data_args.data_path):
+        what = "is a folder, expected a JSON or JSONL file" if os.path.isdir(data_args.data_path) else "no such file"
+        raise FileNotFoundError(f"--data_path {data_args.data_path}: {what}.")
+    if data_args.image_folder is not None and not os.path.isdir(data_args.image_folder):
+        raise FileNotFoundError(f"--image_folder {data_args.image_folder}: no such folder.")
 
 
 def setup_run(training_args: TrainingArguments):
@@ -415,14 +454,18 @@ def build_model_from_pretrained_parts(
     (whose tokenizer it takes), with a freshly initialised adapter and markers, and its processor. `config_kwargs`
     go to `OmniFusionConfig` (`adapter_type`, `image_grid_pinpoints`, ...).
     """
+    sentencepiece_model = check_tokenizer_folder(language_model_name_or_path)
     names = parse_vision_models(vision_model_name_or_path)
     vision_configs, image_processors, vision_states = load_vision_towers(
         names, one_input_size=config_kwargs.get("image_grid_pinpoints") is not None
     )
     language_model = AutoModelForCausalLM.from_pretrained(language_model_name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(language_model_name_or_path)
+    if sentencepiece_model is not None:
+        rank_merges_by_sentencepiece_scores(tokenizer, sentencepiece_model)
     processor = OmniFusionProcessor(
         image_processors[0],
-        AutoTokenizer.from_pretrained(language_model_name_or_path),
+        tokenizer,
         end_assistant_turns_with_eos=True,
         extra_encoder_preprocessors=image_processors[1:],
     )
@@ -434,6 +477,10 @@ def build_model_from_pretrained_parts(
     )
     for name, value in config.processor_kwargs.items():
         setattr(processor, name, value)
+    # What the saved folder names as its base models: the Hub ids, never a local path.
+    for vision, name in zip(config.vision_configs, names):
+        vision._name_or_path = hub_model_id(name) or ""
+    config.text_config._name_or_path = hub_model_id(language_model_name_or_path) or ""
 
     model = OmniFusionForCausalLM(config)
     towers = model.model.vision_tower if len(names) > 1 else [model.model.vision_tower]
@@ -476,6 +523,44 @@ def log_trainable_parameters(model: nn.Module):
     logger.info("Training %d of %d parameters (%.2f%%).", trainable, total, 100 * trainable / total)
 
 
+def _without_local_paths(value):
+    """`value` with every local path (absolute, or existing here) cut to its last component, recursively."""
+    if isinstance(value, dict):
+        return {key: _without_local_paths(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_without_local_paths(item) for item in value]
+    if isinstance(value, str) and value and (os.path.isabs(value) or os.path.exists(value)):
+        return os.path.basename(os.path.normpath(value))
+    return value
+
+
+class OmniFusionTrainer(Trainer):
+    """
+    A `Trainer` whose saved folders hold no pickle and name no local path: the arguments go to `training_args.json`
+    (local paths cut to their last component) instead of the pickled `training_args.bin`, which nothing reads back
+    (checkpoints keep the optimizer, scheduler and RNG states `--resume_from_checkpoint` needs), and a PEFT adapter's
+    model card names no unknown base model.
+    """
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None):
+        super()._save(output_dir, state_dict)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        pickled = os.path.join(output_dir, TRAINING_ARGS_NAME)
+        if os.path.exists(pickled):
+            os.remove(pickled)
+        with open(os.path.join(output_dir, "training_args.json"), "w", encoding="utf-8") as file:
+            json.dump(_without_local_paths(json.loads(self.args.to_json_string())), file, indent=2, sort_keys=True)
+        card_path = os.path.join(output_dir, "README.md")
+        if os.path.isfile(card_path):  # PEFT's card names the base model even when it is unknown: as '' and None
+            card = ModelCard.load(card_path)
+            if "base_model" in card.data.to_dict() and not card.data.base_model:
+                card.data.base_model = None
+                card.data.tags = [tag for tag in card.data.tags or [] if tag != "base_model:adapter:None"] or None
+                card.save(card_path)
+
+
 def make_trainer(
     model: nn.Module,
     processor: OmniFusionProcessor,
@@ -483,7 +568,7 @@ def make_trainer(
     training_args: TrainingArguments,
 ) -> Trainer:
     """A `Trainer` over the checked, lazily encoded records; it saves the processor with every checkpoint."""
-    return Trainer(
+    return OmniFusionTrainer(
         model=model,
         args=training_args,
         train_dataset=load_training_dataset(data_args, processor),

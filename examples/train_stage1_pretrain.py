@@ -28,6 +28,7 @@ from omnifusion_training import (
     DataArguments,
     OmniFusionTrainingArguments,
     build_model_from_pretrained_parts,
+    check_path_arguments,
     make_trainer,
     parse_grid_pinpoints,
     setup_run,
@@ -64,6 +65,11 @@ class Stage1TrainingArguments(OmniFusionTrainingArguments):
 def main(args: list[str] | None = None) -> Trainer:
     parser = HfArgumentParser((ModelArguments, DataArguments, Stage1TrainingArguments))
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args)
+    check_path_arguments(
+        data_args,
+        vision_model_name_or_path=model_args.vision_model_name_or_path,
+        language_model_name_or_path=model_args.language_model_name_or_path,
+    )
     if is_deepspeed_zero3_enabled():
         parser.error(
             "Stage 1 copies two checkpoints' weights into a new model, which ZeRO-3 partitions as they load. It trains "

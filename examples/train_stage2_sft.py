@@ -22,9 +22,11 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import HfArgumentParser, Trainer
 
 from modeling_omnifusion import OmniFusionForCausalLM, OmniFusionProcessor
+from modeling_omnifusion.modeling_omnifusion import hub_model_id
 from omnifusion_training import (
     DataArguments,
     OmniFusionTrainingArguments,
+    check_path_arguments,
     log_trainable_parameters,
     make_trainer,
     parse_grid_pinpoints,
@@ -69,6 +71,7 @@ def main(args: list[str] | None = None) -> Trainer:
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args)
     if model_args.save_lora_adapter_only and not model_args.lora_r:
         parser.error("--save_lora_adapter_only needs --lora_r.")
+    check_path_arguments(data_args, model_name_or_path=model_args.model_name_or_path)
     setup_run(training_args)
 
     model = OmniFusionForCausalLM.from_pretrained(model_args.model_name_or_path)
@@ -76,6 +79,9 @@ def main(args: list[str] | None = None) -> Trainer:
     processor.end_assistant_turns_with_eos = True
     if model_args.image_grid_pinpoints is not None:
         set_image_grid_pinpoints(model, processor, parse_grid_pinpoints(model_args.image_grid_pinpoints))
+    # What a LoRA adapter's config and card name as their base model: its Hub id, never a local path.
+    model.name_or_path = hub_model_id(model_args.model_name_or_path)
+    model.config._name_or_path = model.name_or_path or ""
     if model_args.lora_r:  # get_peft_model freezes everything but the LoRA weights and the modules to save
         lora_config = LoraConfig(
             r=model_args.lora_r,

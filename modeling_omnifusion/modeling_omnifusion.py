@@ -4,6 +4,8 @@ import os
 
 import torch
 from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 from torch import nn
 from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
@@ -84,15 +86,47 @@ class OmniFusionTokenEmbedding(nn.Embedding):
 WIDGET_IMAGE_URL = "https://huggingface.co/datasets/huggingface/documentation-images/resolve/main/bee.jpg"
 
 
+def hub_model_id(name_or_path) -> str | None:
+    """
+    The Hub repo id that `name_or_path` (a `from_pretrained` argument) stands for, or `None` when none is known: a
+    Hub id is returned as is, a folder inside the Hub cache (`.../models--owner--name/snapshots/<revision>/...`) as
+    `owner/name`, and any other local path (existing, or written like one: `./x`, `/x`, `~/x`, `a/b/c`) as `None`,
+    so that no local path is ever written into a saved folder.
+    """
+    name = os.fspath(name_or_path) if name_or_path else ""
+    if not name:
+        return None
+    if os.path.exists(name):
+        parts = os.path.normpath(os.path.abspath(name)).split(os.sep)
+        cached = [part.removeprefix("models--") for part in parts if part.startswith("models--")]
+        if not cached:
+            return None
+        name = cached[-1].replace("--", "/")
+    if name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1:
+        return None
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return None
+    return name
+
+
+def _sub_configs(config: OmniFusionConfig) -> list:
+    """The sub-configs of `config`: the text config and every vision encoder's config."""
+    return [sub for sub in (config.text_config, *config.vision_configs) if sub is not None]
+
+
 def build_model_card(config: OmniFusionConfig) -> ModelCard:
-    """A Hub model card: front matter for the image-text-to-text widget and a usage snippet."""
-    names = [config.text_config._name_or_path] + [vision._name_or_path for vision in config.vision_configs]
-    base_models = [name for name in names if name] or ["AIRI-Institute/OmniFusion"]
+    """A Hub model card: front matter for the image-text-to-text widget and a usage snippet.
+
+    `base_model` lists the Hub ids of the sub-models when they are known (`hub_model_id`), and is left out otherwise.
+    """
+    base_models = list(dict.fromkeys(filter(None, (hub_model_id(sub._name_or_path) for sub in _sub_configs(config)))))
     data = ModelCardData(
         library_name="transformers",
         pipeline_tag="image-text-to-text",
         license="apache-2.0",
-        base_model=base_models,
+        base_model=base_models or None,
         tags=["omnifusion", "multimodal", "vision-language", "image-text-to-text", "conversational", "custom_code"],
         widget=[
             {"text": "What is shown in this image?", "src": WIDGET_IMAGE_URL},
@@ -174,7 +208,13 @@ class OmniFusionPreTrainedModel(PreTrainedModel):
         return loaded
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """Save weights, config, generation config, the remote code with `auto_map` for every Auto class, and a model card."""
+        """Save weights, config, generation config, the remote code with `auto_map` for every Auto class, and a model card.
+
+        The sub-configs' `_name_or_path` is saved as the Hub id it stands for, or empty (`hub_model_id`): a saved folder
+        names no local path.
+        """
+        for sub_config in _sub_configs(self.config):
+            sub_config._name_or_path = hub_model_id(sub_config._name_or_path) or ""
         if self._auto_class is not None:
             module = self.__class__.__module__.rsplit(".", 1)[-1]
             self.config.auto_map = {

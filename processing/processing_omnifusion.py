@@ -2,6 +2,7 @@
 
 import base64
 import copy
+import importlib.util
 import io
 import itertools
 import os
@@ -13,6 +14,7 @@ import PIL.Image
 import PIL.ImageOps
 import transformers
 from tokenizers import AddedToken
+from tokenizers import models as tk_models
 from tokenizers import normalizers as tk_normalizers
 from tokenizers import pre_tokenizers as tk_pre_tokenizers
 from transformers.image_transforms import to_pil_image
@@ -326,6 +328,91 @@ def _check_conversation(conversation):
                     raise ValueError(f"{item_name} is an image in a {role} message; images go in user messages.")
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# Tokenizer folders: a clear error for one that cannot be read, SentencePiece's merge order for a `tokenizer.model`
+# --------------------------------------------------------------------------------------------------------------------
+
+# Files from which transformers builds a tokenizer without a SentencePiece model (a BPE/WordPiece vocabulary or
+# Mistral's tekken); with none of these, no `tokenizer.json` and no `tokenizer.model`, a folder has no tokenizer.
+OTHER_TOKENIZER_FILES = ("vocab.json", "vocab.txt", "tekken.json", "spiece.model", "sentencepiece.bpe.model")
+SENTENCEPIECE_PACKAGES = {"sentencepiece": "sentencepiece", "protobuf": "google.protobuf"}
+
+
+def _module_missing(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is None
+    except (ImportError, ValueError):  # a missing parent package, or a module set to None
+        return True
+
+
+def check_tokenizer_folder(folder) -> str | None:
+    """
+    Check a local tokenizer folder before transformers reads it, so that a problem is named instead of surfacing as
+    a misleading fallback error. A folder without `tokenizer.json` that holds a SentencePiece `tokenizer.model` (the
+    released OmniFusion layout) needs the `sentencepiece` and `protobuf` packages to be read: `ImportError` naming
+    the missing ones. A folder with no tokenizer file at all: `FileNotFoundError` naming the folder. A Hub id (not a
+    local folder) is left to transformers.
+
+    Returns the path of the SentencePiece model the tokenizer will be built from (for
+    `rank_merges_by_sentencepiece_scores`), or `None`.
+    """
+    folder = os.fspath(folder)
+    if not os.path.isdir(folder) or os.path.isfile(os.path.join(folder, "tokenizer.json")):
+        return None
+    model_file = os.path.join(folder, "tokenizer.model")
+    if os.path.isfile(model_file):
+        with open(model_file, "rb") as file:
+            if file.read(1) != b"\n":  # not a serialized SentencePiece ModelProto (a tiktoken file is text)
+                return None
+        missing = [package for package, module in SENTENCEPIECE_PACKAGES.items() if _module_missing(module)]
+        if missing:
+            raise ImportError(
+                f"{model_file} is a SentencePiece model and {folder} has no tokenizer.json: reading it needs the "
+                f"{' and '.join(missing)} package{'s' if len(missing) > 1 else ''}, not installed here "
+                f"(pip install {' '.join(missing)})."
+            )
+        return model_file
+    if not any(os.path.isfile(os.path.join(folder, name)) for name in OTHER_TOKENIZER_FILES):
+        raise FileNotFoundError(
+            f"{folder} holds no tokenizer: no tokenizer.json (the file save_pretrained writes), no SentencePiece "
+            f"tokenizer.model and no vocabulary file ({', '.join(OTHER_TOKENIZER_FILES)})."
+        )
+    return None
+
+
+def rank_merges_by_sentencepiece_scores(tokenizer, model_file) -> None:
+    """
+    Give a tokenizer built from a SentencePiece BPE `model_file` the merge order SentencePiece encodes with.
+
+    SentencePiece merges, at each step, the adjacent pair whose joined piece has the highest score. transformers 5
+    ranks the merges it derives from a `tokenizer.model` by vocabulary id instead, and the two orders differ where a
+    whitespace-only piece (`▁▁`, score -1e9 but a low id in Mistral's vocabulary) competes: `"it  is"` became
+    `▁it ▁▁ is` instead of SentencePiece's `▁it ▁ ▁is`. Rebuilding the BPE model with score-ranked merges restores
+    SentencePiece's ids; a Unigram model, or a tokenizer that is not BPE, is left unchanged.
+    """
+    from transformers.convert_slow_tokenizer import generate_merges, import_protobuf
+
+    backend = tokenizer.backend_tokenizer
+    if not isinstance(backend.model, tk_models.BPE):
+        return
+    proto = import_protobuf().ModelProto()
+    with open(model_file, "rb") as file:
+        proto.ParseFromString(file.read())
+    if proto.trainer_spec.model_type != proto.trainer_spec.BPE:
+        return
+    vocab = {piece.piece: index for index, piece in enumerate(proto.pieces)}
+    scores = {piece.piece: piece.score for piece in proto.pieces}
+    backend.model = tk_models.BPE(
+        vocab=vocab,
+        merges=generate_merges(vocab, scores),
+        unk_token=proto.trainer_spec.unk_piece,
+        fuse_unk=True,
+        byte_fallback=proto.trainer_spec.byte_fallback,
+    )
+
+
+
+
 def _encode_segments_independently(tokenizer):
     """
     Make the tokenizer encode each stretch of text between special tokens exactly as if it were encoded on its own.
@@ -626,6 +713,17 @@ class OmniFusionProcessor(ProcessorMixin):
         ]
         return output
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """`ProcessorMixin.from_pretrained`, with `check_tokenizer_folder` first on a local folder (and SentencePiece's
+        merge order for a tokenizer built from its `tokenizer.model`)."""
+        folder = os.path.join(pretrained_model_name_or_path, kwargs.get("subfolder") or "")
+        sentencepiece_model = check_tokenizer_folder(folder)
+        processor = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        if sentencepiece_model is not None:
+            rank_merges_by_sentencepiece_scores(processor.tokenizer, sentencepiece_model)
+        return processor
+
     def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
         """Also writes a standalone `preprocessor_config.json`, for tools that read the image processor alone."""
         saved = super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
@@ -651,4 +749,6 @@ __all__ = [
     "TEXT_ESCAPE",
     "select_best_resolution",
     "tile_views",
+    "check_tokenizer_folder",
+    "rank_merges_by_sentencepiece_scores",
 ]

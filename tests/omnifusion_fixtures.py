@@ -1,5 +1,7 @@
 """Tiny OmniFusion models, tokenizers and images built locally for the tests (never the Hub)."""
 
+from pathlib import Path
+
 import numpy as np
 import torch
 from PIL import Image
@@ -19,6 +21,9 @@ from modeling_omnifusion import OmniFusionConfig, OmniFusionForCausalLM, OmniFus
 
 IMAGE_SIZE = 32
 PATCH_SIZE = 8
+
+# The real VisDial v1.0 val annotations the tests read, shipped with the repo (see PROVENANCE.md there).
+VISDIAL_DATA_DIR = Path(__file__).resolve().parent / "data" / "visdial"
 
 CORPUS = [
     "This is a dialog with AI assistant.",

@@ -197,13 +197,19 @@ def sentencepiece_model_bytes(vocab_size: int = 384) -> bytes:
     return buf.getvalue()
 
 
-def write_tokenizer_folder(folder, vocab_size: int = 384, tokenizer_files: str = "model_only") -> Path:
-    """Write ``tokenizer.model`` (and for ``"full"`` the release's two JSON files) into ``folder``."""
+def write_tokenizer_folder(
+    folder, vocab_size: int = 384, tokenizer_files: str = "model_only", tokenizer_model: bytes | None = None
+) -> Path:
+    """Write ``tokenizer.model`` (and for ``"full"`` the release's two JSON files) into ``folder``.
+
+    ``tokenizer_model`` is the model file's content (a real release's); by default one trained on ``CORPUS``.
+    """
     if tokenizer_files not in ("model_only", "full"):
         raise ValueError(f"tokenizer_files must be 'model_only' or 'full', got {tokenizer_files!r}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "tokenizer.model").write_bytes(sentencepiece_model_bytes(vocab_size))
+    model = tokenizer_model if tokenizer_model is not None else sentencepiece_model_bytes(vocab_size)
+    (folder / "tokenizer.model").write_bytes(model)
     if tokenizer_files == "full":
         (folder / "tokenizer_config.json").write_text(json.dumps(TOKENIZER_CONFIG, indent=2))
         (folder / "special_tokens_map.json").write_text(json.dumps(SPECIAL_TOKENS_MAP, indent=2))
@@ -272,6 +278,7 @@ def make_released_checkpoint(
     tokenizer_files: str = "model_only",
     special_key_order=SPECIAL_KEYS,
     max_shard_bytes: int = 100_000,
+    tokenizer_model: bytes | None = None,
 ) -> dict:
     """Build a tiny released-format checkpoint under ``root``.
 
@@ -279,7 +286,8 @@ def make_released_checkpoint(
     tuned-model/, tokenizer/}``; ``"1.0"`` writes ``root/{projection, special_embeddings.pt,
     OmniMistral-model/, OmniMistral-tokenizer/}``. Returns paths (``input_dir``, ``projection``,
     ``special_embeddings``, ``lm_dir``, ``tokenizer_dir``), ``version``, ``vocab_size`` and the
-    expected tensors (``expected_projection``, ``expected_special_embeddings``).
+    expected tensors (``expected_projection``, ``expected_special_embeddings``). ``tokenizer_model`` (bytes of a
+    real ``tokenizer.model``, whose vocabulary must be ``vocab_size``) replaces the trained tokenizer.
     """
     if layout not in LAYOUT_NAMES:
         raise ValueError(f"layout must be '1.0' or '1.1', got {layout!r}")
@@ -299,7 +307,7 @@ def make_released_checkpoint(
     )
     special = input_dir / "special_embeddings.pt"
     expected_special = save_special_embeddings(special, text_hidden, dtype, seed, special_key_order)
-    tokenizer_dir = write_tokenizer_folder(input_dir / names["tokenizer"], vocab_size, tokenizer_files)
+    tokenizer_dir = write_tokenizer_folder(input_dir / names["tokenizer"], vocab_size, tokenizer_files, tokenizer_model)
     lm_dir = input_dir / names["lm"]
     model = tiny_mistral(vocab_size, text_hidden, seed, dtype)
     if layout == "1.1":

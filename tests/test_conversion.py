@@ -5,12 +5,15 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 from importlib.metadata import entry_points  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import sentencepiece as spm  # noqa: E402
 import torch  # noqa: E402
+import yaml  # noqa: E402
 from omnifusion_fixtures import chat, make_image  # noqa: E402
 from released_fixtures import (  # noqa: E402
     make_clip_vision_folder,
@@ -247,6 +250,18 @@ def test_output_folder_is_the_hub_format(converted_fp32):
     assert f"v{info['version']} layout" in card and str(info["input_dir"]) not in card
 
 
+def test_converted_folder_names_the_release_as_base_and_no_local_path(converted_fp32):
+    info, out, _, _, _ = converted_fp32
+    front_matter = yaml.safe_load((out / "README.md").read_text().split("---")[1])
+    assert front_matter["base_model"] == ["AIRI-Institute/OmniFusion"]  # the vision model here is a local folder
+    config = json.loads((out / "config.json").read_text())
+    assert config["text_config"]["_name_or_path"] == "AIRI-Institute/OmniFusion"
+    assert not config["vision_config"].get("_name_or_path")
+    for path in out.iterdir():
+        if path.suffix in (".json", ".md", ".jinja", ".py"):
+            assert str(info["root"]) not in path.read_text(), path.name
+
+
 def test_generation_config_values(converted_fp32):
     _, out, reference, _, _ = converted_fp32
     saved = json.loads((out / "generation_config.json").read_text())
@@ -409,10 +424,11 @@ def test_failure_while_writing_leaves_no_partial_output(small_fp32, clip_dir, tm
 def test_console_entry_point_writes_sharded_output(small_fp32, clip_dir, tmp_path):
     (script,) = [ep for ep in entry_points(group="console_scripts") if ep.name == "omnifusion-convert"]
     assert script.load() is main
-    out = main([
-        "--input_dir", str(small_fp32["input_dir"]), "--output_dir", str(tmp_path / "sharded"),
+    out = tmp_path / "sharded"
+    assert main([
+        "--input_dir", str(small_fp32["input_dir"]), "--output_dir", str(out),
         "--vision_model", str(clip_dir), "--dtype", "float32", "--max_shard_size", "200KB",
-    ])  # fmt: skip
+    ]) == 0  # fmt: skip
     shards = sorted(out.glob("model-*-of-*.safetensors"))
     assert len(shards) > 1 and (out / "model.safetensors.index.json").is_file()
     model, processor = load_converted(out)
@@ -422,6 +438,40 @@ def test_console_entry_point_writes_sharded_output(small_fp32, clip_dir, tmp_pat
         logits = model(**encode(processor, image)).logits
         expected = reference.lm(inputs_embeds=reference.embeddings(image, QUERY)).logits
     assert (logits - expected).abs().max().item() <= 1e-5
+
+
+CONVERTER_SCRIPT = Path(__file__).resolve().parents[1] / "conversion" / "convert_omnifusion_to_hf.py"
+CONVERTER_DOORS = {
+    "entry point": [str(Path(sys.executable).with_name("omnifusion-convert"))],
+    "script": [sys.executable, str(CONVERTER_SCRIPT)],
+}
+
+
+@pytest.mark.parametrize("door", sorted(CONVERTER_DOORS))
+def test_both_converter_doors_exit_0_on_success(door, small_fp32, clip_dir, tmp_path):
+    """`omnifusion-convert ...` and `python conversion/convert_omnifusion_to_hf.py ...`, run from the checkout."""
+    out = tmp_path / "converted"
+    result = subprocess.run(
+        [*CONVERTER_DOORS[door], "--input_dir", str(small_fp32["input_dir"]), "--output_dir", str(out),
+         "--vision_model", str(clip_dir)],
+        cwd=CONVERTER_SCRIPT.parents[1], capture_output=True, text=True, timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
+    assert result.stderr.strip().splitlines()[-1] == f"Saved the converted model (float32) to {out}"
+
+
+def test_converter_exits_non_zero_and_names_the_problem_on_failure(tmp_path):
+    missing = tmp_path / "no-such-release"
+    result = subprocess.run(
+        [*CONVERTER_DOORS["script"], "--input_dir", str(missing), "--output_dir", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == f"omnifusion-convert: error: {missing}: no such folder, and not a Hub repo id"
+    assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
 
 
 def test_command_line_rejects_unknown_dtype(capsys):

@@ -107,7 +107,7 @@ def test_model_card_front_matter(saved):
     assert front_matter["library_name"] == "transformers"
     assert front_matter["pipeline_tag"] == "image-text-to-text"
     assert {"omnifusion", "custom_code"} <= set(front_matter["tags"])
-    assert front_matter["base_model"]
+    assert "base_model" not in front_matter  # built from bare configs: no Hub parent is known, so none is named
     assert front_matter["widget"][0]["src"].startswith("https://") and front_matter["widget"][0]["text"]
     assert front_matter["widget"][1]["messages"][0]["role"] == "user"
 

@@ -378,7 +378,7 @@ class StopAfterStep(TrainerCallback):
 def test_a_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_run(parts, data_path, tmp_path, monkeypatch):
     vision, language = parts
 
-    class InterruptedTrainer(omnifusion_training.Trainer):
+    class InterruptedTrainer(omnifusion_training.OmniFusionTrainer):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, callbacks=[StopAfterStep(3)], **kwargs)
 
@@ -390,7 +390,7 @@ def test_a_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_run(parts,
 
     uninterrupted = run(tmp_path / "a")
     with monkeypatch.context() as patch:
-        patch.setattr(omnifusion_training, "Trainer", InterruptedTrainer)
+        patch.setattr(omnifusion_training, "OmniFusionTrainer", InterruptedTrainer)
         interrupted = run(tmp_path / "b")
     assert interrupted.state.global_step == 3 and (tmp_path / "b" / "checkpoint-3").is_dir()
     resumed = run(tmp_path / "b", resume_from_checkpoint=tmp_path / "b" / "checkpoint-3")
@@ -430,3 +430,10 @@ def test_quickstart_quick_mode_runs_end_to_end(tmp_path):
     last_line = result.stdout.strip().splitlines()[-1]
     assert last_line.startswith("accuracy=") and 0 <= float(last_line.removeprefix("accuracy=")) <= 1
     assert (tmp_path / "omnifusion" / "config.json").exists()
+    # the demo's final folder: safetensors and JSON only, and its card names none of the demo's local folders
+    final = tmp_path / "omnifusion"
+    assert not [p.name for p in final.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl")]
+    assert (final / "training_args.json").is_file()
+    for name in ("README.md", "config.json", "training_args.json"):
+        text = (final / name).read_text()
+        assert str(tmp_path) not in text and "language-model" not in text and "vision-tower" not in text, name

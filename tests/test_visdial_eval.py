@@ -21,6 +21,7 @@ from transformers import (  # noqa: E402
 from omnifusion_fixtures import (  # noqa: E402
     IMAGE_SIZE,
     PATCH_SIZE,
+    VISDIAL_DATA_DIR,
     make_image,
     make_model_and_processor,
     make_tokenizer,
@@ -46,20 +47,12 @@ LLAVA_CHAT_TEMPLATE = (
 )
 
 
-def _shared_visdial_dir() -> Path:
-    shared = Path(os.environ.get("OMNIFUSION_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared"))
-    if not (shared / "data" / "visdial").is_dir():
-        shared = Path(__file__).resolve().parents[2] / "shared"
-    path = shared / "data" / "visdial"
-    if not path.is_dir():
-        pytest.fail(f"real VisDial sample not found under {path} (set OMNIFUSION_SHARED_DIR)")
-    return path
-
-
 @pytest.fixture(scope="module")
 def visdial_sample():
-    directory = _shared_visdial_dir()
-    return directory / "visdial_1.0_val_sample5.json", directory / "visdial_1.0_val_dense_annotations_sample5.json"
+    return (
+        VISDIAL_DATA_DIR / "visdial_1.0_val_sample5.json",
+        VISDIAL_DATA_DIR / "visdial_1.0_val_dense_annotations_sample5.json",
+    )
 
 
 def _sharpen(model, scale: float = 20.0):
@@ -364,6 +357,28 @@ def test_script_evaluates_llava_and_plots_a_comparison(tmp_path, visdial_sample,
     printed = capsys.readouterr().out
     assert "| llava |" in printed and "| baseline | n/a |" in printed
     assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_draws_a_missing_metric_as_missing_and_gives_each_run_its_rounds():
+    metrics = {"ndcg": 0.5, "mrr": 0.4, "r@1": 0.3, "r@5": 0.6, "r@10": 0.7}
+    results = [
+        {"model": "dense", "metrics": metrics, "settings": {"num_rounds": 20, "num_dense_rounds": 2}},
+        {"model": "sparse", "metrics": {**metrics, "ndcg": None}, "settings": {"num_rounds": 970, "num_dense_rounds": 0}},
+    ]
+    figure = evaluate_visdial.draw_results(results)
+    axes = figure.axes[0]
+    assert [text.get_text() for text in axes.get_legend().get_texts()] == [
+        "dense (20 rounds, 2 with NDCG)", "sparse (970 rounds, 0 with NDCG)"
+    ]  # fmt: skip
+    dense, sparse = axes.containers
+    ndcg_column = [key for _, key in evaluate_visdial.TABLE_COLUMNS].index("ndcg")
+    assert [bar.get_height() for bar in dense] == pytest.approx([100 * metrics[k] for _, k in evaluate_visdial.TABLE_COLUMNS])
+    assert len(sparse) == len(evaluate_visdial.TABLE_COLUMNS) - 1  # no bar (of height 0) for the missing NDCG
+    sparse_centers = [bar.get_x() + bar.get_width() / 2 for bar in sparse]
+    assert all(abs(center - ndcg_column) > 0.5 for center in sparse_centers)
+    marks = [text for text in axes.texts if text.get_text() == "n/a"]
+    assert len(marks) == 1 and abs(marks[0].get_position()[0] - ndcg_column) < 0.5
+    assert "0.0" not in [text.get_text() for text in axes.texts]
 
 
 def test_missing_image_names_the_image_id_and_expected_path(tmp_path, visdial_sample):

@@ -12,6 +12,7 @@ os.environ.setdefault("HF_EVALUATE_OFFLINE", "1")
 import evaluate  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from omnifusion_fixtures import VISDIAL_DATA_DIR  # noqa: E402
 
 METRIC_DIR = Path(__file__).resolve().parents[1] / "examples" / "metrics" / "visdial"
 VAL_FILE = "visdial_1.0_val_crowdsourced.json"
@@ -29,15 +30,6 @@ def _load_module():
 vd = _load_module()
 
 
-def _shared_visdial_dir():
-    """Directory holding the real VisDial val sample, or None if it is not available."""
-    candidates = [Path(__file__).resolve().parents[2] / "shared" / "data" / "visdial"]
-    env = os.environ.get("OMNIFUSION_SHARED_DIR")
-    if env:
-        candidates += [Path(env) / "data" / "visdial", Path(env)]
-    return next((c for c in candidates if (c / VAL_FILE).is_file()), None)
-
-
 @pytest.fixture(scope="module")
 def metric():
     """The metric loaded through `evaluate.load` from its absolute folder path."""
@@ -47,11 +39,8 @@ def metric():
 @pytest.fixture(scope="module")
 def val_data():
     """(dialogs, dense entries) of the real VisDial v1.0 val sample."""
-    data_dir = _shared_visdial_dir()
-    if data_dir is None:
-        pytest.fail("VisDial val sample not found (shared/data/visdial or $OMNIFUSION_SHARED_DIR)")
-    val = json.loads((data_dir / VAL_FILE).read_text())
-    dense = json.loads((data_dir / DENSE_FILE).read_text())
+    val = json.loads((VISDIAL_DATA_DIR / VAL_FILE).read_text())
+    dense = json.loads((VISDIAL_DATA_DIR / DENSE_FILE).read_text())
     return val, dense
 
 
