@@ -201,7 +201,8 @@ def test_payload_in_a_mix_projection_is_refused_without_running(tmp_path):
 def test_command_line_takes_two_vision_models(tmp_path, towers):
     clip_dir, dinov2_dir = towers
     info = make_released_mix_checkpoint(tmp_path / "released", num_image_tokens=9)
-    out = main(["--input_dir", str(info["input_dir"]), "--output_dir", str(tmp_path / "out"),
-                "--vision_model", f"{clip_dir},{dinov2_dir}"])
+    out = tmp_path / "out"
+    assert main(["--input_dir", str(info["input_dir"]), "--output_dir", str(out),
+                 "--vision_model", f"{clip_dir},{dinov2_dir}"]) == 0
     model = AutoModelForImageTextToText.from_pretrained(out, trust_remote_code=True)
     assert model.dtype == torch.bfloat16 and len(model.model.vision_tower) == 2
