@@ -21,7 +21,7 @@ from tokenizers import pre_tokenizers as tk_pre_tokenizers
 from transformers.image_transforms import to_pil_image
 from transformers.image_utils import PILImageResampling, make_flat_list_of_images
 from transformers.feature_extraction_utils import BatchFeature
-from transformers.processing_utils import MultiModalData, ProcessorMixin
+from transformers.processing_utils import MultiModalData, ProcessingKwargs, ProcessorMixin
 from transformers.utils import logging
 
 
@@ -579,6 +579,15 @@ def _load_tokenizer_json_as_saved(save_directory):
     os.replace(path + ".tmp", path)
 
 
+# No BOS or other special tokens (the released layout), padded to the longest prompt.
+TEXT_DEFAULTS = {"add_special_tokens": False, "padding": "longest"}
+
+
+class OmniFusionProcessorKwargs(ProcessingKwargs, total=False):
+    # transformers < 5.24 reads defaults only from here; 5.24+ also from the processor's `text_kwargs`.
+    _defaults = {"text_kwargs": TEXT_DEFAULTS}
+
+
 class OmniFusionProcessor(ProcessorMixin):
     r"""
     Builds OmniFusion inputs: `pixel_values` from the image processor and `input_ids` in which every `<image>`
@@ -604,11 +613,13 @@ class OmniFusionProcessor(ProcessorMixin):
     Text segments between special tokens are tokenized independently and no BOS is added, exactly as the released
     code did. Message text given to the chat template is always text (escaped, see `TEXT_ESCAPE`); a plain-text call
     reads its text as a prompt, markers and `<image>` placeholders included. Every image becomes 8-bit RGB on the way
-    in, or a `ValueError`/`TypeError` naming it (`_check_images`). The tokenizer is switched to not adding BOS by default either, so a saved folder's tokenizer
-    gives the released ids to engines that tokenize the rendered chat template themselves.
+    in, or a `ValueError`/`TypeError` naming it (`_check_images`). The tokenizer is switched to not adding BOS by
+    default either, so a saved folder's tokenizer gives the released ids to engines that tokenize the rendered chat
+    template themselves.
     """
 
-    text_kwargs = {"add_special_tokens": False, "padding": "longest"}
+    text_kwargs = TEXT_DEFAULTS
+    valid_processor_kwargs = OmniFusionProcessorKwargs
 
     def __init__(
         self,
