@@ -91,11 +91,12 @@ def test_offline_batch_equals_hf_generate_per_prompt(engine):
     assert len({tuple(o.outputs[0].token_ids) for o in outputs}) > 1, "different prompts should not all agree"
 
 
-def test_image_count_mismatch_is_refused_before_the_engine_runs(engine):
+def test_more_images_than_placeholders_is_refused_before_the_engine_runs(engine):
     llm, processor, _ = engine
-    prompt = vllm_prompt(processor, CHATS["two_images"])
-    prompt["multi_modal_data"] = {"image": prompt["multi_modal_data"]["image"][0]}
-    with pytest.raises(ValueError, match="(?i)image"):
+    prompt = vllm_prompt(processor, CHATS["single_image"])
+    image = prompt["multi_modal_data"]["image"]
+    prompt["multi_modal_data"] = {"image": [image, image]}
+    with pytest.raises((ValueError, RuntimeError), match="corresponding to 2 image items"):
         llm.generate([prompt], greedy(4), use_tqdm=False)
     # The engine is still healthy afterwards.
     [output] = llm.generate([vllm_prompt(processor, CHATS["text_only"])], greedy(2), use_tqdm=False)
