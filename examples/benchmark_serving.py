@@ -58,8 +58,10 @@ def make_images(n: int, size: int = 64):
     return [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(n)]
 
 
-def messages(index: int) -> list[dict]:
-    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTIONS[index % len(QUESTIONS)]}]}]
+def messages(index: int, image=None) -> list[dict]:
+    """One image and a question; the image entry holds `image` when given (HF), else only marks its place (vLLM)."""
+    item = {"type": "image"} if image is None else {"type": "image", "image": image}
+    return [{"role": "user", "content": [item, {"type": "text", "text": QUESTIONS[index % len(QUESTIONS)]}]}]
 
 
 def build_folder(args, folder: Path):
@@ -98,8 +100,8 @@ def run_hf(model, processor, images, args) -> dict:
     torch.set_num_threads(os.cpu_count() or 1)
     results, tokens_by_request = {}, {}
     with torch.no_grad():
-        warm = processor.apply_chat_template([messages(0)], add_generation_prompt=True, tokenize=True, return_dict=True,
-                                             return_tensors="pt", images=[images[0]])
+        warm = processor.apply_chat_template([messages(0, images[0])], add_generation_prompt=True, tokenize=True,
+                                             return_dict=True, return_tensors="pt")
         model.generate(**warm, max_new_tokens=2, do_sample=False)
         for concurrency in CONCURRENCY:
             start = time.perf_counter()
@@ -107,8 +109,8 @@ def run_hf(model, processor, images, args) -> dict:
             for first in range(0, args.requests, concurrency):
                 indices = list(range(first, min(first + concurrency, args.requests)))
                 inputs = processor.apply_chat_template(
-                    [messages(i) for i in indices], add_generation_prompt=True, tokenize=True, return_dict=True,
-                    return_tensors="pt", images=[[images[i]] for i in indices],
+                    [messages(i, images[i]) for i in indices], add_generation_prompt=True, tokenize=True,
+                    return_dict=True, return_tensors="pt",
                 )
                 out = model.generate(**inputs, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
                                      do_sample=False)

@@ -800,7 +800,12 @@ class OmniFusionProcessor(ProcessorMixin):
         """
         if not isinstance(conversation, (list, tuple)) or not conversation:
             raise ValueError(f"conversation must be a non-empty list of messages, got {conversation!r:.80}")
-        _check_conversation(self._normalize_conversations(copy.deepcopy(conversation))[0])
+        normalize = getattr(ProcessorMixin, "_normalize_conversations", None)
+        if normalize is not None:
+            chats = normalize(self, copy.deepcopy(conversation))[0]
+        else:  # transformers < 5.24 (vLLM's pin): one chat or a batch of chats, as given
+            chats = list(conversation) if isinstance(conversation[0], (list, tuple)) else [list(conversation)]
+        _check_conversation(chats)
         kwargs.setdefault("end_assistant_turns_with_eos", self.end_assistant_turns_with_eos)
         return super().apply_chat_template(conversation, chat_template, **kwargs)
 
