@@ -4,7 +4,8 @@ from typing import Literal
 
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
-from transformers.configuration_utils import SubConfigSpec
+
+from .compat_omnifusion import NATIVE_SUB_CONFIG_SPEC, SubConfigSpec, legacy_sub_configs, resolve_sub_configs
 
 
 # Order of the rows of the learned marker table (`OmniFusionTokenEmbedding.special_embeddings`).
@@ -118,6 +119,8 @@ class OmniFusionConfig(PreTrainedConfig):
         ),
         "text_config": SubConfigSpec(config_class=AutoConfig, model_type="mistral"),
     }
+    if not NATIVE_SUB_CONFIG_SPEC:  # transformers < 5.24 reads `sub_configs` (key -> class)
+        sub_configs = legacy_sub_configs(sub_configs_defaults)
 
     vision_config: dict | PreTrainedConfig | list | None = None
     text_config: dict | PreTrainedConfig | None = None
@@ -152,6 +155,7 @@ class OmniFusionConfig(PreTrainedConfig):
         self.additional_vision_configs = [
             _as_vision_config(entry, index) for index, entry in enumerate(self.additional_vision_configs or [], 1)
         ] or None
+        resolve_sub_configs(self)
         super().__post_init__(**kwargs)
         if not self.tie_word_embeddings and getattr(self.text_config, "tie_word_embeddings", False):
             self.tie_word_embeddings = True

@@ -10,12 +10,7 @@ from torch import nn
 from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache
-from transformers.modeling_outputs import (
-    BaseModelOutputWithPooling,
-    MultimodalBaseModelOutputWithPast,
-    MultimodalCausalLMOutputWithPast,
-)
-from transformers.modeling_utils import slice_logits_to_keep
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, torch_compilable_check
 from transformers.utils.deprecation import deprecate_kwarg
@@ -30,6 +25,15 @@ from .adapters_omnifusion import (  # the adapter classes stay importable from h
     OmniFusionMixSumAdapter,  # noqa: F401
     OmniFusionMLPAdapter,  # noqa: F401
     OmniFusionTransformerAdapter,  # noqa: F401
+)
+from .compat_omnifusion import (
+    OUTPUT_CACHE_FIELD,
+    MultimodalBaseModelOutputWithPast,
+    MultimodalCausalLMOutputWithPast,
+    cache_argument_name,
+    hidden_states_request,
+    output_cache,
+    slice_logits_to_keep,
 )
 from .configuration_omnifusion import (
     MIX_ADAPTER_TYPES,
@@ -264,6 +268,7 @@ class OmniFusionModel(OmniFusionPreTrainedModel):
                 padding_idx=text_embeddings.padding_idx,
             )
         )
+        self._language_model_cache_argument = cache_argument_name(self.language_model)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
@@ -327,8 +332,8 @@ class OmniFusionModel(OmniFusionPreTrainedModel):
                 layers = [layer]  # the call's `vision_feature_layer` overrides the config's
             outputs = tower(
                 self._encoder_pixel_values(pixel_values, index, vision_config).to(next(tower.parameters()).dtype),
-                # Asking for the layers used keeps only those hidden states (transformers 5 output capturing).
-                output_hidden_states=True if output_hidden_states else layers,
+                # Asking for the layers used keeps only those hidden states (transformers 5.24+ output capturing).
+                output_hidden_states=True if output_hidden_states else hidden_states_request(layers),
                 return_dict=True,
                 **kwargs,
             )
@@ -443,16 +448,17 @@ class OmniFusionModel(OmniFusionPreTrainedModel):
             mask = self.get_placeholder_mask(input_ids, inputs_embeds, image_features)
             inputs_embeds = inputs_embeds.masked_scatter(mask, image_features)
 
+        # The decoder takes the cache as `cache` on transformers 5.24+, as `past_key_values` on older releases.
+        kwargs[self._language_model_cache_argument] = cache
         outputs = self.language_model(
             attention_mask=attention_mask,
             position_ids=position_ids,
-            cache=cache,
             inputs_embeds=inputs_embeds,
             **kwargs,
         )
         return MultimodalBaseModelOutputWithPast(
             last_hidden_state=outputs.last_hidden_state,
-            cache=getattr(outputs, "cache", None),
+            **{OUTPUT_CACHE_FIELD: output_cache(outputs)},
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             image_outputs=image_outputs,
@@ -538,7 +544,7 @@ class OmniFusionForCausalLM(OmniFusionPreTrainedModel, GenerationMixin):
         return MultimodalCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            cache=outputs.cache,
+            **{OUTPUT_CACHE_FIELD: output_cache(outputs)},
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             image_outputs=outputs.image_outputs,

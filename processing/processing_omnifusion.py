@@ -5,6 +5,7 @@ import copy
 import importlib.util
 import io
 import itertools
+import json
 import os
 import re
 import warnings
@@ -20,7 +21,7 @@ from tokenizers import pre_tokenizers as tk_pre_tokenizers
 from transformers.image_transforms import to_pil_image
 from transformers.image_utils import PILImageResampling, make_flat_list_of_images
 from transformers.feature_extraction_utils import BatchFeature
-from transformers.processing_utils import MultiModalData, ProcessorMixin
+from transformers.processing_utils import MultiModalData, ProcessingKwargs, ProcessorMixin
 from transformers.utils import logging
 
 
@@ -531,6 +532,62 @@ def _image_processor_from_dict(entry):
     return image_processor_class(**entry)
 
 
+def _without_default_bos(tokenizer):
+    """
+    Stop the tokenizer adding BOS when called with its default `add_special_tokens=True`.
+
+    The released sequence never starts with BOS, but Llama/Mistral tokenizers add one by default (`add_bos_token`,
+    the post-processor's template). The processor passes `add_special_tokens=False`; serving engines (vLLM) tokenize
+    the rendered chat template with the tokenizer's defaults, so the saved tokenizer itself must not add it.
+    """
+    if tokenizer.bos_token_id is None:
+        return
+    if getattr(tokenizer, "add_bos_token", False):
+        tokenizer.add_bos_token = False  # the setter rebuilds a fast tokenizer's post-processor
+    probe = tokenizer("a").input_ids
+    if probe and probe[0] == tokenizer.bos_token_id and hasattr(tokenizer, "update_post_processor"):
+        # A post-processor from tokenizer.json that adds BOS while `add_bos_token` says it does not.
+        object.__setattr__(tokenizer, "_add_bos_token", False)
+        tokenizer.update_post_processor()
+        probe = tokenizer("a").input_ids
+    if probe and probe[0] == tokenizer.bos_token_id:
+        raise ValueError(
+            f"OmniFusionProcessor: the tokenizer {type(tokenizer).__name__} adds BOS ({tokenizer.bos_token!r}) by "
+            "default and it could not be switched off; the released prompt has no BOS."
+        )
+
+
+def _load_tokenizer_json_as_saved(save_directory):
+    """
+    Make the saved `tokenizer_config.json` name the generic `TokenizersBackend` instead of a model-specific class.
+
+    `LlamaTokenizer` and its kin rebuild the normalizer and pre-tokenizer from their class defaults on load, which
+    undoes `_encode_segments_independently` for anything that loads the tokenizer alone (`AutoTokenizer`, vLLM);
+    the generic class loads `tokenizer.json` as it was saved.
+    """
+    path = os.path.join(save_directory, "tokenizer_config.json")
+    if not os.path.isfile(path) or not os.path.isfile(os.path.join(save_directory, "tokenizer.json")):
+        return
+    with open(path, encoding="utf-8") as file:
+        tokenizer_config = json.load(file)
+    if tokenizer_config.get("tokenizer_class") in (None, "TokenizersBackend", "PreTrainedTokenizerFast"):
+        return
+    tokenizer_config["tokenizer_class"] = "TokenizersBackend"
+    with open(path + ".tmp", "w", encoding="utf-8") as file:
+        json.dump(tokenizer_config, file, indent=2, ensure_ascii=False)
+        file.write("\n")
+    os.replace(path + ".tmp", path)
+
+
+# No BOS or other special tokens (the released layout), padded to the longest prompt.
+TEXT_DEFAULTS = {"add_special_tokens": False, "padding": "longest"}
+
+
+class OmniFusionProcessorKwargs(ProcessingKwargs, total=False):
+    # transformers < 5.24 reads defaults only from here; 5.24+ also from the processor's `text_kwargs`.
+    _defaults = {"text_kwargs": TEXT_DEFAULTS}
+
+
 class OmniFusionProcessor(ProcessorMixin):
     r"""
     Builds OmniFusion inputs: `pixel_values` from the image processor and `input_ids` in which every `<image>`
@@ -556,10 +613,13 @@ class OmniFusionProcessor(ProcessorMixin):
     Text segments between special tokens are tokenized independently and no BOS is added, exactly as the released
     code did. Message text given to the chat template is always text (escaped, see `TEXT_ESCAPE`); a plain-text call
     reads its text as a prompt, markers and `<image>` placeholders included. Every image becomes 8-bit RGB on the way
-    in, or a `ValueError`/`TypeError` naming it (`_check_images`).
+    in, or a `ValueError`/`TypeError` naming it (`_check_images`). The tokenizer is switched to not adding BOS by
+    default either, so a saved folder's tokenizer gives the released ids to engines that tokenize the rendered chat
+    template themselves.
     """
 
-    text_kwargs = {"add_special_tokens": False, "padding": "longest"}
+    text_kwargs = TEXT_DEFAULTS
+    valid_processor_kwargs = OmniFusionProcessorKwargs
 
     def __init__(
         self,
@@ -606,6 +666,7 @@ class OmniFusionProcessor(ProcessorMixin):
                 "that start with '<'): %s",
                 spellable,
             )
+        _without_default_bos(tokenizer)
         self.image_token_id, self.image_start_token_id, self.image_end_token_id, self.user_token_id, self.assistant_token_id = (
             tokenizer.convert_tokens_to_ids(special_tokens)
         )
@@ -725,9 +786,11 @@ class OmniFusionProcessor(ProcessorMixin):
         return processor
 
     def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
-        """Also writes a standalone `preprocessor_config.json`, for tools that read the image processor alone."""
+        """Also writes a standalone `preprocessor_config.json` and keeps the tokenizer loading as saved, for tools that
+        read the image processor or the tokenizer alone."""
         saved = super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
         self.image_processor.save_pretrained(save_directory)
+        _load_tokenizer_json_as_saved(save_directory)
         return saved
 
     def apply_chat_template(self, conversation, chat_template=None, **kwargs):
@@ -737,7 +800,12 @@ class OmniFusionProcessor(ProcessorMixin):
         """
         if not isinstance(conversation, (list, tuple)) or not conversation:
             raise ValueError(f"conversation must be a non-empty list of messages, got {conversation!r:.80}")
-        _check_conversation(self._normalize_conversations(copy.deepcopy(conversation))[0])
+        normalize = getattr(ProcessorMixin, "_normalize_conversations", None)
+        if normalize is not None:
+            chats = normalize(self, copy.deepcopy(conversation))[0]
+        else:  # transformers < 5.24 (vLLM's pin): one chat or a batch of chats, as given
+            chats = list(conversation) if isinstance(conversation[0], (list, tuple)) else [list(conversation)]
+        _check_conversation(chats)
         kwargs.setdefault("end_assistant_turns_with_eos", self.end_assistant_turns_with_eos)
         return super().apply_chat_template(conversation, chat_template, **kwargs)
 

@@ -162,3 +162,25 @@ def test_special_token_ids_match_the_tokenizer():
     for name, token in [("image_token_id", "<image>"), ("user_token_id", "<user>"), ("assistant_token_id", "<assistant>")]:
         assert processor.special_token_ids[name] == processor.tokenizer.convert_tokens_to_ids(token)
     assert len(set(processor.special_token_ids.values())) == 5
+
+
+def test_saved_tokenizer_adds_no_bos_so_engines_tokenizing_the_template_get_the_released_ids(tmp_path):
+    import sentencepiece as spm
+    from released_fixtures import write_tokenizer_folder
+    from transformers import AutoTokenizer, LlamaTokenizer
+
+    folder = write_tokenizer_folder(tmp_path / "release", tokenizer_files="full")
+    released = LlamaTokenizer.from_pretrained(folder)
+    assert released("a").input_ids[0] == released.bos_token_id  # like Mistral's, the release adds BOS by default
+    sentencepiece = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+    processor = make_processor(tokenizer=released)
+    processor.save_pretrained(tmp_path / "saved")
+    reloaded = AutoTokenizer.from_pretrained(tmp_path / "saved", trust_remote_code=True)
+
+    messages = chat("What is the colour of the shape?", images=[make_image(0)])
+    rendered = processor.apply_chat_template(messages, add_generation_prompt=True)
+    expected = list(sentencepiece.encode(PROMPT)) + [processor.image_token_id, processor.user_token_id]
+    expected += list(sentencepiece.encode("What is the colour of the shape?")) + [processor.assistant_token_id]
+    assert reloaded(rendered).input_ids == expected
+    assert reloaded.encode(rendered) == expected
+    assert processor.tokenizer(rendered).input_ids == expected

@@ -1,0 +1,150 @@
+"""
+Save tiny OmniFusion folders with this project (under transformers 5.24+) plus what they must reproduce elsewhere:
+the processor's inputs, the logits and greedy `generate` tokens for single-image, two-image, text-only and batched
+chats. `test_saved_folder_on_old_transformers.py` then loads the folders with `trust_remote_code` in a venv with
+an older transformers (and without this package) and compares.
+
+    python tests_compat/make_reference.py OUTPUT_DIR [VARIANT ...]   (default: every variant)
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import MistralConfig
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from omnifusion_fixtures import (  # noqa: E402
+    make_config,
+    make_image,
+    make_model_and_processor,
+    make_processor,
+    make_sentencepiece_tokenizer,
+)
+
+from modeling_omnifusion import OmniFusionForCausalLM  # noqa: E402
+
+
+MAX_NEW_TOKENS = 8
+
+
+def chats(image_names: list[str]) -> dict[str, list[dict]]:
+    """The prompts, with images named by file (the reader loads them from the reference folder)."""
+    one, two = image_names
+    return {
+        "single_image": [{"role": "user", "content": [{"type": "image", "path": one}, {"type": "text", "text": "What is the colour of the shape?"}]}],
+        "two_images": [
+            {"role": "user", "content": [{"type": "image", "path": one}, {"type": "image", "path": two}, {"type": "text", "text": "How many circles are there?"}]}
+        ],
+        "text_only": [{"role": "user", "content": "Describe the image."}],
+        "multi_turn": [
+            {"role": "user", "content": [{"type": "image", "path": one}, {"type": "text", "text": "What is it?"}]},
+            {"role": "assistant", "content": "It is red."},
+            {"role": "user", "content": "And the shape?"},
+        ],
+    }
+
+
+def resolve(messages: list[dict], folder: Path) -> list[dict]:
+    """The messages with each image path made absolute under `folder`."""
+    out = []
+    for message in messages:
+        content = message["content"]
+        if not isinstance(content, str):
+            content = [dict(item, path=str(folder / item["path"])) if item["type"] == "image" else item for item in content]
+        out.append({**message, "content": content})
+    return out
+
+
+def with_head_dim_32(config):
+    """The same tiny LM with 2 heads of 32 (vLLM's CPU attention takes head_dim 32, 64, 80, ... only)."""
+    text = config.text_config
+    config.text_config = MistralConfig(
+        vocab_size=text.vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        max_position_embeddings=512,
+        pad_token_id=text.pad_token_id,
+        bos_token_id=text.bos_token_id,
+        eos_token_id=text.eos_token_id,
+    )
+    return config
+
+
+def build(processor, seed: int, head_dim_32: bool = False, **config_kwargs):
+    config = make_config(processor, **config_kwargs)
+    torch.manual_seed(seed)
+    model = OmniFusionForCausalLM(with_head_dim_32(config) if head_dim_32 else config).eval()
+    model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
+    return model, processor
+
+
+def variants(work: Path):
+    """name -> (model, processor): three towers, three adapters, a byte-level BPE and a Mistral-style tokenizer;
+    the `_hd32` ones have head_dim 32 for vLLM on CPU."""
+    spm = lambda name: make_processor(tokenizer=make_sentencepiece_tokenizer(work / name)[0])  # noqa: E731
+    return {
+        "clip_transformer_bpe": lambda: make_model_and_processor(vision="clip", adapter_type="transformer", seed=0),
+        "siglip_mlp_bpe": lambda: make_model_and_processor(vision="siglip", adapter_type="mlp", seed=1),
+        "dinov2_linear_sentencepiece": lambda: build(spm("spm2"), 2, vision="dinov2", adapter_type="linear"),
+        "clip_transformer_bpe_hd32": lambda: build(make_processor(), 3, head_dim_32=True),
+        "clip_mlp_sentencepiece_hd32": lambda: build(spm("spm4"), 4, head_dim_32=True, adapter_type="mlp"),
+    }
+
+
+@torch.no_grad()
+def record(model, processor, messages_by_name: dict, folder: Path) -> dict:
+    reference = {}
+    for name, messages in messages_by_name.items():
+        inputs = processor.apply_chat_template(
+            resolve(messages, folder), add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+        )
+        logits = model(**inputs).logits
+        tokens = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
+        reference[name] = {"inputs": dict(inputs), "logits": logits, "tokens": tokens}
+    batch = [resolve(messages, folder) for messages in messages_by_name.values()]
+    inputs = processor.apply_chat_template(
+        batch, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
+    reference["batch"] = {
+        "inputs": dict(inputs),
+        "logits": model(**inputs).logits,
+        "tokens": model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False),
+    }
+    return reference
+
+
+def main(output_dir: str, names: list[str] | None = None):
+    output = Path(output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    image_names = ["image_0.png", "image_1.png"]
+    for seed, name in enumerate(image_names):
+        make_image(seed).save(output / name)
+    messages = chats(image_names)
+    (output / "chats.json").write_text(json.dumps(messages, indent=1))
+    builders = variants(output / "work")
+    unknown = sorted(set(names or []) - set(builders))
+    if unknown:
+        raise SystemExit(f"unknown variant(s) {unknown}; choose from {sorted(builders)}")
+    names = names or list(builders)
+    for name in names:
+        model, processor = builders[name]()
+        folder = output / name
+        model.save_pretrained(folder)
+        processor.save_pretrained(folder)
+        torch.save(record(model, processor, messages, output), output / f"{name}.reference.pt")
+    (output / "manifest.json").write_text(json.dumps({"transformers": transformers.__version__, "folders": names}))
+    print(f"saved {len(names)} folders with transformers {transformers.__version__} in {output}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2:
+        raise SystemExit("usage: python tests_compat/make_reference.py OUTPUT_DIR [VARIANT ...]")
+    main(sys.argv[1], sys.argv[2:])

@@ -1,0 +1,103 @@
+"""
+Folders saved by this project under transformers 5.24+ load with `trust_remote_code` on an older transformers
+(5.16-5.19, what vLLM releases pin) and reproduce the recorded inputs, logits and greedy tokens exactly.
+
+Run in a venv WITHOUT this package: `OMNIFUSION_REFERENCE_DIR=<make_reference.py output> pytest tests_compat -q`
+(`.ci/tier_old_transformers.sh` does it).
+"""
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from transformers import AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+
+
+REFERENCE = Path(os.environ.get("OMNIFUSION_REFERENCE_DIR", "")).resolve()
+if not os.environ.get("OMNIFUSION_REFERENCE_DIR") or not (REFERENCE / "manifest.json").is_file():
+    raise RuntimeError(
+        "set OMNIFUSION_REFERENCE_DIR to the folder written by `python tests_compat/make_reference.py DIR` "
+        f"(no manifest.json in {REFERENCE})"
+    )
+MANIFEST = json.loads((REFERENCE / "manifest.json").read_text())
+CHATS = json.loads((REFERENCE / "chats.json").read_text())
+
+
+def resolve(messages):
+    out = []
+    for message in messages:
+        content = message["content"]
+        if not isinstance(content, str):
+            content = [dict(item, path=str(REFERENCE / item["path"])) if item["type"] == "image" else item for item in content]
+        out.append({**message, "content": content})
+    return out
+
+
+@pytest.fixture(scope="module", params=MANIFEST["folders"])
+def loaded(request):
+    folder = REFERENCE / request.param
+    model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    reference = torch.load(REFERENCE / f"{request.param}.reference.pt", weights_only=True)
+    return folder, model, processor, reference
+
+
+def test_runs_without_the_package_on_an_older_transformers():
+    assert importlib.util.find_spec("modeling_omnifusion") is None, "the package must not be importable here"
+    assert transformers.__version__ != MANIFEST["transformers"], "reference and check ran on the same transformers"
+
+
+def encode(processor, name):
+    messages = [resolve(m) for m in CHATS.values()] if name == "batch" else resolve(CHATS[name])
+    return processor.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
+
+
+@pytest.mark.parametrize("name", [*CHATS, "batch"])
+def test_processor_gives_the_recorded_inputs(loaded, name):
+    _, _, processor, reference = loaded
+    inputs = encode(processor, name)
+    assert sorted(inputs) == sorted(reference[name]["inputs"])
+    for key, value in reference[name]["inputs"].items():
+        assert torch.equal(inputs[key], value), key
+
+
+@pytest.mark.parametrize("name", [*CHATS, "batch"])
+@torch.no_grad()
+def test_logits_and_greedy_tokens_are_identical(loaded, name):
+    _, model, _, reference = loaded
+    inputs = reference[name]["inputs"]
+    logits = model(**inputs).logits
+    assert logits.shape == reference[name]["logits"].shape
+    assert torch.equal(logits, reference[name]["logits"]), f"max |diff| {(logits - reference[name]['logits']).abs().max()}"
+    tokens = model.generate(**inputs, max_new_tokens=reference[name]["tokens"].shape[1] - inputs["input_ids"].shape[1], do_sample=False)
+    assert torch.equal(tokens, reference[name]["tokens"])
+
+
+@torch.no_grad()
+def test_generation_without_cache_matches_with_cache(loaded):
+    _, model, _, reference = loaded
+    inputs = reference["batch"]["inputs"]
+    new = reference["batch"]["tokens"].shape[1] - inputs["input_ids"].shape[1]
+    tokens = model.generate(**inputs, max_new_tokens=new, do_sample=False, use_cache=False)
+    assert torch.equal(tokens, reference["batch"]["tokens"])
+
+
+def test_every_auto_class_loads(loaded):
+    folder, model, _, _ = loaded
+    base = AutoModel.from_pretrained(folder, trust_remote_code=True)
+    assert type(base).__name__ == "OmniFusionModel"
+    assert type(AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)).__name__ == type(model).__name__
+    assert base.config.text_config.model_type == model.config.text_config.model_type
+
+
+def test_tokenizer_alone_adds_no_bos_to_the_rendered_template(loaded):
+    folder, _, processor, reference = loaded
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+    rendered = processor.apply_chat_template(resolve(CHATS["text_only"]), add_generation_prompt=True)
+    assert tokenizer(rendered).input_ids == reference["text_only"]["inputs"]["input_ids"][0].tolist()

