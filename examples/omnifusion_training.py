@@ -397,9 +397,9 @@ class OmniFusionDataCollator:
 
 
 def load_vision_tower(name_or_path: str) -> nn.Module:
-    """A pretrained vision encoder; for a full CLIP/SigLIP checkpoint, only its vision model."""
+    """A pretrained vision encoder in float32; for a full CLIP/SigLIP checkpoint, only its vision model."""
     config = AutoConfig.from_pretrained(name_or_path)
-    return AutoModel.from_pretrained(name_or_path, config=getattr(config, "vision_config", config))
+    return AutoModel.from_pretrained(name_or_path, config=getattr(config, "vision_config", config), dtype=torch.float32)
 
 
 def parse_vision_models(value: str) -> list[str]:
@@ -452,14 +452,16 @@ def build_model_from_pretrained_parts(
     """
     A new OmniFusion around pretrained vision encoder(s) (comma-separated for several) and a pretrained decoder LM
     (whose tokenizer it takes), with a freshly initialised adapter and markers, and its processor. `config_kwargs`
-    go to `OmniFusionConfig` (`adapter_type`, `image_grid_pinpoints`, ...).
+    go to `OmniFusionConfig` (`adapter_type`, `image_grid_pinpoints`, ...). All of it is float32 (the Trainer's
+    `--bf16`/`--fp16` run autocast over float32 weights), whatever dtype the parts were saved in: loading a bfloat16
+    LM as saved would give a model of mixed dtypes.
     """
     sentencepiece_model = check_tokenizer_folder(language_model_name_or_path)
     names = parse_vision_models(vision_model_name_or_path)
     vision_configs, image_processors, vision_states = load_vision_towers(
         names, one_input_size=config_kwargs.get("image_grid_pinpoints") is not None
     )
-    language_model = AutoModelForCausalLM.from_pretrained(language_model_name_or_path)
+    language_model = AutoModelForCausalLM.from_pretrained(language_model_name_or_path, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(language_model_name_or_path)
     if sentencepiece_model is not None:
         rank_merges_by_sentencepiece_scores(tokenizer, sentencepiece_model)
