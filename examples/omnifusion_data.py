@@ -189,6 +189,12 @@ def generate_examples(shards: list[str], encoder: ConversationEncoder, bad_sampl
                 messages, _ = record_to_messages(key, record)
                 tiled = getattr(encoder.processor, "image_grid_pinpoints", None) is not None
                 input_ids = encoder.tokenize_record(key, messages, (image.height, image.width) if tiled else None)
+                pixel_values = None
+                if (input_ids == encoder.processor.image_end_token_id).any():
+                    try:
+                        pixel_values = encoder.processor.prepare_images([image], return_tensors="pt")["pixel_values"]
+                    except TypeError as error:
+                        raise ValueError(str(error)) from None
             except ValueError as error:
                 bad_samples.count += 1
                 bad = bad_samples.count
@@ -203,12 +209,6 @@ def generate_examples(shards: list[str], encoder: ConversationEncoder, bad_sampl
             if not (labels != -100).any():
                 logger.warning("Skipped sample %s in shard %s: no caption token within model_max_length", key, shard)
                 continue
-            pixel_values = None
-            if (input_ids == encoder.processor.image_end_token_id).any():
-                try:
-                    pixel_values = encoder.processor.prepare_images([image], return_tensors="pt")["pixel_values"]
-                except (TypeError, ValueError) as error:
-                    raise ValueError(f"Shard {shard}, key {key}: {error}") from error
             yield {"input_ids": input_ids, "labels": labels, "pixel_values": pixel_values}
 
 

@@ -208,7 +208,7 @@ def test_group_by_length_uses_the_checked_token_counts(parts, tmp_path):
     dataset = trainer.train_dataset
     lengths = list(dataset.with_format(None)["length"])
     assert lengths == [len(dataset[index]["input_ids"]) for index in range(len(dataset))]
-    assert len(set(lengths)) == 2
+    assert min(lengths[1], lengths[4]) > max(lengths[i] for i in (0, 2, 3, 5)) + 20  # the two long records
     sampler = trainer._get_train_sampler()
     assert isinstance(sampler, LengthGroupedSampler) and sampler.lengths == lengths
 
