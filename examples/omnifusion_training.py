@@ -162,6 +162,12 @@ def setup_run(training_args: TrainingArguments):
             f"Launched as {launched} processes, but each would train alone (the Trainer's world size is "
             f"{training_args.world_size}). On CPU, add --use_cpu so that they train together over gloo."
         )
+    if training_args.fsdp and (training_args.use_cpu or not torch.cuda.is_available()):
+        # accelerate turns its FSDP plugin on only for accelerator devices: on CPU the Trainer would quietly run DDP.
+        raise ValueError(
+            "--fsdp needs GPUs (or other accelerators): on CPU, accelerate ignores it and every process would hold the "
+            "whole model (plain DDP). Drop --fsdp to train with DDP on CPU."
+        )
     logging.basicConfig(
         format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
         datefmt="%H:%M:%S",
