@@ -80,9 +80,6 @@ def test_stage1_on_smollm2_leaves_its_text_only_outputs_bit_identical(smollm2_di
     processor = AutoProcessor.from_pretrained(stage1_dir, trust_remote_code=True)
     chunks = held_out_text(processor.tokenizer, 256, chunk=128)
     assert torch.equal(text_logits(model.eval(), chunks), text_logits(base_lm, chunks))
-    # and the trained parts did train: stage 1 moved the adapter and the markers away from their fresh values
-    trained = load_file(stage1_dir / "model.safetensors")
-    assert trained["model.language_model.embed_tokens.special_embeddings.weight"].abs().sum() > 0
     assert 1 < perplexity(text_logits(base_lm, chunks), chunks) < 100  # real English to a real LM
 
 
