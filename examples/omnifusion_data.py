@@ -71,7 +71,10 @@ def expand_shards(data_path: str) -> list[str]:
     if os.path.isdir(data_path):
         shards = sorted(glob.glob(os.path.join(data_path, "*.tar")))
         if not shards:
-            raise FileNotFoundError(f"--data_path {data_path} is a folder without any .tar shard in it.")
+            raise FileNotFoundError(
+                f"--data_path {data_path}: is a folder without any .tar shard in it (expected a JSON or JSONL file, "
+                "or WebDataset .tar shards)."
+            )
         return shards
     paths = [data_path]
     while BRACE_RANGE.search(paths[0]):

@@ -147,9 +147,15 @@ def check_path_arguments(data_args: DataArguments, **pretrained: str):
         # several vision encoders are comma-separated (`clip_dir,dinov2_dir`): each is checked
         for part in value.split(",") if argument == "vision_model_name_or_path" else [value]:
             _check_pretrained_argument(argument, part.strip())
-    if not os.path.isfile(data_args.data_path):
-        what = "is a folder, expected a JSON or JSONL file" if os.path.isdir(data_args.data_path) else "no such file"
-        raise FileNotFoundError(f"--data_path {data_args.data_path}: {what}.")
+    from omnifusion_data import expand_shards, is_webdataset
+
+    if is_webdataset(data_args.data_path):  # WebDataset shards: each must exist (named if not)
+        expand_shards(data_args.data_path)
+    elif not os.path.isfile(data_args.data_path):
+        raise FileNotFoundError(
+            f"--data_path {data_args.data_path}: no such file (expected a JSON/JSONL file, a folder of .tar "
+            "shards or a shard pattern)."
+        )
     if data_args.image_folder is not None and not os.path.isdir(data_args.image_folder):
         raise FileNotFoundError(f"--image_folder {data_args.image_folder}: no such folder.")
 
