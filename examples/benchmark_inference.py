@@ -68,6 +68,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, 
 from transformers import (  # noqa: E402
     CLIPImageProcessorPil,
     CLIPVisionConfig,
+    LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaProcessor,
@@ -136,6 +137,12 @@ def make_processors(args):
     return omni, llava
 
 
+# SmolLM2-135M-Instruct (the real LM of examples/real_lm_demo.py): Llama, hidden 576, 30 layers, 9 heads of 64, 3 KV
+# heads, vocabulary 49,152, tied embeddings.
+SMOLLM2_SHAPE = dict(intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3, head_dim=64)
+SMOLLM2_SIZE = dict(text_hidden=576, text_layers=30, vocab_size=49152)
+
+
 def make_configs(args, omni_processor):
     vision = CLIPVisionConfig(
         image_size=args.image_size,
@@ -149,13 +156,19 @@ def make_configs(args, omni_processor):
     tokenizer = omni_processor.tokenizer
     if args.vocab_size <= max(omni_processor.special_token_ids.values()):
         raise ValueError(f"--vocab-size must exceed the tokenizer's ids ({len(tokenizer)}): LLaVA embeds `<image>`")
-    text = MistralConfig(
+    if args.smollm2:  # SmolLM2-135M's architecture (random weights: only the timing matters here)
+        lm_class, lm_shape = LlamaConfig, dict(SMOLLM2_SHAPE, tie_word_embeddings=True)
+    else:
+        lm_class, lm_shape = MistralConfig, dict(
+            intermediate_size=3 * args.text_hidden,
+            num_attention_heads=max(1, args.text_hidden // 64),
+            num_key_value_heads=max(1, args.text_hidden // 128),
+        )
+    text = lm_class(
         vocab_size=args.vocab_size,  # the LM-head width; the tiny tokenizer's ids (and `<image>`) are a subset
         hidden_size=args.text_hidden,
-        intermediate_size=3 * args.text_hidden,
         num_hidden_layers=args.text_layers,
-        num_attention_heads=max(1, args.text_hidden // 64),
-        num_key_value_heads=max(1, args.text_hidden // 128),
+        **lm_shape,
         max_position_embeddings=4096,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
@@ -297,6 +310,7 @@ def measure_memory(args):
     for key in ("image_size", "patch_size", "vision_hidden", "vision_layers", "text_hidden", "text_layers",
                 "vocab_size", "new_tokens", "threads"):
         forwarded += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+    forwarded += ["--smollm2"] if args.smollm2 else []
     results = {}
     for batch in (1, args.batch):
         for name in NAMES:
@@ -382,6 +396,9 @@ def main():
     parser.add_argument("--repeats", type=int, default=4, help="timed runs per measurement (the median is reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs per measurement before timing")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    parser.add_argument("--smollm2", action="store_true",
+                        help="the LM at SmolLM2-135M's size and shape (Llama, hidden 576, 30 layers, 9/3 heads, vocab "
+                        "49152; random weights), instead of --text-hidden/--text-layers/--vocab-size")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--memory", action="store_true", help="measure peak memory with --quick too")
     parser.add_argument("--memory-worker", choices=NAMES, help=argparse.SUPPRESS)
@@ -392,6 +409,8 @@ def main():
         args.text_hidden, args.text_layers, args.vocab_size = 256, 2, 8000
         args.new_tokens, args.repeats, args.warmup, args.batch = 8, 3, 1, 4
         args.no_memory = not args.memory
+    if args.smollm2:
+        args.text_hidden, args.text_layers, args.vocab_size = (SMOLLM2_SIZE[key] for key in SMOLLM2_SIZE)
     assert args.new_tokens >= 2, "--new-tokens must be at least 2 to measure decoding"
 
     hf_logging.set_verbosity_error()
@@ -490,7 +509,7 @@ def main():
           "(layer -2, CLS dropped)")
     print(f"adapter: Linear({args.vision_hidden}->{args.text_hidden})-GELU-Linear({args.text_hidden}->"
           f"{args.text_hidden}): OmniFusion adapter_type='mlp' = LLaVA's projector")
-    print(f"LM: Mistral hidden {args.text_hidden}, {args.text_layers} layers, vocab {args.vocab_size}; parameters "
+    print(f"LM: {'Llama (SmolLM2-135M shape)' if args.smollm2 else 'Mistral'} hidden {args.text_hidden}, {args.text_layers} layers, vocab {args.vocab_size}; parameters "
           f"OmniFusion {nparams['OmniFusion'] / 1e6:.3f}M, LLaVA {nparams['LLaVA'] / 1e6:.3f}M (+ the "
           f"{len(omni_config.special_token_ids)} learned marker rows)")
     print("weights: vision tower, adapter = projector, LM and LM head copied OmniFusion -> LLaVA "

@@ -83,6 +83,28 @@ class DataArguments:
     preprocessing_num_workers: int | None = field(
         default=None, metadata={"help": "Processes for the one-off check of all records (about 1 ms a record)."}
     )
+    check_images: str = field(
+        default="header",
+        metadata={
+            "help": "What the up-front check does with each record's image: 'none' (structure and length only), "
+            "'header' (the file is there and its header reads) or 'full' (decode the pixels).",
+            "choices": ["none", "header", "full"],
+        },
+    )
+    group_by_length: bool = field(
+        default=False,
+        metadata={"help": "Batch records of similar token length together (lengths from the up-front check)."},
+    )
+    packing: bool = field(
+        default=False,
+        metadata={"help": "Pack each batch's conversations into one unpadded row (position ids restart per one)."},
+    )
+    max_bad_samples: int = field(
+        default=100, metadata={"help": "WebDataset streaming: bad samples skipped per process before stopping."}
+    )
+    shuffle_buffer_size: int = field(
+        default=1000, metadata={"help": "WebDataset streaming: samples held in the shuffle buffer."}
+    )
 
 
 @dataclass
@@ -125,9 +147,15 @@ def check_path_arguments(data_args: DataArguments, **pretrained: str):
         # several vision encoders are comma-separated (`clip_dir,dinov2_dir`): each is checked
         for part in value.split(",") if argument == "vision_model_name_or_path" else [value]:
             _check_pretrained_argument(argument, part.strip())
-    if not os.path.isfile(data_args.data_path):
-        what = "is a folder, expected a JSON or JSONL file" if os.path.isdir(data_args.data_path) else "no such file"
-        raise FileNotFoundError(f"--data_path {data_args.data_path}: {what}.")
+    from omnifusion_data import expand_shards, is_webdataset
+
+    if is_webdataset(data_args.data_path):  # WebDataset shards: each must exist (named if not)
+        expand_shards(data_args.data_path)
+    elif not os.path.isfile(data_args.data_path):
+        raise FileNotFoundError(
+            f"--data_path {data_args.data_path}: no such file (expected a JSON/JSONL file, a folder of .tar "
+            "shards or a shard pattern)."
+        )
     if data_args.image_folder is not None and not os.path.isdir(data_args.image_folder):
         raise FileNotFoundError(f"--image_folder {data_args.image_folder}: no such folder.")
 
@@ -139,6 +167,12 @@ def setup_run(training_args: TrainingArguments):
         raise ValueError(
             f"Launched as {launched} processes, but each would train alone (the Trainer's world size is "
             f"{training_args.world_size}). On CPU, add --use_cpu so that they train together over gloo."
+        )
+    if training_args.fsdp and (training_args.use_cpu or not torch.cuda.is_available()):
+        # accelerate turns its FSDP plugin on only for accelerator devices: on CPU the Trainer would quietly run DDP.
+        raise ValueError(
+            "--fsdp needs GPUs (or other accelerators): on CPU, accelerate ignores it and every process would hold the "
+            "whole model (plain DDP). Drop --fsdp to train with DDP on CPU."
         )
     logging.basicConfig(
         format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
@@ -245,6 +279,8 @@ class ConversationEncoder:
     every step except decoding the pixels, for the up-front validation.
     """
 
+    check_images = "header"  # what `check` does with the image: "none", "header" or "full" (decode)
+
     def __init__(self, processor: OmniFusionProcessor, image_folder: str, max_length: int):
         self.processor = processor
         self.image_folder = image_folder
@@ -302,13 +338,14 @@ class ConversationEncoder:
         """`error` (message, empty if fine), `error_type` and `has_answer` for one stored row."""
         try:
             messages, image = record_to_messages(row["name"], row["record"])
-            if image is not None:
-                self.read_image(row["name"], image, decode=False)
+            if image is not None and self.check_images != "none":
+                self.read_image(row["name"], image, decode=self.check_images == "full")
             image_size = self.image_size(row["name"], image)
-            labels = assistant_labels(self.tokenize_record(row["name"], messages, image_size), self.processor)
+            input_ids = self.tokenize_record(row["name"], messages, image_size)
+            labels = assistant_labels(input_ids, self.processor)
         except (FileNotFoundError, ValueError) as error:
-            return {"error": str(error), "error_type": type(error).__name__, "has_answer": False}
-        return {"error": "", "error_type": "", "has_answer": bool((labels != -100).any())}
+            return {"error": str(error), "error_type": type(error).__name__, "has_answer": False, "length": 0}
+        return {"error": "", "error_type": "", "has_answer": bool((labels != -100).any()), "length": len(input_ids)}
 
     def encode(self, name: str, record: str) -> dict:
         messages, image = record_to_messages(name, record)
@@ -335,6 +372,7 @@ def load_training_dataset(data_args: DataArguments, processor: OmniFusionProcess
     """The checked records of `data_args.data_path`, turned into model inputs lazily by a `ConversationEncoder`."""
     image_folder = data_args.image_folder or os.path.dirname(os.path.abspath(data_args.data_path))
     encoder = ConversationEncoder(processor, image_folder, data_args.model_max_length)
+    encoder.check_images = data_args.check_images
     records = read_records(data_args.data_path)
     checks = records.map(
         encoder.check,
@@ -367,7 +405,11 @@ def load_training_dataset(data_args: DataArguments, processor: OmniFusionProcess
     if not kept:
         raise ValueError(f"No usable training records in {data_args.data_path}.")
     logger.info("Training on %d records from %s.", len(kept), data_args.data_path)
-    return records.select(kept).with_transform(encoder)
+    records = records.select(kept)
+    if data_args.group_by_length:  # the token counts just computed, for `--group_by_length`
+        lengths = checks["length"]
+        records = records.add_column("length", [lengths[index] for index in kept])
+    return records.with_transform(encoder)
 
 
 @dataclass
@@ -397,9 +439,9 @@ class OmniFusionDataCollator:
 
 
 def load_vision_tower(name_or_path: str) -> nn.Module:
-    """A pretrained vision encoder; for a full CLIP/SigLIP checkpoint, only its vision model."""
+    """A pretrained vision encoder in float32; for a full CLIP/SigLIP checkpoint, only its vision model."""
     config = AutoConfig.from_pretrained(name_or_path)
-    return AutoModel.from_pretrained(name_or_path, config=getattr(config, "vision_config", config))
+    return AutoModel.from_pretrained(name_or_path, config=getattr(config, "vision_config", config), dtype=torch.float32)
 
 
 def parse_vision_models(value: str) -> list[str]:
@@ -452,14 +494,16 @@ def build_model_from_pretrained_parts(
     """
     A new OmniFusion around pretrained vision encoder(s) (comma-separated for several) and a pretrained decoder LM
     (whose tokenizer it takes), with a freshly initialised adapter and markers, and its processor. `config_kwargs`
-    go to `OmniFusionConfig` (`adapter_type`, `image_grid_pinpoints`, ...).
+    go to `OmniFusionConfig` (`adapter_type`, `image_grid_pinpoints`, ...). All of it is float32 (the Trainer's
+    `--bf16`/`--fp16` run autocast over float32 weights), whatever dtype the parts were saved in: loading a bfloat16
+    LM as saved would give a model of mixed dtypes.
     """
     sentencepiece_model = check_tokenizer_folder(language_model_name_or_path)
     names = parse_vision_models(vision_model_name_or_path)
     vision_configs, image_processors, vision_states = load_vision_towers(
         names, one_input_size=config_kwargs.get("image_grid_pinpoints") is not None
     )
-    language_model = AutoModelForCausalLM.from_pretrained(language_model_name_or_path)
+    language_model = AutoModelForCausalLM.from_pretrained(language_model_name_or_path, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(language_model_name_or_path)
     if sentencepiece_model is not None:
         rank_merges_by_sentencepiece_scores(tokenizer, sentencepiece_model)
@@ -567,11 +611,29 @@ def make_trainer(
     data_args: DataArguments,
     training_args: TrainingArguments,
 ) -> Trainer:
-    """A `Trainer` over the checked, lazily encoded records; it saves the processor with every checkpoint."""
-    return OmniFusionTrainer(
+    """
+    A `Trainer` over the checked, lazily encoded records (or the streamed WebDataset shards); it saves the processor
+    with every checkpoint.
+    """
+    from omnifusion_data import PackedDataCollator, is_webdataset, length_grouped, load_streaming_dataset
+
+    trainer_class = OmniFusionTrainer
+    if is_webdataset(data_args.data_path):
+        if data_args.group_by_length:
+            raise ValueError("--group_by_length needs the lengths of all records: not with streamed WebDataset shards.")
+        train_dataset = load_streaming_dataset(data_args, processor, training_args)
+    else:
+        train_dataset = load_training_dataset(data_args, processor)
+        if data_args.group_by_length:
+            trainer_class = length_grouped(OmniFusionTrainer, list(train_dataset.with_format(None)["length"]))
+    if data_args.packing:
+        collator = PackedDataCollator()
+    else:
+        collator = OmniFusionDataCollator(processor.tokenizer.pad_token_id)
+    return trainer_class(
         model=model,
         args=training_args,
-        train_dataset=load_training_dataset(data_args, processor),
-        data_collator=OmniFusionDataCollator(processor.tokenizer.pad_token_id),
+        train_dataset=train_dataset,
+        data_collator=collator,
         processing_class=processor,
     )

@@ -182,7 +182,7 @@ def trainer_flags(output_dir: str, data_path: str, image_folder: str, **flags) -
 
 
 @torch.inference_mode()
-def evaluate(model, processor, data_dir: str, samples, seed: int) -> list[dict]:
+def evaluate(model, processor, data_dir: str, samples, seed: int, max_new_tokens: int = 6) -> list[dict]:
     """Asks one question per attribute about every held-out image and answers greedily."""
     rng = random.Random(seed)
     questions = [
@@ -208,7 +208,7 @@ def evaluate(model, processor, data_dir: str, samples, seed: int) -> list[dict]:
         inputs = processor.apply_chat_template(
             conversations, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
         )
-        output = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
         answers = processor.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
         for item, answer in zip(batch, answers):
             item["answer"] = answer

@@ -1,0 +1,290 @@
+"""
+Data at scale for the OmniFusion training scripts: streaming WebDataset shards, length grouping and packing.
+
+WebDataset shards (what `img2dataset` writes): `--data_path` is a folder of `*.tar` files or a brace pattern such as
+`shards/{00000..00099}.tar`; each tar holds `key.jpg` (or `.png`/`.webp`/...) next to `key.txt` (the caption) and/or
+`key.json` (its `caption` field). They are read as a streaming `datasets.IterableDataset` made with
+`IterableDataset.from_generator` over the shard list, so that `datasets` and accelerate give every process (and
+every dataloader worker) its own shards; nothing but the shuffle buffer (`--shuffle_buffer_size`) is held in
+memory. (`datasets`' own `webdataset` builder is not used: its decoders run inside the stream and one malformed
+`.json` or non-UTF-8 `.txt` ends it without naming the sample, and it infers the columns from the first five
+samples, refusing shards where some sample lacks a caption.) Each caption becomes the same conversation a caption
+record of the JSON format gives (an image, a caption request, the caption as the answer). A bad sample (image
+missing or unreadable, caption missing or empty) is skipped and counted in the log; past `--max_bad_samples` per
+process, training stops with a `ValueError` naming the shard and the key.
+
+Packing (`--packing`): the collator concatenates a batch's conversations into one row without padding, with
+`position_ids` restarting at 0 at each conversation and no `attention_mask`, the convention of transformers'
+`DataCollatorWithFlattening`: transformers' masking utilities then build a block-diagonal causal mask for SDPA and
+eager attention (and flash-attention reads the boundaries from the position ids), so no token attends across
+conversations. That needs `use_cache=False` in the batch: transformers 5.24's Llama/Mistral create a cache when
+`use_cache` is on, even in training, and then ignore the packed position ids (measured: logits off by 0.6). Images keep their order, so each lands where it would in the padded batch, and the loss (a mean over
+the same answer tokens) equals the padded batch's.
+
+Length grouping (`--group_by_length`): the lengths are the token counts the up-front check computes anyway (no image
+is decoded for them), kept as a `length` column and handed to the Trainer's `LengthGroupedSampler`.
+"""
+
+import glob
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import tarfile
+from dataclasses import dataclass
+
+import datasets
+import torch
+from PIL import Image
+from transformers.trainer_pt_utils import LengthGroupedSampler
+
+from omnifusion_training import ConversationEncoder, assistant_labels, record_to_messages
+
+
+logger = logging.getLogger("omnifusion_training.data")  # the scripts set the level of "omnifusion_training"
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+CAPTION_PROMPTS = (
+    "Describe the image briefly.",
+    "Give a short description of the image.",
+    "What is in the picture?",
+    "Write a caption for this image.",
+)
+BRACE_RANGE = re.compile(r"\{(\d+)\.\.(\d+)\}")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# WebDataset shards
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def is_webdataset(data_path: str) -> bool:
+    """Whether `--data_path` names WebDataset shards: a folder, a `.tar` file or a brace pattern."""
+    return os.path.isdir(data_path) or data_path.endswith(".tar") or bool(BRACE_RANGE.search(data_path))
+
+
+def expand_shards(data_path: str) -> list[str]:
+    """The shard files of a folder (its `*.tar`, sorted), a single `.tar` or a pattern with `{first..last}` ranges
+    (zero padding kept, several ranges allowed); `FileNotFoundError` naming what is missing."""
+    if os.path.isdir(data_path):
+        shards = sorted(glob.glob(os.path.join(data_path, "*.tar")))
+        if not shards:
+            raise FileNotFoundError(
+                f"--data_path {data_path}: is a folder without any .tar shard in it (expected a JSON or JSONL file, "
+                "or WebDataset .tar shards)."
+            )
+        return shards
+    paths = [data_path]
+    while BRACE_RANGE.search(paths[0]):
+        expanded = []
+        for path in paths:
+            match = BRACE_RANGE.search(path)
+            first, last = match.group(1), match.group(2)
+            if int(last) < int(first):
+                raise ValueError(f"--data_path {data_path}: empty range {{{first}..{last}}}.")
+            width = len(first)
+            expanded += [path[: match.start()] + f"{n:0{width}d}" + path[match.end() :] for n in range(int(first), int(last) + 1)]
+        paths = expanded
+    missing = [path for path in paths if not os.path.isfile(path)]
+    if missing:
+        raise FileNotFoundError(
+            f"--data_path {data_path}: {len(missing)} of {len(paths)} shards not found, for example {missing[0]}"
+        )
+    return paths
+
+
+def split_member(name: str) -> tuple[str, str] | None:
+    """(key, extension) of a tar member as WebDataset splits it: the key is everything up to the first dot of the
+    file name (folders included), the extension the rest, lower-cased."""
+    folder, _, base = name.rpartition("/")
+    if "." not in base:
+        return None
+    stem, extension = base.split(".", 1)
+    return (f"{folder}/{stem}" if folder else stem), extension.lower()
+
+
+def iter_shard(shard: str):
+    """(key, {extension: bytes}) for every sample of one tar shard, in order; a tar that cannot be read is a
+    `ValueError` naming the shard."""
+    key, fields = None, {}
+    try:
+        with tarfile.open(shard, mode="r|*") as archive:
+            for member in archive:
+                if not member.isfile():
+                    continue
+                parts = split_member(member.name)
+                if parts is None:
+                    continue
+                if parts[0] != key and key is not None:
+                    yield key, fields
+                    fields = {}
+                key = parts[0]
+                fields[parts[1]] = archive.extractfile(member).read()
+    except (tarfile.TarError, OSError, EOFError) as error:
+        raise ValueError(f"Shard {shard}: not a readable tar archive after key {key!r} ({error}).") from error
+    if key is not None:
+        yield key, fields
+
+
+def sample_caption(fields: dict[str, bytes]) -> str:
+    """The caption of a sample: its `.txt`, else the `caption` of its `.json`; `ValueError` if there is none."""
+    if "txt" in fields:
+        try:
+            caption = fields["txt"].decode("utf-8").strip()
+        except UnicodeDecodeError as error:
+            raise ValueError(f"the .txt caption is not UTF-8 ({error})") from None
+    elif "json" in fields:
+        try:
+            caption = json.loads(fields["json"]).get("caption")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as error:
+            raise ValueError(f"the .json is not a JSON object ({error})") from None
+        caption = caption.strip() if isinstance(caption, str) else ""
+    else:
+        raise ValueError("no caption (.txt or .json)")
+    if not caption:
+        raise ValueError("the caption is empty")
+    return caption
+
+
+def sample_image(fields: dict[str, bytes]) -> Image.Image:
+    extension = next((ext for ext in IMAGE_EXTENSIONS if ext in fields), None)
+    if extension is None:
+        raise ValueError(f"no image (one of .{', .'.join(IMAGE_EXTENSIONS)})")
+    try:
+        with Image.open(io.BytesIO(fields[extension])) as file:
+            return file.convert("RGB")
+    except Exception as error:  # PIL raises many types on bad files
+        raise ValueError(f"cannot read the .{extension} image ({type(error).__name__}: {error})") from None
+
+
+def caption_conversation(key: str, caption: str) -> str:
+    """The record (JSON text) a caption becomes: the same shape as a stage-1 caption record of the JSON format."""
+    prompt = CAPTION_PROMPTS[int(hashlib.md5(key.encode()).hexdigest(), 16) % len(CAPTION_PROMPTS)]
+    return json.dumps(
+        {
+            "id": key,
+            "image": key,
+            "conversations": [{"from": "human", "value": "<image>\n" + prompt}, {"from": "gpt", "value": caption}],
+        }
+    )
+
+
+class BadSampleCount:
+    """The bad samples met so far by one process (or dataloader worker): `datasets` calls the generator once per
+    shard, with the same object."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.count = 0
+
+
+def generate_examples(shards: list[str], encoder: ConversationEncoder, bad_samples: BadSampleCount):
+    """Model inputs of every good sample of `shards` (this process's and worker's share); bad ones skipped and
+    counted, with a `ValueError` naming the shard and key once more than `bad_samples.limit` were bad."""
+    for shard in shards:
+        logger.info("Reading shard %s (process %s)", shard, os.environ.get("RANK", "0"))
+        for key, fields in iter_shard(shard):
+            try:
+                record = caption_conversation(key, sample_caption(fields))
+                image = sample_image(fields)
+                messages, _ = record_to_messages(key, record)
+                tiled = getattr(encoder.processor, "image_grid_pinpoints", None) is not None
+                input_ids = encoder.tokenize_record(key, messages, (image.height, image.width) if tiled else None)
+                pixel_values = None
+                if (input_ids == encoder.processor.image_end_token_id).any():
+                    try:
+                        pixel_values = encoder.processor.prepare_images([image], return_tensors="pt")["pixel_values"]
+                    except TypeError as error:
+                        raise ValueError(str(error)) from None
+            except ValueError as error:
+                bad_samples.count += 1
+                bad = bad_samples.count
+                logger.warning("Skipped bad sample %s in shard %s: %s (%d bad so far)", key, shard, error, bad)
+                if bad > bad_samples.limit:
+                    raise ValueError(
+                        f"Shard {shard}, key {key}: {error}. That is {bad} bad samples in this process, more than "
+                        f"--max_bad_samples {bad_samples.limit}: stopping."
+                    ) from None
+                continue
+            labels = assistant_labels(input_ids, encoder.processor)
+            if not (labels != -100).any():
+                logger.warning("Skipped sample %s in shard %s: no caption token within model_max_length", key, shard)
+                continue
+            yield {"input_ids": input_ids, "labels": labels, "pixel_values": pixel_values}
+
+
+def load_streaming_dataset(data_args, processor, training_args) -> datasets.IterableDataset:
+    """The shards of `data_args.data_path` as a shuffled streaming dataset of model inputs (see the module doc)."""
+    if training_args.max_steps is None or training_args.max_steps <= 0:
+        raise ValueError(
+            f"--data_path {data_args.data_path} is streamed (WebDataset shards), so the number of steps cannot be "
+            "derived from its length: give --max_steps."
+        )
+    shards = expand_shards(data_args.data_path)
+    world = training_args.world_size
+    if world > 1 and len(shards) % world:
+        raise ValueError(
+            f"--data_path {data_args.data_path}: {len(shards)} shards cannot be shared evenly by {world} processes, "
+            "each reading its own; use a multiple of the process count."
+        )
+    # Every process reads its own shards: accelerate shards a `datasets.IterableDataset` by node when it does not
+    # dispatch batches from process 0.
+    training_args.accelerator_config.dispatch_batches = False
+    encoder = ConversationEncoder(processor, "", data_args.model_max_length)
+    stream = datasets.IterableDataset.from_generator(
+        generate_examples,
+        gen_kwargs={"shards": shards, "encoder": encoder, "bad_samples": BadSampleCount(data_args.max_bad_samples)},
+    )
+    logger.info("Streaming %d shards from %s.", len(shards), data_args.data_path)
+    return stream.shuffle(seed=training_args.seed, buffer_size=data_args.shuffle_buffer_size)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Length grouping and packing
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def length_grouped(trainer_class: type, lengths: list[int]) -> type:
+    """`trainer_class` with the Trainer's `LengthGroupedSampler` over the given `lengths` (the up-front check's token
+    counts). The Trainer's own `group_by_length` would read them through the dataset's transform, encoding every
+    record and decoding its image just to count its tokens."""
+
+    class LengthGroupedTrainer(trainer_class):
+        def _get_train_sampler(self, train_dataset=None):
+            if train_dataset is not None and train_dataset is not self.train_dataset:
+                return super()._get_train_sampler(train_dataset)
+            batch = self.args.train_batch_size * self.args.gradient_accumulation_steps
+            return LengthGroupedSampler(batch, lengths=lengths)
+
+    return LengthGroupedTrainer
+
+
+@dataclass
+class PackedDataCollator:
+    """
+    All of a batch's conversations in one row, no padding: `input_ids` and `labels` concatenated (the first label of
+    each conversation set to -100, so no token learns to predict the next conversation), `position_ids` restarting
+    at 0 at each conversation, no `attention_mask` (transformers' flattening convention), images stacked in order.
+    """
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        labels = []
+        for example in examples:
+            example_labels = example["labels"].clone()
+            example_labels[0] = -100
+            labels.append(example_labels)
+        batch = {
+            "input_ids": torch.cat([example["input_ids"] for example in examples])[None],
+            "labels": torch.cat(labels)[None],
+            "position_ids": torch.cat([torch.arange(len(example["input_ids"])) for example in examples])[None],
+            # transformers derives the block-diagonal mask from packed position ids only without a 2-D mask and
+            # without a cache, and its LMs make a cache whenever `use_cache` is on (the config default, also in
+            # training): without this, every conversation would attend to the ones before it in the row.
+            "use_cache": False,
+        }
+        images = [example["pixel_values"] for example in examples if example["pixel_values"] is not None]
+        if images:
+            batch["pixel_values"] = torch.cat(images)
+        return batch
