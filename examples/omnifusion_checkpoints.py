@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import re
+import resource
 import shutil
 import struct
 import zipfile
@@ -51,24 +52,34 @@ def staging_dir(target: str) -> str:
     return os.path.join(os.path.dirname(os.path.abspath(target)), f".{os.path.basename(os.path.abspath(target))}.partial")
 
 
-def _last_written(folder: str) -> str | None:
-    files = [os.path.join(root, name) for root, _, names in os.walk(folder) for name in names]
-    return max(files, key=os.path.getmtime, default=None)
+def _error_number(error: BaseException, folder: str) -> int:
+    """The errno behind a failed save of `folder`; torch's and safetensors' writers drop it, so the disk is asked."""
+    cause = error
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.errno:
+            return cause.errno
+        found = re.search(r"os error (\d+)", str(cause))
+        if found:
+            return int(found.group(1))
+        cause = cause.__cause__ or cause.__context__
+    if os.path.isdir(folder):
+        if shutil.disk_usage(folder).free < 2**20:
+            return errno.ENOSPC
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        sizes = [os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(folder) for name in names]
+        if limit != resource.RLIM_INFINITY and max(sizes, default=0) >= limit:
+            return errno.EFBIG
+    return errno.EIO
 
 
 def write_error(target: str, staging: str, error: BaseException) -> OSError:
-    """An `OSError` naming `target` and the file being written when `error` stopped the save."""
-    cause = error
-    while cause is not None and not (isinstance(cause, OSError) and cause.errno):
-        cause = cause.__cause__ or cause.__context__
-    code = cause.errno if cause is not None else errno.EIO
+    """An `OSError` naming `target`, the folder being written (in `staging`) when `error` stopped the save."""
+    code = _error_number(error, staging)
     reason = "the disk is full (or the file size limit is reached)" if code in DISK_FULL_ERRNOS else "the write failed"
-    last = _last_written(staging) if os.path.isdir(staging) else None
-    where = f" while writing {os.path.relpath(last, staging)}" if last else ""
     return OSError(
         code,
-        f"Could not save {target}: {reason}{where} ({type(error).__name__}: {error}). Nothing was half-written: the "
-        f"partial copy {staging} is removed and {target} is as before.",
+        f"Could not save {target}: {reason} ({type(error).__name__}: {error}). Nothing was half-written: the partial "
+        f"copy in {staging} is removed and {target} is as before.",
     )
 
 
