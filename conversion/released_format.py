@@ -398,7 +398,7 @@ class TorchArchive:
         if self.storages.setdefault(key, storage) != storage:
             raise ValueError(f"storage {key!r} is referenced with inconsistent sizes or types")
         if f"{self.prefix}data/{key}" not in self.names:
-            raise ValueError(f"storage record {self.prefix}data/{key!r} is missing from the archive")
+            raise ValueError(f"storage record '{self.prefix}data/{key}' is missing from the archive")
         return storage
 
     def unpickle(self, allowed: Mapping[tuple[str, str], Any]) -> Any:
