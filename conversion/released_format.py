@@ -7,6 +7,15 @@ with :mod:`zipfile` and ``data.pkl`` is unpickled by a restricted unpickler that
 resolves only an explicit allow-list of globals. Any other global (``os.system``,
 ``builtins.eval``, ...) raises :class:`UnsafePickleError` when the unpickler first
 meets it, before anything it could call is executed.
+
+Unpickling yields plain data (`TorchArchive.unpickle`): modules become `PickledModule`
+records through object creation + stored state only (a pickle calling a class is
+refused, so no module ``__init__`` runs), tensors `TensorRecord`s (shape, stride, which
+storage). Only once the structure and every shape are checked does
+`TorchArchive.read_tensors` read the storages those tensors use, each after its declared
+size is checked against them and against its zip entry, and no compressed entry may
+inflate more than `MAX_INFLATION` times: memory stays bounded by what the expected
+layout needs, whatever the file claims.
 """
 
 from __future__ import annotations
@@ -37,9 +46,13 @@ __all__ = [
     "ReleasedLayout",
     "ReleasedMixProjection",
     "ReleasedProjection",
+    "PickledModule",
     "ReleasedVisualToGPTMapping",
     "StructureEntry",
+    "TensorRecord",
+    "TorchArchive",
     "UnsafePickleError",
+    "collect_tensor_records",
     "describe_projection_structure",
     "find_released_layout",
     "format_structure",

@@ -1,14 +1,11 @@
 """Tests for examples/omnifusion_training.py, the two stage scripts and the quickstart demo."""
 
 import codecs
-import io
 import json
 import logging
 import os
-import struct
 import subprocess
 import sys
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +27,8 @@ from omnifusion_fixtures import make_config, make_image, make_processor
 from training_fixtures import (  # also puts examples/ on the path, for the imports below
     EXAMPLES_DIR,
     colour_records,
+    jpeg_truncated,
+    png_with_corrupt_pixel_data,
     save_language_model,
     save_vision_model,
     training_flags,
@@ -273,26 +272,6 @@ def test_image_broken_after_the_check_fails_lazily_naming_the_record_and_path(tm
     (tmp_path / "images" / "1.png").write_bytes(b"broken later")
     with pytest.raises(ValueError, match=f"Record sample-1: cannot read image {tmp_path}/images/1.png"):
         dataset[1]
-
-
-def jpeg_truncated(image_bytes: bytes) -> bytes:
-    """The first 60% of a JPEG: the header and part of the data stream (`verify()` accepts it)."""
-    buffer = io.BytesIO()
-    Image.open(io.BytesIO(image_bytes)).save(buffer, "JPEG")
-    return buffer.getvalue()[: len(buffer.getvalue()) * 6 // 10]
-
-
-def png_with_corrupt_pixel_data(image_bytes: bytes) -> bytes:
-    """The PNG with bytes of its compressed pixel data flipped and the chunk CRC fixed (`verify()` accepts it)."""
-    data = bytearray(image_bytes)
-    start = data.index(b"IDAT")
-    length = struct.unpack(">I", data[start - 4 : start])[0]
-    pixels = data[start + 4 : start + 4 + length]
-    for index in range(20, length - 10, 7):
-        pixels[index] ^= 0xFF
-    data[start + 4 : start + 4 + length] = pixels
-    data[start + 4 + length : start + 8 + length] = struct.pack(">I", zlib.crc32(b"IDAT" + bytes(pixels)))
-    return bytes(data)
 
 
 @pytest.mark.parametrize("damage", [jpeg_truncated, png_with_corrupt_pixel_data])

@@ -1,12 +1,16 @@
 """Tiny pretrained-looking vision and LM folders and conversation datasets on disk, for the training tests."""
 
+import io
 import json
 import os
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import torch
+from PIL import Image
 from transformers import CLIPVisionModel, MistralForCausalLM
 
 from omnifusion_fixtures import make_config, make_image, make_processor, make_tokenizer, vision_config
@@ -68,6 +72,26 @@ def write_dataset(folder: Path, records: list[dict], jsonl: bool = False) -> Pat
         else:
             json.dump(records, file)
     return path
+
+
+def jpeg_truncated(image_bytes: bytes) -> bytes:
+    """The first 60% of `image_bytes` re-saved as a JPEG: the header and part of the data stream (`verify()` accepts it)."""
+    buffer = io.BytesIO()
+    Image.open(io.BytesIO(image_bytes)).save(buffer, "JPEG")
+    return buffer.getvalue()[: len(buffer.getvalue()) * 6 // 10]
+
+
+def png_with_corrupt_pixel_data(image_bytes: bytes) -> bytes:
+    """The PNG with bytes of its compressed pixel data flipped and the chunk CRC fixed (`verify()` accepts it)."""
+    data = bytearray(image_bytes)
+    start = data.index(b"IDAT")
+    length = struct.unpack(">I", data[start - 4 : start])[0]
+    pixels = data[start + 4 : start + 4 + length]
+    for index in range(20, length - 10, 7):
+        pixels[index] ^= 0xFF
+    data[start + 4 : start + 4 + length] = pixels
+    data[start + 4 + length : start + 8 + length] = struct.pack(">I", zlib.crc32(b"IDAT" + bytes(pixels)))
+    return bytes(data)
 
 
 def training_flags(output_dir: Path, data_path: Path, **overrides) -> list[str]:
