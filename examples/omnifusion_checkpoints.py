@@ -36,10 +36,12 @@ FINAL_OUTPUT_STAGING = ".final-output.partial"
 COMMIT_FILES = ("config.json", "adapter_config.json")
 WEIGHT_FILES = re.compile(r"^(model|pytorch_model|adapter_model)([-.].*)?\.(safetensors|bin)(\.index\.json)?$")
 # What an earlier run left at the top of an output folder, cleared by --overwrite_output_dir (the rest is replaced).
-EARLIER_RUN_FILES = re.compile(rf"{WEIGHT_FILES.pattern}|^(config|adapter_config|generation_config|{TRAINER_STATE[:-5]}"
-                               r"|training_args)\.(json|bin)$")
+EARLIER_RUN_FILES = re.compile(
+    rf"{WEIGHT_FILES.pattern}|^(config|adapter_config|generation_config|trainer_state|training_args)\.(json|bin)$"
+)
 DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 RESUME_LATEST = {"latest", "true"}
+WEIGHTS = "model weights (model.safetensors)"  # how `checkpoint_report` names missing weights
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -221,10 +223,13 @@ def check_output_dir(args: TrainingArguments, resume_checkpoint: str | None):
         if not entries:
             return
         if not getattr(args, "overwrite_output_dir", False):
+            resume = "it has no complete checkpoint to resume" if args.resume_from_checkpoint else (
+                "resume it with --resume_from_checkpoint latest"
+            )
             raise FileExistsError(
                 f"--output_dir {output_dir} already holds another run ({', '.join(entries[:6])}"
-                f"{', ...' if len(entries) > 6 else ''}). Resume it with --resume_from_checkpoint latest, choose "
-                "another --output_dir, or pass --overwrite_output_dir to replace it."
+                f"{', ...' if len(entries) > 6 else ''}): {resume}, choose another --output_dir, or pass "
+                "--overwrite_output_dir to replace it."
             )
         if args.should_save:
             for name in os.listdir(output_dir):
@@ -291,7 +296,7 @@ def checkpoint_report(folder: str, world_size: int = 1) -> tuple[list[str], list
                 damaged.append(f"{path} is {problem}")
     missing = []
     if not any(WEIGHT_FILES.match(name) or name.startswith(("pytorch_model_fsdp", "global_step")) for name in names):
-        missing.append("model weights (model.safetensors)")
+        missing.append(WEIGHTS)
     if TRAINER_STATE not in names:
         missing.append(TRAINER_STATE)
     if not any(name.startswith(("optimizer", "global_step")) for name in names):
@@ -315,7 +320,7 @@ def latest_complete_checkpoint(output_dir: str, world_size: int = 1) -> str | No
     for name in sorted(names, key=_step, reverse=True):
         folder = os.path.join(output_dir, name)
         damaged, missing = checkpoint_report(folder, world_size)
-        incomplete = damaged + [f"no {item}" for item in missing if item.startswith(("model", TRAINER_STATE))]
+        incomplete = damaged + [f"no {item}" for item in missing if item in (WEIGHTS, TRAINER_STATE)]
         if not incomplete:
             return folder
         logger.warning("Skipping the incomplete checkpoint %s: %s.", folder, "; ".join(incomplete))
@@ -338,8 +343,8 @@ def resolve_resume_checkpoint(args: TrainingArguments) -> str | None:
         if not os.path.isdir(checkpoint):
             raise FileNotFoundError(f"--resume_from_checkpoint {checkpoint}: no such checkpoint folder.")
     damaged, missing = checkpoint_report(checkpoint, args.world_size)
-    if damaged or missing[:1] == ["model weights (model.safetensors)"]:
-        problems = damaged + [f"it has no {item}" for item in missing if item.startswith("model")]
+    if damaged or WEIGHTS in missing:
+        problems = damaged + ([f"it has no {WEIGHTS}"] if WEIGHTS in missing else [])
         raise ValueError(
             f"Cannot resume from {checkpoint}: {'; '.join(problems)}. Resume from an earlier checkpoint "
             "(--resume_from_checkpoint latest skips damaged ones)."

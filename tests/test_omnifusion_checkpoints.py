@@ -21,7 +21,7 @@ from training_fixtures import (  # also puts examples/ on the path, for the impo
 )
 
 import train_stage1_pretrain
-from omnifusion_checkpoints import resolve_resume_checkpoint, save_final_output
+from omnifusion_checkpoints import check_output_dir, resolve_resume_checkpoint, save_final_output
 from omnifusion_training import OmniFusionTrainingArguments
 
 
@@ -206,3 +206,13 @@ def test_a_folder_holding_another_run_is_refused_unless_overwritten(parts, data_
     state = json.loads((output_dir / "config.json").read_text())
     assert state["model_type"] == "omnifusion"
     assert load_file(output_dir / "model.safetensors").keys() == load_file(finished_run / "model.safetensors").keys()
+
+
+def test_resume_latest_in_a_used_folder_without_a_complete_checkpoint_is_refused_saying_so(tmp_path, caplog):
+    (tmp_path / "checkpoint-4").mkdir()  # what a kill left under the old, non-atomic saving
+    resume_latest = args(tmp_path, resume_from_checkpoint="latest")
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        checkpoint = resolve_resume_checkpoint(resume_latest)
+    assert checkpoint is None and f"Skipping the incomplete checkpoint {tmp_path}/checkpoint-4: no model" in caplog.text
+    with pytest.raises(FileExistsError, match="holds another run \\(checkpoint-4\\): it has no complete checkpoint"):
+        check_output_dir(resume_latest, checkpoint)
