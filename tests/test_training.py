@@ -451,7 +451,8 @@ def test_two_process_ddp_training_on_cpu(parts, data_path, tmp_path):
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
         os.path.join(EXAMPLES_DIR, "train_stage1_pretrain.py"),
         "--vision_model_name_or_path", str(vision), "--language_model_name_or_path", str(language),
-        *training_flags(tmp_path, data_path, max_steps=3, log_level="info", use_cpu=True),
+        *training_flags(tmp_path, data_path, max_steps=3, save_strategy="steps", save_steps=2, log_level="info",
+                        use_cpu=True),
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -459,6 +460,9 @@ def test_two_process_ddp_training_on_cpu(parts, data_path, tmp_path):
     assert "Total train batch size (w. parallel, distributed & accumulation) = 4" in log  # 2 processes x 2
     model = AutoModelForImageTextToText.from_pretrained(tmp_path, trust_remote_code=True)
     assert model.config.model_type == "omnifusion"
+    # both processes' parts of the checkpoint, renamed into place together; no staging folder left
+    assert {"rng_state_0.pth", "rng_state_1.pth", "trainer_state.json"} <= set(os.listdir(tmp_path / "checkpoint-2"))
+    assert not [name for name in os.listdir(tmp_path) if name.startswith(".")]
 
 
 def test_quickstart_quick_mode_runs_end_to_end(tmp_path):
