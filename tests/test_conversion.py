@@ -505,9 +505,22 @@ def dead_pid() -> int:
     return process.pid
 
 
+KILLED_CONVERSION = """
+import os, signal, sys
+from modeling_omnifusion import OmniFusionProcessor
+from modeling_omnifusion.conversion.convert_omnifusion_to_hf import convert_omnifusion_to_hf
+
+OmniFusionProcessor.save_pretrained = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL)  # weights written
+convert_omnifusion_to_hf(sys.argv[1], sys.argv[2], vision_model=sys.argv[3])
+"""
+
+
 def test_a_killed_conversion_leaves_no_staging_folder_after_the_next_run(small_fp32, clip_dir, tmp_path):
     out = tmp_path / "out"
-    stale_staging(tmp_path, dead_pid(), out, "killed")
+    command = [sys.executable, "-c", KILLED_CONVERSION, str(small_fp32["input_dir"]), str(out), str(clip_dir)]
+    killed = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert not out.exists() and len(leftovers(tmp_path)) == 1
     live = stale_staging(tmp_path, os.getpid(), out, "running")  # a conversion still running: not touched
     foreign = tmp_path / ".omnifusion-convert-no-owner"  # no owner file: not provably ours, not touched
     foreign.mkdir()
