@@ -296,7 +296,8 @@ def test_skip_bad_records_skips_an_image_broken_during_training_and_keeps_the_ba
         batch = dataset.__getitems__([1, 2])  # what the Trainer's data loader calls
     assert [torch.equal(example["input_ids"], expected[3]) for example in batch] == [True, True]
     assert all(example["pixel_values"].shape == (1, 3, 32, 32) for example in batch)
-    assert "Skipped record sample-1 during training (Record sample-1: cannot read image" in caplog.text
+    assert "Skipped record sample-1 during training (Record sample-1: " in caplog.text
+    assert f"{tmp_path}/images/1.png" in caplog.text
     assert "Skipped record sample-2 during training" in caplog.text and "; 3 skipped so far" in caplog.text
 
     collated = OmniFusionDataCollator(make_processor().tokenizer.pad_token_id)(batch)
