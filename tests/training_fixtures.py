@@ -131,14 +131,14 @@ import omnifusion_checkpoints, train_stage1_pretrain
 torch.set_num_threads(1)  # as in the test process (tests/conftest.py), for bit-identical results
 
 kill_at_step, file_size_limit = int(sys.argv[2]), int(sys.argv[3])
-save_rng_state = omnifusion_checkpoints.OmniFusionTrainer._save_rng_state
+save_rng_state = omnifusion_checkpoints.AtomicCheckpointTrainer._save_rng_state
 
 def save_rng_state_or_die(self, output_dir):
     if self.state.global_step == kill_at_step:  # mid-checkpoint: weights and optimizer written, RNG state not yet
         os.kill(os.getpid(), signal.SIGKILL)
     save_rng_state(self, output_dir)
 
-omnifusion_checkpoints.OmniFusionTrainer._save_rng_state = save_rng_state_or_die
+omnifusion_checkpoints.AtomicCheckpointTrainer._save_rng_state = save_rng_state_or_die
 if file_size_limit:  # a full disk: writing past the limit fails with EFBIG instead of killing the process
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, resource.RLIM_INFINITY))
