@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -314,9 +315,9 @@ def load_released_checkpoint(layout: ReleasedLayout, vision_model, dtype: torch.
             f"names {len(vision_models)}: {', '.join(vision_models)}"
         )
     vision_model = vision_models[0]
-    projection = read_projection(layout.projection)
     text_config = AutoConfig.from_pretrained(layout.lm_dir)
     vision_config = CLIPVisionConfig.from_pretrained(vision_model)
+    projection = read_projection(layout.projection, vision_config.hidden_size, text_config.hidden_size)
     check_projection(projection, layout.projection, vision_config, text_config, vision_model)
     text_config, special_embeddings, tokenizer, generation_config = load_text_side(layout, sentencepiece_model)
     processor = OmniFusionProcessor(AutoImageProcessor.from_pretrained(vision_model, backend="pil"), tokenizer)
@@ -494,21 +495,63 @@ def _is_hub_repo_id(name: str) -> bool:
     return True
 
 
-def replace_folder(new: Path, target: Path):
-    """Move the finished `new` folder to `target`; an existing `target` is moved aside first and deleted last."""
+def replace_folder(new: Path, target: Path, aside: Path):
+    """Move the finished `new` folder to `target`; an existing `target` is moved to `aside` first and deleted last."""
     if target.is_dir() and not any(target.iterdir()):
         target.rmdir()
     if not target.exists():
         os.rename(new, target)
         return
-    aside = Path(tempfile.mkdtemp(dir=target.parent, prefix=".omnifusion-replaced-"))
-    os.rename(target, aside / target.name)
+    os.rename(target, aside)
     try:
         os.rename(new, target)
     except BaseException:
-        os.rename(aside / target.name, target)
+        os.rename(aside, target)
         raise
     shutil.rmtree(aside, ignore_errors=True)
+
+
+# A conversion is built in `<output parent>/.omnifusion-convert-XXXX/folder` (moved to the output when complete; an
+# output it replaces waits in `replaced`) beside `owner.json`, which says which process on which host owns it.
+STAGING_PREFIX = ".omnifusion-convert-"
+STAGING_OWNER = "owner.json"
+
+
+def make_staging(parent: Path, output_dir: Path) -> Path:
+    staging = Path(tempfile.mkdtemp(dir=parent, prefix=STAGING_PREFIX))
+    owner = {"pid": os.getpid(), "host": socket.gethostname(), "output_dir": str(output_dir)}
+    (staging / STAGING_OWNER).write_text(json.dumps(owner))
+    (staging / "folder").mkdir()  # not mkdtemp's 0700: the output gets the permissions of any new folder
+    return staging
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def clean_stale_staging(parent: Path):
+    """
+    Delete the staging folders in `parent` that a conversion on this host left when it was killed: its owner file
+    names a process that is gone. An output it had moved aside (killed mid-swap) is put back first.
+    """
+    for staging in parent.glob(STAGING_PREFIX + "*"):
+        try:
+            owner = json.loads((staging / STAGING_OWNER).read_text())
+            pid, host, output_dir = int(owner["pid"]), owner["host"], Path(owner["output_dir"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # not one of ours, or still being created
+        if host != socket.gethostname() or _process_alive(pid):
+            continue
+        if (staging / "replaced").is_dir() and not output_dir.exists():
+            os.rename(staging / "replaced", output_dir)
+        shutil.rmtree(staging, ignore_errors=True)
+        logger.info(f"Removed {staging}, left by a conversion (process {pid}) that did not finish")
 
 
 def convert_omnifusion_to_hf(
@@ -551,17 +594,18 @@ def convert_omnifusion_to_hf(
     model, processor = load_released_checkpoint(layout, vision_model, dtype)
 
     output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=".omnifusion-convert-"))
+    clean_stale_staging(output_dir.parent)
+    staging = make_staging(output_dir.parent, output_dir)
+    folder = staging / "folder"
     try:
-        model.save_pretrained(staging, max_shard_size=max_shard_size)
-        processor.save_pretrained(staging)
+        model.save_pretrained(folder, max_shard_size=max_shard_size)
+        processor.save_pretrained(folder)
         source = layout.root.name if Path(input_dir).is_dir() else "/".join(filter(None, (str(input_dir), subfolder)))
         vision_names = ", ".join(_display_name(name) for name in split_vision_models(vision_model))
-        add_conversion_notes(staging, layout, source, vision_names, model, processor)
-        replace_folder(staging, output_dir)
-    except BaseException:
+        add_conversion_notes(folder, layout, source, vision_names, model, processor)
+        replace_folder(folder, output_dir, aside=staging / "replaced")
+    finally:
         shutil.rmtree(staging, ignore_errors=True)
-        raise
     logger.info(f"Saved the converted model ({str(model.dtype).removeprefix('torch.')}) to {output_dir}")
 
     if push_to_hub:

@@ -7,26 +7,36 @@ with :mod:`zipfile` and ``data.pkl`` is unpickled by a restricted unpickler that
 resolves only an explicit allow-list of globals. Any other global (``os.system``,
 ``builtins.eval``, ...) raises :class:`UnsafePickleError` when the unpickler first
 meets it, before anything it could call is executed.
+
+Unpickling yields plain data (`TorchArchive.unpickle`): modules become `PickledModule`
+records through object creation + stored state only (a pickle calling a class is
+refused, so no module ``__init__`` runs), tensors `TensorRecord`s (shape, stride, which
+storage). Only once the structure and every shape are checked does
+`TorchArchive.read_tensors` read the storages those tensors use, each after its declared
+size is checked against them and against its zip entry, and no compressed entry may
+inflate more than `MAX_INFLATION` times: memory stays bounded by what the expected
+layout needs, whatever the file claims.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
 import pickle
 import re
+import struct
 import sys
 import zipfile
+import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
-from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 __all__ = [
     "PROJECTION_ALLOWED_GLOBALS",
@@ -36,9 +46,13 @@ __all__ = [
     "ReleasedLayout",
     "ReleasedMixProjection",
     "ReleasedProjection",
+    "PickledModule",
     "ReleasedVisualToGPTMapping",
     "StructureEntry",
+    "TensorRecord",
+    "TorchArchive",
     "UnsafePickleError",
+    "collect_tensor_records",
     "describe_projection_structure",
     "find_released_layout",
     "format_structure",
@@ -69,15 +83,68 @@ PROJECTION_KEYS = (
 
 
 class UnsafePickleError(ValueError):
-    """A pickle referenced a global outside the allow-list; nothing it names was run."""
+    """A pickle referenced a global outside the allow-list, or tried to call a class; nothing it names was run."""
 
 
-class ReleasedVisualToGPTMapping(nn.Module):
-    """Stand-in for the release's ``models.VisualToGPTMapping``; only created by unpickling."""
+# Bounds on what a released file may make the reader hold. The released data.pkl records are a few kB and
+# torch.save stores every entry uncompressed, so a compressed entry inflating more than MAX_INFLATION times is a bomb.
+MAX_PICKLE_BYTES = 16 * 2**20
+MAX_INFLATION = 20
+MAX_MODULE_DEPTH = 8
+READ_CHUNK_BYTES = 2**20
 
-    def forward(self, visual_embs: torch.Tensor) -> torch.Tensor:
-        out = self.transformer_layer(visual_embs)
-        return self.linear(out).view(-1, self.n_embeddings, self.embedding_dim)
+
+class _PickledModuleType(type):
+    """Metaclass of the stand-ins: calling one (a pickle's REDUCE) is refused, so no module ``__init__`` ever runs."""
+
+    def __call__(cls, *args, **kwargs):
+        raise UnsafePickleError(
+            f"refusing to call {cls.torch_name}(...) from a pickle: modules are only rebuilt from their stored state "
+            "(object creation + state), as torch.save writes them; nothing was executed"
+        )
+
+
+class PickledModule(metaclass=_PickledModuleType):
+    """
+    The stored state of one torch module of a released pickle, as plain data: created by the pickle's NEWOBJ
+    (``object.__new__``), its ``__dict__`` filled from the pickled state (``_parameters``, ``_modules``, plain
+    attributes). No torch module code runs; tensors in it are `TensorRecord`s until `TorchArchive.read_tensors`.
+    """
+
+    torch_name = "torch.nn.Module"
+
+    def __new__(cls, *args, **kwargs):
+        if args or kwargs:
+            raise UnsafePickleError(f"refusing to create {cls.torch_name} with arguments from a pickle")
+        return object.__new__(cls)
+
+    def __setstate__(self, state: Any):
+        if not isinstance(state, dict) or not all(isinstance(key, str) for key in state):
+            raise ValueError(f"the stored state of a {self.torch_name} must be a dict of attributes")
+        vars(self).update(state)
+
+
+def _stand_in(torch_name: str, base: type = PickledModule) -> type:
+    return _PickledModuleType(torch_name.rsplit(".", 1)[1], (base,), {"torch_name": torch_name})
+
+
+ReleasedVisualToGPTMapping = _stand_in("models.VisualToGPTMapping")
+PickledTransformerEncoderLayer = _stand_in("torch.nn.TransformerEncoderLayer")
+PickledMultiheadAttention = _stand_in("torch.nn.MultiheadAttention")
+PickledLinear = _stand_in("torch.nn.Linear")
+PickledNonDynamicallyQuantizableLinear = _stand_in("torch.nn.modules.linear.NonDynamicallyQuantizableLinear", PickledLinear)
+PickledLayerNorm = _stand_in("torch.nn.LayerNorm")
+PickledDropout = _stand_in("torch.nn.Dropout")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Reference:
+    """An allow-listed function a pickle may name as a value (e.g. an activation) but not call."""
+
+    name: str
+
+
+RELU = _Reference("torch.nn.functional.relu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,9 +184,44 @@ class _StorageType:
 
 
 @dataclasses.dataclass(frozen=True)
-class _StorageRef:
-    storage: torch.UntypedStorage
+class StorageRecord:
+    """A storage as the pickle declares it (``data/<key>`` of the archive, ``numel`` elements); not read yet."""
+
+    key: str
     dtype: torch.dtype
+    numel: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorRecord:
+    """A tensor as the pickle declares it: a view (offset, shape, stride) of a `StorageRecord`; not read yet."""
+
+    storage: StorageRecord
+    offset: int
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    is_parameter: bool = False  # pickled as an `nn.Parameter`
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.storage.dtype
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def is_floating_point(self) -> bool:
+        return self.dtype.is_floating_point
+
+    @property
+    def end(self) -> int:
+        """One past the last storage element the view uses (0 for an empty view)."""
+        if not all(self.shape):
+            return 0
+        return self.offset + 1 + sum((n - 1) * s for n, s in zip(self.shape, self.stride))
 
 
 def _check_no_hooks(hooks: Any) -> None:
@@ -134,8 +236,8 @@ def _is_int_tuple(value: Any) -> bool:
 
 
 def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad, backward_hooks, metadata=None):
-    """Checked replacement for ``torch._utils._rebuild_tensor_v2``."""
-    if not isinstance(storage, _StorageRef):
+    """Checked replacement for ``torch._utils._rebuild_tensor_v2``: a `TensorRecord`, nothing allocated."""
+    if not isinstance(storage, StorageRecord):
         raise ValueError("a tensor must be rebuilt from a storage stored in the archive")
     if type(storage_offset) is not int or storage_offset < 0:
         raise ValueError(f"invalid tensor storage offset {storage_offset!r}")
@@ -146,21 +248,18 @@ def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad, bac
     _check_no_hooks(backward_hooks)
     if metadata:
         raise ValueError("tensor metadata (conj/neg bits) is not supported")
-    available = storage.storage.nbytes() // storage.dtype.itemsize
-    if all(size):
-        last = storage_offset + sum((n - 1) * s for n, s in zip(size, stride))
-        if last >= available:
-            raise ValueError(f"tensor view of size {size} exceeds its storage of {available} elements")
-    tensor = torch.empty((0,), dtype=storage.dtype)
-    return tensor.set_(storage.storage, storage_offset, size, stride)
+    tensor = TensorRecord(storage, storage_offset, size, stride)
+    if tensor.end > storage.numel:
+        raise ValueError(f"tensor view of size {size} exceeds its storage of {storage.numel} elements")
+    return tensor
 
 
 def _rebuild_parameter(data, requires_grad, backward_hooks):
-    """Checked replacement for ``torch._utils._rebuild_parameter``."""
-    if not isinstance(data, torch.Tensor) or not isinstance(requires_grad, bool):
+    """Checked replacement for ``torch._utils._rebuild_parameter`` (a parameter is read as its tensor)."""
+    if not isinstance(data, TensorRecord) or not isinstance(requires_grad, bool):
         raise ValueError("invalid parameter record")
     _check_no_hooks(backward_hooks)
-    return nn.Parameter(data, requires_grad=requires_grad)
+    return dataclasses.replace(data, is_parameter=True)
 
 
 _STORAGE_GLOBALS: dict[tuple[str, str], Any] = {
@@ -180,13 +279,13 @@ _PROJECTION_GLOBALS: dict[tuple[str, str], Any] = {
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
     ("models", "VisualToGPTMapping"): ReleasedVisualToGPTMapping,
     ("__main__", "VisualToGPTMapping"): ReleasedVisualToGPTMapping,
-    ("torch.nn.modules.transformer", "TransformerEncoderLayer"): nn.TransformerEncoderLayer,
-    ("torch.nn.modules.activation", "MultiheadAttention"): nn.MultiheadAttention,
-    ("torch.nn.modules.linear", "NonDynamicallyQuantizableLinear"): NonDynamicallyQuantizableLinear,
-    ("torch.nn.modules.linear", "Linear"): nn.Linear,
-    ("torch.nn.modules.normalization", "LayerNorm"): nn.LayerNorm,
-    ("torch.nn.modules.dropout", "Dropout"): nn.Dropout,
-    ("torch.nn.functional", "relu"): F.relu,
+    ("torch.nn.modules.transformer", "TransformerEncoderLayer"): PickledTransformerEncoderLayer,
+    ("torch.nn.modules.activation", "MultiheadAttention"): PickledMultiheadAttention,
+    ("torch.nn.modules.linear", "NonDynamicallyQuantizableLinear"): PickledNonDynamicallyQuantizableLinear,
+    ("torch.nn.modules.linear", "Linear"): PickledLinear,
+    ("torch.nn.modules.normalization", "LayerNorm"): PickledLayerNorm,
+    ("torch.nn.modules.dropout", "Dropout"): PickledDropout,
+    ("torch.nn.functional", "relu"): RELU,
     ("builtins", "set"): set,
     ("__builtin__", "set"): set,
 }
@@ -198,7 +297,7 @@ _MISSING = object()
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
-    """Unpickler resolving only allow-listed globals; storages come from the zip archive."""
+    """Unpickler resolving only allow-listed globals; storages are `StorageRecord`s, read later."""
 
     def __init__(self, file, *, source: Path, allowed: Mapping[tuple[str, str], Any], load_storage: Callable):
         super().__init__(file, encoding="utf-8")
@@ -219,73 +318,157 @@ class _RestrictedUnpickler(pickle.Unpickler):
         return self._load_storage(pid)
 
 
-def _load_restricted(path: str | Path, allowed: Mapping[tuple[str, str], Any]) -> Any:
-    """Unpickle the ``data.pkl`` of a torch zip archive with only ``allowed`` globals."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: file not found")
+# What a damaged or hostile archive raises from zipfile, zlib, pickle or our checks, reported as a ValueError.
+_READ_ERRORS = (
+    zipfile.BadZipFile, zlib.error, NotImplementedError, RecursionError, pickle.UnpicklingError, EOFError,
+    OSError, TypeError, AttributeError, KeyError, IndexError, RuntimeError, struct.error, OverflowError,
+    MemoryError, ValueError,
+)  # fmt: skip
+
+
+@contextlib.contextmanager
+def _naming_errors(path: Path, doing: str):
+    """Re-raise anything reading `path` fails with as a `ValueError` naming it (`UnsafePickleError` as is)."""
     try:
-        archive = zipfile.ZipFile(path)
-    except zipfile.BadZipFile as exc:
-        raise ValueError(
-            f"{path}: not a torch zip archive (torch.save format of torch >= 1.6); "
-            "legacy pickle files are not supported"
-        ) from exc
-    with archive:
-        names = set(archive.namelist())
-        pickles = [n for n in names if n.count("/") == 1 and n.endswith("/data.pkl")]
-        if len(pickles) != 1:
-            raise ValueError(f"{path}: expected one '<archive>/data.pkl' record, found {len(pickles)}")
-        prefix = pickles[0][: -len("data.pkl")]
-        if any(n.endswith("constants.pkl") for n in names):
-            raise ValueError(f"{path}: TorchScript archives are not supported")
-        byteorder = "little"
-        if prefix + "byteorder" in names:
-            byteorder = archive.read(prefix + "byteorder").decode("ascii", "replace").strip()
-            if byteorder not in ("little", "big"):
-                raise ValueError(f"{path}: unknown byteorder record {byteorder!r}")
-        storages: dict[str, torch.UntypedStorage] = {}
-
-        def load_storage(pid: Any) -> _StorageRef:
-            if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] in ("storage", b"storage")):
-                raise ValueError("unsupported persistent id in pickle")
-            _, storage_type, key, _location, numel = pid
-            if not isinstance(storage_type, _StorageType):
-                raise ValueError("persistent storage id without an allowed storage type")
-            if not (isinstance(key, str) and key.isdigit()) or type(numel) is not int or numel < 0:
-                raise ValueError("malformed persistent storage id")
-            dtype = storage_type.dtype
-            nbytes = numel * dtype.itemsize
-            if key not in storages:
-                record = f"{prefix}data/{key}"
-                if record not in names:
-                    raise ValueError(f"storage record {record!r} is missing from the archive")
-                size = archive.getinfo(record).file_size
-                if size != nbytes:
-                    raise ValueError(f"storage record {record!r} holds {size} bytes, expected {nbytes}")
-                data = archive.read(record)
-                if nbytes:
-                    storage = torch.UntypedStorage.from_buffer(data, dtype=torch.uint8)
-                else:
-                    storage = torch.UntypedStorage(0)
-                if byteorder != sys.byteorder:
-                    storage.byteswap(dtype)
-                storages[key] = storage
-            storage = storages[key]
-            if storage.nbytes() != nbytes:
-                raise ValueError(f"storage {key!r} is referenced with inconsistent sizes")
-            return _StorageRef(storage, dtype)
-
-        unpickler = _RestrictedUnpickler(
-            io.BytesIO(archive.read(pickles[0])), source=path, allowed=allowed, load_storage=load_storage
-        )
-        try:
-            return unpickler.load()
-        except UnsafePickleError:
+        yield
+    except UnsafePickleError as error:
+        if str(path) in str(error):
             raise
-        except (pickle.UnpicklingError, ValueError, TypeError, AttributeError, KeyError, IndexError,
-                EOFError, RuntimeError, RecursionError) as exc:
-            raise ValueError(f"{path}: could not read pickled data: {exc}") from exc
+        raise UnsafePickleError(f"{path}: {error}") from None
+    except _READ_ERRORS as error:
+        if isinstance(error, ValueError) and str(error).startswith(str(path)):
+            raise
+        message = f"{type(error).__name__}: {error}" if not isinstance(error, ValueError) else str(error)
+        raise ValueError(f"{path}: {doing}: {message}") from error
+
+
+class TorchArchive:
+    """
+    A ``torch.save`` zip archive read in two checked steps: `unpickle` gives the object with `TensorRecord`s in place
+    of tensors (no storage is read, no class is called); `read_tensors` then reads only the storages of the tensors
+    the caller checked, each after its declared size is checked against those tensors and the zip entry.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"{self.path}: file not found")
+        try:
+            self.zip = zipfile.ZipFile(self.path)
+        except (zipfile.BadZipFile, OSError) as error:
+            raise ValueError(
+                f"{self.path}: not a torch zip archive (torch.save format of torch >= 1.6); "
+                f"legacy pickle files are not supported ({error})"
+            ) from error
+        with self._naming_errors("reading the archive"):
+            self.names = set(self.zip.namelist())
+            pickles = [n for n in self.names if n.count("/") == 1 and n.endswith("/data.pkl")]
+            if len(pickles) != 1:
+                raise ValueError(f"{self.path}: expected one '<archive>/data.pkl' record, found {len(pickles)}")
+            self.prefix = pickles[0][: -len("data.pkl")]
+            if any(n.endswith("constants.pkl") for n in self.names):
+                raise ValueError(f"{self.path}: TorchScript archives are not supported")
+            self.byteorder = "little"
+            if self.prefix + "byteorder" in self.names:
+                self.byteorder = self._read(self.prefix + "byteorder", 16).decode("ascii", "replace").strip()
+                if self.byteorder not in ("little", "big"):
+                    raise ValueError(f"{self.path}: unknown byteorder record {self.byteorder!r}")
+        self.storages: dict[str, StorageRecord] = {}
+
+    def __enter__(self) -> "TorchArchive":
+        return self
+
+    def __exit__(self, *exc_info):
+        self.zip.close()
+
+    def _naming_errors(self, doing: str):
+        return _naming_errors(self.path, doing)
+
+    def _entry(self, name: str, max_bytes: int) -> zipfile.ZipInfo:
+        """The zip entry `name`, refused before any byte is inflated if it holds more than `max_bytes` or is a bomb."""
+        info = self.zip.getinfo(name)
+        if info.file_size > max_bytes:
+            raise ValueError(f"{self.path}: record {name!r} holds {info.file_size} bytes, expected at most {max_bytes}")
+        if info.compress_type != zipfile.ZIP_STORED and info.file_size > MAX_INFLATION * max(info.compress_size, 1024):
+            raise ValueError(
+                f"{self.path}: record {name!r} inflates {info.compress_size} compressed bytes to {info.file_size} "
+                f"(more than {MAX_INFLATION}x: refused as a decompression bomb; torch.save stores records uncompressed)"
+            )
+        return info
+
+    def _read(self, name: str, max_bytes: int) -> bytes:
+        return self.zip.read(self._entry(name, max_bytes))
+
+    def _load_storage(self, pid: Any) -> StorageRecord:
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] in ("storage", b"storage")):
+            raise ValueError("unsupported persistent id in pickle")
+        _, storage_type, key, _location, numel = pid
+        if not isinstance(storage_type, _StorageType):
+            raise ValueError("persistent storage id without an allowed storage type")
+        if not (isinstance(key, str) and key.isdigit()) or type(numel) is not int or numel < 0:
+            raise ValueError("malformed persistent storage id")
+        storage = StorageRecord(key, storage_type.dtype, numel)
+        if self.storages.setdefault(key, storage) != storage:
+            raise ValueError(f"storage {key!r} is referenced with inconsistent sizes or types")
+        if f"{self.prefix}data/{key}" not in self.names:
+            raise ValueError(f"storage record '{self.prefix}data/{key}' is missing from the archive")
+        return storage
+
+    def unpickle(self, allowed: Mapping[tuple[str, str], Any]) -> Any:
+        """The pickled object, resolving only `allowed` globals; tensors are `TensorRecord`s."""
+        with self._naming_errors("could not read pickled data"):
+            data = self._read(f"{self.prefix}data.pkl", MAX_PICKLE_BYTES)
+            unpickler = _RestrictedUnpickler(
+                io.BytesIO(data), source=self.path, allowed=allowed, load_storage=self._load_storage
+            )
+            return unpickler.load()
+
+    def read_tensors(self, tensors: Mapping[str, TensorRecord]) -> dict[str, torch.Tensor]:
+        """
+        The tensors of `tensors` (checked by the caller against the layout it expects), reading each storage they
+        use once: its declared size must be what those views need, and its zip entry exactly that size.
+        """
+        needed: dict[str, int] = {}
+        for name, tensor in tensors.items():
+            if not isinstance(tensor, TensorRecord):
+                raise ValueError(f"{self.path}: '{name}' is a {type(tensor).__name__}, not a tensor")
+            needed[tensor.storage.key] = max(needed.get(tensor.storage.key, 0), tensor.end)
+        data: dict[str, torch.UntypedStorage] = {}
+        with self._naming_errors("could not read tensor data"):
+            for key, elements in needed.items():
+                storage = self.storages[key]
+                if storage.numel > elements:
+                    raise ValueError(
+                        f"{self.path}: storage {key!r} declares {storage.numel} elements but its tensors use only "
+                        f"{elements}; refusing to read the rest"
+                    )
+                data[key] = self._read_storage(storage)
+        out = {}
+        for name, tensor in tensors.items():
+            empty = torch.empty((0,), dtype=tensor.dtype)
+            out[name] = empty.set_(data[tensor.storage.key], tensor.offset, tensor.shape, tensor.stride)
+        return out
+
+    def _read_storage(self, storage: StorageRecord) -> torch.UntypedStorage:
+        name = f"{self.prefix}data/{storage.key}"
+        info = self._entry(name, storage.nbytes)
+        if info.file_size != storage.nbytes:
+            raise ValueError(f"{self.path}: storage record {name!r} holds {info.file_size} bytes, expected {storage.nbytes}")
+        buffer = torch.empty(storage.nbytes, dtype=torch.uint8)
+        view = buffer.numpy()
+        position = 0
+        with self.zip.open(info) as file:  # in chunks: nothing beyond the storage itself is held
+            while position < storage.nbytes:
+                chunk = file.read(min(READ_CHUNK_BYTES, storage.nbytes - position))
+                if not chunk:
+                    raise ValueError(f"{self.path}: storage record {name!r} ends after {position} bytes")
+                view[position : position + len(chunk)] = np.frombuffer(chunk, dtype=np.uint8)
+                position += len(chunk)
+            file.read(1)  # reaching the end checks the CRC
+        untyped = buffer.untyped_storage()
+        if self.byteorder != sys.byteorder:
+            untyped.byteswap(storage.dtype)
+        return untyped
 
 
 def _plain_attr(obj: Any, name: str, types: type | tuple[type, ...], path: Path, where: str) -> Any:
@@ -298,7 +481,7 @@ def _plain_attr(obj: Any, name: str, types: type | tuple[type, ...], path: Path,
     return value
 
 
-def _child(module: nn.Module, name: str, cls: type, path: Path, where: str) -> nn.Module:
+def _child(module: PickledModule, name: str, cls: type, path: Path, where: str) -> PickledModule:
     child = vars(module).get("_modules", {}).get(name)
     if not isinstance(child, cls):
         found = "nothing" if child is None else type(child).__name__
@@ -306,16 +489,19 @@ def _child(module: nn.Module, name: str, cls: type, path: Path, where: str) -> n
     return child
 
 
-def _collect_tensors(module: nn.Module, path: Path) -> dict[str, torch.Tensor]:
-    """Same keys and order as ``module.state_dict()`` without running any hooks."""
-    out: dict[str, torch.Tensor] = OrderedDict()
+def collect_tensor_records(module: PickledModule, path: Path) -> dict[str, TensorRecord]:
+    """The module tree's tensors with the keys and order of ``module.state_dict()``, at most `MAX_MODULE_DEPTH` deep."""
+    out: dict[str, TensorRecord] = OrderedDict()
     seen: set[int] = set()
-
-    def visit(mod: Any, prefix: str) -> None:
-        if not isinstance(mod, nn.Module):
+    pending: list[tuple[Any, str]] = [(module, "")]
+    while pending:
+        mod, prefix = pending.pop()
+        if not isinstance(mod, PickledModule):
             raise ValueError(f"{path}: '{prefix[:-1]}' is a {type(mod).__name__}, not a torch module")
         if id(mod) in seen:
             raise ValueError(f"{path}: module '{prefix[:-1]}' appears more than once")
+        if prefix.count(".") > MAX_MODULE_DEPTH:
+            raise ValueError(f"{path}: modules nested more than {MAX_MODULE_DEPTH} deep, at '{prefix[:80]}...'")
         seen.add(id(mod))
         attrs = vars(mod)
         params, buffers, children = (attrs.get(k, {}) for k in ("_parameters", "_buffers", "_modules"))
@@ -326,18 +512,15 @@ def _collect_tensors(module: nn.Module, path: Path) -> dict[str, torch.Tensor]:
             for name, tensor in tensors.items():
                 if tensor is None or (kind == "buffer" and name in skipped):
                     continue
-                if not isinstance(tensor, torch.Tensor):
+                if not isinstance(tensor, TensorRecord):
                     raise ValueError(f"{path}: {kind} '{prefix}{name}' is a {type(tensor).__name__}")
-                out[prefix + name] = tensor.detach()
-        for name, child in children.items():
-            if child is not None:
-                visit(child, f"{prefix}{name}.")
-
-    visit(module, "")
+                out[prefix + name] = tensor
+        # depth first in declaration order, as state_dict() visits them
+        pending.extend((child, f"{prefix}{name}.") for name, child in reversed(children.items()) if child is not None)
     return out
 
 
-def _check_projection_shapes(state_dict: dict[str, torch.Tensor], path: Path) -> tuple[int, int, int]:
+def _check_projection_shapes(state_dict: Mapping[str, TensorRecord], path: Path) -> tuple[int, int, int]:
     weight = state_dict["linear.weight"]
     if weight.dim() != 2:
         raise ValueError(f"{path}: linear.weight must be 2-D, found shape {tuple(weight.shape)}")
@@ -365,48 +548,71 @@ def _check_projection_shapes(state_dict: dict[str, torch.Tensor], path: Path) ->
     return vision, text, ffn
 
 
-def read_projection(path: str | Path) -> ReleasedProjection:
-    """Safely read a released ``projection``/``projection.pt`` adapter and its hyper-parameters."""
+def read_projection(
+    path: str | Path, vision_hidden_size: int | None = None, text_hidden_size: int | None = None
+) -> ReleasedProjection:
+    """
+    Safely read a released ``projection``/``projection.pt`` adapter and its hyper-parameters. Given the widths it must
+    have (the vision tower's and the LM's hidden sizes), a file declaring other shapes is refused before any of its
+    weights is read.
+    """
     path = Path(path)
-    root = _load_restricted(path, _PROJECTION_GLOBALS)
-    if not isinstance(root, ReleasedVisualToGPTMapping):
-        raise ValueError(
-            f"{path}: expected a pickled models.VisualToGPTMapping module, found {type(root).__name__}"
-        )
-    state_dict = _collect_tensors(root, path)
-    missing = [k for k in PROJECTION_KEYS if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in PROJECTION_KEYS]
-    if missing or unexpected:
-        details = []
-        if missing:
-            details.append(f"missing keys {missing}")
-        if unexpected:
-            details.append(f"unexpected keys {unexpected}")
-        raise ValueError(
-            f"{path}: not a single-encoder transformer adapter: {'; '.join(details)}"
-        )
-    dtypes = {t.dtype for t in state_dict.values()}
-    if len(dtypes) != 1 or not next(iter(dtypes)).is_floating_point:
-        raise ValueError(f"{path}: expected one floating point dtype for all weights, found {sorted(map(str, dtypes))}")
-    vision, text, ffn = _check_projection_shapes(state_dict, path)
+    with TorchArchive(path) as archive:
+        root = archive.unpickle(_PROJECTION_GLOBALS)
+        if not isinstance(root, ReleasedVisualToGPTMapping):
+            raise ValueError(
+                f"{path}: expected a pickled models.VisualToGPTMapping module, found {type(root).__name__}"
+            )
+        records = collect_tensor_records(root, path)
+        missing = [k for k in PROJECTION_KEYS if k not in records]
+        unexpected = [k for k in records if k not in PROJECTION_KEYS]
+        if missing or unexpected:
+            details = []
+            if missing:
+                details.append(f"missing keys {missing}")
+            if unexpected:
+                details.append(f"unexpected keys {unexpected}")
+            raise ValueError(f"{path}: not a single-encoder transformer adapter: {'; '.join(details)}")
+        dtypes = {t.dtype for t in records.values()}
+        if len(dtypes) != 1 or not next(iter(dtypes)).is_floating_point:
+            raise ValueError(
+                f"{path}: expected one floating point dtype for all weights, found {sorted(map(str, dtypes))}"
+            )
+        vision, text, ffn = _check_projection_shapes(records, path)
+        expected = (text_hidden_size or text, vision_hidden_size or vision)
+        if (text, vision) != expected:
+            raise ValueError(f"{path}: adapter 'linear.weight' has shape {(text, vision)}, expected {expected}")
+        hyper_parameters = _projection_hyper_parameters(root, vision, text, path)
+        state_dict = archive.read_tensors(records)
+    return ReleasedProjection(
+        state_dict=state_dict,
+        vision_hidden_size=vision,
+        text_hidden_size=text,
+        ffn_dim=ffn,
+        dtype=next(iter(dtypes)),
+        **hyper_parameters,
+    )
 
+
+def _projection_hyper_parameters(root: PickledModule, vision: int, text: int, path: Path) -> dict[str, Any]:
+    """The adapter's plain attributes (heads, norms, dropout, activation), checked."""
     where = "VisualToGPTMapping"
-    layer = _child(root, "transformer_layer", nn.TransformerEncoderLayer, path, where)
-    _child(root, "linear", nn.Linear, path, where)
+    layer = _child(root, "transformer_layer", PickledTransformerEncoderLayer, path, where)
+    _child(root, "linear", PickledLinear, path, where)
     lwhere = f"{where}.transformer_layer"
-    attn = _child(layer, "self_attn", nn.MultiheadAttention, path, lwhere)
-    dropout = _child(layer, "dropout", nn.Dropout, path, lwhere)
-    norm1 = _child(layer, "norm1", nn.LayerNorm, path, lwhere)
-    norm2 = _child(layer, "norm2", nn.LayerNorm, path, lwhere)
+    attn = _child(layer, "self_attn", PickledMultiheadAttention, path, lwhere)
+    dropout = _child(layer, "dropout", PickledDropout, path, lwhere)
+    norm1 = _child(layer, "norm1", PickledLayerNorm, path, lwhere)
+    norm2 = _child(layer, "norm2", PickledLayerNorm, path, lwhere)
 
     num_heads = _plain_attr(attn, "num_heads", int, path, f"{lwhere}.self_attn")
     if num_heads <= 0 or vision % num_heads:
         raise ValueError(f"{path}: num_heads={num_heads} does not divide the vision hidden size {vision}")
     batch_first = _plain_attr(attn, "batch_first", bool, path, f"{lwhere}.self_attn")
     norm_first = _plain_attr(layer, "norm_first", bool, path, lwhere)
-    activation = vars(layer).get("activation", F.relu)
-    if activation is not F.relu:
-        raise ValueError(f"{path}: unsupported adapter activation {activation!r}")
+    activation = vars(layer).get("activation", RELU)  # torch before 1.12 pickled no activation: relu
+    if activation is not RELU:
+        raise ValueError(f"{path}: unsupported adapter activation {activation!r:.80}")
     eps1 = _plain_attr(norm1, "eps", float, path, f"{lwhere}.norm1")
     eps2 = _plain_attr(norm2, "eps", float, path, f"{lwhere}.norm2")
     if eps1 != eps2:
@@ -415,25 +621,19 @@ def read_projection(path: str | Path) -> ReleasedProjection:
 
     num_image_tokens = vars(root).get("n_embeddings")
     if num_image_tokens is not None and (type(num_image_tokens) is not int or num_image_tokens <= 0):
-        raise ValueError(f"{path}: invalid n_embeddings {num_image_tokens!r}")
+        raise ValueError(f"{path}: invalid n_embeddings {num_image_tokens!r:.80}")
     embedding_dim = vars(root).get("embedding_dim")
     if embedding_dim is not None and embedding_dim != text:
-        raise ValueError(f"{path}: embedding_dim={embedding_dim!r} differs from linear output size {text}")
-
-    return ReleasedProjection(
-        state_dict=dict(state_dict),
-        vision_hidden_size=vision,
-        text_hidden_size=text,
-        num_heads=num_heads,
-        ffn_dim=ffn,
-        dropout=float(p),
-        activation_name="relu",
-        layer_norm_eps=eps1,
-        norm_first=norm_first,
-        dtype=next(iter(dtypes)),
-        num_image_tokens=num_image_tokens,
-        batch_first=batch_first,
-    )
+        raise ValueError(f"{path}: embedding_dim={embedding_dim!r:.80} differs from linear output size {text}")
+    return {
+        "num_heads": num_heads,
+        "dropout": float(p),
+        "activation_name": "relu",
+        "layer_norm_eps": eps1,
+        "norm_first": norm_first,
+        "num_image_tokens": num_image_tokens,
+        "batch_first": batch_first,
+    }
 
 
 def load_projection(path: str | Path) -> dict[str, torch.Tensor]:
@@ -442,38 +642,40 @@ def load_projection(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def read_special_embeddings(path: str | Path, hidden_size: int | None = None) -> dict[str, torch.Tensor]:
-    """Safely read ``special_embeddings.pt``: exactly USER, BOT, SOI, EOI, each a 1-D tensor."""
+    """
+    Safely read ``special_embeddings.pt``: exactly USER, BOT, SOI, EOI, each a 1-D tensor (of `hidden_size`, if
+    given, checked before any of them is read).
+    """
     path = Path(path)
-    data = _load_restricted(path, _TENSOR_GLOBALS)
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a dict of tensors, found {type(data).__name__}")
-    missing = [k for k in SPECIAL_EMBEDDING_KEYS if k not in data]
-    unexpected = [k for k in data if k not in SPECIAL_EMBEDDING_KEYS]
-    expected_keys = list(SPECIAL_EMBEDDING_KEYS)
-    if missing:
-        raise ValueError(f"{path}: missing special embedding key(s) {missing}; expected {expected_keys}")
-    if unexpected:
-        raise ValueError(f"{path}: unexpected special embedding key(s) {unexpected}; expected {expected_keys}")
-    out: dict[str, torch.Tensor] = OrderedDict()
-    for key in SPECIAL_EMBEDDING_KEYS:
-        value = data[key]
-        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
-            raise ValueError(f"{path}: special embedding '{key}' is not a floating point tensor")
-        expected = (hidden_size,) if hidden_size is not None else (value.shape[0],) if value.dim() == 1 else None
-        if expected is None or tuple(value.shape) != expected:
-            wanted = f"({hidden_size},)" if hidden_size is not None else "a 1-D shape"
+    with TorchArchive(path) as archive:
+        data = archive.unpickle(_TENSOR_GLOBALS)
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a dict of tensors, found {type(data).__name__}")
+        missing = [k for k in SPECIAL_EMBEDDING_KEYS if k not in data]
+        unexpected = [k for k in data if k not in SPECIAL_EMBEDDING_KEYS]
+        expected_keys = list(SPECIAL_EMBEDDING_KEYS)
+        if missing:
+            raise ValueError(f"{path}: missing special embedding key(s) {missing}; expected {expected_keys}")
+        if unexpected:
+            raise ValueError(f"{path}: unexpected special embedding key(s) {unexpected!s:.200}; expected {expected_keys}")
+        records: dict[str, TensorRecord] = OrderedDict()
+        for key in SPECIAL_EMBEDDING_KEYS:
+            value = data[key]
+            if not isinstance(value, TensorRecord) or not value.is_floating_point():
+                raise ValueError(f"{path}: special embedding '{key}' is not a floating point tensor")
+            expected = (hidden_size,) if hidden_size is not None else value.shape[:1] if value.dim() == 1 else None
+            if expected is None or value.shape != expected:
+                wanted = f"({hidden_size},)" if hidden_size is not None else "a 1-D shape"
+                raise ValueError(f"{path}: special embedding '{key}' has shape {value.shape}, expected {wanted}")
+            records[key] = value
+        shapes = {v.shape for v in records.values()}
+        dtypes = {v.dtype for v in records.values()}
+        if len(shapes) != 1 or len(dtypes) != 1:
             raise ValueError(
-                f"{path}: special embedding '{key}' has shape {tuple(value.shape)}, expected {wanted}"
+                f"{path}: special embeddings disagree in shape/dtype: "
+                + ", ".join(f"{k}={v.shape}/{v.dtype}" for k, v in records.items())
             )
-        out[key] = value.detach()
-    shapes = {tuple(v.shape) for v in out.values()}
-    dtypes = {v.dtype for v in out.values()}
-    if len(shapes) != 1 or len(dtypes) != 1:
-        raise ValueError(
-            f"{path}: special embeddings disagree in shape/dtype: "
-            + ", ".join(f"{k}={tuple(v.shape)}/{v.dtype}" for k, v in out.items())
-        )
-    return dict(out)
+        return archive.read_tensors(records)
 
 
 _LAYOUTS = {
@@ -590,6 +792,7 @@ class StructureEntry:
     dtype: torch.dtype | None = None
     value: Any = None
     tensor: torch.Tensor | None = dataclasses.field(default=None, repr=False, compare=False)
+    record: TensorRecord | None = dataclasses.field(default=None, repr=False, compare=False)  # before it is read
 
     def describe(self) -> str:
         if self.shape is not None:
@@ -605,7 +808,7 @@ _SCALARS = (int, float, bool, str, type(None))
 def _walk_structure(value: Any, path: str, entries: list[StructureEntry], seen: set[int], depth: int = 0) -> None:
     if depth > 16:
         raise ValueError(f"'{path}' is nested more than 16 levels deep")
-    if isinstance(value, nn.Module) or "_parameters" in getattr(value, "__dict__", {}):  # a module or a stand-in
+    if isinstance(value, PickledModule):
         if id(value) in seen:
             raise ValueError(f"module '{path}' appears more than once")
         seen.add(id(value))
@@ -614,18 +817,18 @@ def _walk_structure(value: Any, path: str, entries: list[StructureEntry], seen: 
         prefix = f"{path}." if path else ""
         for kind, key in (("parameter", "_parameters"), ("buffer", "_buffers")):
             for name, tensor in (attrs.get(key) or {}).items():
-                if isinstance(tensor, torch.Tensor):
-                    entries.append(StructureEntry(prefix + name, kind, "Tensor", tuple(tensor.shape), tensor.dtype,
-                                                  tensor=tensor.detach()))
+                if isinstance(tensor, TensorRecord):
+                    entries.append(StructureEntry(prefix + name, kind, "Tensor", tensor.shape, tensor.dtype,
+                                                  record=tensor))
         for name, child in (attrs.get("_modules") or {}).items():
             if child is not None:
                 _walk_structure(child, prefix + name, entries, seen, depth + 1)
         for name, item in attrs.items():
             if not name.startswith("_") and name != "training":
                 _walk_structure(item, prefix + name, entries, seen, depth + 1)
-    elif isinstance(value, torch.Tensor):
-        kind = "parameter" if isinstance(value, nn.Parameter) else "tensor"
-        entries.append(StructureEntry(path, kind, "Tensor", tuple(value.shape), value.dtype, tensor=value.detach()))
+    elif isinstance(value, TensorRecord):
+        kind = "parameter" if value.is_parameter else "tensor"
+        entries.append(StructureEntry(path, kind, "Tensor", value.shape, value.dtype, record=value))
     elif isinstance(value, (list, tuple)):
         entries.append(StructureEntry(path, "list", f"{type(value).__name__}[{len(value)}]"))
         for index, item in enumerate(value):
@@ -637,24 +840,32 @@ def _walk_structure(value: Any, path: str, entries: list[StructureEntry], seen: 
     elif isinstance(value, _SCALARS):
         entries.append(StructureEntry(path, "attribute", type(value).__name__, value=value))
     else:  # functions and other allow-listed objects, named but never called
-        entries.append(StructureEntry(path, "attribute", type(value).__name__, value=getattr(value, "__name__", None)))
+        name = value.name.rsplit(".", 1)[1] if isinstance(value, _Reference) else getattr(value, "__name__", None)
+        entries.append(StructureEntry(path, "attribute", type(value).__name__, value=name))
 
 
-def describe_projection_structure(path: str | Path) -> list[StructureEntry]:
+def describe_projection_structure(path: str | Path, read_tensors: bool = False) -> list[StructureEntry]:
     """
     What a released adapter pickle holds, read through the same allow-list unpickler as `read_projection` (nothing
     in it runs): every submodule (direct, in a plain list or dict), parameter and tensor with its shape and dtype,
-    and every plain attribute with its value, in the order the pickle stores them.
+    and every plain attribute with its value, in the order the pickle stores them. With `read_tensors`, each tensor
+    entry also holds its data (`TorchArchive.read_tensors`: at most what the file stores); without, none is read.
     """
     path = Path(path)
-    root = _load_restricted(path, _PROJECTION_GLOBALS)
-    if not isinstance(root, ReleasedVisualToGPTMapping):
-        raise ValueError(f"{path}: expected a pickled models.VisualToGPTMapping module, found {type(root).__name__}")
-    entries: list[StructureEntry] = []
-    try:
-        _walk_structure(root, "", entries, set())
-    except ValueError as exc:
-        raise ValueError(f"{path}: {exc}") from exc
+    with TorchArchive(path) as archive:
+        root = archive.unpickle(_PROJECTION_GLOBALS)
+        if not isinstance(root, ReleasedVisualToGPTMapping):
+            raise ValueError(
+                f"{path}: expected a pickled models.VisualToGPTMapping module, found {type(root).__name__}"
+            )
+        entries: list[StructureEntry] = []
+        try:
+            _walk_structure(root, "", entries, set())
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from exc
+        if read_tensors:
+            tensors = archive.read_tensors({e.path: e.record for e in entries if e.record is not None})
+            entries = [dataclasses.replace(e, tensor=tensors[e.path]) if e.record is not None else e for e in entries]
     return entries
 
 
@@ -749,7 +960,7 @@ def read_mix_projection(
     pickle order; the shapes must agree either way.
     """
     path = Path(path)
-    entries = describe_projection_structure(path)
+    entries = describe_projection_structure(path, read_tensors=True)
     tensors = {e.path: e.tensor for e in entries if e.tensor is not None}
     values = {e.path: e.value for e in entries if e.kind == "attribute"}
 

@@ -9,7 +9,11 @@ Each case feeds one hostile-but-fair input to a tiny OmniFusion built here (no d
 - a case that must work is `ok` when its result equals the reference (the same image in 8 bits, the ids of the text
   as plain characters), `silently wrong` when it differs, `crash` when it raises.
 
-    python examples/fault_injection.py [--classes images text chat model loading]
+    python examples/fault_injection.py [--classes images text chat model loading training converter]
+
+`training` (damaged checkpoints, `--resume_from_checkpoint latest`, odd data files, images only decoding catches) and
+`converter` (hostile archives for the released-checkpoint reader) come from `tests/reliability_cases.py`, which
+builds them with the tests' fixtures.
 
 The last line is `cases=<n> ok=<n> unclear=<n> silently_wrong=<n> crash=<n>`.
 """
@@ -30,7 +34,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import CLIPImageProcessorPil, CLIPVisionConfig, MistralConfig, PreTrainedTokenizerFast
 
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+import reliability_cases  # noqa: E402
 from modeling_omnifusion import OmniFusionConfig, OmniFusionForCausalLM, OmniFusionProcessor  # noqa: E402
 
 
@@ -262,7 +268,19 @@ def loading_cases(model, processor, folder):
     return cases
 
 
-CLASSES = {"images": image_cases, "text": text_cases, "chat": chat_cases, "model": model_cases, "loading": loading_cases}
+def training_cases(model, processor, folder):
+    return reliability_cases.training_cases(os.path.join(os.path.dirname(folder), "training"))
+
+
+def converter_cases(model, processor, folder):
+    return reliability_cases.converter_cases(os.path.join(os.path.dirname(folder), "converter"))
+
+
+CLASSES = {
+    "images": image_cases, "text": text_cases, "chat": chat_cases, "model": model_cases, "loading": loading_cases,
+    "training": training_cases, "converter": converter_cases,
+}  # fmt: skip
+WITH_FOLDER = {"loading", "training", "converter"}  # builders that also take the work folder
 
 
 def main():
@@ -278,7 +296,7 @@ def main():
         counts = defaultdict(Counter)
         for name in args.classes:
             builder = CLASSES[name]
-            cases = builder(model, processor, folder) if name == "loading" else builder(model, processor)
+            cases = builder(model, processor, folder) if name in WITH_FOLDER else builder(model, processor)
             for case_name, case in cases.items():
                 outcome = judge(case)
                 counts[name][outcome] += 1

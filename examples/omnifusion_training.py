@@ -12,8 +12,10 @@ literal `<image>` (and the newline next to it) is removed from the text: where t
 template, never by the text. Any other text is text: a `<user>`, `</s>` or `<s>` typed in a record is trained on as
 those characters (the chat template escapes message text), never as a marker or EOS. The records are read with `json` into a `datasets.Dataset` (one JSON string per record,
 so that a malformed record reaches validation instead of breaking Arrow's schema inference), checked once up front
-(structure, image file present and readable, tokenized length) and turned into model inputs lazily, per batch, by a
+(structure, image file present and decodable, tokenized length) and turned into model inputs lazily, per batch, by a
 dataset transform: chat template -> token ids -> truncation -> labels, and the image through the image processor.
+With `--skip_bad_records`, a record that still fails then (an image damaged after the check) is skipped, counted in
+the log, and the next good record takes its place in the batch, so a run never dies hours in on one bad file.
 
 Labels are -100 everywhere except the assistant text, EOS at the end of each assistant turn included, since the
 processor is set to `end_assistant_turns_with_eos=True` so that trained models stop by themselves. A sequence longer
@@ -43,7 +45,6 @@ from transformers import (
     AutoModel,
     AutoModelForCausalLM,
     AutoTokenizer,
-    Trainer,
     TrainingArguments,
 )
 
@@ -55,6 +56,7 @@ from modeling_omnifusion.processing.processing_omnifusion import (
     check_tokenizer_folder,
     rank_merges_by_sentencepiece_scores,
 )
+from omnifusion_checkpoints import AtomicCheckpointTrainer, check_output_dir, resolve_resume_checkpoint
 
 
 logger = logging.getLogger(__name__)
@@ -87,7 +89,8 @@ class DataArguments:
         default="header",
         metadata={
             "help": "What the up-front check does with each record's image: 'none' (structure and length only), "
-            "'header' (the file is there and its header reads) or 'full' (decode the pixels).",
+            "'header' (the default: the header and the whole data stream, a JPEG decoded at 1/8 scale, so truncated "
+            "files and corrupt pixel data are caught) or 'full' (decode the pixels at full size).",
             "choices": ["none", "header", "full"],
         },
     )
@@ -119,6 +122,13 @@ class OmniFusionTrainingArguments(TrainingArguments):
     logging_steps: float = field(default=10, metadata={"help": "Log every this many steps."})
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Must stay False: the records are turned into model inputs lazily."}
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Replace the earlier run in a non-empty --output_dir (its checkpoints and model are deleted); "
+            "without it such a folder is refused unless this run resumes from a checkpoint in it."
+        },
     )
 
 
@@ -196,12 +206,18 @@ def read_records(data_path: str) -> datasets.Dataset:
     One row per record of a JSON list or JSONL file: `name` (its `id`, or `#<index>` without one) and `record`,
     the record as JSON text. A JSONL line that does not parse is kept as it is and reported by validation.
     """
-    with open(data_path, encoding="utf-8") as file:
+    with open(data_path, encoding="utf-8-sig") as file:  # -sig: a UTF-8 byte order mark is skipped
         text = file.read()
     if text.lstrip().startswith("["):
-        records = [json.dumps(record) for record in json.loads(text)]
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{data_path}: not a valid JSON list of records ({error}).") from None
+        records = [json.dumps(record) for record in data]
     else:
         records = [line for line in text.splitlines() if line.strip()]
+    if not records:
+        raise ValueError(f"{data_path}: no records (the file is empty); expected a JSON list or JSONL records.")
     names = []
     for index, record in enumerate(records):
         try:
@@ -281,10 +297,15 @@ class ConversationEncoder:
 
     check_images = "header"  # what `check` does with the image: "none", "header" or "full" (decode)
 
-    def __init__(self, processor: OmniFusionProcessor, image_folder: str, max_length: int):
+    def __init__(
+        self, processor: OmniFusionProcessor, image_folder: str, max_length: int, skip_bad_records: bool = False
+    ):
         self.processor = processor
         self.image_folder = image_folder
         self.max_length = max_length
+        self.skip_bad_records = skip_bad_records
+        self.records: datasets.Dataset | None = None  # the checked rows, where a skipped record's stand-in comes from
+        self.skipped: list[str] = []  # records skipped at run time (in this process)
 
     def tokenize(self, messages: list[dict], image_size: tuple[int, int] | None = None) -> torch.LongTensor:
         """Token ids exactly as `processor(images=..., text=chat)` gives them, without decoding any image (with
@@ -308,14 +329,18 @@ class ConversationEncoder:
             raise ValueError(f"Record {name}: {error}") from error
 
     def read_image(self, name: str, image: str, decode: bool = True) -> Image.Image | None:
-        """The record's image, decoded in its own mode (`decode=False`: only check that it is there and readable)."""
+        """
+        The record's image, decoded in its own mode (`decode=False`: only check that it decodes, a JPEG at 1/8 scale,
+        which still reads its whole data stream: a truncated file or corrupt pixel data fails here, as in training).
+        """
         path = os.path.join(self.image_folder, image)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"Record {name}: image file not found: {path}")
         try:
             with Image.open(path) as file:
                 if not decode:
-                    file.verify()
+                    file.draft(None, (1, 1))  # JPEG: decode at 1/8 scale, in its own mode
+                    file.load()
                     return None
                 file.load()
                 return file
@@ -363,15 +388,39 @@ class ConversationEncoder:
             "pixel_values": pixel_values,
         }
 
+    def encode_or_skip(self, position: int, name: str, record: str) -> dict:
+        """
+        `encode`; under `skip_bad_records`, a record that fails is skipped and counted, and the next record of
+        `self.records` that encodes (from `position` on) takes its place, so that the batch keeps its size.
+        """
+        for offset in range(len(self.records) if self.skip_bad_records and self.records is not None else 1):
+            if offset:
+                row = self.records[(position + offset) % len(self.records)]
+                name, record = row["name"], row["record"]
+            try:
+                return self.encode(name, record)
+            except (FileNotFoundError, ValueError, OSError) as error:
+                if not self.skip_bad_records or self.records is None:
+                    raise
+                self.skipped.append(name)
+                logger.warning(
+                    "Skipped record %s during training (%s); %d skipped so far, the next record takes its place.",
+                    name,
+                    error,
+                    len(self.skipped),
+                )
+        raise ValueError(f"No record of {len(self.records)} could be read during training (see the log).")
+
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
-        examples = [self.encode(name, record) for name, record in zip(batch["name"], batch["record"])]
+        positions = batch.get("position", [0] * len(batch["name"]))
+        examples = [self.encode_or_skip(*row) for row in zip(positions, batch["name"], batch["record"])]
         return {key: [example[key] for example in examples] for key in ("input_ids", "labels", "pixel_values")}
 
 
 def load_training_dataset(data_args: DataArguments, processor: OmniFusionProcessor) -> datasets.Dataset:
     """The checked records of `data_args.data_path`, turned into model inputs lazily by a `ConversationEncoder`."""
     image_folder = data_args.image_folder or os.path.dirname(os.path.abspath(data_args.data_path))
-    encoder = ConversationEncoder(processor, image_folder, data_args.model_max_length)
+    encoder = ConversationEncoder(processor, image_folder, data_args.model_max_length, data_args.skip_bad_records)
     encoder.check_images = data_args.check_images
     records = read_records(data_args.data_path)
     checks = records.map(
@@ -409,7 +458,8 @@ def load_training_dataset(data_args: DataArguments, processor: OmniFusionProcess
     if data_args.group_by_length:  # the token counts just computed, for `--group_by_length`
         lengths = checks["length"]
         records = records.add_column("length", [lengths[index] for index in kept])
-    return records.with_transform(encoder)
+    encoder.records = records.add_column("position", list(range(len(kept))))
+    return encoder.records.with_transform(encoder)
 
 
 @dataclass
@@ -578,9 +628,10 @@ def _without_local_paths(value):
     return value
 
 
-class OmniFusionTrainer(Trainer):
+class OmniFusionTrainer(AtomicCheckpointTrainer):
     """
-    A `Trainer` whose saved folders hold no pickle and name no local path: the arguments go to `training_args.json`
+    A `Trainer` whose checkpoints appear only when complete (`AtomicCheckpointTrainer`) and whose saved folders hold
+    no pickle and name no local path: the arguments go to `training_args.json`
     (local paths cut to their last component) instead of the pickled `training_args.bin`, which nothing reads back
     (checkpoints keep the optimizer, scheduler and RNG states `--resume_from_checkpoint` needs), and a PEFT adapter's
     model card names no unknown base model.
@@ -610,13 +661,16 @@ def make_trainer(
     processor: OmniFusionProcessor,
     data_args: DataArguments,
     training_args: TrainingArguments,
-) -> Trainer:
+) -> OmniFusionTrainer:
     """
-    A `Trainer` over the checked, lazily encoded records (or the streamed WebDataset shards); it saves the processor
-    with every checkpoint.
+    A Trainer over the checked, lazily encoded records (or the streamed WebDataset shards); it saves the processor
+    with every checkpoint, writes whole checkpoints only, and knows what to resume from (`--output_dir` is checked
+    first: one run per folder).
     """
     from omnifusion_data import PackedDataCollator, is_webdataset, length_grouped, load_streaming_dataset
 
+    resume_checkpoint = resolve_resume_checkpoint(training_args)
+    check_output_dir(training_args, resume_checkpoint)
     trainer_class = OmniFusionTrainer
     if is_webdataset(data_args.data_path):
         if data_args.group_by_length:
@@ -630,10 +684,12 @@ def make_trainer(
         collator = PackedDataCollator()
     else:
         collator = OmniFusionDataCollator(processor.tokenizer.pad_token_id)
-    return trainer_class(
+    trainer = trainer_class(
         model=model,
         args=training_args,
         train_dataset=train_dataset,
         data_collator=collator,
         processing_class=processor,
     )
+    trainer.resume_checkpoint = resume_checkpoint
+    return trainer

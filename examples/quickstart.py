@@ -169,6 +169,7 @@ def trainer_flags(output_dir: str, data_path: str, image_folder: str, **flags) -
         "data_path": data_path,
         "image_folder": image_folder,
         "output_dir": output_dir,
+        "overwrite_output_dir": True,  # a rerun with the same --output_dir redraws and retrains everything
         "per_device_train_batch_size": 32,
         "gradient_accumulation_steps": 1,
         "save_strategy": "no",

@@ -24,6 +24,7 @@ from typing import Literal
 from transformers import HfArgumentParser, Trainer
 from transformers.integrations import is_deepspeed_zero3_enabled
 
+from omnifusion_checkpoints import save_final_output, train_or_resume
 from omnifusion_training import (
     DataArguments,
     OmniFusionTrainingArguments,
@@ -86,8 +87,8 @@ def main(args: list[str] | None = None) -> Trainer:
     train_only(model, [model.model.adapter, model.get_input_embeddings().special_embeddings])
 
     trainer = make_trainer(model, processor, data_args, training_args)
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.save_model()
+    train_or_resume(trainer)
+    save_final_output(trainer, training_args.output_dir)
     return trainer
 
 

@@ -23,6 +23,7 @@ from transformers import HfArgumentParser, Trainer
 
 from modeling_omnifusion import OmniFusionForCausalLM, OmniFusionProcessor
 from modeling_omnifusion.modeling_omnifusion import hub_model_id
+from omnifusion_checkpoints import save_final_output, train_or_resume
 from omnifusion_training import (
     DataArguments,
     OmniFusionTrainingArguments,
@@ -97,19 +98,23 @@ def main(args: list[str] | None = None) -> Trainer:
         train_only(model, [model.model.adapter, model.model.language_model, model.lm_head])
 
     trainer = make_trainer(model, processor, data_args, training_args)
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    train_or_resume(trainer)
 
     if not model_args.lora_r or model_args.save_lora_adapter_only:
-        trainer.save_model()
+        save_final_output(trainer, training_args.output_dir)
         return trainer
     # Merge from the saved adapter, which `save_model` gathers from every process (DDP, ZeRO-3, FSDP alike).
     adapter_dir = os.path.join(training_args.output_dir, "lora_adapter")
-    trainer.save_model(adapter_dir)
+    save_final_output(trainer, adapter_dir)
     if trainer.is_world_process_zero():
         base = OmniFusionForCausalLM.from_pretrained(model_args.model_name_or_path)
         merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
-        merged.save_pretrained(training_args.output_dir)
-        processor.save_pretrained(training_args.output_dir)
+
+        def save_merged(folder: str):
+            merged.save_pretrained(folder)
+            processor.save_pretrained(folder)
+
+        save_final_output(trainer, training_args.output_dir, save=save_merged, on_every_process=False)
     trainer.accelerator.wait_for_everyone()
     return trainer
 

@@ -14,11 +14,14 @@ import importlib
 import io
 import json
 import os
+import pickle
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
 import zipfile
+import zlib
 from collections import OrderedDict
 from pathlib import Path
 
@@ -537,3 +540,133 @@ def make_released_mix_checkpoint(root, dtype=torch.bfloat16, layout="attributes"
         seed=seed, **projection_kwargs,
     )
     return info
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Hostile archives that stay within the allow-list: sizes, bombs, damaged zips, calls
+# --------------------------------------------------------------------------------------------------------------------
+
+ZEROS_2GIB_CRC32 = 0x4DBDF21C  # zlib.crc32(bytes(2**31)), precomputed: computing it takes seconds
+
+
+class _DeclaredStorage:
+    """Pickles as the persistent id of a float32 storage ``data/<key>`` of ``numel`` elements."""
+
+    def __init__(self, key: str, numel: int):
+        self.key, self.numel = key, numel
+
+
+class _DeclaredTensor:
+    """Pickles as ``torch._utils._rebuild_tensor_v2`` of a view of a `_DeclaredStorage`."""
+
+    def __init__(self, storage: _DeclaredStorage, shape: tuple[int, ...]):
+        self.storage, self.shape = storage, shape
+
+    def __reduce__(self):
+        stride = tuple(int(torch.tensor(self.shape[i + 1 :]).prod()) for i in range(len(self.shape)))
+        return torch._utils._rebuild_tensor_v2, (self.storage, 0, self.shape, stride, False, OrderedDict())
+
+
+class _TorchPickler(pickle.Pickler):
+    def persistent_id(self, obj):
+        if isinstance(obj, _DeclaredStorage):
+            return ("storage", torch.FloatStorage, obj.key, "cpu", obj.numel)
+        return None
+
+
+def declared_tensors_pickle(tensors: dict[str, tuple[str, int, tuple[int, ...]]]) -> bytes:
+    """``data.pkl`` of a dict of float32 tensors, `name: (storage key, storage numel, view shape)`."""
+    storages = {key: _DeclaredStorage(key, numel) for key, numel, _ in tensors.values()}
+    values = {name: _DeclaredTensor(storages[key], shape) for name, (key, _, shape) in tensors.items()}
+    buffer = io.BytesIO()
+    _TorchPickler(buffer, protocol=2).dump(values)
+    return buffer.getvalue()
+
+
+def _deflated_zeros(size: int) -> bytes:
+    """A raw deflate stream of `size` zero bytes (a multiple of 1 MiB), built from one repeated block in no time."""
+    chunk = 2**20
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -15)
+    block = compressor.compress(bytes(chunk)) + compressor.flush(zlib.Z_FULL_FLUSH)
+    return block * (size // chunk) + compressor.flush()
+
+
+def write_zip_bomb_special_embeddings(path, inflated_size: int = 2**31) -> Path:
+    """A ~2 MB ``special_embeddings.pt`` whose ``data/0`` (USER's storage) inflates to `inflated_size` zero bytes;
+    the pickle declares exactly that size, so only the decompression is hostile."""
+    numel = inflated_size // 4
+    data_pkl = declared_tensors_pickle({key: ("0", numel, (numel,)) for key in SPECIAL_KEYS})
+    path = Path(path)
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as archive:
+        archive.writestr("archive/data.pkl", data_pkl)
+        archive.writestr("archive/byteorder", "little")
+    stream = _deflated_zeros(inflated_size)
+    crc = ZEROS_2GIB_CRC32 if inflated_size == 2**31 else zlib.crc32(bytes(inflated_size))
+    _append_raw_zip_entry(path, "archive/data/0", stream, inflated_size, crc)
+    return path
+
+
+def _append_raw_zip_entry(path: Path, name: str, deflated: bytes, size: int, crc: int):
+    """Adds an already deflated entry to the zip at `path` (zipfile cannot write precompressed data)."""
+    with zipfile.ZipFile(path) as archive:
+        infos = archive.infolist()
+        central_start = archive.start_dir
+    raw = path.read_bytes()
+    name_bytes = name.encode()
+    local = struct.pack("<4s5H3L2H", b"PK\x03\x04", 20, 0, 8, 0, 0x21, crc, len(deflated), size, len(name_bytes), 0)
+    offset = central_start
+    body = raw[:central_start] + local + name_bytes + deflated
+    central = raw[central_start : raw.rindex(b"PK\x05\x06")]
+    central += struct.pack(
+        "<4s6H3L5H2L", b"PK\x01\x02", 20, 20, 0, 8, 0, 0x21, crc, len(deflated), size, len(name_bytes), 0, 0, 0, 0, 0,
+        offset,
+    ) + name_bytes  # fmt: skip
+    count = len(infos) + 1
+    end = struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, count, count, len(central), len(body), 0)
+    path.write_bytes(body + central + end)
+
+
+def patch_zip_entry(path, name: str, *, flip_data_byte: bool = False, method: int | None = None) -> Path:
+    """Damages entry `name` of the zip at `path` in place: one byte of its data flipped (a bad CRC), or its
+    compression method in the central directory set to `method`."""
+    path = Path(path)
+    raw = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as archive:
+        info = archive.getinfo(name)
+        central_start = archive.start_dir
+    if flip_data_byte:
+        name_length, extra_length = struct.unpack("<2H", raw[info.header_offset + 26 : info.header_offset + 30])
+        raw[info.header_offset + 30 + name_length + extra_length] ^= 0xFF
+    if method is not None:
+        position = raw.index(b"PK\x01\x02", central_start)
+        while raw[position + 46 : position + 46 + len(name)] != name.encode():
+            position = raw.index(b"PK\x01\x02", position + 4)
+        raw[position + 10 : position + 12] = struct.pack("<H", method)
+    path.write_bytes(bytes(raw))
+    return path
+
+
+def make_reduce_call_projection(path, module_class=torch.nn.Linear, args=(20000, 20000)) -> Path:
+    """A few-hundred-byte ``projection.pt`` whose pickle calls an allowed module class (``nn.Linear(20000, 20000)``
+    would allocate 1.5 GB in its ``__init__``) instead of rebuilding it from stored state."""
+    return write_raw_torch_archive(path, pickle.dumps(_Payload(module_class, args), protocol=2))
+
+
+def make_deep_module_chain_projection(path, depth: int = 3000) -> Path:
+    """A released-format ``projection.pt`` with a chain of `depth` nested (allowed) Dropout modules in it."""
+
+    def plant(module):
+        chain = torch.nn.Dropout()
+        for _ in range(depth):
+            parent = torch.nn.Dropout()
+            parent.add_module("inner", chain)
+            chain = parent
+        module.transformer_layer.add_module("deep", chain)
+
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(limit, 20 * depth))  # the pickler recurses once per level
+    try:
+        save_released_projection(path, mutate=plant)
+    finally:
+        sys.setrecursionlimit(limit)
+    return Path(path)

@@ -5,6 +5,8 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import json  # noqa: E402
+import socket  # noqa: E402
+import stat  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 from importlib.metadata import entry_points  # noqa: E402
@@ -35,7 +37,11 @@ from transformers import (  # noqa: E402
 )
 
 from modeling_omnifusion import OmniFusionProcessor  # noqa: E402
-from modeling_omnifusion.conversion.convert_omnifusion_to_hf import convert_omnifusion_to_hf, main  # noqa: E402
+from modeling_omnifusion.conversion.convert_omnifusion_to_hf import (  # noqa: E402
+    clean_stale_staging,
+    convert_omnifusion_to_hf,
+    main,
+)
 from modeling_omnifusion.conversion.released_format import UnsafePickleError  # noqa: E402
 
 
@@ -478,3 +484,62 @@ def test_command_line_rejects_unknown_dtype(capsys):
     with pytest.raises(SystemExit):
         main(["--input_dir", "x", "--output_dir", "y", "--dtype", "float64"])
     assert "float64" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- staging folders and permissions
+
+
+def stale_staging(parent: Path, pid: int, output_dir: Path, name: str) -> Path:
+    """A staging folder as a conversion process `pid` leaves it when killed mid-save."""
+    staging = parent / f".omnifusion-convert-{name}"
+    (staging / "folder").mkdir(parents=True)
+    (staging / "folder" / "config.json").write_text("{}")
+    owner = {"pid": pid, "host": socket.gethostname(), "output_dir": str(output_dir)}
+    (staging / "owner.json").write_text(json.dumps(owner))
+    return staging
+
+
+def dead_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+KILLED_CONVERSION = """
+import os, signal, sys
+from modeling_omnifusion import OmniFusionProcessor
+from modeling_omnifusion.conversion.convert_omnifusion_to_hf import convert_omnifusion_to_hf
+
+OmniFusionProcessor.save_pretrained = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL)  # weights written
+convert_omnifusion_to_hf(sys.argv[1], sys.argv[2], vision_model=sys.argv[3])
+"""
+
+
+def test_a_killed_conversion_leaves_no_staging_folder_after_the_next_run(small_fp32, clip_dir, tmp_path):
+    out = tmp_path / "out"
+    command = [sys.executable, "-c", KILLED_CONVERSION, str(small_fp32["input_dir"]), str(out), str(clip_dir)]
+    killed = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert not out.exists() and len(leftovers(tmp_path)) == 1
+    live = stale_staging(tmp_path, os.getpid(), out, "running")  # a conversion still running: not touched
+    foreign = tmp_path / ".omnifusion-convert-no-owner"  # no owner file: not provably ours, not touched
+    foreign.mkdir()
+    convert_omnifusion_to_hf(small_fp32["input_dir"], out, vision_model=clip_dir)
+    assert leftovers(tmp_path) == sorted([live.name, foreign.name])
+    assert (out / "config.json").is_file()
+
+
+def test_an_output_moved_aside_by_a_conversion_killed_mid_swap_is_put_back(tmp_path):
+    out = tmp_path / "out"
+    staging = stale_staging(tmp_path, dead_pid(), out, "swapping")
+    (staging / "replaced").mkdir()
+    (staging / "replaced" / "config.json").write_text('{"earlier": true}')
+    clean_stale_staging(tmp_path)
+    assert json.loads((out / "config.json").read_text()) == {"earlier": True}
+    assert leftovers(tmp_path) == []
+
+
+def test_the_converted_folder_has_the_permissions_of_any_new_folder(converted_bf16, tmp_path):
+    out = converted_bf16[0]
+    (tmp_path / "plain").mkdir()
+    assert stat.S_IMODE(out.stat().st_mode) == stat.S_IMODE((tmp_path / "plain").stat().st_mode)

@@ -5,19 +5,27 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pickle  # noqa: E402
+import re  # noqa: E402
 import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 import zipfile  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from released_fixtures import (  # noqa: E402
     PAYLOADS,
+    declared_tensors_pickle,
     make_clip_vision_folder,
+    make_deep_module_chain_projection,
     make_malicious_pickle,
+    make_reduce_call_projection,
     make_released_checkpoint,
+    patch_zip_entry,
     save_released_projection,
     save_special_embeddings,
     write_raw_torch_archive,
+    write_zip_bomb_special_embeddings,
 )
 
 from modeling_omnifusion.conversion.released_format import (  # noqa: E402
@@ -372,3 +380,109 @@ def test_fixture_clip_folder(tmp_path):
     assert pixels.shape == (1, 3, 28, 28)
     out = model(pixel_values=pixels, output_hidden_states=True)
     assert out.hidden_states[-2].shape == (1, 5, 32)
+
+
+# ---------------------------------------------------------------- hostile files within the allow-list: size and shape
+
+
+def test_a_pickle_calling_a_module_class_is_refused_before_its_init_runs(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.nn.Linear, "__init__", lambda self, *args: calls.append(args))
+    path = make_reduce_call_projection(tmp_path / "projection.pt", args=(2000, 2000))
+    with pytest.raises(UnsafePickleError, match=r"refusing to call torch\.nn\.Linear\(\.\.\.\) from a pickle") as err:
+        read_projection(path)
+    assert str(path) in str(err.value) and calls == []
+
+
+def test_released_modules_are_rebuilt_from_stored_state_without_any_module_code(ckpt11, monkeypatch):
+    def refuse(self, *args, **kwargs):
+        raise AssertionError(f"{type(self).__name__} code ran")
+
+    for module_class in (torch.nn.Module, torch.nn.Linear, torch.nn.TransformerEncoderLayer, torch.nn.MultiheadAttention):
+        monkeypatch.setattr(module_class, "__init__", refuse)
+        monkeypatch.setattr(module_class, "__setstate__", refuse)
+    assert_same_tensors(load_projection(ckpt11["projection"]), ckpt11["expected_projection"])
+
+
+def test_a_storage_declared_larger_than_its_tensors_is_refused_before_it_is_read(tmp_path):
+    tensors = {key: (str(index), 8, (8,)) for index, key in enumerate(SPECIAL_EMBEDDING_KEYS)}
+    tensors["USER"] = ("0", 2**20, (8,))  # 4 MiB declared (and stored) behind an 8-element tensor
+    records = {f"data/{index}": bytes(32) for index in range(1, 4)} | {"data/0": bytes(2**22)}
+    path = write_raw_torch_archive(tmp_path / "special_embeddings.pt", declared_tensors_pickle(tensors), records)
+    with pytest.raises(ValueError, match=f"{path}: storage '0' declares {2**20} elements but its tensors use only 8"):
+        read_special_embeddings(path)
+
+
+def test_shapes_other_than_the_expected_ones_are_refused_before_any_weight_is_read(ckpt11, tmp_path):
+    with pytest.raises(ValueError, match=rf"{ckpt11['projection']}: adapter 'linear.weight' has shape \(64, 32\), "
+                       r"expected \(4096, 1024\)"):  # fmt: skip
+        read_projection(ckpt11["projection"], vision_hidden_size=1024, text_hidden_size=4096)
+    bomb = write_zip_bomb_special_embeddings(tmp_path / "special_embeddings.pt")
+    with pytest.raises(ValueError, match=rf"{bomb}: special embedding 'USER' has shape \({2**29},\), expected \(64,\)"):
+        read_special_embeddings(bomb, hidden_size=64)
+
+
+def test_a_zip_entry_inflating_a_thousandfold_is_refused_without_inflating_it(tmp_path):
+    bomb = write_zip_bomb_special_embeddings(tmp_path / "special_embeddings.pt")
+    assert bomb.stat().st_size < 2.2e6
+    with pytest.raises(ValueError, match=f"{bomb}: record 'archive/data/0' inflates 2123778 compressed bytes to "
+                       f"{2**31} .*refused as a decompression bomb"):  # fmt: skip
+        read_special_embeddings(bomb)
+
+
+def test_a_deep_module_chain_is_a_value_error_naming_the_file(tmp_path):
+    path = make_deep_module_chain_projection(tmp_path / "projection.pt", depth=3000)
+    with pytest.raises(ValueError, match=f"{path}: modules nested more than 8 deep, at 'transformer_layer.deep.inner"):
+        read_projection(path)
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (dict(flip_data_byte=True), "BadZipFile: Bad CRC-32 for file 'special_embeddings/data/0'"),
+        (dict(method=99), "NotImplementedError: That compression method is not supported"),
+    ],
+)
+def test_a_damaged_zip_entry_is_a_value_error_naming_the_file(tmp_path, damage, message):
+    path = tmp_path / "special_embeddings.pt"
+    save_special_embeddings(path, 16)
+    patch_zip_entry(path, "special_embeddings/data/0", **damage)
+    with pytest.raises(ValueError, match=re.escape(f"{path}: could not read tensor data: {message}")):
+        read_special_embeddings(path)
+
+
+MEMORY_PROBE = """
+import resource, sys
+from pathlib import Path
+from modeling_omnifusion.conversion.released_format import read_projection, read_special_embeddings
+
+def peak_mib():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+baseline = peak_mib()
+for reader, path in zip(sys.argv[1::2], sys.argv[2::2]):
+    try:
+        (read_projection if reader == "projection" else read_special_embeddings)(Path(path))
+    except ValueError as error:
+        print(f"{Path(path).name}: refused, peak +{peak_mib() - baseline:.1f} MiB ({str(error)[:120]})")
+    else:
+        print(f"{Path(path).name}: READ")
+print(f"peak_growth_mib={peak_mib() - baseline:.1f}")
+"""
+
+
+def test_hostile_files_are_refused_in_bounded_memory(tmp_path):
+    """Each of these took main to 1.5-4.4 GB: a 2 MB zip bomb, nn.Linear(20000, 20000) called by a 400-byte pickle."""
+    cases = {
+        "special": write_zip_bomb_special_embeddings(tmp_path / "bomb.pt"),
+        "projection": make_reduce_call_projection(tmp_path / "linear.pt", args=(20000, 20000)),
+    }
+    deep = make_deep_module_chain_projection(tmp_path / "deep.pt", depth=3000)
+    arguments = [str(item) for pair in cases.items() for item in pair] + ["projection", str(deep)]
+    result = subprocess.run(
+        [sys.executable, "-c", MEMORY_PROBE, *arguments], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 4 and all(": refused, peak" in line for line in lines[:3]), result.stdout
+    assert float(lines[-1].removeprefix("peak_growth_mib=")) < 64, result.stdout

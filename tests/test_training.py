@@ -1,5 +1,6 @@
 """Tests for examples/omnifusion_training.py, the two stage scripts and the quickstart demo."""
 
+import codecs
 import json
 import logging
 import os
@@ -18,7 +19,6 @@ from transformers import (
     AutoProcessor,
     CLIPVisionModel,
     MistralForCausalLM,
-    TrainerCallback,
     set_seed,
 )
 
@@ -27,6 +27,8 @@ from omnifusion_fixtures import make_config, make_image, make_processor
 from training_fixtures import (  # also puts examples/ on the path, for the imports below
     EXAMPLES_DIR,
     colour_records,
+    jpeg_truncated,
+    png_with_corrupt_pixel_data,
     save_language_model,
     save_vision_model,
     training_flags,
@@ -272,6 +274,80 @@ def test_image_broken_after_the_check_fails_lazily_naming_the_record_and_path(tm
         dataset[1]
 
 
+@pytest.mark.parametrize("damage", [jpeg_truncated, png_with_corrupt_pixel_data])
+def test_images_that_only_fail_to_decode_are_caught_by_the_up_front_check(tmp_path, damage):
+    path = write_dataset(tmp_path, colour_records(2))
+    image = tmp_path / "images" / "1.png"
+    image.write_bytes(damage(image.read_bytes()))
+    with Image.open(image) as file:
+        file.verify()  # the old check passed these
+    with pytest.raises(ValueError, match=f"Record sample-1: cannot read image {image} .*OSError"):
+        load(path)
+    assert len(load(path, skip_bad_records=True)) == 1
+
+
+def test_skip_bad_records_skips_an_image_broken_during_training_and_keeps_the_batch_size(tmp_path, caplog):
+    dataset = load(write_dataset(tmp_path, colour_records(4)), skip_bad_records=True)
+    expected = [dataset[index]["input_ids"] for index in range(4)]
+    for index in (1, 2):  # two neighbours broken after the check: one batch of two bad records
+        image = tmp_path / "images" / f"{index}.png"
+        image.write_bytes(png_with_corrupt_pixel_data(image.read_bytes()))
+    with caplog.at_level(logging.WARNING, logger="omnifusion_training"):
+        batch = dataset.__getitems__([1, 2])  # what the Trainer's data loader calls
+    assert [torch.equal(example["input_ids"], expected[3]) for example in batch] == [True, True]
+    assert all(example["pixel_values"].shape == (1, 3, 32, 32) for example in batch)
+    assert "Skipped record sample-1 during training (Record sample-1: " in caplog.text
+    assert f"{tmp_path}/images/1.png" in caplog.text
+    assert "Skipped record sample-2 during training" in caplog.text and "; 3 skipped so far" in caplog.text
+
+    collated = OmniFusionDataCollator(make_processor().tokenizer.pad_token_id)(batch)
+    assert collated["input_ids"].shape[0] == 2
+
+
+def test_a_run_with_skip_bad_records_survives_an_image_broken_after_the_check(parts, tmp_path, monkeypatch, caplog):
+    vision, language = parts
+    path = write_dataset(tmp_path / "data", colour_records(4))
+    image = tmp_path / "data" / "images" / "1.png"
+    load_checked = omnifusion_training.load_training_dataset
+
+    def load_then_break_an_image(*args):
+        dataset = load_checked(*args)
+        image.write_bytes(png_with_corrupt_pixel_data(image.read_bytes()))
+        return dataset
+
+    monkeypatch.setattr(omnifusion_training, "load_training_dataset", load_then_break_an_image)
+    with caplog.at_level(logging.WARNING, logger="omnifusion_training"):
+        trainer = train_stage1_pretrain.main(
+            ["--vision_model_name_or_path", str(vision), "--language_model_name_or_path", str(language)]
+            + training_flags(tmp_path / "out", path, max_steps=4, skip_bad_records=True)
+        )
+    assert trainer.state.global_step == 4  # two epochs of two batches: sample-1 met twice
+    assert "Skipped record sample-1 during training" in caplog.text and "; 2 skipped so far" in caplog.text
+
+
+@pytest.mark.parametrize("content", ["", "\n  \n", "[]"])
+def test_an_empty_data_file_is_a_value_error_naming_it(tmp_path, content):
+    path = tmp_path / "data.json"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=f"{path}: no records \\(the file is empty\\)"):
+        load(path)
+
+
+def test_a_broken_json_list_is_a_value_error_naming_the_file(tmp_path):
+    path = tmp_path / "data.json"
+    path.write_text('[{"id": 1}, ')
+    with pytest.raises(ValueError, match=f"{path}: not a valid JSON list of records"):
+        load(path)
+
+
+@pytest.mark.parametrize("jsonl", [False, True])
+def test_a_data_file_with_a_utf8_byte_order_mark_is_read(tmp_path, jsonl):
+    path = write_dataset(tmp_path, colour_records(3), jsonl=jsonl)
+    path.write_bytes(codecs.BOM_UTF8 + path.read_bytes())
+    dataset = load(path)
+    assert len(dataset) == 3 and dataset[0]["pixel_values"].shape[0] == 1
+
+
 def test_skip_bad_records_skips_and_counts_them(tmp_path, caplog):
     records = colour_records(4)
     records[0]["image"] = "images/missing.png"
@@ -365,43 +441,6 @@ def test_stage2_lora_adapter_only_loads_on_top_of_the_stage1_folder(stage1_dir, 
     torch.testing.assert_close(logits(PeftModel.from_pretrained(base, tmp_path), processor), reference)
 
 
-class StopAfterStep(TrainerCallback):
-    """Ends training after `step`, once its checkpoint is written: like a job killed right after saving."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        control.should_training_stop = state.global_step == self.step
-
-
-def test_a_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_run(parts, data_path, tmp_path, monkeypatch):
-    vision, language = parts
-
-    class InterruptedTrainer(omnifusion_training.OmniFusionTrainer):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, callbacks=[StopAfterStep(3)], **kwargs)
-
-    def run(output_dir: Path, **overrides):
-        return train_stage1_pretrain.main(
-            ["--vision_model_name_or_path", str(vision), "--language_model_name_or_path", str(language)]
-            + training_flags(output_dir, data_path, max_steps=6, save_strategy="steps", save_steps=3, **overrides)
-        )
-
-    uninterrupted = run(tmp_path / "a")
-    with monkeypatch.context() as patch:
-        patch.setattr(omnifusion_training, "OmniFusionTrainer", InterruptedTrainer)
-        interrupted = run(tmp_path / "b")
-    assert interrupted.state.global_step == 3 and (tmp_path / "b" / "checkpoint-3").is_dir()
-    resumed = run(tmp_path / "b", resume_from_checkpoint=tmp_path / "b" / "checkpoint-3")
-    assert resumed.state.global_step == 6
-
-    expected, actual = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
-    halfway = load_file(tmp_path / "b" / "checkpoint-3" / "model.safetensors")
-    assert not torch.equal(expected["model.adapter.linear.weight"], halfway["model.adapter.linear.weight"])
-    assert all(torch.equal(expected[key], actual[key]) for key in expected)
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # Distributed and the demo
 # --------------------------------------------------------------------------------------------------------------------
@@ -413,7 +452,8 @@ def test_two_process_ddp_training_on_cpu(parts, data_path, tmp_path):
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
         os.path.join(EXAMPLES_DIR, "train_stage1_pretrain.py"),
         "--vision_model_name_or_path", str(vision), "--language_model_name_or_path", str(language),
-        *training_flags(tmp_path, data_path, max_steps=3, log_level="info", use_cpu=True),
+        *training_flags(tmp_path, data_path, max_steps=3, save_strategy="steps", save_steps=2, log_level="info",
+                        use_cpu=True),
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -421,6 +461,9 @@ def test_two_process_ddp_training_on_cpu(parts, data_path, tmp_path):
     assert "Total train batch size (w. parallel, distributed & accumulation) = 4" in log  # 2 processes x 2
     model = AutoModelForImageTextToText.from_pretrained(tmp_path, trust_remote_code=True)
     assert model.config.model_type == "omnifusion"
+    # both processes' parts of the checkpoint, renamed into place together; no staging folder left
+    assert {"rng_state_0.pth", "rng_state_1.pth", "trainer_state.json"} <= set(os.listdir(tmp_path / "checkpoint-2"))
+    assert not [name for name in os.listdir(tmp_path) if name.startswith(".")]
 
 
 def test_quickstart_quick_mode_runs_end_to_end(tmp_path):

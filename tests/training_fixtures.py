@@ -1,10 +1,16 @@
 """Tiny pretrained-looking vision and LM folders and conversation datasets on disk, for the training tests."""
 
+import io
 import json
+import os
+import struct
+import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import torch
+from PIL import Image
 from transformers import CLIPVisionModel, MistralForCausalLM
 
 from omnifusion_fixtures import make_config, make_image, make_processor, make_tokenizer, vision_config
@@ -68,6 +74,26 @@ def write_dataset(folder: Path, records: list[dict], jsonl: bool = False) -> Pat
     return path
 
 
+def jpeg_truncated(image_bytes: bytes) -> bytes:
+    """The first 60% of `image_bytes` re-saved as a JPEG: the header and part of the data stream (`verify()` accepts it)."""
+    buffer = io.BytesIO()
+    Image.open(io.BytesIO(image_bytes)).save(buffer, "JPEG")
+    return buffer.getvalue()[: len(buffer.getvalue()) * 6 // 10]
+
+
+def png_with_corrupt_pixel_data(image_bytes: bytes) -> bytes:
+    """The PNG with bytes of its compressed pixel data flipped and the chunk CRC fixed (`verify()` accepts it)."""
+    data = bytearray(image_bytes)
+    start = data.index(b"IDAT")
+    length = struct.unpack(">I", data[start - 4 : start])[0]
+    pixels = data[start + 4 : start + 4 + length]
+    for index in range(20, length - 10, 7):
+        pixels[index] ^= 0xFF
+    data[start + 4 : start + 4 + length] = pixels
+    data[start + 4 + length : start + 8 + length] = struct.pack(">I", zlib.crc32(b"IDAT" + bytes(pixels)))
+    return bytes(data)
+
+
 def training_flags(output_dir: Path, data_path: Path, **overrides) -> list[str]:
     """Command-line flags for a few fast CPU steps (no saving unless asked), `overrides` as `--key value`."""
     flags = {
@@ -94,3 +120,37 @@ def read_json(path: Path) -> dict:
 def state_dict(model) -> dict[str, torch.Tensor]:
     return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
 
+
+
+STAGE1_DRIVER = """
+import os, resource, signal, sys
+sys.path.insert(0, sys.argv[1])
+import torch
+import omnifusion_checkpoints, train_stage1_pretrain
+
+torch.set_num_threads(1)  # as in the test process (tests/conftest.py), for bit-identical results
+
+kill_at_step, file_size_limit = int(sys.argv[2]), int(sys.argv[3])
+save_rng_state = omnifusion_checkpoints.AtomicCheckpointTrainer._save_rng_state
+
+def save_rng_state_or_die(self, output_dir):
+    if self.state.global_step == kill_at_step:  # mid-checkpoint: weights and optimizer written, RNG state not yet
+        os.kill(os.getpid(), signal.SIGKILL)
+    save_rng_state(self, output_dir)
+
+omnifusion_checkpoints.AtomicCheckpointTrainer._save_rng_state = save_rng_state_or_die
+if file_size_limit:  # a full disk: writing past the limit fails with EFBIG instead of killing the process
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, resource.RLIM_INFINITY))
+train_stage1_pretrain.main(sys.argv[4:])
+"""
+
+
+def run_stage1_subprocess(
+    flags: list[str], kill_at_step: int = 0, file_size_limit: int = 0, timeout: int = 300
+) -> subprocess.CompletedProcess:
+    """`train_stage1_pretrain.py flags` in a fresh process, SIGKILLed mid-checkpoint at `kill_at_step` if given, or
+    with every file it writes limited to `file_size_limit` bytes (as on a full disk)."""
+    command = [sys.executable, "-c", STAGE1_DRIVER, EXAMPLES_DIR, str(kill_at_step), str(file_size_limit), *flags]
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)

@@ -1,0 +1,162 @@
+"""
+The training and conversion fault cases of issue 10 (sections 1 and 5), for `examples/fault_injection.py`'s
+`training` and `converter` classes: `training_cases(workdir)` and `converter_cases(workdir)` give `{name: case}` in
+that script's form, `("refused", call, regexes the message must hold)` or `("equal", call, reference)`.
+
+Each case builds its hostile input under `workdir` when called. The kill/resume and full-disk cases are subprocess
+tests in `tests/test_omnifusion_checkpoints.py`; these are the ones that run in-process in seconds.
+"""
+
+import codecs
+import io
+import json
+import logging
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from omnifusion_fixtures import make_image, make_processor
+from released_fixtures import (
+    declared_tensors_pickle,
+    make_deep_module_chain_projection,
+    make_reduce_call_projection,
+    patch_zip_entry,
+    save_special_embeddings,
+    write_raw_torch_archive,
+    write_zip_bomb_special_embeddings,
+)
+from training_fixtures import jpeg_truncated, png_with_corrupt_pixel_data  # also puts examples/ on the path
+
+from modeling_omnifusion.conversion.released_format import read_projection, read_special_embeddings
+from omnifusion_checkpoints import resolve_resume_checkpoint
+from omnifusion_training import ConversationEncoder, OmniFusionTrainingArguments, read_records
+
+
+def refused(call: Callable, path: Path) -> tuple:
+    """A case that must raise a `ValueError` (or `TypeError`) naming `path`."""
+    return ("refused", call, (re.escape(str(path)),))
+
+
+def equal(call: Callable, reference: Callable) -> tuple:
+    return ("equal", call, reference)
+
+
+def converter_cases(workdir: str | Path) -> dict[str, tuple]:
+    """Hostile archives within the allow-list: each a `ValueError` naming the file, in bounded memory."""
+    root = Path(workdir)
+    root.mkdir(parents=True, exist_ok=True)
+
+    def special(name: str) -> Path:
+        save_special_embeddings(root / f"{name}.pt", 16)
+        return root / f"{name}.pt"
+
+    def oversized_storage() -> Path:
+        tensors = {key: (str(index), 8, (8,)) for index, key in enumerate(("USER", "BOT", "SOI", "EOI"))}
+        tensors["USER"] = ("0", 2**20, (8,))
+        records = {f"data/{index}": bytes(32) for index in range(1, 4)} | {"data/0": bytes(2**22)}
+        return write_raw_torch_archive(root / "oversized.pt", declared_tensors_pickle(tensors), records)
+
+    bomb = root / "bomb.pt"
+    return {
+        "zip bomb (2 MB inflating to 2 GiB)": refused(
+            lambda: read_special_embeddings(write_zip_bomb_special_embeddings(bomb)), bomb
+        ),
+        "zip bomb, expected width given": refused(
+            lambda: read_special_embeddings(write_zip_bomb_special_embeddings(bomb), hidden_size=64), bomb
+        ),
+        "pickle calling nn.Linear(20000, 20000)": refused(
+            lambda: read_projection(make_reduce_call_projection(root / "linear.pt")), root / "linear.pt"
+        ),
+        "storage larger than its tensor": refused(
+            lambda: read_special_embeddings(oversized_storage()), root / "oversized.pt"
+        ),
+        "3000-deep module chain": refused(
+            lambda: read_projection(make_deep_module_chain_projection(root / "deep.pt")), root / "deep.pt"
+        ),
+        "bad CRC": refused(
+            lambda: read_special_embeddings(patch_zip_entry(special("crc"), "crc/data/0", flip_data_byte=True)),
+            root / "crc.pt",
+        ),
+        "unknown compression method": refused(
+            lambda: read_special_embeddings(patch_zip_entry(special("method"), "method/data/0", method=99)),
+            root / "method.pt",
+        ),
+    }
+
+
+def _fake_checkpoint(folder: Path) -> Path:
+    """A checkpoint folder with every file a resume needs, small."""
+    folder.mkdir(parents=True)
+    save_file({"weight": torch.zeros(4)}, folder / "model.safetensors")
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": 2, "max_steps": 4, "log_history": []}))
+    for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth"):
+        torch.save({"state": torch.zeros(2)}, folder / name)
+    return folder
+
+
+def training_cases(workdir: str | Path) -> dict[str, tuple]:
+    """Damaged checkpoints, `--resume_from_checkpoint latest`, odd data files, images only decoding can catch."""
+    root = Path(workdir)
+    root.mkdir(parents=True, exist_ok=True)
+    logging.getLogger("omnifusion_checkpoints").setLevel(logging.ERROR)  # the skip warnings are expected here
+
+    def damaged(case: str, name: str, damage: Callable[[bytes], bytes]) -> tuple:
+        checkpoint = root / case / "checkpoint-2"
+
+        def call():
+            _fake_checkpoint(checkpoint)
+            (checkpoint / name).write_bytes(damage((checkpoint / name).read_bytes()))
+            args = OmniFusionTrainingArguments(output_dir=str(root / case), resume_from_checkpoint=str(checkpoint))
+            return resolve_resume_checkpoint(args)
+
+        return refused(call, checkpoint / name)
+
+    def latest(value: str) -> tuple:
+        output_dir = root / f"latest-{value}"
+
+        def call():
+            _fake_checkpoint(output_dir / "checkpoint-2")
+            (output_dir / "checkpoint-4").mkdir()  # what a kill left under the old, non-atomic saving
+            args = OmniFusionTrainingArguments(output_dir=str(output_dir), resume_from_checkpoint=value)
+            return resolve_resume_checkpoint(args)
+
+        return equal(call, lambda: str(output_dir / "checkpoint-2"))
+
+    def data_file(name: str, content: bytes) -> Path:
+        (root / name).write_bytes(content)
+        return root / name
+
+    record = json.dumps({"id": "r", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "x"}]})
+    read = lambda path: read_records(str(path))["record"]  # noqa: E731
+
+    def image_file(name: str, damage: Callable[[bytes], bytes], image_format: str) -> str:
+        buffer = io.BytesIO()
+        make_image(size=64).save(buffer, image_format)
+        (root / name).write_bytes(damage(buffer.getvalue()))
+        return name
+
+    encoder = ConversationEncoder(make_processor(), str(root), 2048)
+    def check_image(name: str, damage: Callable[[bytes], bytes], image_format: str) -> tuple:
+        return refused(lambda: encoder.read_image("r", image_file(name, damage, image_format), decode=False), root / name)
+
+    return {
+        "truncated trainer_state.json": damaged("state", "trainer_state.json", lambda data: data[:10]),
+        "0-byte optimizer.pt": damaged("empty", "optimizer.pt", lambda data: b""),
+        "truncated optimizer.pt": damaged("truncated", "optimizer.pt", lambda data: data[:-50]),
+        "truncated model.safetensors": damaged("weights", "model.safetensors", lambda data: data[:-8]),
+        "--resume_from_checkpoint latest": latest("latest"),
+        "--resume_from_checkpoint True": latest("True"),
+        "empty data file": refused(lambda: read(data_file("empty.json", b"")), root / "empty.json"),
+        "empty JSON list": refused(lambda: read(data_file("empty-list.json", b"[]")), root / "empty-list.json"),
+        "JSON with a UTF-8 BOM": equal(
+            lambda: read(data_file("bom.json", codecs.BOM_UTF8 + f"[{record}]".encode())), lambda: [record]
+        ),
+        "JSONL with a UTF-8 BOM": equal(
+            lambda: read(data_file("bom.jsonl", codecs.BOM_UTF8 + f"{record}\n".encode())), lambda: [record]
+        ),
+        "truncated JPEG": check_image("truncated.jpg", jpeg_truncated, "JPEG"),
+        "PNG with corrupt pixel data": check_image("corrupt.png", png_with_corrupt_pixel_data, "PNG"),
+    }
