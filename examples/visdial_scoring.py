@@ -41,6 +41,8 @@ from tqdm.auto import tqdm
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from modeling_omnifusion.compat_omnifusion import output_cache
+
 
 DESCRIBE_PROMPT = "Describe what you can see in the picture."
 SCORE_TYPES = ("mean", "sum")
@@ -180,7 +182,13 @@ def score_candidates_shared_prefix(
     context = model(**context_inputs, use_cache=True, logits_to_keep=1)
     first_token_log_probs = torch.log_softmax(context.logits[0, -1].float(), dim=-1)
     return _score_padded_batches(
-        model, context.cache, context_inputs["attention_mask"], first_token_log_probs, candidate_ids, batch_size, score
+        model,
+        output_cache(context),
+        context_inputs["attention_mask"],
+        first_token_log_probs,
+        candidate_ids,
+        batch_size,
+        score,
     )
 
 
@@ -390,7 +398,7 @@ class DialogScorer:
         context_len = inputs["input_ids"].shape[1]
         if keep == 0:
             context = model(**inputs, use_cache=True, logits_to_keep=1)
-            self.cache = context.cache
+            self.cache = output_cache(context)
             self.image_inputs = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
             self.image_encodings += 1
         else:
@@ -402,7 +410,7 @@ class DialogScorer:
                 use_cache=True,
                 logits_to_keep=1,
             )
-            self.cache = context.cache
+            self.cache = output_cache(context)
         self.context_ids = inputs["input_ids"][0].clone()
         self.context_tokens_run += context_len - keep
         first_token_log_probs = torch.log_softmax(context.logits[0, -1].float(), dim=-1)
