@@ -35,7 +35,7 @@ from transformers import CLIPImageProcessorPil, CLIPVisionConfig, MistralConfig,
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+sys.path.insert(0, os.path.join(ROOT, "tests"))  # the test fixtures; the package itself is the installed one
 import reliability_cases  # noqa: E402
 from modeling_omnifusion import OmniFusionConfig, OmniFusionForCausalLM, OmniFusionProcessor  # noqa: E402
 

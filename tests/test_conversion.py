@@ -518,7 +518,8 @@ convert_omnifusion_to_hf(sys.argv[1], sys.argv[2], vision_model=sys.argv[3])
 def test_a_killed_conversion_leaves_no_staging_folder_after_the_next_run(small_fp32, clip_dir, tmp_path):
     out = tmp_path / "out"
     command = [sys.executable, "-c", KILLED_CONVERSION, str(small_fp32["input_dir"]), str(out), str(clip_dir)]
-    killed = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    # cwd: not the checkout (`-c` puts the cwd first on sys.path, where the source folders would shadow the install)
+    killed = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert not out.exists() and len(leftovers(tmp_path)) == 1
     live = stale_staging(tmp_path, os.getpid(), out, "running")  # a conversion still running: not touched

@@ -480,7 +480,7 @@ def test_hostile_files_are_refused_in_bounded_memory(tmp_path):
     deep = make_deep_module_chain_projection(tmp_path / "deep.pt", depth=3000)
     arguments = [str(item) for pair in cases.items() for item in pair] + ["projection", str(deep)]
     result = subprocess.run(
-        [sys.executable, "-c", MEMORY_PROBE, *arguments], capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", MEMORY_PROBE, *arguments], capture_output=True, text=True, timeout=300, cwd=tmp_path
     )
     assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.strip().splitlines()

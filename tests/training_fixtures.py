@@ -153,4 +153,5 @@ def run_stage1_subprocess(
     with every file it writes limited to `file_size_limit` bytes (as on a full disk)."""
     command = [sys.executable, "-c", STAGE1_DRIVER, EXAMPLES_DIR, str(kill_at_step), str(file_size_limit), *flags]
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "HF_HUB_OFFLINE": "1"}
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+    # cwd: not the checkout (`-c` puts the cwd first on sys.path, where the source folders would shadow the install)
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=EXAMPLES_DIR)
