@@ -39,6 +39,8 @@ OMNIFUSION_REFERENCE_DIR="$WORK/reference" timeout 900 "$VLLM_VENV/bin/python" -
     "$ROOT/tests_compat/test_saved_folder_on_old_transformers.py"
 OMNIFUSION_REFERENCE_DIR="$WORK/reference" timeout 1500 "$VLLM_VENV/bin/python" -m pytest -q -p no:cacheprovider \
     "$ROOT/tests_vllm/test_vllm_serving.py"
+OMNIFUSION_REFERENCE_DIR="$WORK/reference" timeout 900 "$VLLM_VENV/bin/python" -m pytest -q -p no:cacheprovider \
+    "$ROOT/tests_vllm/test_vllm_vision_variants.py"
 # VisDial scored on vLLM against the HF backend (examples/visdial_vllm.py): the project must be importable next to
 # vLLM's transformers, so its wheel is unpacked into a folder of its own (the cached venv stays as it was built).
 "$MAIN_PYTHON" -m pip wheel -q --no-deps "$ROOT" -w "$WORK/wheel"

@@ -313,8 +313,10 @@ class OmniFusionModel(OmniFusionPreTrainedModel):
             return_dict: `False` returns `to_tuple()` of the output.
 
         Returns:
-            The (first) vision tower's output whose `pooler_output` is a list with one `[num_image_tokens, text_hidden]`
-            tensor per view (the adapter output; one view per image without tiles).
+            The (first) vision tower's output whose `pooler_output` is the adapter output, a `[num_views,
+            num_image_tokens, text_hidden]` tensor (one row per view; one view per image without tiles). A tensor, not
+            a list per view: vLLM's Transformers backend takes a list as one entry per image, but splits a tensor
+            into images by the processor's `num_image_patches` (views per image), which is what tiles need.
         """
         layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
         if self.config.adapter_type != "mix_sum":  # mix_sum reads every hidden state
@@ -352,7 +354,7 @@ class OmniFusionModel(OmniFusionPreTrainedModel):
                 f"The {self.config.adapter_type} adapter returned {image_embeds.shape[1]} positions per view but the "
                 f"config (and so the processor) lays out num_image_tokens={self.config.num_image_tokens}"
             )
-        image_outputs.pooler_output = list(image_embeds)
+        image_outputs.pooler_output = image_embeds
         return image_outputs
 
     def _encoder_pixel_values(self, pixel_values: torch.Tensor, index: int, vision_config) -> torch.Tensor:

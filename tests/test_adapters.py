@@ -54,7 +54,7 @@ def test_mix_sum_equals_the_reports_projection_and_summation(mix_sum):
         for mix in adapter.encoder_mixes:
             mix.layer_weights.copy_(torch.randn_like(mix.layer_weights))
         pixel_values = encode(processor, [make_image(0), make_image(1, size=40)])["pixel_values"]
-        ours = torch.stack(model.get_image_features(pixel_values).pooler_output)
+        ours = model.get_image_features(pixel_values).pooler_output
         reference = reference_projection_and_summation(adapter, tower_hidden_states(model, pixel_values))
     # CLIP 32 px gives 16 patches, DINOv2 24 px gives 9, zero-padded to 16.
     assert ours.shape == (2, 16, model.config.text_config.hidden_size) == reference.shape
@@ -87,7 +87,7 @@ def test_mix_concat_equals_the_reports_embedding_concatenation():
         penultimate = [layers[-2] for layers in tower_hidden_states(model, pixel_values)]
         projected = [F.linear(h, p.weight, p.bias) for h, p in zip(penultimate, adapter.encoder_projections)]
         reference = adapter.linear(layer(torch.cat(projected, dim=1)))
-        ours = torch.stack(model.get_image_features(pixel_values).pooler_output)
+        ours = model.get_image_features(pixel_values).pooler_output
     assert config.num_image_tokens == 16 + 9 == ours.shape[1]
     torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
 

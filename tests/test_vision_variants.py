@@ -183,3 +183,19 @@ def test_each_encoder_gets_its_own_normalisation():
     assert dinov2.shape[-2:] == (24, 24)
     assert torch.equal(pixel_values[:, 0], clip) and torch.equal(pixel_values[:, 1, :, :24, :24], dinov2)
     assert (pixel_values[:, 1, :, 24:] == 0).all() and not torch.allclose(pixel_values[:, 0, :, :24, :24], dinov2)
+
+
+@torch.no_grad()
+def test_image_features_split_by_num_image_patches_give_each_image_its_own_block(variant):
+    """vLLM's Transformers backend encodes the views of several images in one call and splits `pooler_output` into
+    images by the processor's `num_image_patches`; each part must be that image's features alone."""
+    model, processor = variant
+    images = [make_image(4, size=64), wide_image(5), make_image(6)]
+    pixel_values = processor.prepare_images(images, return_tensors="pt")["pixel_values"]
+    counts = processor._get_num_multimodal_tokens(image_sizes=[(i.height, i.width) for i in images])
+    features = model.get_image_features(pixel_values).pooler_output
+    assert isinstance(features, torch.Tensor) and len(features) == sum(counts["num_image_patches"])
+    for image, part, block in zip(images, features.split(counts["num_image_patches"]), counts["num_image_tokens"]):
+        assert part.flatten(0, 1).shape[0] == block - 2  # the block's <image> positions, markers aside
+        alone = model.get_image_features(processor.prepare_images([image], return_tensors="pt")["pixel_values"])
+        torch.testing.assert_close(part, alone.pooler_output, atol=1e-5, rtol=1e-5)

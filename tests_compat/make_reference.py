@@ -11,7 +11,9 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 import transformers
 from transformers import MistralConfig
 
@@ -86,6 +88,40 @@ def build(processor, seed: int, head_dim_32: bool = False, **config_kwargs):
     return model, processor
 
 
+def build_vision(seed: int, **kwargs):
+    """`make_model_and_processor(**kwargs)` (several encoders, tiles) with the LM of `with_head_dim_32`."""
+    model, processor = make_model_and_processor(seed=seed, **kwargs)
+    torch.manual_seed(seed)
+    model = OmniFusionForCausalLM(with_head_dim_32(model.config)).eval()
+    model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
+    return model, processor
+
+
+# Tiles of the 32 px encoder: a 32 x 32 image fits [32, 64] (2 tiles + global view = 3 views), a 64 x 64 one [64, 64]
+# (5 views), so one batch holds images whose blocks differ in length.
+PINPOINTS = [[32, 64], [64, 32], [64, 64]]
+
+
+def vision_variants():
+    """name -> (model, processor) for `tests_vllm/test_vllm_vision_variants.py`: issue 11's vision side on vLLM.
+    Their names do not end in `_hd32`, so `test_vllm_serving.py` leaves them to that file."""
+    return {
+        "hd32_mix_sum_clip_dinov2": lambda: build_vision(
+            5, vision=["clip", "dinov2"], adapter_type="mix_sum", vision_sizes=[32, 24]
+        ),
+        "hd32_tiles_clip": lambda: build_vision(6, image_grid_pinpoints=PINPOINTS),
+    }
+
+
+def vision_chats(image_names: list[str]) -> dict[str, list[dict]]:
+    """Prompts whose images differ in size (`image_0` 32 x 32, `image_big` 64 x 64, `image_wide` 32 x 64)."""
+    small, big, wide = image_names
+    ask = lambda *paths: [{"role": "user", "content": [  # noqa: E731
+        *({"type": "image", "path": path} for path in paths), {"type": "text", "text": "What is the colour of the shape?"},
+    ]}]
+    return {"small_image": ask(small), "big_image": ask(big), "big_and_wide_images": ask(big, wide)}
+
+
 def variants(work: Path):
     """name -> (model, processor): three towers, three adapters, a byte-level BPE and a Mistral-style tokenizer;
     the `_hd32` ones have head_dim 32 for vLLM on CPU."""
@@ -121,6 +157,13 @@ def record(model, processor, messages_by_name: dict, folder: Path) -> dict:
     return reference
 
 
+def save_vision_images(output: Path) -> list[str]:
+    rng = np.random.default_rng(7)
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(output / "image_big.png")
+    Image.fromarray(rng.integers(0, 256, (32, 64, 3), dtype=np.uint8)).save(output / "image_wide.png")
+    return ["image_0.png", "image_big.png", "image_wide.png"]
+
+
 def main(output_dir: str, names: list[str] | None = None):
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
@@ -129,7 +172,10 @@ def main(output_dir: str, names: list[str] | None = None):
         make_image(seed).save(output / name)
     messages = chats(image_names)
     (output / "chats.json").write_text(json.dumps(messages, indent=1))
-    builders = variants(output / "work")
+    extra_messages = vision_chats(save_vision_images(output))
+    (output / "vision_chats.json").write_text(json.dumps(extra_messages, indent=1))
+    vision = vision_variants()
+    builders = {**variants(output / "work"), **vision}
     unknown = sorted(set(names or []) - set(builders))
     if unknown:
         raise SystemExit(f"unknown variant(s) {unknown}; choose from {sorted(builders)}")
@@ -140,6 +186,8 @@ def main(output_dir: str, names: list[str] | None = None):
         model.save_pretrained(folder)
         processor.save_pretrained(folder)
         torch.save(record(model, processor, messages, output), output / f"{name}.reference.pt")
+        if name in vision:
+            torch.save(record(model, processor, extra_messages, output), output / f"{name}.vision_reference.pt")
     (output / "manifest.json").write_text(json.dumps({"transformers": transformers.__version__, "folders": names}))
     print(f"saved {len(names)} folders with transformers {transformers.__version__} in {output}")
 
