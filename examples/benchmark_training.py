@@ -19,7 +19,9 @@ the vision tower frozen (stage 2). The same records (the first `--llava_steps x 
 order) are rendered by OmniFusion's chat template and tokenized by each model's own processor (LLaVA's `<image>`
 expands to the same number of image tokens; OmniFusion adds its `<image_start>`/`<image_end>` markers, 2 positions
 per image, counted in the table), padded batches, loss on every text token; `--llava_rounds` interleaved rounds
-(alternating which model goes first), and the OmniFusion/LLaVA time ratio is the median of the per-round ratios.
+(alternating which model goes first) after an untimed warm-up step each, and the OmniFusion/LLaVA time ratio is the
+median of the per-round ratios. The pair's tokenizer is the inference benchmark's (a BPE trained on other sentences),
+so the same records are longer in tokens there than in the padded/grouped/packed runs above.
 
 Run:  python examples/benchmark_training.py [--records 192] [--batch 8]
 The line before the last is `omnifusion_llava_time_ratio=<OmniFusion / LLaVA training time, same batches>`; the last
