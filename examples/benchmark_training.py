@@ -12,16 +12,30 @@ real (non-padding) tokens per second of training time:
 * grouped: `--group_by_length` (batches of similar lengths, still padded);
 * packed: `--packing` (each batch's records in one row, no padding).
 
+Then OmniFusion against transformers' `LlavaForConditionalGeneration` under the same `Trainer` at equal work: the
+pair is built by `benchmark_inference.py`'s builder (same CLIP tower and Mistral LM configs, OmniFusion's `mlp`
+adapter = LLaVA's projector, weights copied from OmniFusion into LLaVA, image features checked identical), both with
+the vision tower frozen (stage 2). The same records (the first `--llava_steps x --batch` of the mix, in one fixed
+order) are rendered by OmniFusion's chat template and tokenized by each model's own processor (LLaVA's `<image>`
+expands to the same number of image tokens; OmniFusion adds its `<image_start>`/`<image_end>` markers, 2 positions
+per image, counted in the table), padded batches, loss on every text token; `--llava_rounds` interleaved rounds
+(alternating which model goes first) after an untimed warm-up step each, and the OmniFusion/LLaVA time ratio is the
+median of the per-round ratios. The pair's tokenizer is the inference benchmark's (a BPE trained on other sentences),
+so the same records are longer in tokens there than in the padded/grouped/packed runs above.
+
 Run:  python examples/benchmark_training.py [--records 192] [--batch 8]
-The last line is `packing_speedup=<packed / padded tokens/s>`.
+The line before the last is `omnifusion_llava_time_ratio=<OmniFusion / LLaVA training time, same batches>`; the last
+line is `packing_speedup=<packed / padded tokens/s>`.
 """
 
 import argparse
 import json
 import os
 import random
+import statistics
 import sys
 import tempfile
+import types
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -30,10 +44,20 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
-from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModel, MistralConfig, MistralForCausalLM  # noqa: E402
+from transformers import (  # noqa: E402
+    CLIPImageProcessorPil,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    MistralConfig,
+    MistralForCausalLM,
+    PrinterCallback,
+    Trainer,
+    TrainingArguments,
+)
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import benchmark_inference  # noqa: E402  (the OmniFusion / LLaVA pair builder)
 import train_stage1_pretrain  # noqa: E402
 import train_stage2_sft  # noqa: E402
 from quickstart import train_tokenizer  # noqa: E402
@@ -91,6 +115,114 @@ def flags(output_dir, data_path, batch, **extra):
     return [arg for key, value in values.items() for arg in (f"--{key}", str(value))]
 
 
+def llava_pair_examples(records, omni_processor, llava_processor, image_folder):
+    """Per model, one example per record from the same prompt text: ids, labels (text tokens only) and its image."""
+    image_ids = {"OmniFusion": omni_processor.image_token_ids, "LLaVA": [llava_processor.image_token_id]}
+    examples = {name: [] for name in benchmark_inference.NAMES}
+    for record in records:
+        messages = []
+        for turn in record["conversations"]:
+            text = turn["value"].replace("<image>\n", "")
+            content = [{"type": "text", "text": text}]
+            if turn["value"].startswith("<image>"):
+                content.insert(0, {"type": "image"})
+            messages.append({"role": "user" if turn["from"] == "human" else "assistant", "content": content})
+        prompt = omni_processor.apply_chat_template(messages, tokenize=False)
+        images = [Image.open(f"{image_folder}/{record['image']}").convert("RGB")] if "image" in record else None
+        for name, processor in zip(benchmark_inference.NAMES, (omni_processor, llava_processor)):
+            encoded = processor(images=images, text=[prompt], return_tensors="pt")
+            ids = encoded["input_ids"][0]
+            labels = ids.clone()
+            labels[torch.isin(ids, torch.tensor(image_ids[name]))] = -100
+            example = {"input_ids": ids, "labels": labels}
+            if images:
+                example["pixel_values"] = encoded["pixel_values"]
+            examples[name].append(example)
+    return examples
+
+
+def pad_collator(pad_token_id):
+    def collate(features):
+        width = max(len(feature["input_ids"]) for feature in features)
+        batch = {"input_ids": torch.full((len(features), width), pad_token_id),
+                 "attention_mask": torch.zeros(len(features), width, dtype=torch.long),
+                 "labels": torch.full((len(features), width), -100)}
+        for row, feature in enumerate(features):
+            length = len(feature["input_ids"])
+            batch["input_ids"][row, :length] = feature["input_ids"]
+            batch["attention_mask"][row, :length] = 1
+            batch["labels"][row, :length] = feature["labels"]
+        pixels = [feature["pixel_values"] for feature in features if "pixel_values" in feature]
+        if pixels:
+            batch["pixel_values"] = torch.cat(pixels)
+        return batch
+    return collate
+
+
+class InOrderTrainer(Trainer):
+    """The Trainer with the dataset's own order, so that both models see exactly the same batches."""
+
+    def _get_train_sampler(self, *args, **kwargs):
+        return torch.utils.data.SequentialSampler(self.train_dataset)
+
+
+def compare_with_llava(args, work, records):
+    """OmniFusion vs LlavaForConditionalGeneration, same Trainer, same records and batches; returns the table rows."""
+    shape = types.SimpleNamespace(image_size=32, patch_size=8, vision_hidden=64, vision_layers=2, smollm2=False,
+                                  text_hidden=args.hidden, text_layers=args.layers, vocab_size=1024)
+    omni_processor, llava_processor = benchmark_inference.make_processors(shape)
+    for processor in (omni_processor, llava_processor):
+        processor.tokenizer.padding_side = "right"
+    configs = benchmark_inference.make_configs(shape, omni_processor)
+    pad = omni_processor.tokenizer.pad_token_id
+    models = {name: benchmark_inference.build_model(name, configs, pad) for name in benchmark_inference.NAMES}
+    benchmark_inference.copy_weights(models["OmniFusion"], models["LLaVA"])
+    for model in models.values():
+        model.model.vision_tower.requires_grad_(False)
+        model.train()
+    chosen = records[: args.llava_steps * args.batch]
+    examples = llava_pair_examples(chosen, omni_processor, llava_processor, f"{work}/data")
+    with torch.no_grad():  # same image features: the towers and the adapter/projector really are the same
+        pixels = next(example["pixel_values"] for example in examples["LLaVA"] if "pixel_values" in example)
+        features = [torch.cat(list(models[name].model.get_image_features(pixels).pooler_output))
+                    for name in benchmark_inference.NAMES]
+        torch.testing.assert_close(features[0], features[1])
+    for omni, llava in zip(examples["OmniFusion"], examples["LLaVA"]):  # same text everywhere else
+        keep = omni["labels"] != -100
+        if not torch.equal(omni["input_ids"][keep], llava["input_ids"][llava["labels"] != -100]):
+            raise AssertionError("OmniFusion's and LLaVA's examples differ outside the image block")
+    positions = {}
+    for name, items in examples.items():
+        batches = [items[start:start + args.batch] for start in range(0, len(items), args.batch)]
+        positions[name] = sum(max(len(item["input_ids"]) for item in batch) * len(batch) for batch in batches)
+    text_tokens = sum(int((example["labels"] != -100).sum()) for example in examples["LLaVA"])
+
+    def train(name, steps):
+        training_args = TrainingArguments(
+            output_dir=f"{work}/llava-pair-{name}", max_steps=steps, per_device_train_batch_size=args.batch,
+            learning_rate=1e-4, save_strategy="no", report_to="none", disable_tqdm=True, logging_steps=1000,
+            dataloader_num_workers=0, seed=0, use_cpu=True, log_level="error", remove_unused_columns=False)
+        trainer = InOrderTrainer(model=models[name], args=training_args, train_dataset=examples[name],
+                                 data_collator=pad_collator(pad))
+        trainer.remove_callback(PrinterCallback)
+        trainer.train()
+        return trainer.state.log_history[-1]["train_runtime"]
+
+    for name in benchmark_inference.NAMES:  # untimed warm-up (first-call allocations and kernel choices)
+        train(name, 1)
+    times = {name: [] for name in benchmark_inference.NAMES}
+    ratios = []
+    for round_index in range(args.llava_rounds):
+        order = benchmark_inference.NAMES if round_index % 2 == 0 else benchmark_inference.NAMES[::-1]
+        for name in order:
+            times[name].append(train(name, args.llava_steps))
+        ratios.append(times["OmniFusion"][-1] / times["LLaVA"][-1])
+        print(f"round {round_index + 1} OmniFusion {times['OmniFusion'][-1]:.1f} s, LLaVA {times['LLaVA'][-1]:.1f} s",
+              flush=True)
+    return {"times": times, "ratio": statistics.median(ratios), "positions": positions, "text_tokens": text_tokens,
+            "records": len(chosen), "images": sum("image" in record for record in chosen)}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--records", type=int, default=192)
@@ -100,6 +232,10 @@ def main():
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2, help="each mode runs this many times; the best is kept")
+    parser.add_argument("--llava_steps", type=int, default=4,
+                        help="training steps per OmniFusion / LLaVA run (records used: this x --batch)")
+    parser.add_argument("--llava_rounds", type=int, default=4,
+                        help="interleaved OmniFusion / LLaVA rounds; the median per-round time ratio is reported")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     hf_logging.set_verbosity_error()
@@ -150,6 +286,18 @@ def main():
         rate = result["tokens"] / result["runtime"]
         print(f"{mode:<10}{result['runtime']:>10.1f}{rate:>16.0f}{result['computed'] / result['tokens']:>16.2f}"
               f"{rate / padded_rate:>12.2f}")
+    pair = compare_with_llava(args, work, records)
+    print("-" * 90)
+    print(f"OmniFusion vs LlavaForConditionalGeneration, same Trainer, {pair['records']} records "
+          f"({pair['images']} with an image of 16 tokens), {args.llava_steps} padded batches of {args.batch}, vision "
+          f"tower frozen, {args.llava_rounds} interleaved rounds; 1-min load {os.getloadavg()[0]:.1f}")
+    print(f"{'model':<12}{'median time (s)':>16}{'computed positions':>20}{'text tokens/s':>16}")
+    for name in benchmark_inference.NAMES:
+        runtime = statistics.median(pair["times"][name])
+        print(f"{name:<12}{runtime:>16.2f}{pair['positions'][name]:>20}{pair['text_tokens'] / runtime:>16.0f}")
+    print(f"OmniFusion computes {pair['positions']['OmniFusion'] / pair['positions']['LLaVA']:.3f}x LLaVA's positions "
+          "(its 2 image markers per image); the ratio below is of the time for the same batches")
+    print(f"omnifusion_llava_time_ratio={pair['ratio']:.3f}")
     speedup = (results["packed"]["tokens"] / results["packed"]["runtime"]) / padded_rate
     print(f"packing_speedup={speedup:.2f}")
 
