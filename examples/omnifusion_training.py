@@ -515,14 +515,18 @@ def parse_grid_pinpoints(value: str | None) -> list[list[int]] | None:
     return pinpoints
 
 
-def load_vision_towers(names: list[str], one_input_size: bool) -> tuple[list, list, list[dict]]:
+def load_vision_towers(
+    names: list[str], one_input_size: bool, image_processors: list | None = None
+) -> tuple[list, list, list[dict]]:
     """
-    The pretrained encoders, their image processors and their weights. With several encoders and tiles every
-    processor outputs the first's size (tiles are one size); DINOv2's position table is then interpolated to its
-    processor's size with its own code (`vision_state_at_input_size`), as DINOv2 does at run time.
+    The pretrained encoders, their image processors (`image_processors`, default: each folder's own) and their
+    weights. With several encoders and tiles every processor outputs the first's size (tiles are one size); DINOv2's
+    position table is then interpolated to its processor's size with its own code (`vision_state_at_input_size`), as
+    DINOv2 does at run time.
     """
     towers = [load_vision_tower(name) for name in names]
-    image_processors = [AutoImageProcessor.from_pretrained(name) for name in names]
+    if image_processors is None:
+        image_processors = [AutoImageProcessor.from_pretrained(name) for name in names]
     if len(names) == 1:
         return [towers[0].config], image_processors, [towers[0].state_dict()]
     if one_input_size:
@@ -592,6 +596,101 @@ def build_model_from_pretrained_parts(
     model.generation_config.eos_token_id = processor.tokenizer.eos_token_id
     model.generation_config.pad_token_id = model.config.text_config.pad_token_id = processor.tokenizer.pad_token_id
     return model, processor
+
+
+# What the adapter and the number of image positions depend on, per encoder: a replacement must agree on all of them.
+ENCODER_FIELDS_THE_ADAPTER_READS = (
+    "model_type", "hidden_size", "num_hidden_layers", "image_size", "patch_size", "num_register_tokens"
+)
+
+
+def _own_image_processor(name_or_path: str):
+    """The image processor a vision encoder folder/Hub id ships, or None if it has none."""
+    try:
+        return AutoImageProcessor.from_pretrained(name_or_path)
+    except OSError:  # no preprocessor_config.json (nor processor_config.json) there
+        return None
+
+
+def load_replacement_vision_towers(
+    config: OmniFusionConfig,
+    processor: OmniFusionProcessor,
+    vision_model_name_or_path: str,
+    model_name_or_path: str,
+    flag: str = "--vision_model_name_or_path",
+) -> tuple[list, list, list[dict]]:
+    """
+    Stage 2's `--vision_model_name_or_path`: pretrained encoders (comma-separated, as in stage 1) to put in place of
+    the towers of a model whose adapter was trained on `config`'s encoders. Returns their configs, image processors
+    and weights (`install_vision_towers` puts them in). Each encoder comes at the size the model runs it at, exactly as
+    stage 1 builds it (`load_vision_towers`: with several encoders of one size, every image processor outputs the
+    first's and DINOv2's position table is interpolated). The image processor is the folder's own (it defines the
+    encoder's resizing and normalisation), or, for a folder without one, `processor`'s for that encoder.
+
+    A `ValueError` naming `flag`, the encoder index, the folder and the field unless there are as many encoders as
+    the adapter reads and each agrees with the one it replaces on everything the adapter and the number of image
+    positions depend on (`ENCODER_FIELDS_THE_ADAPTER_READS`, and its image processor's output size).
+    """
+    names = parse_vision_models(vision_model_name_or_path)
+    expected = config.vision_configs
+    if len(names) != len(expected):
+        raise ValueError(
+            f"{flag} {vision_model_name_or_path}: {len(names)} vision encoder(s), but the adapter of "
+            f"{model_name_or_path} was trained on {len(expected)} ({', '.join(v.model_type for v in expected)}); "
+            "give one folder or Hub id per encoder, comma-separated, in the same order."
+        )
+    def check(index: int, name: str, found: dict, wanted: dict):
+        mismatch = [(field, found[field], wanted[field]) for field in wanted if found[field] != wanted[field]]
+        if mismatch:
+            field, value, trained = mismatch[0]
+            raise ValueError(
+                f"{flag}: encoder {index} ({name}) does not match the one the adapter of {model_name_or_path} was "
+                f"trained on: {field} is {value!r} in {name} but {trained!r} in {model_name_or_path}"
+                + "".join(f"; {f} {v!r} vs {t!r}" for f, v, t in mismatch[1:])
+            )
+
+    def fields(vision_config, names) -> dict:
+        return {field: getattr(vision_config, field, None) for field in names}
+
+    # The architecture first, before any weight loads. The size a DINOv2 runs at is settled with its image
+    # processor below (its position table is interpolated, as in stage 1); any other encoder has one size.
+    for index, (name, wanted) in enumerate(zip(names, expected)):
+        found = AutoConfig.from_pretrained(name)
+        found = getattr(found, "vision_config", found)
+        architecture = [f for f in ENCODER_FIELDS_THE_ADAPTER_READS if f != "image_size" or found.model_type != "dinov2"]
+        check(index, name, fields(found, architecture), fields(wanted, architecture))
+    image_processors = [
+        _own_image_processor(name) or current for name, current in zip(names, processor.image_processors)
+    ]
+    one_input_size = len(names) > 1 and len({vision.image_size for vision in expected}) == 1
+    try:
+        configs, image_processors, states = load_vision_towers(names, one_input_size, image_processors)
+    except ValueError as error:  # an encoder that cannot run at the size its processor outputs
+        raise ValueError(f"{flag} {vision_model_name_or_path}: {error}") from None
+    for index, (name, found, wanted, image_processor) in enumerate(zip(names, configs, expected, image_processors)):
+        size = "image processor output size"
+        check(
+            index,
+            name,
+            {"image_size": found.image_size, size: image_processor_output_size(image_processor)},
+            {"image_size": wanted.image_size, size: wanted.image_size},
+        )
+        found._name_or_path = hub_model_id(name) or ""
+    return configs, image_processors, states
+
+
+def install_vision_towers(model: OmniFusionForCausalLM, configs: list, states: list[dict]):
+    """Replace `model`'s vision towers (modules and configs) by encoders built from `configs` holding `states`, in
+    the dtype of the towers they replace."""
+    dtype = next(model.model.vision_tower.parameters()).dtype
+    towers = []
+    for vision_config, state in zip(configs, states):
+        tower = AutoModel.from_config(vision_config).to(dtype)
+        tower.load_state_dict(state)
+        towers.append(tower.requires_grad_(False))
+    model.model.vision_tower = nn.ModuleList(towers) if len(towers) > 1 else towers[0]
+    model.config.vision_config, *additional = configs
+    model.config.additional_vision_configs = additional or None
 
 
 def set_image_grid_pinpoints(model: OmniFusionForCausalLM, processor: OmniFusionProcessor, pinpoints):

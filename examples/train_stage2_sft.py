@@ -1,7 +1,7 @@
 """
 OmniFusion stage 2 (supervised fine-tuning): starting from a stage-1 folder, train the adapter, the learned marker
 embeddings and the language model on image-text dialogs. The LM is trained fully, or with `--lora_r N` through LoRA
-on its attention and MLP projections; the vision encoder is never trained.
+on its attention and MLP projections; the vision encoder(s) are never trained.
 
     python examples/train_stage2_sft.py \
         --model_name_or_path omnifusion-stage1 \
@@ -13,6 +13,17 @@ device with 64 accumulation steps (x 8 GPUs = 512 per step), 2048 tokens. Every 
 examples/README.md for distributed launches. `--output_dir` ends up holding a Hub-format folder (model, processor,
 remote code). With LoRA, the adapter is saved in `<output_dir>/lora_adapter` and merged into the saved model, or, with
 `--save_lora_adapter_only`, saved alone in `--output_dir` (it loads on top of `--model_name_or_path`).
+
+The vision encoders are the `--model_name_or_path` folder's (stage 1 froze them, so they are the ones it was built
+from). `--vision_model_name_or_path clip_dir,dinov2_dir` (comma-separated, as in stage 1) loads them from those
+folders or Hub ids instead, replacing the folder's towers, and takes each one's image processor (its resizing and
+normalisation) when the folder has one. What it is for: naming the original encoders and their preprocessing
+explicitly in the stage-2 command, rather than trusting what a stage-1 folder (perhaps made elsewhere) holds, and
+checking that they fit: each must agree with the encoder the adapter was trained on in number and order and in
+`model_type`, `hidden_size`, `num_hidden_layers`, `image_size`, `patch_size` and register tokens (what the adapter
+and the number of image positions depend on), else a `ValueError` names the flag, the encoder, the folder and the
+field. Other encoder weights than stage 1's give an adapter trained on features it never saw; stage 2 then trains
+it further, but the encoders stay frozen.
 """
 
 import os
@@ -20,6 +31,7 @@ from dataclasses import dataclass, field
 
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import HfArgumentParser, Trainer
+from transformers.integrations import is_deepspeed_zero3_enabled
 
 from modeling_omnifusion import OmniFusionForCausalLM, OmniFusionProcessor
 from modeling_omnifusion.modeling_omnifusion import hub_model_id
@@ -28,6 +40,8 @@ from omnifusion_training import (
     DataArguments,
     OmniFusionTrainingArguments,
     check_path_arguments,
+    install_vision_towers,
+    load_replacement_vision_towers,
     log_trainable_parameters,
     make_trainer,
     parse_grid_pinpoints,
@@ -55,7 +69,15 @@ class ModelArguments:
         default=None,
         metadata={
             "help": "Tiles for this stage: JSON list of [height, width] canvases, e.g. '[[672, 336], [336, 672], "
-            "[672, 672]]' (default: as the --model_name_or_path folder). The encoders are that folder's."
+            "[672, 672]]' (default: as the --model_name_or_path folder)."
+        },
+    )
+    vision_model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Vision encoder(s) to use instead of the --model_name_or_path folder's, comma-separated as in "
+            "stage 1 (clip_dir,dinov2_dir), with their image processors; each must match the encoder the adapter "
+            "was trained on (model_type, hidden_size, layers, image and patch size). Default: the folder's."
         },
     )
 
@@ -72,12 +94,33 @@ def main(args: list[str] | None = None) -> Trainer:
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args)
     if model_args.save_lora_adapter_only and not model_args.lora_r:
         parser.error("--save_lora_adapter_only needs --lora_r.")
-    check_path_arguments(data_args, model_name_or_path=model_args.model_name_or_path)
+    if model_args.save_lora_adapter_only and model_args.vision_model_name_or_path:
+        parser.error(
+            "--save_lora_adapter_only saves no vision encoder: the adapter would load on top of --model_name_or_path "
+            "with that folder's encoders, not the --vision_model_name_or_path ones. Drop one of the two."
+        )
+    if model_args.vision_model_name_or_path and is_deepspeed_zero3_enabled():
+        parser.error(
+            "--vision_model_name_or_path builds the encoders after the model has loaded, which ZeRO-3 partitions as it "
+            "loads: use ZeRO-2 (examples/configs/deepspeed_zero2.json) or FSDP, or a folder that holds the encoders."
+        )
+    paths = {"model_name_or_path": model_args.model_name_or_path}
+    if model_args.vision_model_name_or_path is not None:
+        paths["vision_model_name_or_path"] = model_args.vision_model_name_or_path
+    check_path_arguments(data_args, **paths)
     setup_run(training_args)
 
     model = OmniFusionForCausalLM.from_pretrained(model_args.model_name_or_path)
     processor = OmniFusionProcessor.from_pretrained(model_args.model_name_or_path)
     processor.end_assistant_turns_with_eos = True
+    vision_towers = None
+    if model_args.vision_model_name_or_path is not None:
+        configs, image_processors, states = load_replacement_vision_towers(
+            model.config, processor, model_args.vision_model_name_or_path, model_args.model_name_or_path
+        )
+        vision_towers = (configs, states)
+        install_vision_towers(model, *vision_towers)
+        processor.image_processor, *processor.extra_encoder_preprocessors = image_processors
     if model_args.image_grid_pinpoints is not None:
         set_image_grid_pinpoints(model, processor, parse_grid_pinpoints(model_args.image_grid_pinpoints))
     # What a LoRA adapter's config and card name as their base model: its Hub id, never a local path.
@@ -108,6 +151,8 @@ def main(args: list[str] | None = None) -> Trainer:
     save_final_output(trainer, adapter_dir)
     if trainer.is_world_process_zero():
         base = OmniFusionForCausalLM.from_pretrained(model_args.model_name_or_path)
+        if vision_towers is not None:
+            install_vision_towers(base, *vision_towers)
         merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
 
         def save_merged(folder: str):

@@ -5,7 +5,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForImageTextToText, AutoProcessor, Dinov2Model, set_seed
+from transformers import (
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    BitImageProcessorPil,
+    CLIPVisionModel,
+    Dinov2Model,
+    set_seed,
+)
+
+from modeling_omnifusion.conversion.convert_omnifusion_to_hf import vision_state_at_input_size
 
 from modeling_omnifusion import OmniFusionForCausalLM
 from omnifusion_fixtures import chat, encoder_image_processor, make_image, vision_config
@@ -19,11 +28,11 @@ from omnifusion_training import build_model_from_pretrained_parts, parse_grid_pi
 PINPOINTS = "[[64, 32], [32, 64], [64, 64]]"
 
 
-def save_dinov2_model(folder: Path, seed: int = 1) -> Path:
+def save_dinov2_model(folder: Path, seed: int = 1, image_processor=None, **config) -> Path:
     """A random 2-layer DINOv2 built for 24 px with its own (ImageNet-normalising) image processor."""
     torch.manual_seed(seed)
-    Dinov2Model(vision_config("dinov2", image_size=24)).save_pretrained(folder)
-    encoder_image_processor("dinov2", 24).save_pretrained(folder)
+    Dinov2Model(vision_config("dinov2", image_size=24, **config)).save_pretrained(folder)
+    (image_processor or encoder_image_processor("dinov2", 24)).save_pretrained(folder)
     return folder
 
 
@@ -95,6 +104,112 @@ def test_stage2_can_switch_tiles_off(stage1_dir, data_path, tmp_path):
     config = json.loads((tmp_path / "config.json").read_text())
     processor = AutoProcessor.from_pretrained(tmp_path, trust_remote_code=True)
     assert config["image_grid_pinpoints"] is None and processor.image_grid_pinpoints is None
+
+
+@pytest.fixture(scope="module")
+def other_encoders(tmp_path_factory):
+    """CLIP and DINOv2 of the stage-1 parts' architecture with other weights: the CLIP folder without an image
+    processor, the DINOv2 one with an image processor that normalises differently from the stage-1 one."""
+    root = tmp_path_factory.mktemp("other-encoders")
+    torch.manual_seed(7)
+    CLIPVisionModel(vision_config("clip")).save_pretrained(root / "clip")
+    dinov2_processor = BitImageProcessorPil(
+        size={"shortest_edge": 27}, crop_size={"height": 24, "width": 24}, image_mean=[0.5] * 3, image_std=[0.25] * 3
+    )
+    return root / "clip", save_dinov2_model(root / "dinov2", seed=8, image_processor=dinov2_processor)
+
+
+def tower_states(clip, dinov2) -> dict[str, torch.Tensor]:
+    """The `model.vision_tower.*` weights stage 1 builds from these folders (DINOv2 interpolated to the 32 px tiles)."""
+    states = [CLIPVisionModel.from_pretrained(clip).state_dict(),
+              vision_state_at_input_size(Dinov2Model.from_pretrained(dinov2), 32)]
+    return {f"model.vision_tower.{index}.{key}": value for index, state in enumerate(states) for key, value in state.items()}
+
+
+def test_stage2_vision_models_replace_the_towers_and_train_what_stage2_trains(
+    stage1_dir, other_encoders, data_path, tmp_path
+):
+    clip, dinov2 = other_encoders
+    train_stage2_sft.main(
+        ["--model_name_or_path", str(stage1_dir), "--vision_model_name_or_path", f"{clip},{dinov2}"]
+        + training_flags(tmp_path, data_path, max_steps=2)
+    )
+    trained = OmniFusionForCausalLM.from_pretrained(tmp_path).state_dict()  # loaded: DINOv2's legacy key names
+    stage1 = OmniFusionForCausalLM.from_pretrained(stage1_dir).state_dict()
+    given = tower_states(clip, dinov2)
+    towers = {key for key in trained if key.startswith("model.vision_tower.")}
+    assert towers == given.keys()
+    assert all(torch.equal(trained[key], given[key]) for key in towers)  # the given weights, untouched by training
+    assert not all(torch.equal(stage1[key], given[key]) for key in towers)  # and not the stage-1 folder's
+    # every other weight as in the stage-2 tests: the adapter, the markers, the LM and its head trained, nothing else
+    changed = {key for key in trained.keys() - towers if not torch.equal(trained[key], stage1[key])}
+    assert {".".join(key.split(".")[:2]) for key in changed} == {"model.adapter", "model.language_model", "lm_head.weight"}
+    assert {"model.language_model.embed_tokens.special_embeddings.weight",
+            "model.adapter.encoder_mixes.1.layer_weights"} <= changed
+    assert trained.keys() == stage1.keys()
+
+    # The image processors come from the encoder folders where they have one: DINOv2's normalisation is the given
+    # folder's (at the tiles' 32 px, as stage 1 sets it); the CLIP folder has none, so the stage-1 one stays.
+    processor = AutoProcessor.from_pretrained(tmp_path, trust_remote_code=True)
+    stage1_processor = AutoProcessor.from_pretrained(stage1_dir, trust_remote_code=True)
+    clip_processor, dinov2_processor = processor.image_processors
+    assert clip_processor.to_dict() == stage1_processor.image_processors[0].to_dict()
+    assert list(dinov2_processor.image_mean) == [0.5] * 3 and list(dinov2_processor.image_std) == [0.25] * 3
+    assert list(stage1_processor.image_processors[1].image_mean) != [0.5] * 3
+    assert dinov2_processor.crop_size == {"height": 32, "width": 32}
+    assert processor.image_grid_pinpoints == json.loads(PINPOINTS)
+
+
+def test_stage2_lora_merge_keeps_the_given_towers(stage1_dir, other_encoders, data_path, tmp_path):
+    clip, dinov2 = other_encoders
+    train_stage2_sft.main(
+        ["--model_name_or_path", str(stage1_dir), "--vision_model_name_or_path", f"{clip},{dinov2}"]
+        + training_flags(tmp_path, data_path, max_steps=1, lora_r=2)
+    )
+    merged = OmniFusionForCausalLM.from_pretrained(tmp_path).state_dict()
+    given = tower_states(clip, dinov2)
+    assert all(torch.equal(merged[key], given[key]) for key in given)
+
+
+def encoder_mismatch(tmp_path, data_path, stage1_dir, vision_models: str, save_lora_adapter_only=False):
+    flags = training_flags(tmp_path / "out", data_path, max_steps=1)
+    if save_lora_adapter_only:
+        flags += ["--lora_r", "2", "--save_lora_adapter_only", "true"]
+    train_stage2_sft.main(["--model_name_or_path", str(stage1_dir), "--vision_model_name_or_path", vision_models]
+                          + flags)
+
+
+def test_stage2_vision_models_that_do_not_fit_the_adapter_are_a_value_error(
+    parts, stage1_dir, data_path, tmp_path
+):
+    clip, _, _ = parts
+    deeper = save_dinov2_model(tmp_path / "dinov2-3-layers", num_layers=3)
+    with pytest.raises(ValueError) as error:
+        encoder_mismatch(tmp_path, data_path, stage1_dir, f"{clip},{deeper}")
+    message = str(error.value)
+    assert message.startswith("--vision_model_name_or_path: encoder 1 (")
+    assert str(deeper) in message and "num_hidden_layers is 3 in" in message and "but 2 in" in message
+    wider = save_dinov2_model(tmp_path / "dinov2-wide", hidden=48)
+    with pytest.raises(ValueError, match=r"encoder 1 \(.*dinov2-wide\).*hidden_size is 48 .* but 32 in"):
+        encoder_mismatch(tmp_path, data_path, stage1_dir, f"{clip},{wider}")
+    with pytest.raises(ValueError, match=r"encoder 0 \(.*dinov2-wide\).*model_type is 'dinov2' .* but 'clip_vision_model'"):
+        encoder_mismatch(tmp_path, data_path, stage1_dir, f"{wider},{clip}")
+    torch.manual_seed(0)
+    CLIPVisionModel(vision_config("clip", image_size=48)).save_pretrained(tmp_path / "clip-48")
+    with pytest.raises(ValueError, match=r"encoder 0 \(.*clip-48\).*image_size is 48 .* but 32 in"):
+        encoder_mismatch(tmp_path, data_path, stage1_dir, f"{tmp_path / 'clip-48'},{clip}")
+    with pytest.raises(ValueError, match=r"--vision_model_name_or_path .*: 1 vision encoder\(s\), but the adapter .* on 2"):
+        encoder_mismatch(tmp_path, data_path, stage1_dir, str(clip))
+    with pytest.raises(FileNotFoundError, match="--vision_model_name_or_path .*missing"):
+        encoder_mismatch(tmp_path, data_path, stage1_dir, f"{clip},{tmp_path / 'missing'}")
+    assert not (tmp_path / "out").exists()
+
+
+def test_stage2_vision_models_with_an_adapter_only_save_are_refused(parts, stage1_dir, data_path, tmp_path, capsys):
+    clip, dinov2, _ = parts
+    with pytest.raises(SystemExit):
+        encoder_mismatch(tmp_path, data_path, stage1_dir, f"{clip},{dinov2}", save_lora_adapter_only=True)
+    assert "--save_lora_adapter_only saves no vision encoder" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("value", ["[[64, 32]", "{\"a\": 1}"])
