@@ -110,6 +110,10 @@ def vision_variants():
             5, vision=["clip", "dinov2"], adapter_type="mix_sum", vision_sizes=[32, 24]
         ),
         "hd32_tiles_clip": lambda: build_vision(6, image_grid_pinpoints=PINPOINTS),
+        # both at once: every view of every image through both encoders (tiles need one size: both 32 px)
+        "hd32_mix_sum_tiles_clip_dinov2": lambda: build_vision(
+            7, vision=["clip", "dinov2"], adapter_type="mix_sum", image_grid_pinpoints=PINPOINTS
+        ),
     }
 
 

