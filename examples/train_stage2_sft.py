@@ -153,6 +153,8 @@ def main(args: list[str] | None = None) -> Trainer:
         base = OmniFusionForCausalLM.from_pretrained(model_args.model_name_or_path)
         if vision_towers is not None:
             install_vision_towers(base, *vision_towers)
+        if model_args.image_grid_pinpoints is not None:  # the saved config must agree with the saved processor
+            set_image_grid_pinpoints(base, processor, parse_grid_pinpoints(model_args.image_grid_pinpoints))
         merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
 
         def save_merged(folder: str):

@@ -160,15 +160,19 @@ def test_stage2_vision_models_replace_the_towers_and_train_what_stage2_trains(
     assert processor.image_grid_pinpoints == json.loads(PINPOINTS)
 
 
-def test_stage2_lora_merge_keeps_the_given_towers(stage1_dir, other_encoders, data_path, tmp_path):
+def test_stage2_lora_merge_keeps_the_given_towers_and_tiles(stage1_dir, other_encoders, data_path, tmp_path):
     clip, dinov2 = other_encoders
     train_stage2_sft.main(
-        ["--model_name_or_path", str(stage1_dir), "--vision_model_name_or_path", f"{clip},{dinov2}"]
+        ["--model_name_or_path", str(stage1_dir), "--vision_model_name_or_path", f"{clip},{dinov2}",
+         "--image_grid_pinpoints", "none"]
         + training_flags(tmp_path, data_path, max_steps=1, lora_r=2)
     )
-    merged = OmniFusionForCausalLM.from_pretrained(tmp_path).state_dict()
+    merged = OmniFusionForCausalLM.from_pretrained(tmp_path)
     given = tower_states(clip, dinov2)
-    assert all(torch.equal(merged[key], given[key]) for key in given)
+    assert all(torch.equal(merged.state_dict()[key], given[key]) for key in given)
+    # the merged model is rebuilt from the stage-1 folder: it gets this stage's tiles (off) too, as the processor
+    processor = AutoProcessor.from_pretrained(tmp_path, trust_remote_code=True)
+    assert merged.config.image_grid_pinpoints is None and processor.image_grid_pinpoints is None
 
 
 def encoder_mismatch(tmp_path, data_path, stage1_dir, vision_models: str, save_lora_adapter_only=False):
