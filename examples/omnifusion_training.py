@@ -657,7 +657,9 @@ def load_replacement_vision_towers(
     for index, (name, wanted) in enumerate(zip(names, expected)):
         found = AutoConfig.from_pretrained(name)
         found = getattr(found, "vision_config", found)
-        architecture = [f for f in ENCODER_FIELDS_THE_ADAPTER_READS if f != "image_size" or found.model_type != "dinov2"]
+        architecture = [
+            field for field in ENCODER_FIELDS_THE_ADAPTER_READS if field != "image_size" or found.model_type != "dinov2"
+        ]
         check(index, name, fields(found, architecture), fields(wanted, architecture))
     image_processors = [
         _own_image_processor(name) or current for name, current in zip(names, processor.image_processors)
