@@ -639,6 +639,7 @@ def load_replacement_vision_towers(
             f"{model_name_or_path} was trained on {len(expected)} ({', '.join(v.model_type for v in expected)}); "
             "give one folder or Hub id per encoder, comma-separated, in the same order."
         )
+
     def check(index: int, name: str, found: dict, wanted: dict):
         mismatch = [(field, found[field], wanted[field]) for field in wanted if found[field] != wanted[field]]
         if mismatch:
