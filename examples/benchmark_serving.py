@@ -130,8 +130,9 @@ def vllm_worker(args):
     folder = args.worker
     processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
     images = make_images(args.requests)
-    prompts = [{"prompt": processor.apply_chat_template(messages(i), add_generation_prompt=True),
-                "multi_modal_data": {"image": images[i]}} for i in range(args.requests)]
+    # vllm_inputs refuses a prompt whose <image> placeholders do not match its images (vLLM does not always).
+    prompts = [processor.vllm_inputs(processor.apply_chat_template(messages(i), add_generation_prompt=True), images[i])
+               for i in range(args.requests)]
     llm = LLM(model=folder, model_impl="transformers", trust_remote_code=True, dtype="float32", enforce_eager=True,
               max_model_len=1024, max_num_seqs=max(CONCURRENCY), seed=0, enable_prefix_caching=False)
     params = SamplingParams(temperature=0.0, max_tokens=args.new_tokens, ignore_eos=True)

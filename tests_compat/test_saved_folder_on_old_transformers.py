@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 import transformers
 from transformers import AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
@@ -101,3 +102,18 @@ def test_tokenizer_alone_adds_no_bos_to_the_rendered_template(loaded):
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
     rendered = processor.apply_chat_template(resolve(CHATS["text_only"]), add_generation_prompt=True)
     assert tokenizer(rendered).input_ids == reference["text_only"]["inputs"]["input_ids"][0].tolist()
+
+
+@pytest.mark.parametrize(
+    "text, n_images, counts",
+    [("<image>a<image>b", 1, "2 '<image>' placeholders but 1 image was"), ("<image>a", 2, "1 '<image>' placeholder but 2 images"),
+     ("<image>a", 0, "1 '<image>' placeholder but 0 images"), ("a", 1, "0 '<image>' placeholders but 1 image")],
+)
+def test_image_count_mismatch_is_a_clear_value_error(loaded, text, n_images, counts):
+    # Older releases do not count placeholders in ProcessorMixin (5.16 and 5.19 raise StopIteration for too few
+    # images and ignore extra ones); the shipped processor does, in a call and in `vllm_inputs` alike.
+    _, _, processor, _ = loaded
+    image = Image.open(REFERENCE / "image_0.png").convert("RGB")
+    for build in (lambda images: processor(text=text, images=images), lambda images: processor.vllm_inputs(text, images)):
+        with pytest.raises(ValueError, match=rf"{counts}.*expected exactly one image per '<image>' placeholder"):
+            build([image] * n_images or None)

