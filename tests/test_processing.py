@@ -161,7 +161,8 @@ def test_placeholder_image_mismatch_in_a_batch_names_the_prompt():
     processor = make_processor()
     with pytest.raises(ValueError, match=r"text\[1\] has 0 '<image>' placeholders but 1 image was given for it"):
         processor(text=["<image>a", "b"], images=[[make_image(0)], [make_image(1)]])
-    with pytest.raises(ValueError, match=r"The 2 prompts have 2 '<image>' placeholders in total \(\[1, 1\]\) but 1 image"):
+    in_total = r"The 2 prompts have 2 '<image>' placeholders in total \(\[1, 1\]\) but 1 image"
+    with pytest.raises(ValueError, match=in_total):
         processor(text=["<image>a", "<image>b"], images=[make_image(0)])
 
 

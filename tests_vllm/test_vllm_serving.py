@@ -105,7 +105,8 @@ def raw_prompt(processor, name) -> tuple[str, list]:
 def assert_serves_like_hf(llm, processor, reference, name):
     """The engine still answers `processor.vllm_inputs` for the chat `name` with HF's prompt ids and tokens."""
     expected = hf_new_tokens(reference, name)
-    [output] = llm.generate([processor.vllm_inputs(*raw_prompt(processor, name))], greedy(len(expected)), use_tqdm=False)
+    prompt = processor.vllm_inputs(*raw_prompt(processor, name))
+    [output] = llm.generate([prompt], greedy(len(expected)), use_tqdm=False)
     assert output.prompt_token_ids == reference[name]["inputs"]["input_ids"][0].tolist()
     assert list(output.outputs[0].token_ids) == expected
 
@@ -113,7 +114,8 @@ def assert_serves_like_hf(llm, processor, reference, name):
 def test_more_images_than_placeholders_is_refused_before_the_engine_runs(engine):
     llm, processor, reference = engine
     text, [image] = raw_prompt(processor, "single_image")
-    with pytest.raises(ValueError, match=rf"The prompt has 1 '<image>' placeholder but 2 images were given: {MISMATCH}"):
+    refused = rf"The prompt has 1 '<image>' placeholder but 2 images were given: {MISMATCH}"
+    with pytest.raises(ValueError, match=refused):
         llm.generate([processor.vllm_inputs(text, [image, image])], greedy(4), use_tqdm=False)
     # vLLM 0.32 refuses the same raw prompt by itself too, while matching the placeholders, but with its own
     # AssertionError naming the item it could not place (what the README says a raw prompt without the helper gets).
@@ -125,10 +127,12 @@ def test_more_images_than_placeholders_is_refused_before_the_engine_runs(engine)
 def test_more_placeholders_than_images_is_refused_before_the_engine_runs(engine):
     llm, processor, reference = engine
     text, images = raw_prompt(processor, "two_images")
-    with pytest.raises(ValueError, match=rf"The prompt has 2 '<image>' placeholders but 1 image was given: {MISMATCH}"):
+    refused = rf"The prompt has 2 '<image>' placeholders but 1 image was given: {MISMATCH}"
+    with pytest.raises(ValueError, match=refused):
         llm.generate([processor.vllm_inputs(text, images[:1])], greedy(4), use_tqdm=False)
     single_text, _ = raw_prompt(processor, "single_image")
-    with pytest.raises(ValueError, match=rf"The prompt has 1 '<image>' placeholder but 0 images were given: {MISMATCH}"):
+    refused = rf"The prompt has 1 '<image>' placeholder but 0 images were given: {MISMATCH}"
+    with pytest.raises(ValueError, match=refused):
         llm.generate([processor.vllm_inputs(single_text)], greedy(4), use_tqdm=False)
     # vLLM 0.32 by itself does not refuse it: the first placeholder becomes the image's block, the second stays one
     # bare `<image>` token outside any block, and the model runs on that malformed prompt (why the helper exists).
@@ -139,7 +143,7 @@ def test_more_placeholders_than_images_is_refused_before_the_engine_runs(engine)
     assert_serves_like_hf(llm, processor, reference, "two_images")
 
 
-def test_chat_cannot_mismatch_a_typed_placeholder_is_text(engine):
+def test_chat_renders_a_typed_placeholder_as_text_so_it_cannot_mismatch(engine):
     llm, processor, _ = engine
     # LLM.chat renders the chat template, which writes one placeholder per image item and escapes message text:
     # "<image>" typed by a user is characters, never a placeholder without an image.
