@@ -137,7 +137,7 @@ def test_two_processes_stream_disjoint_shards_through_stage1(parts, tmp_path):
     vision, language = parts
     write_shards(tmp_path / "shards", 4, 6, {"000020003": "broken-image"})
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
         os.path.join(EXAMPLES_DIR, "train_stage1_pretrain.py"),
         "--vision_model_name_or_path", str(vision), "--language_model_name_or_path", str(language),
         *training_flags(tmp_path / "out", str(tmp_path / "shards" / "{00000..00003}.tar"), max_steps=3,

@@ -449,7 +449,7 @@ def test_stage2_lora_adapter_only_loads_on_top_of_the_stage1_folder(stage1_dir, 
 def test_two_process_ddp_training_on_cpu(parts, data_path, tmp_path):
     vision, language = parts
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
         os.path.join(EXAMPLES_DIR, "train_stage1_pretrain.py"),
         "--vision_model_name_or_path", str(vision), "--language_model_name_or_path", str(language),
         *training_flags(tmp_path, data_path, max_steps=3, save_strategy="steps", save_steps=2, log_level="info",
