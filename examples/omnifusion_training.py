@@ -57,6 +57,13 @@ from modeling_omnifusion.processing.processing_omnifusion import (
     rank_merges_by_sentencepiece_scores,
 )
 from omnifusion_checkpoints import AtomicCheckpointTrainer, check_output_dir, resolve_resume_checkpoint
+from omnifusion_fsdp import (
+    check_distributed_arguments,
+    default_wrap_classes,
+    enable_fsdp_on_cpu,
+    plain_class,
+    use_sharded_adafactor,
+)
 
 
 logger = logging.getLogger(__name__)
@@ -178,12 +185,7 @@ def setup_run(training_args: TrainingArguments):
             f"Launched as {launched} processes, but each would train alone (the Trainer's world size is "
             f"{training_args.world_size}). On CPU, add --use_cpu so that they train together over gloo."
         )
-    if training_args.fsdp and (training_args.use_cpu or not torch.cuda.is_available()):
-        # accelerate turns its FSDP plugin on only for accelerator devices: on CPU the Trainer would quietly run DDP.
-        raise ValueError(
-            "--fsdp needs GPUs (or other accelerators): on CPU, accelerate ignores it and every process would hold the "
-            "whole model (plain DDP). Drop --fsdp to train with DDP on CPU."
-        )
+    check_distributed_arguments(training_args, launched)  # --fsdp in one process, DeepSpeed on CPU, ...
     logging.basicConfig(
         format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
         datefmt="%H:%M:%S",
@@ -736,11 +738,32 @@ class OmniFusionTrainer(AtomicCheckpointTrainer):
     no pickle and name no local path: the arguments go to `training_args.json`
     (local paths cut to their last component) instead of the pickled `training_args.bin`, which nothing reads back
     (checkpoints keep the optimizer, scheduler and RNG states `--resume_from_checkpoint` needs), and a PEFT adapter's
-    model card names no unknown base model.
+    model card names no unknown base model. With `--fsdp` it also runs FSDP2 on CPU and with Adafactor, and saves
+    the final model whole whatever the FSDP state dict type (`omnifusion_fsdp.py`).
     """
 
+    def create_accelerator_and_postprocess(self):
+        super().create_accelerator_and_postprocess()
+        if self.args.fsdp and not self.is_fsdp_enabled:  # accelerate leaves FSDP off on CPU
+            enable_fsdp_on_cpu(self)
+
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        if self.is_fsdp_enabled:
+            self.optimizer = optimizer = use_sharded_adafactor(optimizer)
+        return optimizer
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        sharded = self.is_fsdp_enabled and "FULL_STATE_DICT" not in str(self.accelerator.state.fsdp_plugin.state_dict_type)
+        if not sharded or _internal_call:  # checkpoints keep the sharded FSDP state as the Trainer writes it
+            return super().save_model(output_dir, _internal_call)
+        # the final model: gathered whole from every process, as with FULL_STATE_DICT
+        self._save(output_dir if output_dir is not None else self.args.output_dir,
+                   state_dict=self.accelerator.get_state_dict(self.model))
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None):
-        super()._save(output_dir, state_dict)
+        with plain_class(self.accelerator.unwrap_model(self.model, keep_torch_compile=False)):
+            super()._save(output_dir, state_dict)
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if not self.args.should_save:
             return
@@ -782,6 +805,7 @@ def make_trainer(
         train_dataset = load_training_dataset(data_args, processor)
         if data_args.group_by_length:
             trainer_class = length_grouped(OmniFusionTrainer, list(train_dataset.with_format(None)["length"]))
+    default_wrap_classes(model, training_args)  # with --fsdp: which layers each get their FSDP unit
     if data_args.packing:
         collator = PackedDataCollator()
     else:
