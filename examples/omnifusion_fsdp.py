@@ -14,8 +14,8 @@ does. Three things are added here so that it works for OmniFusion and on CPU:
   `default_wrap_classes` keeps those the model has (the LM's decoder layers, the vision encoder's layers).
 - The optimizer: transformers' Adafactor (the released code's, the scripts' default) keeps its factored second
   moments in plain tensors of the full shape, which cannot be mixed with FSDP2's sharded (DTensor) gradients.
-  `ShardedAdafactor` creates those states as DTensors laid out like the gradient, so the same update runs on the
-  shards, with DTensor doing the cross-process reductions (row/column means, update RMS).
+  `ShardedAdafactor` takes the same step on each process's rows, summing across processes what needs every row
+  (column means, parameter and update RMS), with its states as DTensors that FSDP checkpoints save and restore.
 
 At exit the process group is destroyed (`end_distributed`): without it a CPU FSDP2 process hangs once its script
 is done. Saving: `fully_shard` gives each wrapped module a new class (`FSDPOmniFusionForCausalLM`, defined in torch), and
@@ -26,6 +26,7 @@ class while it saves.
 import atexit
 import contextlib
 import logging
+import math
 
 import torch
 from transformers.optimization import Adafactor
@@ -128,40 +129,109 @@ def _shard_placements(placements, ndim: int, dropped: int):
 
 class ShardedAdafactor(Adafactor):
     """
-    transformers' `Adafactor`, its update unchanged, for parameters that FSDP2 shards (DTensor): the factored second
-    moments (a row and a column vector per matrix) are created as DTensors laid out like the gradient (the row vector
-    sharded as the gradient's rows, the column vector replicated when the rows are what is sharded), so every step's
-    arithmetic runs on DTensors and the reductions over sharded dimensions are gathered across processes.
-    Parameters that are plain tensors are left to `Adafactor` as they are.
+    transformers' `Adafactor` (same hyper-parameters, same update) for parameters that FSDP2 shards by rows (DTensor,
+    `Shard(0)` on a 1-D mesh). Each process updates its own rows; what the update needs from all rows is summed across
+    the processes: the column means of the squared gradient (for a matrix, whose rows are split) and the mean of the
+    row statistics, the parameter's and the update's RMS. The states are DTensors laid out like the gradient (the row
+    statistics sharded with the rows, a matrix's column statistics replicated), so that the Trainer's FSDP checkpoints
+    save and restore them as they do for any optimizer. Plain-tensor parameters are left to `Adafactor`.
     """
 
     @torch.no_grad()
     def step(self, closure=None):
-        from torch.distributed.tensor import DTensor, zeros
+        from torch.distributed.tensor import DTensor
 
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        plain_groups = []
         for group in self.param_groups:
-            for param in group["params"]:
-                grad = param.grad
-                state = self.state[param]
-                if grad is None or state or not isinstance(grad, DTensor):
-                    continue
-                factored, use_first_moment = self._get_options(group, grad.shape)
-                state["step"] = 0
-                state["RMS"] = 0
-                if use_first_moment:
-                    state["exp_avg"] = torch.zeros_like(grad)
-                if not factored:
-                    state["exp_avg_sq"] = torch.zeros_like(grad)
-                    continue
-                ndim, shape = grad.ndim, tuple(grad.shape)
+            sharded = [param for param in group["params"] if isinstance(param, DTensor) and param.grad is not None]
+            for param in sharded:
+                self._sharded_step(param, group)
+            plain_groups.append([param for param in group["params"] if not isinstance(param, DTensor)])
+        # the plain parameters, if any: Adafactor's own step, with the sharded ones hidden from it
+        all_params = [group["params"] for group in self.param_groups]
+        try:
+            for group, params in zip(self.param_groups, plain_groups):
+                group["params"] = params
+            super().step()
+        finally:
+            for group, params in zip(self.param_groups, all_params):
+                group["params"] = params
+        return loss
+
+    def _sharded_step(self, param, group):
+        from torch.distributed.tensor import Shard, zeros
+
+        if len(param.placements) != 1 or param.placements[0] != Shard(0):
+            raise ValueError(f"ShardedAdafactor: expected FSDP2's Shard(0) on a 1-D mesh, got {param.placements}.")
+        process_group = param.device_mesh.get_group()
+
+        def total(value: torch.Tensor) -> torch.Tensor:  # summed over all processes
+            torch.distributed.all_reduce(value, group=process_group)
+            return value
+
+        grad = param.grad.to_local()
+        if grad.dtype in (torch.float16, torch.bfloat16):
+            grad = grad.float()
+        shape, ndim = tuple(param.shape), param.ndim
+        factored, use_first_moment = self._get_options(group, shape)
+        state = self.state[param]
+        if not state:
+            state["step"] = 0
+            state["RMS"] = 0
+            dtype = grad.dtype
+            if use_first_moment:
+                state["exp_avg"] = torch.zeros_like(param.grad, dtype=dtype)
+            if factored:
                 for name, dropped in (("exp_avg_sq_row", ndim - 1), ("exp_avg_sq_col", ndim - 2)):
                     state[name] = zeros(
                         shape[:dropped] + shape[dropped + 1 :],
-                        dtype=torch.float32 if grad.dtype in (torch.float16, torch.bfloat16) else grad.dtype,
-                        device_mesh=grad.device_mesh,
-                        placements=_shard_placements(grad.placements, ndim, dropped),
+                        dtype=dtype,
+                        device_mesh=param.device_mesh,
+                        placements=_shard_placements(param.placements, ndim, dropped),
                     )
-        return super().step(closure)
+            else:
+                state["exp_avg_sq"] = torch.zeros_like(param.grad, dtype=dtype)
+        weights = param.to_local()
+        weights32 = weights.float() if weights.dtype in (torch.float16, torch.bfloat16) else weights
+        numel = param.numel()
+
+        state["step"] += 1
+        state["RMS"] = float(total(weights32.double().pow(2).sum()).sqrt() / numel**0.5)
+        lr = self._get_lr(group, state)
+        beta2t = 1.0 - math.pow(state["step"], group["decay_rate"])
+        update = grad**2 + group["eps"][0]
+        if factored:
+            row, col = state["exp_avg_sq_row"].to_local(), state["exp_avg_sq_col"].to_local()
+            row.mul_(beta2t).add_(update.mean(dim=-1), alpha=1.0 - beta2t)
+            if ndim == 2:  # the rows are split: the column means are over every process's rows
+                col_mean = total(update.sum(dim=-2)) / shape[0]
+                row_mean = total(row.sum(dim=-1, keepdim=True)) / shape[0]
+            else:  # the split is along a dimension both statistics keep
+                col_mean = update.mean(dim=-2)
+                row_mean = row.mean(dim=-1, keepdim=True)
+            col.mul_(beta2t).add_(col_mean, alpha=1.0 - beta2t)
+            update = (row / row_mean).rsqrt_().unsqueeze(-1) * col.unsqueeze(-2).rsqrt()
+            update.mul_(grad)
+        else:
+            exp_avg_sq = state["exp_avg_sq"].to_local()
+            exp_avg_sq.mul_(beta2t).add_(update, alpha=1.0 - beta2t)
+            update = exp_avg_sq.rsqrt().mul_(grad)
+        update_rms = total(update.double().pow(2).sum()).sqrt() / numel**0.5
+        update.div_((update_rms.to(update.dtype) / group["clip_threshold"]).clamp_(min=1.0))
+        update.mul_(lr)
+        if use_first_moment:
+            exp_avg = state["exp_avg"].to_local()
+            exp_avg.mul_(group["beta1"]).add_(update, alpha=1 - group["beta1"])
+            update = exp_avg
+        if group["weight_decay"] != 0:
+            weights32.add_(weights32, alpha=-group["weight_decay"] * lr)
+        weights32.add_(-update)
+        if weights32 is not weights:
+            weights.copy_(weights32)
 
 
 def use_sharded_adafactor(optimizer):
