@@ -214,11 +214,13 @@ def check_output_dir(args: TrainingArguments, resume_checkpoint: str | None):
     the others look).
     """
     output_dir = args.output_dir
-    if not os.path.isdir(output_dir):
-        return
     if resume_checkpoint is not None and _is_inside(resume_checkpoint, output_dir):
         return
+    # Every process enters (one barrier each) whatever it finds: a process that returned on a missing folder while
+    # another found it (made by the first one's Trainer meanwhile) left them in different collectives, hung for good.
     with args.main_process_first(desc="clearing the earlier run in --output_dir"):
+        if not os.path.isdir(output_dir):
+            return
         entries = sorted(name for name in os.listdir(output_dir) if not STAGING_PATTERN.match(name))
         if not entries:
             return

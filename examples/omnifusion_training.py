@@ -193,6 +193,7 @@ def setup_run(training_args: TrainingArguments):
     )
     level = training_args.get_process_log_level()
     logger.setLevel(level)
+    logging.getLogger("omnifusion_fsdp").setLevel(level)
     datasets.utils.logging.set_verbosity(level)
     transformers.utils.logging.set_verbosity(level)
     transformers.set_seed(training_args.seed)
