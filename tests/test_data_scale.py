@@ -29,6 +29,7 @@ import train_stage2_sft
 from modeling_omnifusion import OmniFusionForCausalLM
 from omnifusion_data import PackedDataCollator, expand_shards, load_streaming_dataset
 from omnifusion_fixtures import make_config, make_image, make_processor
+from omnifusion_fsdp import check_distributed_arguments
 from omnifusion_training import DataArguments, OmniFusionDataCollator, OmniFusionTrainingArguments, load_training_dataset
 
 
@@ -253,13 +254,21 @@ def test_check_images_none_header_full(tmp_path):
             load_training_dataset(DataArguments(data_path=str(path), check_images=mode), make_processor())
 
 
-def test_fsdp_on_cpu_is_refused_instead_of_quietly_running_ddp(parts, tmp_path):
-    # accelerate enables FSDP only on accelerators; on CPU the Trainer fell back to DDP with no word (probed: model
-    # wrapped in DistributedDataParallel, `is_fsdp_enabled` False), so the scripts refuse it.
+def test_fsdp_in_one_process_and_deepspeed_on_cpu_are_refused_with_what_to_use_instead(parts, tmp_path):
+    # FSDP on CPU runs with several processes (tests_fsdp/, the CI's fsdp tier); in one there is nothing to shard
     vision, language = parts
     data_path = write_dataset(tmp_path / "data", colour_records(2))
-    with pytest.raises(ValueError, match="--fsdp needs GPUs"):
+    with pytest.raises(ValueError, match=r"--fsdp shards the model across processes, but this run is one process.*torchrun"):
         train_stage1_pretrain.main(
             ["--vision_model_name_or_path", str(vision), "--language_model_name_or_path", str(language)]
             + training_flags(tmp_path / "out", data_path, max_steps=1, use_cpu=True, fsdp="full_shard")
         )
+    assert not (tmp_path / "out").exists()
+    args = OmniFusionTrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True, fsdp="full_shard",
+                                       fsdp_config={"version": 1})
+    with pytest.raises(ValueError, match="--fsdp_config version 1: only FSDP2"):
+        check_distributed_arguments(args, launched=2)
+    args = OmniFusionTrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True)
+    args.deepspeed = "examples/configs/deepspeed_zero2.json"  # (parsing it needs deepspeed installed; it is not here)
+    with pytest.raises(ValueError, match="--deepspeed examples/configs/deepspeed_zero2.json: DeepSpeed needs GPUs"):
+        check_distributed_arguments(args, launched=2)
