@@ -8,7 +8,6 @@ fail if the run fell back to DDP (the model whole in each process) instead of sh
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -52,19 +51,13 @@ def stage1_dir(tmp_path_factory, data_path) -> Path:
     return output_dir
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def run_stage2(stage1_dir, data_path, output_dir, fsdp: bool = True, **overrides) -> tuple[str, list[dict], float]:
     """A 4-step stage-2 run with 2 processes (checkpoints at steps 2 and 4): its log, each process's report, seconds."""
     report_dir = Path(str(output_dir) + "-report")
     flags = {"max_steps": 4, "save_strategy": "steps", "save_steps": 2, "learning_rate": 1e-3, "use_cpu": True,
              "log_level": "info", **({"fsdp": "full_shard"} if fsdp else {}), **overrides}
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
         DRIVER, str(report_dir), "--model_name_or_path", str(stage1_dir), *training_flags(output_dir, data_path, **flags),
     ]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
