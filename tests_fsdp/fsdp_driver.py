@@ -39,7 +39,8 @@ def train_and_report(trainer):
     for name, parameter in trainer.model.named_parameters():
         local = parameter.to_local() if isinstance(parameter, DTensor) else parameter
         parameters[name] = {"dtensor": isinstance(parameter, DTensor), "local": local.numel(),
-                            "global": parameter.numel(), "trainable": parameter.requires_grad}
+                            "global": parameter.numel(), "shape": list(parameter.shape),
+                            "trainable": parameter.requires_grad}
     report = {
         "distributed_type": str(trainer.accelerator.distributed_type),
         "is_fsdp_enabled": trainer.is_fsdp_enabled,
