@@ -3,7 +3,7 @@
 # sharded for real (each process holds half of every LM parameter; fails on a fallback to DDP), checkpoints holding
 # the FSDP state (full and sharded state dicts), resumed runs bit-identical to uninterrupted ones, FSDP's final
 # weights equal to DDP's, and ShardedAdafactor equal to Adafactor on whole tensors. Main venv only (nothing to
-# install beyond the README's); measured: 190 s of tests on the shared 2-core machine, 382 s with the venv made fresh.
+# install beyond the README's); measured: 70-190 s of tests on the shared 2-core machine, 382 s with the venv made fresh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)

@@ -18,9 +18,9 @@ does. Three things are added here so that it works for OmniFusion and on CPU:
   (column means, parameter and update RMS), with its states as DTensors that FSDP checkpoints save and restore.
 
 At exit the process group is destroyed (`end_distributed`): without it a CPU FSDP2 process hangs once its script
-is done. Saving: `fully_shard` gives each wrapped module a new class (`FSDPOmniFusionForCausalLM`, defined in torch), and
-`save_pretrained` would ship torch's FSDP files as the folder's remote code; `plain_class` restores the model's own
-class while it saves.
+is done. Saving: `fully_shard` gives each wrapped module a new class (`FSDPOmniFusionForCausalLM`, defined in
+torch), and `save_pretrained` would ship torch's FSDP files as the folder's remote code; `plain_class` restores the
+model's own class while it saves.
 """
 
 import atexit

@@ -755,7 +755,8 @@ class OmniFusionTrainer(AtomicCheckpointTrainer):
         return optimizer
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
-        sharded = self.is_fsdp_enabled and "FULL_STATE_DICT" not in str(self.accelerator.state.fsdp_plugin.state_dict_type)
+        state_dict_type = str(self.accelerator.state.fsdp_plugin.state_dict_type) if self.is_fsdp_enabled else ""
+        sharded = self.is_fsdp_enabled and "FULL_STATE_DICT" not in state_dict_type
         if not sharded or _internal_call:  # checkpoints keep the sharded FSDP state as the Trainer writes it
             return super().save_model(output_dir, _internal_call)
         # the final model: gathered whole from every process, as with FULL_STATE_DICT

@@ -3,7 +3,8 @@
     torchrun --nproc_per_node 2 tests_fsdp/fsdp_driver.py <report folder> <train_stage2_sft.py flags>
 
 Writes `<report folder>/rank<N>.json`: the accelerator's distributed type, whether the Trainer wrapped the model in
-DDP, the steps it trained, and for every parameter whether it is a DTensor and how many of its elements this process holds.
+DDP, the steps it trained, and for every parameter whether it is a DTensor and how many of its elements this process
+holds.
 """
 
 import faulthandler
