@@ -8,6 +8,7 @@ fail if the run fell back to DDP (the model whole in each process) instead of sh
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -63,10 +64,17 @@ def run_stage2(stage1_dir, data_path, output_dir, fsdp: bool = True, **overrides
     ]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
     start = time.monotonic()
-    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=400, env=env)
+    # a session of its own, so that a run past its time is killed with its worker processes
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env,
+                          start_new_session=True) as process:
+        try:
+            log, _ = process.communicate(timeout=400)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            log, _ = process.communicate()
+            pytest.fail(f"the 2-process run passed 400 s:\n{log[-6000:]}")
     seconds = time.monotonic() - start
-    log = result.stdout + result.stderr
-    assert result.returncode == 0, log[-6000:]
+    assert process.returncode == 0, log[-6000:]
     print(f"{output_dir.name}: 2-process stage-2 run of 4 steps in {seconds:.1f} s")
     reports = [json.loads((report_dir / f"rank{rank}.json").read_text()) for rank in range(2)]
     return log, reports, seconds
