@@ -323,7 +323,8 @@ def _check_placeholder_count(text, images, image_token: str) -> None:
     prompts = [text] if isinstance(text, str) else list(text)
     expected = (
         f"expected exactly one image per {image_token!r} placeholder, in order (the chat template writes one "
-        f"{image_token!r} per {{'type': 'image'}} content item)"
+        f"{image_token!r} per {{'type': 'image'}} content item; the number of {image_token!r} tokens in the prompts "
+        "should be the same as the number of images)"
     )
     per_sample = (
         isinstance(images, (list, tuple))
