@@ -67,7 +67,7 @@ from visdial_scoring import (
 SYSTEM_TOKENS, DESCRIBE_TOKENS, CAPTION_TOKENS, QUESTION_TOKENS, ANSWER_TOKENS = 10, 10, 15, 8, 5
 CANDIDATE_TOKENS = (2, 8)
 TOLERANCE = 1e-4
-VISDIAL_SAMPLE = Path(__file__).resolve().parents[1] / "tests" / "data" / "visdial" / "visdial_1.0_val_crowdsourced.json"
+VISDIAL_SAMPLE = Path(__file__).resolve().parents[1] / "tests/data/visdial/visdial_1.0_val_crowdsourced.json"
 MISTRAL_TOKENIZER = ("mistral_common", "data/tokenizer.model.v1")
 CANDIDATE_SOURCES = ("visdial", "random")
 
@@ -90,8 +90,12 @@ class BenchmarkArguments:
             "choices": list(CANDIDATE_SOURCES),
         },
     )
-    visdial_json: str = field(default=str(VISDIAL_SAMPLE), metadata={"help": "VisDial file for --candidates_from visdial."})
-    dialog_index: int = field(default=0, metadata={"help": "Which dialog of --visdial_json (--candidates_from visdial)."})
+    visdial_json: str = field(
+        default=str(VISDIAL_SAMPLE), metadata={"help": "VisDial file for --candidates_from visdial."}
+    )
+    dialog_index: int = field(
+        default=0, metadata={"help": "Which dialog of --visdial_json (--candidates_from visdial)."}
+    )
 
 
 def build_model() -> OmniFusionForCausalLM:
@@ -117,7 +121,7 @@ def build_model() -> OmniFusionForCausalLM:
 
 
 def mistral_tokenizer():
-    """The real Mistral SentencePiece tokenizer (Mistral-7B-v0.1's, as released with OmniMistral) from mistral-common."""
+    """The real Mistral SentencePiece tokenizer (Mistral-7B-v0.1's, as in OmniMistral), from mistral-common."""
     spec = importlib.util.find_spec(MISTRAL_TOKENIZER[0])
     if spec is None:
         raise SystemExit(
@@ -139,7 +143,9 @@ def visdial_text(args: BenchmarkArguments):
         raise ValueError(f"--dialog_index must be in 0..{len(data['dialogs']) - 1} for {path}, got {args.dialog_index}")
     dialog = data["dialogs"][args.dialog_index]
     if args.rounds > len(dialog["dialog"]):
-        raise ValueError(f"--rounds {args.rounds}: dialog {args.dialog_index} of {path} has {len(dialog['dialog'])} rounds")
+        raise ValueError(
+            f"--rounds {args.rounds}: dialog {args.dialog_index} of {path} has {len(dialog['dialog'])} rounds"
+        )
     rounds = []
     for visdial_round in dialog["dialog"][: args.rounds]:
         options = [data["answers"][index] for index in visdial_round["answer_options"]]
@@ -233,7 +239,8 @@ def main(argv=None):
         f"float32 on cpu, {torch.get_num_threads()} threads"
     )
     source = (
-        f"dialog {args.dialog_index} of {Path(args.visdial_json).name} (real text and answer options, Mistral tokenizer)"
+        f"dialog {args.dialog_index} of {Path(args.visdial_json).name} (real text and answer options, Mistral "
+        "tokenizer)"
         if args.candidates_from == "visdial"
         else "random ids"
     )
@@ -284,7 +291,9 @@ def main(argv=None):
     def line(name, label):
         return f"{label:<38} {seconds[name]:8.2f} s  ({seconds[name] / args.rounds:.3f} s/round"
 
-    print(line("shared prefix", "shared prefix (per round):") + f", {seconds['naive'] / seconds['shared prefix']:.1f}x)")
+    print(
+        line("shared prefix", "shared prefix (per round):") + f", {seconds['naive'] / seconds['shared prefix']:.1f}x)"
+    )
     print(
         line("whole dialog", "whole dialog, prefix sharing:")
         + f", {seconds['naive'] / seconds['whole dialog']:.1f}x; {dialog.context_tokens_run} context tokens run for "

@@ -376,7 +376,9 @@ def _packed_batches(
     """
     limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
     room = limit - context_len if limit else None
-    order = sorted(range(len(candidate_ids)), key=candidate_ids.__getitem__) if share_prefixes else range(len(candidate_ids))
+    order = range(len(candidate_ids))
+    if share_prefixes:
+        order = sorted(order, key=candidate_ids.__getitem__)
     batches, current, tokens, prefixes = [], [], 0, set()
     for row in order:
         ids = candidate_ids[row]
@@ -500,7 +502,7 @@ class DialogScorer:
         if self.packed:
             batches = _packed_batches(model, context_len, candidate_ids, self.batch_size, self.share_prefixes)
             packed_len = max(
-                (len(_candidate_trie([candidate_ids[row] for row in rows], self.share_prefixes)[0]) for rows in batches),
+                (len(_candidate_trie([candidate_ids[r] for r in rows], self.share_prefixes)[0]) for rows in batches),
                 default=0,
             )
         if keep and batches and _can_pack(model, self.cache, context_len - keep + packed_len):
