@@ -26,7 +26,9 @@ Shared-prefix scoring runs the round's context (image, caption, history, questio
 scores the candidates in batches on that cache, so each candidate costs only its own few tokens. Whole-dialog
 scoring (`DialogScorer`, used by `evaluate_dialogs`) goes further: round t+1's context is round t's plus the
 ground-truth answer and the next question, so one KV cache per dialog is extended round by round and the image and
-caption run once per dialog; the candidates of a batch run packed in one sequence with a 4D attention mask.
+caption run once per dialog; the candidates of a batch run packed in one sequence with a 4D attention mask, a
+token prefix that several of them share run once (tree attention), and each later round's new context tokens run in
+the same forward as its first candidate batch.
 `score_candidates_naive` is the released method (every candidate's full sequence through the LM, the image
 encoded once) and exists to check and time the shared-prefix one.
 """
@@ -428,8 +430,9 @@ class DialogScorer:
     diverges inside it, the cache is cut back to the common prefix). The image is encoded only when the cache is
     (re)built: on the first round, or when the image inputs change, or when the part to run would contain image
     tokens. Candidates are then scored on the context cache without changing it: packed into one sequence per
-    batch with a 4D attention mask where the decoder supports it (`_score_packed`), otherwise in padded batches
-    like `score_candidates_shared_prefix`.
+    batch with a 4D attention mask where the decoder supports it (`_score_packed`; candidates taken in token order,
+    a prefix several candidates of a batch share runs once, and when the cache was reused the context's new tokens
+    run in the first batch's forward), otherwise in padded batches like `score_candidates_shared_prefix`.
 
     Args:
         model: an image-text-to-text model whose forward takes `cache`, `position_ids` and `logits_to_keep`.
