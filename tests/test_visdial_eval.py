@@ -808,3 +808,31 @@ def test_prefix_shared_batches_count_only_the_new_prefixes(omnifusion):
     assert visdial_scoring._packed_batches(model, limit - 4, candidate_ids, 50, True) == [[0, 5, 2, 3, 4], [1]]
     # without sharing: in order, every token but the last
     assert visdial_scoring._packed_batches(model, limit - 5, candidate_ids, 50) == [[0, 1, 2], [3, 4, 5]]
+
+
+def test_benchmark_scores_the_real_answer_options_of_the_sample_with_the_mistral_tokenizer(capsys):
+    import benchmark_visdial
+
+    data = json.loads(benchmark_visdial.VISDIAL_SAMPLE.read_text())["data"]
+    dialog = data["dialogs"][1]
+    args = benchmark_visdial.BenchmarkArguments(rounds=3, candidates=100, dialog_index=1)
+    config = benchmark_visdial.build_model().config
+    rounds = benchmark_visdial.build_rounds(config, args, benchmark_visdial.np.random.default_rng(0))
+    tokenizer = benchmark_visdial.mistral_tokenizer()
+    assert tokenizer.vocab_size() == config.text_config.vocab_size == 32000
+    for (inputs, candidate_ids), visdial_round in zip(rounds, dialog["dialog"]):
+        options = [data["answers"][index] for index in visdial_round["answer_options"]]
+        assert [tokenizer.decode(ids) for ids in candidate_ids] == options
+        question = visdial_scoring.visdial_round_question(data["questions"][visdial_round["question"]])
+        assert tokenizer.decode(inputs["input_ids"][0, -len(tokenizer.encode(question)) - 1 : -1].tolist()) == question
+    # real options share prefixes, so sharing packs fewer positions
+    model = benchmark_visdial.build_model()
+    assert benchmark_visdial.packed_positions(model, rounds, 50, True) < 0.9 * benchmark_visdial.packed_positions(
+        model, rounds, 50, False
+    )
+    with pytest.raises(ValueError, match=r"--dialog_index must be in 0\.\.96"):
+        benchmark_visdial.build_rounds(config, benchmark_visdial.BenchmarkArguments(dialog_index=97), None)
+    with pytest.raises(ValueError, match=r"--candidates 101: the VisDial rounds have 100 answer options"):
+        benchmark_visdial.build_rounds(config, benchmark_visdial.BenchmarkArguments(candidates=101), None)
+    with pytest.raises(FileNotFoundError, match="--visdial_json"):
+        benchmark_visdial.build_rounds(config, benchmark_visdial.BenchmarkArguments(visdial_json="missing.json"), None)
