@@ -26,7 +26,9 @@ Shared-prefix scoring runs the round's context (image, caption, history, questio
 scores the candidates in batches on that cache, so each candidate costs only its own few tokens. Whole-dialog
 scoring (`DialogScorer`, used by `evaluate_dialogs`) goes further: round t+1's context is round t's plus the
 ground-truth answer and the next question, so one KV cache per dialog is extended round by round and the image and
-caption run once per dialog; the candidates of a batch run packed in one sequence with a 4D attention mask.
+caption run once per dialog; the candidates of a batch run packed in one sequence with a 4D attention mask, a
+token prefix that several of them share run once (tree attention), and each later round's new context tokens run in
+the same forward as its first candidate batch.
 `score_candidates_naive` is the released method (every candidate's full sequence through the LM, the image
 encoded once) and exists to check and time the shared-prefix one.
 """
@@ -242,66 +244,158 @@ def _can_pack(model, cache, packed_len: int) -> bool:
     return True
 
 
+def _candidate_trie(groups: list[list[int]], share_prefixes: bool = True):
+    """
+    The positions a packed forward runs for the candidates `groups`: one node per distinct token prefix that
+    predicts a next token (a candidate's tokens except its last), so candidates that start alike share the nodes of
+    their common prefix (with `share_prefixes=False` every candidate keeps its own chain of nodes).
+
+    Returns `(tokens, parents, depths, paths)`: each node's token id, parent node (-1: the context) and depth (0 for
+    a candidate's first token), nodes in an order where a parent comes before its children; `paths[c][i]` is the
+    node whose logits predict token `i + 1` of candidate `c`.
+    """
+    nodes: dict[tuple, int] = {}
+    tokens, parents, depths, paths = [], [], [], []
+    for row, ids in enumerate(groups):
+        parent, path = -1, []
+        for depth, token in enumerate(ids[:-1]):
+            key = (parent, token) if share_prefixes else (row, depth)
+            node = nodes.get(key)
+            if node is None:
+                node = nodes[key] = len(tokens)
+                tokens.append(token)
+                parents.append(parent)
+                depths.append(depth)
+            path.append(node)
+            parent = node
+        paths.append(path)
+    return tokens, parents, depths, paths
+
+
+def _packed_mask(parents: torch.Tensor, depth: int, cached_len: int, new_len: int, dtype) -> torch.Tensor:
+    """
+    `[new_len + nodes, cached_len + new_len + nodes]` additive mask (0 visible, dtype's min hidden) of a packed
+    forward on a cache of `cached_len` context tokens: first `new_len` new context tokens (causal: each sees the
+    cached ones, itself and the new ones before it), then the trie nodes (`parents` `[nodes]`, -1 at the roots;
+    `depth`: the deepest node's depth), each seeing the whole context, itself and its ancestors.
+    """
+    count = parents.shape[0]
+    hidden = torch.finfo(dtype).min
+    mask = torch.zeros(new_len + count, cached_len + new_len + count, dtype=dtype, device=parents.device)
+    if new_len:
+        later = torch.ones(new_len, new_len, dtype=torch.bool, device=parents.device).triu(1)
+        mask[:new_len, cached_len : cached_len + new_len].masked_fill_(later, hidden)
+        mask[:new_len, cached_len + new_len :] = hidden
+    if count:
+        # A sentinel column `count` stands for "no ancestor": the walk up from a root ends there.
+        up = torch.cat([parents.masked_fill(parents < 0, count), parents.new_tensor([count])])
+        visible = torch.zeros(count, count + 1, dtype=torch.bool, device=parents.device)
+        rows = torch.arange(count, device=parents.device)
+        ancestor = rows
+        for _ in range(depth + 1):
+            visible[rows, ancestor] = True
+            ancestor = up[ancestor]
+        mask[new_len:, cached_len + new_len :].masked_fill_(~visible[:, :count], hidden)
+    return mask
+
+
 def _score_packed(
-    model, cache, context_len: int, first_token_log_probs, candidate_ids, batch_size: int, score: str
+    model, cache, context_len: int, first_token_log_probs, candidate_ids, batches, score: str,
+    share_prefixes: bool = True, new_context_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """
-    Candidates packed back to back into one sequence per batch of `batch_size`, on the batch-1 context cache.
+    The candidates of each batch (`_packed_batches`) packed into one sequence, on the batch-1 context cache.
 
     Only the tokens whose next-token prediction is needed run (a candidate's last token predicts nothing, so a
-    one-token candidate needs no forward at all); a 4D additive mask lets every packed token see the whole context
-    and the earlier tokens of its own candidate only, and position ids restart at the context length for every
-    candidate. So nothing is padded and the context keys/values are never copied per candidate.
+    one-token candidate needs no forward at all), and with `share_prefixes` a token prefix that several candidates
+    of the batch share runs once (`_candidate_trie`): tree attention, a 4D additive mask letting every packed token
+    see the whole context and its own prefix only, position ids continuing the context by the depth in the
+    candidate. The LM head and log-softmax run once per packed token; each candidate sums the log-probabilities
+    along its own path (in float64, then rounded to float32). So nothing is padded and the context keys/values are
+    never copied per candidate.
+
+    `new_context_ids` (`[1, n]`): the context's last n tokens, not yet in `cache`. The first batch's forward then
+    runs them first, stores them in `cache` (which ends holding exactly the context) and gives the first-token
+    log-probabilities from the logits of the context's last token (`first_token_log_probs` is then None): one
+    forward and one pass over the LM head's weights fewer per round.
     """
     device = model.device
-    dtype = model.dtype
-    scores = torch.empty(len(candidate_ids), device=device)
-    for rows in _packed_batches(model, context_len, candidate_ids, batch_size):
+    scores = torch.empty(len(candidate_ids), dtype=torch.float64, device=device)
+    for rows in batches:
         groups = [candidate_ids[row] for row in rows]
-        first = torch.tensor([tokens[0] for tokens in groups], device=device)
-        totals = first_token_log_probs[first].clone()
-        lengths = torch.tensor([len(tokens) for tokens in groups], device=device)
-        packed = [tokens[:-1] for tokens in groups]
-        packed_len = sum(len(tokens) for tokens in packed)
-        if packed_len:
-            ids = torch.tensor([token for tokens in packed for token in tokens], device=device)
-            targets = torch.tensor([token for tokens in groups for token in tokens[1:]], device=device)
-            segment = torch.cat(
-                [torch.full((len(tokens),), index, device=device) for index, tokens in enumerate(packed)]
-            )
-            offset = torch.cat([torch.arange(len(tokens), device=device) for tokens in packed])
-            own = (segment[:, None] == segment[None, :]) & (offset[None, :] <= offset[:, None])
-            visible = torch.cat([torch.ones(packed_len, context_len, dtype=torch.bool, device=device), own], dim=1)
-            mask = torch.zeros(visible.shape, dtype=dtype, device=device)
-            mask.masked_fill_(~visible, torch.finfo(dtype).min)
+        tokens, parents, depths, paths = _candidate_trie(groups, share_prefixes)
+        new_len = 0 if new_context_ids is None else new_context_ids.shape[1]
+        node_log_probs = None
+        if tokens or new_len:
+            cached_len = context_len - new_len
+            ids = torch.tensor(tokens, dtype=torch.long, device=device)
+            positions = context_len + torch.tensor(depths, dtype=torch.long, device=device)
+            parents = torch.tensor(parents, dtype=torch.long, device=device)
+            if new_len:
+                ids = torch.cat([new_context_ids[0], ids])
+                positions = torch.cat([torch.arange(cached_len, context_len, device=device), positions])
             outputs = model(
                 input_ids=ids[None],
-                attention_mask=mask[None, None],
-                position_ids=(context_len + offset)[None],
-                cache=_expand_cache(cache, 1),
+                attention_mask=_packed_mask(parents, max(depths, default=0), cached_len, new_len, model.dtype)[
+                    None, None
+                ],
+                position_ids=positions[None],
+                cache=cache if new_len else _expand_cache(cache, 1),
                 use_cache=True,
+                # the context's last token (when it runs here) and every node; int: the last that many positions
+                logits_to_keep=len(tokens) + 1 if new_len else 0,
             )
-            log_probs = torch.log_softmax(outputs.logits[0].float(), dim=-1).gather(-1, targets[:, None])[:, 0]
-            totals = totals.index_add(0, segment, log_probs)
+            log_probs = torch.log_softmax(outputs.logits[0].float(), dim=-1)
+            if new_len:
+                if output_cache(outputs) is not cache or not _crop_cache(cache, context_len):
+                    raise RuntimeError("The packed forward did not extend the context cache in place.")
+                first_token_log_probs, log_probs = log_probs[0], log_probs[1:]
+                new_context_ids = None
+            node_log_probs = log_probs
+        first = torch.tensor([ids[0] for ids in groups], device=device)
+        totals = first_token_log_probs[first].double()
+        if node_log_probs is not None and tokens:
+            nodes = torch.tensor([node for path in paths for node in path], device=device)
+            targets = torch.tensor([token for ids in groups for token in ids[1:]], device=device)
+            owners = torch.tensor([row for row, path in enumerate(paths) for _ in path], device=device)
+            totals = totals.index_add(0, owners, node_log_probs[nodes, targets].double())
+        lengths = torch.tensor([len(ids) for ids in groups], device=device)
         scores[rows] = totals / lengths if score == "mean" else totals
-    return scores.cpu()
+    return scores.float().cpu()
 
 
-def _packed_batches(model, context_len: int, candidate_ids, batch_size: int) -> list[list[int]]:
+def _packed_batches(
+    model, context_len: int, candidate_ids, batch_size: int, share_prefixes: bool = False
+) -> list[list[int]]:
     """
-    Candidate indices in order, cut into batches of at most `batch_size` whose packed tokens also fit the LM's
+    Candidate indices cut into batches of at most `batch_size` whose packed tokens also fit the LM's
     `max_position_embeddings` after the context (the model's input checks count a forward's length after the cache
     against it, even though each packed candidate's positions restart at the context length).
+
+    Without `share_prefixes` the candidates stay in order and a candidate packs its tokens but the last. With it,
+    they are taken in the order of their token ids, so candidates with a common prefix land in one batch, and a
+    candidate packs only the prefixes no earlier candidate of its batch has (the nodes `_candidate_trie` makes).
     """
     limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
     room = limit - context_len if limit else None
-    batches, current, tokens = [], [], 0
-    for row, ids in enumerate(candidate_ids):
-        if current and (len(current) == batch_size or (room is not None and tokens + len(ids) - 1 > room)):
+    order = range(len(candidate_ids))
+    if share_prefixes:
+        order = sorted(order, key=candidate_ids.__getitem__)
+    batches, current, tokens, prefixes = [], [], 0, set()
+    for row in order:
+        ids = candidate_ids[row]
+        new = [tuple(ids[: end]) for end in range(1, len(ids))]
+        if share_prefixes:
+            new = [prefix for prefix in new if prefix not in prefixes]
+        if current and (len(current) == batch_size or (room is not None and tokens + len(new) > room)):
             batches.append(current)
             current, tokens = [], 0
+            prefixes.clear()
+            new = [tuple(ids[: end]) for end in range(1, len(ids))]
         current.append(row)
-        tokens += len(ids) - 1
+        tokens += len(new)
+        if share_prefixes:
+            prefixes.update(new)
     if current:
         batches.append(current)
     return batches
@@ -336,25 +430,31 @@ class DialogScorer:
     diverges inside it, the cache is cut back to the common prefix). The image is encoded only when the cache is
     (re)built: on the first round, or when the image inputs change, or when the part to run would contain image
     tokens. Candidates are then scored on the context cache without changing it: packed into one sequence per
-    batch with a 4D attention mask where the decoder supports it (`_score_packed`), otherwise in padded batches
-    like `score_candidates_shared_prefix`.
+    batch with a 4D attention mask where the decoder supports it (`_score_packed`; candidates taken in token order,
+    a prefix several candidates of a batch share runs once, and when the cache was reused the context's new tokens
+    run in the first batch's forward), otherwise in padded batches like `score_candidates_shared_prefix`.
 
     Args:
         model: an image-text-to-text model whose forward takes `cache`, `position_ids` and `logits_to_keep`.
         batch_size: candidates per forward pass.
         score: `"mean"` or `"sum"` of the candidate's token log-probabilities.
         packed: pack the candidates of a batch into one sequence when the model allows it (see `_can_pack`).
+        share_prefixes: in packed batches, run a token prefix that several candidates share once (tree attention,
+            `_candidate_trie`); False packs every candidate's tokens on their own. Same scores either way.
 
     Attributes (counters, for tests and benchmarks): `context_tokens_run` (context tokens that went through the
     LM), `image_encodings` (full context passes with the image inputs).
     """
 
-    def __init__(self, model, batch_size: int = 50, score: str = "mean", packed: bool = True):
+    def __init__(
+        self, model, batch_size: int = 50, score: str = "mean", packed: bool = True, share_prefixes: bool = True
+    ):
         if score not in SCORE_TYPES:
             raise ValueError(f"score must be one of {SCORE_TYPES}, got {score!r}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be a positive number of candidates, got {batch_size!r}")
         self.model, self.batch_size, self.score, self.packed = model, batch_size, score, packed
+        self.share_prefixes = share_prefixes
         self.cache = None
         self.context_ids = None
         self.image_inputs = None
@@ -382,6 +482,11 @@ class DialogScorer:
             return 0
         return keep
 
+    def _ran_context(self, inputs, keep: int):
+        """Book-keeping once the cache holds this round's context, `keep` tokens of it reused."""
+        self.context_ids = inputs["input_ids"][0].clone()
+        self.context_tokens_run += inputs["input_ids"].shape[1] - keep
+
     @torch.no_grad()
     def score_round(self, context_inputs, candidate_ids: list[list[int]], messages=None) -> torch.Tensor:
         """
@@ -396,6 +501,21 @@ class DialogScorer:
             raise ValueError("The context of a round must have no padding (attention_mask all ones).")
         keep = self._reusable_length(inputs)
         context_len = inputs["input_ids"].shape[1]
+        batches = packed_len = None
+        if self.packed:
+            batches = _packed_batches(model, context_len, candidate_ids, self.batch_size, self.share_prefixes)
+            packed_len = max(
+                (len(_candidate_trie([candidate_ids[r] for r in rows], self.share_prefixes)[0]) for rows in batches),
+                default=0,
+            )
+        if keep and batches and _can_pack(model, self.cache, context_len - keep + packed_len):
+            # The context's new tokens run in the first candidate batch's packed forward.
+            scores = _score_packed(
+                model, self.cache, context_len, None, candidate_ids, batches, self.score, self.share_prefixes,
+                new_context_ids=inputs["input_ids"][:, keep:],
+            )
+            self._ran_context(inputs, keep)
+            return scores
         if keep == 0:
             context = model(**inputs, use_cache=True, logits_to_keep=1)
             self.cache = output_cache(context)
@@ -411,17 +531,12 @@ class DialogScorer:
                 logits_to_keep=1,
             )
             self.cache = output_cache(context)
-        self.context_ids = inputs["input_ids"][0].clone()
-        self.context_tokens_run += context_len - keep
+        self._ran_context(inputs, keep)
         first_token_log_probs = torch.log_softmax(context.logits[0, -1].float(), dim=-1)
-
-        packed_len = max(
-            sum(len(tokens) - 1 for tokens in candidate_ids[start : start + self.batch_size])
-            for start in range(0, len(candidate_ids), self.batch_size)
-        ) if candidate_ids else 0
-        if self.packed and _can_pack(model, self.cache, packed_len):
+        if batches is not None and _can_pack(model, self.cache, packed_len):
             return _score_packed(
-                model, self.cache, context_len, first_token_log_probs, candidate_ids, self.batch_size, self.score
+                model, self.cache, context_len, first_token_log_probs, candidate_ids, batches, self.score,
+                self.share_prefixes,
             )
         return _score_padded_batches(
             model, self.cache, inputs["attention_mask"], first_token_log_probs, candidate_ids, self.batch_size,

@@ -652,3 +652,187 @@ def test_packed_batches_keep_batch_size_and_fit_the_positions_after_the_context(
     for batch in batches:
         assert sum(len(candidate_ids[row]) - 1 for row in batch) <= 12
     assert batches == [[0, 1, 2], [3, 4, 5], [6, 7]]  # 2+7+0, 4+4+1, 8+3 tokens run
+
+
+def test_candidate_trie_shares_prefixes_and_keeps_each_candidates_path():
+    groups = [[5, 6, 7], [5, 6], [5, 6, 7], [5], [5, 8, 9, 1], [4, 6]]
+    tokens, parents, depths, paths = visdial_scoring._candidate_trie(groups)
+    # one node per distinct prefix that predicts a next token: 5, 5-6, 5-8, 5-8-9, 4
+    assert tokens == [5, 6, 8, 9, 4]
+    assert parents == [-1, 0, 0, 2, -1]
+    assert depths == [0, 1, 1, 2, 0]
+    # the duplicate shares its twin's path, the prefix candidate [5, 6] and the one-token [5] use the others' nodes
+    assert paths == [[0, 1], [0], [0, 1], [], [0, 2, 3], [4]]
+    tokens, parents, depths, paths = visdial_scoring._candidate_trie(groups, share_prefixes=False)
+    assert tokens == [5, 6, 5, 5, 6, 5, 8, 9, 4]  # every candidate's tokens but its last, on its own
+    assert parents == [-1, 0, -1, -1, 3, -1, 5, 6, -1]
+    assert paths == [[0, 1], [2], [3, 4], [], [5, 6, 7], [8]]
+
+
+def test_packed_mask_shows_the_context_and_each_nodes_own_prefix_only():
+    parents = torch.tensor([-1, 0, 0, 2, -1])  # the trie above
+    mask = visdial_scoring._packed_mask(parents, 2, cached_len=3, new_len=2, dtype=torch.float32)
+    visible = mask == 0
+    assert set(mask.unique().tolist()) == {0.0, torch.finfo(torch.float32).min}
+    expected = torch.tensor(
+        [
+            # cached | new context | nodes 0..4
+            [1, 1, 1, 1, 0, 0, 0, 0, 0, 0],  # new context token 0: causal
+            [1, 1, 1, 1, 1, 0, 0, 0, 0, 0],  # new context token 1
+            [1, 1, 1, 1, 1, 1, 0, 0, 0, 0],  # node 0 (root)
+            [1, 1, 1, 1, 1, 1, 1, 0, 0, 0],  # node 1: itself and node 0
+            [1, 1, 1, 1, 1, 1, 0, 1, 0, 0],  # node 2: itself and node 0, not its sibling
+            [1, 1, 1, 1, 1, 1, 0, 1, 1, 0],  # node 3: nodes 0, 2 and itself
+            [1, 1, 1, 1, 1, 0, 0, 0, 0, 1],  # node 4 (another root)
+        ],
+        dtype=torch.bool,
+    )
+    assert torch.equal(visible, expected)
+    only_nodes = visdial_scoring._packed_mask(parents, 2, cached_len=3, new_len=0, dtype=torch.float32)
+    assert torch.equal(only_nodes == 0, expected[2:, [0, 1, 2, 5, 6, 7, 8, 9]])
+
+
+# Candidates with a common start, prefixes of each other, duplicates and one-token ones.
+SHARING_CANDIDATES = [
+    "yes", "yes", "yes it is", "yes it is", "yes it is red", "yes it is a red one", "no", "no it is not",
+    "no it is blue", "it is", "it is blue", "i can not tell", "i can", "2", "two circles and one square", "two",
+]  # fmt: skip
+
+
+def _lm_head_rows(model):
+    """A hook recording the rows of every LM head call (`rows`, `remove`)."""
+    rows = []
+    handle = model.get_output_embeddings().register_forward_hook(
+        lambda module, args, output: rows.append(args[0].shape[:-1].numel())
+    )
+    return rows, handle.remove
+
+
+@pytest.mark.parametrize("kind, score", [("omnifusion", "sum"), ("omnifusion", "mean"), ("llava", "sum")])
+def test_prefix_sharing_equals_unshared_packing_and_naive(kind, score, request, visdial_sample):
+    model, processor = request.getfixturevalue(kind)
+    rounds = _real_dialog_rounds(processor, visdial_sample, dialog_index=3, num_candidates=20)[:2]
+    extra = visdial_scoring.tokenize_candidates(processor.tokenizer, SHARING_CANDIDATES)
+    starts = {tuple(ids[:1]) for ids in extra}
+    assert len(starts) < len(extra) and any(len(ids) == 1 for ids in extra)
+    assert any(a != b and a == b[: len(a)] for a in extra for b in extra)  # a candidate that is another's prefix
+    assert extra[0] == extra[1] and extra[2] == extra[3]  # duplicates
+
+    scorers = {
+        (share, batch_size): visdial_scoring.DialogScorer(model, batch_size, score, share_prefixes=share)
+        for share in (True, False)
+        for batch_size in (3, 50)
+    }
+    for round_index, (inputs, options) in enumerate(rounds):
+        candidate_ids = extra + options
+        naive = visdial_scoring.score_candidates_naive(model, inputs, candidate_ids, batch_size=16, score=score)
+        distinct = [row for row, ids in enumerate(candidate_ids) if ids not in candidate_ids[:row]]
+        lm_head_rows = {}
+        results = {}
+        for (share, batch_size), scorer in scorers.items():
+            rows, remove = _lm_head_rows(model)
+            try:
+                results[share, batch_size] = scorer.score_round(inputs, candidate_ids)
+            finally:
+                remove()
+            lm_head_rows[share, batch_size] = sum(rows)
+            # duplicates tie, and naive's round-off may order a tie either way: rankings compared on distinct ones
+            _assert_same_scores_and_ranking(results[share, batch_size][distinct], naive[distinct])
+            torch.testing.assert_close(results[share, batch_size], naive, rtol=1e-6, atol=1e-4)
+            assert scorer.cache.get_seq_length() == inputs["input_ids"].shape[1]  # the nodes are not kept
+            # the LM head runs once per trie node (+1: the context's last token) and nowhere else
+            context_len = inputs["input_ids"].shape[1]
+            batches = visdial_scoring._packed_batches(model, context_len, candidate_ids, batch_size, share)
+            assert all(len(rows) <= batch_size for rows in batches)
+            tries = [visdial_scoring._candidate_trie([candidate_ids[r] for r in rows], share) for rows in batches]
+            nodes = sum(len(tokens) for tokens, *_ in tries)
+            assert lm_head_rows[share, batch_size] == nodes + 1
+        torch.testing.assert_close(results[True, 50], results[False, 50], rtol=1e-6, atol=1e-4)
+        assert results[True, 50][0] == results[True, 50][1]  # duplicates: one path, one score
+        assert results[True, 50][2] == results[True, 50][3]
+        assert lm_head_rows[True, 50] < lm_head_rows[False, 50] - 10
+
+
+def test_later_rounds_run_the_new_context_tokens_in_the_first_candidate_forward(omnifusion, visdial_sample):
+    model, processor = omnifusion
+    rounds = _real_dialog_rounds(processor, visdial_sample, dialog_index=2, num_candidates=12)[:3]
+    scorer = visdial_scoring.DialogScorer(model, batch_size=5, score="sum")
+    for round_index, (inputs, candidate_ids) in enumerate(rounds):
+        rows, remove = _lm_head_rows(model)
+        try:
+            cached = scorer.score_round(inputs, candidate_ids)
+        finally:
+            remove()
+        naive = visdial_scoring.score_candidates_naive(model, inputs, candidate_ids, score="sum")
+        _assert_same_scores_and_ranking(cached, naive)
+        batches = visdial_scoring._packed_batches(model, inputs["input_ids"].shape[1], candidate_ids, 5, True)
+        # round 1 encodes the image in a forward of its own; later rounds need no forward besides the batches'
+        assert len(rows) == len(batches) + (round_index == 0)
+        assert scorer.cache.get_seq_length() == inputs["input_ids"].shape[1]
+
+
+def test_prefix_shared_batches_fit_max_position_embeddings(omnifusion, visdial_sample):
+    model, processor = omnifusion
+    rounds = _real_dialog_rounds(processor, visdial_sample, dialog_index=4, num_candidates=1)[:2]
+    text_config = model.config.get_text_config()
+    limit = text_config.max_position_embeddings
+    candidate_ids = visdial_scoring.tokenize_candidates(processor.tokenizer, SHARING_CANDIDATES)
+    candidate_ids = [ids for ids in candidate_ids if len(ids) <= 5]  # their positions fit the limit set below
+    assert max(len(ids) for ids in candidate_ids) > 2
+    text_config.max_position_embeddings = rounds[-1][0]["input_ids"].shape[1] + 4
+    try:
+        scorer = visdial_scoring.DialogScorer(model, batch_size=50, score="sum")
+        for round_index, (inputs, _) in enumerate(rounds):
+            context_len = inputs["input_ids"].shape[1]
+            batches = visdial_scoring._packed_batches(model, context_len, candidate_ids, 50, share_prefixes=True)
+            room = text_config.max_position_embeddings - context_len
+            nodes = [len(visdial_scoring._candidate_trie([candidate_ids[r] for r in rows])[0]) for rows in batches]
+            assert max(nodes) <= room
+            if round_index == len(rounds) - 1:
+                assert len(batches) > 1  # cut by the positions left after the context, not by batch_size
+            cached = scorer.score_round(inputs, candidate_ids)
+            naive = visdial_scoring.score_candidates_naive(model, inputs, candidate_ids, score="sum")
+            _assert_same_scores_and_ranking(cached, naive)
+    finally:
+        text_config.max_position_embeddings = limit
+
+
+def test_prefix_shared_batches_count_only_the_new_prefixes(omnifusion):
+    model, _ = omnifusion
+    limit = model.config.get_text_config().max_position_embeddings
+    candidate_ids = [[1, 2, 3], [7, 8], [1, 2, 4], [1, 5], [7], [1, 2, 3, 9, 9]]
+    # taken in token order: [1,2,3] [1,2,3,9,9] [1,2,4] [1,5] [7] [7,8], adding the nodes 1 and 1-2, then 1-2-3 and
+    # 1-2-3-9, then none, none, none (a one-token candidate), then 7: 5 nodes for 10 tokens unshared
+    assert visdial_scoring._packed_batches(model, 10, candidate_ids, 4, True) == [[0, 5, 2, 3], [4, 1]]
+    assert visdial_scoring._packed_batches(model, limit - 5, candidate_ids, 50, True) == [[0, 5, 2, 3, 4, 1]]
+    assert visdial_scoring._packed_batches(model, limit - 4, candidate_ids, 50, True) == [[0, 5, 2, 3, 4], [1]]
+    # without sharing: in order, every token but the last
+    assert visdial_scoring._packed_batches(model, limit - 5, candidate_ids, 50) == [[0, 1, 2], [3, 4, 5]]
+
+
+def test_benchmark_scores_the_real_answer_options_of_the_sample_with_the_mistral_tokenizer(capsys):
+    import benchmark_visdial
+
+    data = json.loads(benchmark_visdial.VISDIAL_SAMPLE.read_text())["data"]
+    dialog = data["dialogs"][1]
+    args = benchmark_visdial.BenchmarkArguments(rounds=3, candidates=100, dialog_index=1)
+    config = benchmark_visdial.build_model().config
+    rounds = benchmark_visdial.build_rounds(config, args, benchmark_visdial.np.random.default_rng(0))
+    tokenizer = benchmark_visdial.mistral_tokenizer()
+    assert tokenizer.vocab_size() == config.text_config.vocab_size == 32000
+    for (inputs, candidate_ids), visdial_round in zip(rounds, dialog["dialog"]):
+        options = [data["answers"][index] for index in visdial_round["answer_options"]]
+        assert [tokenizer.decode(ids) for ids in candidate_ids] == options
+        question = visdial_scoring.visdial_round_question(data["questions"][visdial_round["question"]])
+        assert tokenizer.decode(inputs["input_ids"][0, -len(tokenizer.encode(question)) - 1 : -1].tolist()) == question
+    # real options share prefixes, so sharing packs fewer positions
+    model = benchmark_visdial.build_model()
+    assert benchmark_visdial.packed_positions(model, rounds, 50, True) < 0.9 * benchmark_visdial.packed_positions(
+        model, rounds, 50, False
+    )
+    with pytest.raises(ValueError, match=r"--dialog_index must be in 0\.\.96"):
+        benchmark_visdial.build_rounds(config, benchmark_visdial.BenchmarkArguments(dialog_index=97), None)
+    with pytest.raises(ValueError, match=r"--candidates 101: the VisDial rounds have 100 answer options"):
+        benchmark_visdial.build_rounds(config, benchmark_visdial.BenchmarkArguments(candidates=101), None)
+    with pytest.raises(FileNotFoundError, match="--visdial_json"):
+        benchmark_visdial.build_rounds(config, benchmark_visdial.BenchmarkArguments(visdial_json="missing.json"), None)
