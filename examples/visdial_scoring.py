@@ -546,12 +546,21 @@ class DialogScorer:
 
 @torch.no_grad()
 def score_candidates_naive(
-    model, context_inputs, candidate_ids: list[list[int]], batch_size: int = 50, score: str = "mean"
+    model,
+    context_inputs,
+    candidate_ids: list[list[int]],
+    batch_size: int = 50,
+    score: str = "mean",
+    full_logits: bool = False,
 ) -> torch.Tensor:
     """
     The released method: every candidate's full sequence (context + candidate) through the LM, right-padded in
     batches; the image is encoded once and its features reused. Same arguments and result as
     `score_candidates_shared_prefix`; `context_inputs` may only hold `input_ids`, `attention_mask`, `pixel_values`.
+
+    `full_logits=True` is the released `test.py` exactly: the LM head runs at every position of every sequence and
+    the candidate positions are sliced out afterwards. By default only the candidate positions reach the LM head
+    (`logits_to_keep`), a stronger baseline with the same scores.
     """
     _check_arguments(context_inputs, score)
     unsupported = set(context_inputs) - {"input_ids", "attention_mask", "pixel_values"}
@@ -572,10 +581,11 @@ def score_candidates_naive(
             input_ids=torch.cat([context_ids.expand(batch, -1), ids], dim=1),
             attention_mask=torch.cat([context_mask.expand(batch, -1), real.long()], dim=1),
             mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=list(image_features) * batch)},
-            logits_to_keep=predicts_candidate,
+            logits_to_keep=0 if full_logits else predicts_candidate,
         )
+        logits = outputs.logits[predicts_candidate] if full_logits else outputs.logits
         log_probs = torch.zeros(batch, length, device=model.device)
-        log_probs[real] = _token_log_probs(outputs.logits, ids[real])
+        log_probs[real] = _token_log_probs(logits, ids[real])
         scores.append(_reduce(log_probs, real, score))
     return torch.cat(scores).cpu()
 

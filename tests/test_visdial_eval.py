@@ -181,6 +181,24 @@ def test_shared_prefix_scores_and_ranking_equal_naive_full_sequences(kind, score
     assert ranks(shared.double().numpy()).tolist() == ranks(naive.double().numpy()).tolist()
 
 
+@pytest.mark.parametrize("kind", ["omnifusion", "llava"])
+def test_naive_full_logits_as_released_equals_naive_with_logits_to_keep(kind, request, visdial_sample):
+    # The released test.py runs the LM head at every position and slices the candidates' rows afterwards; the
+    # default keeps only those rows. Same scores either way, so the benchmark may time the released method exactly.
+    model, processor = request.getfixturevalue(kind)
+    messages, candidates, _ = _real_round(visdial_sample)
+    context = visdial_scoring.build_context(processor, messages)
+    candidate_ids = visdial_scoring.tokenize_candidates(processor.tokenizer, candidates[:24])
+    assert len({len(ids) for ids in candidate_ids}) > 2  # ragged: padding rows must not leak into the slice
+    for score in ("mean", "sum"):
+        kept = visdial_scoring.score_candidates_naive(model, context, candidate_ids, batch_size=10, score=score)
+        full = visdial_scoring.score_candidates_naive(
+            model, context, candidate_ids, batch_size=10, score=score, full_logits=True
+        )
+        assert kept.std() > 0.1
+        torch.testing.assert_close(full, kept, rtol=0, atol=1e-5)
+
+
 def test_single_token_candidates_are_scored_from_the_context_logits(omnifusion, visdial_sample):
     model, processor = omnifusion
     messages, _, _ = _real_round(visdial_sample)
