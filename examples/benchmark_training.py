@@ -259,7 +259,8 @@ def main():
     for round_index in range(args.rounds):
         for mode, extra in modes.items():
             trainer = train_stage2_sft.main(["--model_name_or_path", f"{work}/stage1"]
-                                            + flags(f"{work}/{mode}", data_path, args.batch, **extra))
+                                            + flags(f"{work}/{mode}-{round_index + 1}", data_path, args.batch,
+                                                    **extra))  # a folder per run: the scripts refuse a used one
             runtime = trainer.state.log_history[-1]["train_runtime"]
             dataset = trainer.train_dataset
             lengths = [len(dataset[index]["input_ids"]) for index in range(len(dataset))]
