@@ -51,7 +51,7 @@ from transformers import (
 from modeling_omnifusion import OmniFusionConfig, OmniFusionForCausalLM, OmniFusionProcessor
 from modeling_omnifusion.conversion.convert_omnifusion_to_hf import vision_state_at_input_size
 from modeling_omnifusion.processing.processing_omnifusion import image_processor_output_size
-from modeling_omnifusion.modeling_omnifusion import hub_model_id
+from modeling_omnifusion.modeling_omnifusion import build_vision_tower, hub_model_id
 from modeling_omnifusion.processing.processing_omnifusion import (
     check_tokenizer_folder,
     rank_merges_by_sentencepiece_scores,
@@ -689,14 +689,12 @@ def install_vision_towers(model: OmniFusionForCausalLM, configs: list, states: l
     """Replace `model`'s vision towers (modules and configs) by encoders built from `configs` holding `states`, in
     the dtype of the towers they replace."""
     dtype = next(model.model.vision_tower.parameters()).dtype
-    towers = []
-    for vision_config, state in zip(configs, states):
-        tower = AutoModel.from_config(vision_config).to(dtype)
-        tower.load_state_dict(state)
-        towers.append(tower.requires_grad_(False))
-    model.model.vision_tower = nn.ModuleList(towers) if len(towers) > 1 else towers[0]
     model.config.vision_config, *additional = configs
     model.config.additional_vision_configs = additional or None
+    vision_tower = build_vision_tower(model.config).to(dtype)  # the model's own layout for one or several encoders
+    for tower, state in zip(vision_tower if additional else [vision_tower], states):
+        tower.load_state_dict(state)
+    model.model.vision_tower = vision_tower.requires_grad_(False)
 
 
 def set_image_grid_pinpoints(model: OmniFusionForCausalLM, processor: OmniFusionProcessor, pinpoints):
