@@ -8,9 +8,6 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
-
-
 REPO = Path(__file__).resolve().parents[1]
 VISDIAL_DATA_DIR = REPO / "tests" / "data" / "visdial"
 
@@ -27,7 +24,10 @@ def _project_files() -> list[Path]:
         path
         for path in REPO.rglob("*")
         if path.is_file()
-        and not any(part.startswith(".") or part in ("build", "dist", "__pycache__") for part in path.parts[len(REPO.parts):-1])
+        and not any(
+            part.startswith(".") or part in ("build", "dist", "__pycache__")
+            for part in path.parts[len(REPO.parts) : -1]
+        )
     ]
 
 
@@ -100,8 +100,17 @@ def test_readme_is_at_most_200_lines():
 
 def test_docs_pages_exist():
     names = {page.name for page in (REPO / "docs").glob("*.md")}
-    expected = {"usage.md", "architecture.md", "training.md", "conversion.md", "serving.md", "evaluation.md",
-                "reliability.md", "performance.md", "results.md"}
+    expected = {
+        "usage.md",
+        "architecture.md",
+        "training.md",
+        "conversion.md",
+        "serving.md",
+        "evaluation.md",
+        "reliability.md",
+        "performance.md",
+        "results.md",
+    }
     assert expected <= names, f"missing docs pages: {sorted(expected - names)}"
 
 
@@ -159,7 +168,10 @@ def test_docs_state_facts_without_lab_notebook_narrative():
 def _git(*args, cwd):
     return subprocess.run(
         ["git", "-c", "user.name=ci-test", "-c", "user.email=ci@test", *args],
-        cwd=cwd, capture_output=True, text=True, check=True,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.strip()
 
 
@@ -182,8 +194,8 @@ def test_ci_runs_tiers_in_a_clone_of_head_with_nothing_beside_it_and_propagates_
     # add two tiers the way a helper would: one line each in the list, one script each
     run = re.sub(r"^tier main$", "tier main\ntier passing\ntier failing", run, count=1, flags=re.M)
     (source / ".ci" / "run").write_text(run)
-    (source / ".ci" / "tier_passing.sh").write_text('bash .ci/probe.sh passing 0\n')
-    (source / ".ci" / "tier_failing.sh").write_text('bash .ci/probe.sh failing 7\n')
+    (source / ".ci" / "tier_passing.sh").write_text("bash .ci/probe.sh passing 0\n")
+    (source / ".ci" / "tier_failing.sh").write_text("bash .ci/probe.sh failing 7\n")
     (source / ".ci" / "probe.sh").write_text(PROBE_TIER)
     (source / "committed.txt").write_text("in HEAD\n")
     _git("init", "-q", cwd=source)
@@ -200,8 +212,11 @@ def test_ci_runs_tiers_in_a_clone_of_head_with_nothing_beside_it_and_propagates_
 
     def ci(*tiers):
         return subprocess.run(
-            ["bash", str(source / ".ci" / "run"), *tiers], env=env, input=b"typed\n",
-            capture_output=True, timeout=120,
+            ["bash", str(source / ".ci" / "run"), *tiers],
+            env=env,
+            input=b"typed\n",
+            capture_output=True,
+            timeout=120,
         )
 
     result = ci("passing")
