@@ -85,11 +85,10 @@ def test_readme_demo_command_installs_train_eval_and_runs_the_quickstart():
     )
 
 
-# The pages a user reads: the front door, the docs and the folder READMEs.
+# The pages a user reads: the front door, the docs, and every folder's README (the metric card included).
 def _doc_pages() -> list[Path]:
     pages = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
-    pages += [REPO / name for name in ("tests/README.md", "examples/README.md", "conversion/README.md")]
-    pages.append(REPO / "examples" / "metrics" / "visdial" / "README.md")
+    pages += sorted(path for path in _project_files() if path.name == "README.md" and path not in pages)
     return [page for page in pages if page.is_file()]
 
 
