@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# CI tier: FSDP2 on CPU, 2 processes over gloo (torchrun), through examples/train_stage2_sft.py: full and LoRA stage 2,
+# CI tier: FSDP2 on CPU, 2 processes over gloo (torchrun), through modeling_omnifusion.training.stage2: full and LoRA stage 2,
 # sharded for real (each process holds half of every LM parameter; fails on a fallback to DDP), checkpoints holding
 # the FSDP state (full and sharded state dicts), resumed runs bit-identical to uninterrupted ones, FSDP's final
 # weights equal to DDP's, and ShardedAdafactor equal to Adafactor on whole tensors. Main venv only (nothing to

@@ -12,10 +12,10 @@ Steps, each with a progress bar:
   3. pre-train a small CLIP-architecture vision tower on a separate pool of drawn images (shared linear probes on every
      patch token of the hidden layer OmniFusion reads), standing in for a pretrained CLIP: a random frozen tower
      does not show the LM enough;
-  4. stage 1 with `train_stage1_pretrain.py` (adapter and markers only; the MLP adapter, which trains far more reliably
-     than the released transformer adapter at this tiny scale);
-  5. stage 2 with `train_stage2_sft.py` (adapter, markers and the whole LM); both scripts run through their `main`,
-     with the same flags as on the command line;
+  4. stage 1 (`modeling_omnifusion.training.stage1`, as `train_stage1_pretrain.py` runs it: adapter and markers
+     only; the MLP adapter, which trains far more reliably than the released transformer adapter at this tiny scale);
+  5. stage 2 (`modeling_omnifusion.training.stage2`, as `train_stage2_sft.py` runs it: adapter, markers and the
+     whole LM); both with the same flags as on the command line;
   6. reload the saved Hub-format folder with `AutoModelForImageTextToText` / `AutoProcessor`
      (`trust_remote_code=True`), ask one question per attribute about every held-out image, print a few answers and the
      exact-match accuracy of the greedy answers. The last line is `accuracy=<value>`.
@@ -29,35 +29,34 @@ import random
 import time
 from dataclasses import dataclass, field
 
+import synthetic_shapes
 import torch
-import torch.nn.functional as F
+from modeling_omnifusion.evaluation.visdial import results_table
+from modeling_omnifusion.evaluation.visdial_scoring import evaluate_dialogs
+from modeling_omnifusion.processing.processing_omnifusion import DEFAULT_SYSTEM_PROMPT
 from PIL import Image
+from synthetic_shapes import (
+    ATTRIBUTES,
+    IMAGE_SIZE,
+    QUESTIONS,
+    START,
+    evaluate,
+    pretrain_vision_tower,
+    step,
+    trainer_flags,
+)
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from torch import nn
 from tqdm.auto import tqdm
 from transformers import (
     AutoModelForImageTextToText,
     AutoProcessor,
-    CLIPImageProcessorPil,
-    CLIPVisionConfig,
-    CLIPVisionModel,
     HfArgumentParser,
     MistralConfig,
     MistralForCausalLM,
     PreTrainedTokenizerFast,
 )
 
-import synthetic_shapes
-import train_stage1_pretrain
-import train_stage2_sft
-from modeling_omnifusion.processing.processing_omnifusion import DEFAULT_SYSTEM_PROMPT
-from evaluate_visdial import results_table
-from synthetic_shapes import ATTRIBUTES, QUESTIONS
-from visdial_scoring import evaluate_dialogs
-
-
-IMAGE_SIZE = 32
-PATCH_SIZE = 8
+from modeling_omnifusion.training import stage1, stage2
 
 
 @dataclass
@@ -65,13 +64,6 @@ class QuickstartArguments:
     output_dir: str = field(default="quickstart-output", metadata={"help": "Where the data and models go."})
     quick: bool = field(default=False, metadata={"help": "A few steps of everything: a smoke test."})
     seed: int = field(default=0, metadata={"help": "Seed of the drawn data and of every training run."})
-
-
-START = time.time()
-
-
-def step(title: str):
-    print(f"\n=== [{time.time() - START:.0f} s] {title}", flush=True)
 
 
 def train_tokenizer(lines: list[str]) -> PreTrainedTokenizerFast:
@@ -121,102 +113,6 @@ def pretrain_language_model(tokenizer, texts: list[str], steps: int, folder: str
     tokenizer.save_pretrained(folder)
 
 
-def pretrain_vision_tower(images: list[Image.Image], scenes, steps: int, folder: str) -> None:
-    """
-    A 3-layer CLIP-architecture vision tower trained so that every patch token of its second-to-last hidden state (the
-    one OmniFusion reads) tells, through shared linear probes, the scene's colour, shape, count and position; saved
-    with its image processor. `images` are a pool of their own, much larger than the training split (like a real
-    encoder's pre-training data), so that the features hold on unseen images.
-    """
-    config = CLIPVisionConfig(
-        image_size=IMAGE_SIZE,
-        patch_size=PATCH_SIZE,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        projection_dim=64,
-    )
-    image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
-    )
-    pixel_values = image_processor(images, return_tensors="pt")["pixel_values"]
-    targets = {
-        attribute: torch.tensor([values.index(scene.answer(attribute)) for scene in scenes])
-        for attribute, values in ATTRIBUTES.items()
-    }
-    tower = CLIPVisionModel(config)
-    probes = nn.ModuleDict({name: nn.Linear(config.hidden_size, len(values)) for name, values in ATTRIBUTES.items()})
-    optimizer = torch.optim.AdamW([*tower.parameters(), *probes.parameters()], lr=3e-3, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps, pct_start=0.1)
-    for _ in tqdm(range(steps), desc="Pre-training the vision tower"):
-        index = torch.randint(len(images), (64,))
-        patches = tower(pixel_values[index], output_hidden_states=True).hidden_states[-2][:, 1:]
-        labels = {name: target[index].repeat_interleave(patches.shape[1]) for name, target in targets.items()}
-        losses = {name: F.cross_entropy(probe(patches).flatten(0, 1), labels[name]) for name, probe in probes.items()}
-        loss = sum(losses.values())
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad()
-    print("Vision probe losses: " + ", ".join(f"{name} {value.item():.3f}" for name, value in losses.items()))
-    tower.save_pretrained(folder)
-    image_processor.save_pretrained(folder)
-
-
-def trainer_flags(output_dir: str, data_path: str, image_folder: str, **flags) -> list[str]:
-    common = {
-        "data_path": data_path,
-        "image_folder": image_folder,
-        "output_dir": output_dir,
-        "overwrite_output_dir": True,  # a rerun with the same --output_dir redraws and retrains everything
-        "per_device_train_batch_size": 32,
-        "gradient_accumulation_steps": 1,
-        "save_strategy": "no",
-        "report_to": "none",
-        "dataloader_num_workers": 1,
-        "dataloader_persistent_workers": True,
-        "logging_steps": 25,
-        **flags,
-    }
-    return [arg for key, value in common.items() for arg in (f"--{key}", str(value))]
-
-
-@torch.inference_mode()
-def evaluate(model, processor, data_dir: str, samples, seed: int, max_new_tokens: int = 6) -> list[dict]:
-    """Asks one question per attribute about every held-out image and answers greedily."""
-    rng = random.Random(seed)
-    questions = [
-        {"image": image, "attribute": name, "question": rng.choice(QUESTIONS[name]), "expected": scene.answer(name)}
-        for image, scene in samples
-        for name in ATTRIBUTES
-    ]
-    batch_size = 50
-    for start in tqdm(range(0, len(questions), batch_size), desc="Answering held-out questions"):
-        batch = questions[start : start + batch_size]
-        conversations = [
-            [
-                {
-                    "role": "user",
-                    "content": [
-                        {"type": "image", "image": Image.open(os.path.join(data_dir, item["image"])).convert("RGB")},
-                        {"type": "text", "text": item["question"]},
-                    ],
-                }
-            ]
-            for item in batch
-        ]
-        inputs = processor.apply_chat_template(
-            conversations, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
-        )
-        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-        answers = processor.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-        for item, answer in zip(batch, answers):
-            item["answer"] = answer
-            item["correct"] = answer.strip().strip(".").lower() == item["expected"]
-    return questions
-
-
 def synthetic_visdial(samples, seed: int) -> tuple[dict, list[dict]]:
     """
     Held-out images as Visual Dialog data: caption, one round per attribute, every answer the dataset has as the
@@ -232,7 +128,12 @@ def synthetic_visdial(samples, seed: int) -> tuple[dict, list[dict]]:
             questions.append(rng.choice(QUESTIONS[attribute]).rstrip("?"))
             answer = answers.index(scene.answer(attribute))
             rounds.append(
-                {"question": len(questions) - 1, "answer": answer, "gt_index": answer, "answer_options": list(range(len(answers)))}
+                {
+                    "question": len(questions) - 1,
+                    "answer": answer,
+                    "gt_index": answer,
+                    "answer_options": list(range(len(answers))),
+                }
             )
         dialogs.append({"image_id": image_id, "caption": scene.caption(), "dialog": rounds})
         first = next(iter(ATTRIBUTES))
@@ -281,7 +182,7 @@ def main(args: list[str] | None = None):
     pretrain_vision_tower(images, scenes, sizes["vision_steps"], vision_dir)
 
     step("4/6 Stage 1: adapter and markers (examples/train_stage1_pretrain.py)")
-    train_stage1_pretrain.main(
+    stage1.train(
         ["--vision_model_name_or_path", vision_dir, "--language_model_name_or_path", language_dir]
         + ["--adapter_type", "mlp"]
         + trainer_flags(
@@ -290,7 +191,7 @@ def main(args: list[str] | None = None):
     )
 
     step("5/6 Stage 2: adapter, markers and LM (examples/train_stage2_sft.py)")
-    train_stage2_sft.main(
+    stage2.train(
         ["--model_name_or_path", stage1_dir]
         + trainer_flags(
             final_dir,
@@ -314,7 +215,9 @@ def main(args: list[str] | None = None):
     print("Accuracy per attribute: " + ", ".join(f"{name} {value:.2f}" for name, value in per_attribute.items()))
 
     visdial_data, dense = synthetic_visdial(test, args.seed)
-    images = {image_id: Image.open(os.path.join(data_dir, name)).convert("RGB") for image_id, (name, _) in enumerate(test)}
+    images = {
+        image_id: Image.open(os.path.join(data_dir, name)).convert("RGB") for image_id, (name, _) in enumerate(test)
+    }
     metrics, _ = evaluate_dialogs(model, processor, visdial_data, images, dense_annotations=dense)
     print(f"Visual Dialog ranking on synthetic dialogs ({len(visdial_data['answers'])} candidates per round):")
     print(results_table([{"model": "quickstart OmniFusion", "metrics": metrics}]))

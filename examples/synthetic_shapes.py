@@ -1,20 +1,30 @@
 """
-A synthetic vision-language dataset of coloured shapes, written in the same LLaVA-style JSON as real training data.
+A synthetic vision-language dataset of coloured shapes, written in the same LLaVA-style JSON as real training data,
+and what the two demos (`quickstart.py`, `real_lm_demo.py`) build on it.
 
 Every image shows one to three shapes of one kind and one colour, grouped in one quadrant. Four attributes can be
 asked about, each with a short answer: colour ("red"), shape ("circle"), count ("two") and position ("top left").
 `write_split` draws images, saves them as PNG and writes two record files: captions for stage 1 and multi-turn
-question-answer dialogs for stage 2.
+question-answer dialogs for stage 2. For the demos: `pretrain_vision_tower` (a small CLIP-architecture tower that
+sees the attributes, standing in for a pretrained encoder), `trainer_flags` (the stage commands' flags),
+`evaluate` (held-out questions answered greedily) and `lenient_correct`, with `step` printing progress.
 """
 
 import json
 import os
 import random
+import time
 from dataclasses import dataclass
 
+import torch
+import torch.nn.functional as F
 from PIL import Image, ImageDraw
+from torch import nn
 from tqdm.auto import tqdm
+from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModel
 
+IMAGE_SIZE = 32  # the demos' image side and vision patch size, in pixels
+PATCH_SIZE = 8
 
 COLOURS = {
     "red": (220, 40, 40),
@@ -150,3 +160,115 @@ def reading_texts(samples: list[tuple[str, Scene]], seed: int) -> list[str]:
             exchanges.insert(rng.randint(0, len(exchanges)), (rng.choice(CAPTION_PROMPTS), scene.caption()))
         texts.append("\n".join([scene.caption(), *(line for exchange in exchanges for line in exchange)]))
     return texts
+
+
+START = time.time()  # a demo's start: its progress lines and total time count from here
+
+
+def step(title: str):
+    """Print a progress heading with the seconds since `START`."""
+    print(f"\n=== [{time.time() - START:.0f} s] {title}", flush=True)
+
+
+def pretrain_vision_tower(images: list[Image.Image], scenes, steps: int, folder: str) -> None:
+    """
+    A 3-layer CLIP-architecture vision tower trained so that every patch token of its second-to-last hidden state (the
+    one OmniFusion reads) tells, through shared linear probes, the scene's colour, shape, count and position; saved
+    with its image processor. `images` are a pool of their own, much larger than the training split (like a real
+    encoder's pre-training data), so that the features hold on unseen images.
+    """
+    config = CLIPVisionConfig(
+        image_size=IMAGE_SIZE,
+        patch_size=PATCH_SIZE,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        projection_dim=64,
+    )
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    )
+    pixel_values = image_processor(images, return_tensors="pt")["pixel_values"]
+    targets = {
+        attribute: torch.tensor([values.index(scene.answer(attribute)) for scene in scenes])
+        for attribute, values in ATTRIBUTES.items()
+    }
+    tower = CLIPVisionModel(config)
+    probes = nn.ModuleDict({name: nn.Linear(config.hidden_size, len(values)) for name, values in ATTRIBUTES.items()})
+    optimizer = torch.optim.AdamW([*tower.parameters(), *probes.parameters()], lr=3e-3, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps, pct_start=0.1)
+    for _ in tqdm(range(steps), desc="Pre-training the vision tower"):
+        index = torch.randint(len(images), (64,))
+        patches = tower(pixel_values[index], output_hidden_states=True).hidden_states[-2][:, 1:]
+        labels = {name: target[index].repeat_interleave(patches.shape[1]) for name, target in targets.items()}
+        losses = {name: F.cross_entropy(probe(patches).flatten(0, 1), labels[name]) for name, probe in probes.items()}
+        loss = sum(losses.values())
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+    print("Vision probe losses: " + ", ".join(f"{name} {value.item():.3f}" for name, value in losses.items()))
+    tower.save_pretrained(folder)
+    image_processor.save_pretrained(folder)
+
+
+def trainer_flags(output_dir: str, data_path: str, image_folder: str, **flags) -> list[str]:
+    common = {
+        "data_path": data_path,
+        "image_folder": image_folder,
+        "output_dir": output_dir,
+        "overwrite_output_dir": True,  # a rerun with the same --output_dir redraws and retrains everything
+        "per_device_train_batch_size": 32,
+        "gradient_accumulation_steps": 1,
+        "save_strategy": "no",
+        "report_to": "none",
+        "dataloader_num_workers": 1,
+        "dataloader_persistent_workers": True,
+        "logging_steps": 25,
+        **flags,
+    }
+    return [arg for key, value in common.items() for arg in (f"--{key}", str(value))]
+
+
+@torch.inference_mode()
+def evaluate(model, processor, data_dir: str, samples, seed: int, max_new_tokens: int = 6) -> list[dict]:
+    """Asks one question per attribute about every held-out image and answers greedily."""
+    rng = random.Random(seed)
+    questions = [
+        {"image": image, "attribute": name, "question": rng.choice(QUESTIONS[name]), "expected": scene.answer(name)}
+        for image, scene in samples
+        for name in ATTRIBUTES
+    ]
+    batch_size = 50
+    for start in tqdm(range(0, len(questions), batch_size), desc="Answering held-out questions"):
+        batch = questions[start : start + batch_size]
+        conversations = [
+            [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image", "image": Image.open(os.path.join(data_dir, item["image"])).convert("RGB")},
+                        {"type": "text", "text": item["question"]},
+                    ],
+                }
+            ]
+            for item in batch
+        ]
+        inputs = processor.apply_chat_template(
+            conversations, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+        )
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        answers = processor.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        for item, answer in zip(batch, answers):
+            item["answer"] = answer
+            item["correct"] = answer.strip().strip(".").lower() == item["expected"]
+    return questions
+
+
+def lenient_correct(answer: str, attribute: str, expected: str) -> bool:
+    """The expected value is named and no other value of the asked attribute is: 'The shape is red.' answers a colour
+    question as well as 'red' does (a model after stage 1 has seen only captions, never these short answers)."""
+    text = f" {answer.lower().strip()} ".replace(".", " ").replace(",", " ")
+    named = {value for value in ATTRIBUTES[attribute] if f" {value} " in text}
+    return named == {expected}

@@ -1,4 +1,4 @@
-"""Data at scale (examples/omnifusion_data.py): WebDataset streaming, packing, length grouping, --check_images."""
+"""Data at scale (modeling_omnifusion.training.data): WebDataset streaming, packing, length grouping, --check_images."""
 
 import io
 import json
@@ -12,28 +12,31 @@ from pathlib import Path
 
 import pytest
 import torch
+from omnifusion_fixtures import make_config, make_image, make_processor
 from transformers import AutoModelForImageTextToText
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
-from training_fixtures import (  # also puts examples/ on the path
-    EXAMPLES_DIR,
+from modeling_omnifusion import OmniFusionForCausalLM
+from modeling_omnifusion.testing.training import (
     colour_records,
     save_language_model,
     save_vision_model,
     training_flags,
     write_dataset,
 )
-
-import train_stage1_pretrain
-import train_stage2_sft
-from modeling_omnifusion import OmniFusionForCausalLM
-from omnifusion_data import PackedDataCollator, expand_shards, load_streaming_dataset
-from omnifusion_fixtures import make_config, make_image, make_processor
-from omnifusion_fsdp import check_distributed_arguments
-from omnifusion_training import DataArguments, OmniFusionDataCollator, OmniFusionTrainingArguments, load_training_dataset
-
+from modeling_omnifusion.training import stage1, stage2
+from modeling_omnifusion.training.arguments import DataArguments, OmniFusionTrainingArguments
+from modeling_omnifusion.training.conversation import OmniFusionDataCollator
+from modeling_omnifusion.training.data import (
+    PackedDataCollator,
+    expand_shards,
+    load_streaming_dataset,
+    load_training_dataset,
+)
+from modeling_omnifusion.training.fsdp import check_distributed_arguments
 
 ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES_DIR = ROOT / "examples"
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +127,8 @@ def test_streamed_captions_become_caption_conversations_and_bad_samples_are_skip
 
 def test_too_many_bad_samples_stop_with_an_error_naming_shard_and_key(tmp_path):
     shards = write_shards(tmp_path, 1, 4, {"000000001": "broken-image", "000000003": "no-caption"})
-    with pytest.raises(ValueError, match=rf"Shard {shards[0]}, key 000000003: no caption .* more than --max_bad_samples 1"):
+    expected = rf"Shard {shards[0]}, key 000000003: no caption .* more than --max_bad_samples 1"
+    with pytest.raises(ValueError, match=expected):
         list(stream(tmp_path, max_bad_samples=1))
 
 
@@ -167,7 +171,8 @@ def mixed_examples(tmp_path):
         {"from": "gpt", "value": "There are two."},
     ]
     dataset = load_training_dataset(
-        DataArguments(data_path=str(write_dataset(tmp_path, records))), make_processor(end_assistant_turns_with_eos=True)
+        DataArguments(data_path=str(write_dataset(tmp_path, records))),
+        make_processor(end_assistant_turns_with_eos=True),
     )
     return [dataset[index] for index in range(len(dataset))]
 
@@ -202,7 +207,7 @@ def test_group_by_length_uses_the_checked_token_counts(parts, tmp_path):
     for index in (1, 4):
         records[index]["conversations"][0]["value"] += " Please look carefully at every corner of the picture."
     data_path = write_dataset(tmp_path / "data", records)
-    trainer = train_stage1_pretrain.main(
+    trainer = stage1.train(
         ["--vision_model_name_or_path", str(vision), "--language_model_name_or_path", str(language)]
         + training_flags(tmp_path / "out", data_path, max_steps=1, group_by_length=True)
     )
@@ -217,11 +222,11 @@ def test_group_by_length_uses_the_checked_token_counts(parts, tmp_path):
 def test_stage2_trains_with_packing(parts, tmp_path):
     vision, language = parts
     data_path = write_dataset(tmp_path / "data", colour_records(4) + colour_records(2, with_images=False))
-    train_stage1_pretrain.main(
+    stage1.train(
         ["--vision_model_name_or_path", str(vision), "--language_model_name_or_path", str(language)]
         + training_flags(tmp_path / "stage1", data_path, max_steps=1)
     )
-    trainer = train_stage2_sft.main(
+    trainer = stage2.train(
         ["--model_name_or_path", str(tmp_path / "stage1")]
         + training_flags(tmp_path / "out", data_path, max_steps=6, packing=True, per_device_train_batch_size=3,
                          learning_rate=1e-3, lr_scheduler_type="constant")
@@ -258,8 +263,9 @@ def test_fsdp_in_one_process_and_deepspeed_on_cpu_are_refused_with_what_to_use_i
     # FSDP on CPU runs with several processes (tests_fsdp/, the CI's fsdp tier); in one there is nothing to shard
     vision, language = parts
     data_path = write_dataset(tmp_path / "data", colour_records(2))
-    with pytest.raises(ValueError, match=r"--fsdp shards the model across processes, but this run is one process.*torchrun"):
-        train_stage1_pretrain.main(
+    expected = r"--fsdp shards the model across processes, but this run is one process.*torchrun"
+    with pytest.raises(ValueError, match=expected):
+        stage1.train(
             ["--vision_model_name_or_path", str(vision), "--language_model_name_or_path", str(language)]
             + training_flags(tmp_path / "out", data_path, max_steps=1, use_cpu=True, fsdp="full_shard")
         )

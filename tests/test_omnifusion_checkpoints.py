@@ -1,4 +1,5 @@
-"""Tests for examples/omnifusion_checkpoints.py: whole-or-absent checkpoints and outputs, resuming, one run per folder."""
+"""Tests for modeling_omnifusion.training.checkpoints: whole-or-absent checkpoints and outputs, resuming, one run per
+folder."""
 
 import errno
 import json
@@ -11,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from training_fixtures import (  # also puts examples/ on the path, for the imports below
+from modeling_omnifusion.testing.training import (
     colour_records,
     run_stage1_subprocess,
     save_language_model,
@@ -19,11 +20,9 @@ from training_fixtures import (  # also puts examples/ on the path, for the impo
     training_flags,
     write_dataset,
 )
-
-import train_stage1_pretrain
-from omnifusion_checkpoints import check_output_dir, resolve_resume_checkpoint, save_final_output
-from omnifusion_training import OmniFusionTrainingArguments
-
+from modeling_omnifusion.training import stage1
+from modeling_omnifusion.training.arguments import OmniFusionTrainingArguments
+from modeling_omnifusion.training.checkpoints import check_output_dir, resolve_resume_checkpoint, save_final_output
 
 LOGGER = "omnifusion_checkpoints"
 RUN = {"max_steps": 6, "save_strategy": "steps", "save_steps": 2}
@@ -45,7 +44,7 @@ def data_path(tmp_path_factory) -> Path:
 def finished_run(tmp_path_factory, parts, data_path) -> Path:
     """An uninterrupted 6-step stage-1 run with checkpoints at steps 2, 4 and 6."""
     output_dir = tmp_path_factory.mktemp("uninterrupted")
-    train_stage1_pretrain.main(parts + training_flags(output_dir, data_path, **RUN))
+    stage1.train(parts + training_flags(output_dir, data_path, **RUN))
     return output_dir
 
 
@@ -80,7 +79,7 @@ def test_a_run_killed_mid_checkpoint_resumes_latest_to_the_uninterrupted_weights
     (broken / "rng_state.pth").write_bytes(b"")
 
     with caplog.at_level(logging.WARNING, logger=LOGGER):
-        resumed = train_stage1_pretrain.main(parts + training_flags(tmp_path, data_path, resume_from_checkpoint="latest", **RUN))
+        resumed = stage1.train(parts + training_flags(tmp_path, data_path, resume_from_checkpoint="latest", **RUN))
     assert f"Skipping the incomplete checkpoint {broken}: {broken}/rng_state.pth is empty (0 bytes)" in caplog.text
     assert resumed.resume_checkpoint == str(tmp_path / "checkpoint-2") and resumed.state.global_step == 6
     expected, actual = load_file(finished_run / "model.safetensors"), load_file(tmp_path / "model.safetensors")
@@ -92,8 +91,9 @@ def test_a_full_disk_during_a_checkpoint_names_it_and_leaves_no_checkpoint(parts
     result = run_stage1_subprocess(parts + training_flags(tmp_path, data_path, **RUN), file_size_limit=200_000)
     assert result.returncode == 1
     last_line = result.stderr.strip().splitlines()[-1]
-    assert last_line.startswith(f"OSError: [Errno {errno.EFBIG}] Could not save {tmp_path}/checkpoint-2: the disk is full")
-    assert "File too large" in last_line and f"the partial copy in {tmp_path}/.checkpoint-2.partial is removed" in last_line
+    disk_full = f"OSError: [Errno {errno.EFBIG}] Could not save {tmp_path}/checkpoint-2: the disk is full"
+    assert last_line.startswith(disk_full) and "File too large" in last_line
+    assert f"the partial copy in {tmp_path}/.checkpoint-2.partial is removed" in last_line
     assert list(tmp_path.iterdir()) == []  # no checkpoint-2, no staging folder
 
 
@@ -128,7 +128,8 @@ def test_a_failed_final_save_leaves_the_earlier_output_as_it_was(finished_run, t
 
 @pytest.mark.parametrize("value", ["latest", "True", "true", "LATEST"])
 def test_resume_latest_or_true_in_any_case_is_the_newest_complete_checkpoint(finished_run, value):
-    assert resolve_resume_checkpoint(args(finished_run, resume_from_checkpoint=value)) == str(finished_run / "checkpoint-6")
+    resumed = resolve_resume_checkpoint(args(finished_run, resume_from_checkpoint=value))
+    assert resumed == str(finished_run / "checkpoint-6")
 
 
 def test_resume_latest_without_a_checkpoint_starts_afresh(tmp_path, caplog):
@@ -155,7 +156,8 @@ def test_a_damaged_checkpoint_file_is_an_error_naming_it_and_skipped_by_latest(f
     with pytest.raises(ValueError, match=re.escape(f"Cannot resume from {checkpoint}: {checkpoint / name} {message}")):
         resolve_resume_checkpoint(args(tmp_path, resume_from_checkpoint=str(checkpoint)))
     with caplog.at_level(logging.WARNING, logger=LOGGER):
-        assert resolve_resume_checkpoint(args(tmp_path, resume_from_checkpoint="latest")) == str(tmp_path / "checkpoint-4")
+        resumed = resolve_resume_checkpoint(args(tmp_path, resume_from_checkpoint="latest"))
+        assert resumed == str(tmp_path / "checkpoint-4")
     assert f"Skipping the incomplete checkpoint {checkpoint}: {checkpoint / name} {message}" in caplog.text
 
 
@@ -181,10 +183,11 @@ def test_resuming_a_finished_run_is_a_no_op(parts, data_path, finished_run, tmp_
     output_dir = Path(shutil.copytree(finished_run, tmp_path / "run"))
     before = load_file(output_dir / "model.safetensors")
     with caplog.at_level(logging.WARNING, logger=LOGGER):
-        trainer = train_stage1_pretrain.main(
+        trainer = stage1.train(
             parts + training_flags(output_dir, data_path, resume_from_checkpoint="latest", **RUN)
         )
-    assert f"{output_dir}/checkpoint-6 is the end of this run (step 6, max_steps=6): nothing left to train" in caplog.text
+    ended = f"{output_dir}/checkpoint-6 is the end of this run (step 6, max_steps=6): nothing left to train"
+    assert ended in caplog.text
     assert trainer.state.global_step == 6 and not (output_dir / "checkpoint-7").exists()
     after = load_file(output_dir / "model.safetensors")
     assert all(torch.equal(before[key], after[key]) for key in before)
@@ -199,9 +202,9 @@ def test_a_folder_holding_another_run_is_refused_unless_overwritten(parts, data_
     output_dir = Path(shutil.copytree(finished_run, tmp_path / "run"))
     flags = parts + training_flags(output_dir, data_path, max_steps=1)
     with pytest.raises(FileExistsError, match=f"--output_dir {output_dir} already holds another run .*checkpoint-2"):
-        train_stage1_pretrain.main(flags)
+        stage1.train(flags)
 
-    train_stage1_pretrain.main(flags + ["--overwrite_output_dir"])
+    stage1.train(flags + ["--overwrite_output_dir"])
     assert not any(path.name.startswith("checkpoint-") for path in output_dir.iterdir())
     state = json.loads((output_dir / "config.json").read_text())
     assert state["model_type"] == "omnifusion"

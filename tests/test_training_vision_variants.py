@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from modeling_omnifusion.conversion.convert_omnifusion_to_hf import vision_state_at_input_size
+from omnifusion_fixtures import chat, encoder_image_processor, make_image, vision_config
 from transformers import (
     AutoModelForImageTextToText,
     AutoProcessor,
@@ -14,16 +16,16 @@ from transformers import (
     set_seed,
 )
 
-from modeling_omnifusion.conversion.convert_omnifusion_to_hf import vision_state_at_input_size
-
 from modeling_omnifusion import OmniFusionForCausalLM
-from omnifusion_fixtures import chat, encoder_image_processor, make_image, vision_config
-from training_fixtures import colour_records, save_language_model, save_vision_model, training_flags, write_dataset
-
-import train_stage1_pretrain
-import train_stage2_sft
-from omnifusion_training import build_model_from_pretrained_parts, parse_grid_pinpoints
-
+from modeling_omnifusion.testing.training import (
+    colour_records,
+    save_language_model,
+    save_vision_model,
+    training_flags,
+    write_dataset,
+)
+from modeling_omnifusion.training import stage1, stage2
+from modeling_omnifusion.training.models import build_model_from_pretrained_parts, parse_grid_pinpoints
 
 PINPOINTS = "[[64, 32], [32, 64], [64, 64]]"
 
@@ -55,7 +57,7 @@ def data_path(tmp_path_factory):
 def stage1_dir(tmp_path_factory, parts, data_path):
     clip, dinov2, language = parts
     output_dir = tmp_path_factory.mktemp("stage1-mix")
-    train_stage1_pretrain.main(
+    stage1.train(
         ["--vision_model_name_or_path", f"{clip},{dinov2}", "--language_model_name_or_path", str(language),
          "--adapter_type", "mix_sum", "--image_grid_pinpoints", PINPOINTS]
         + training_flags(output_dir, data_path, max_steps=2, save_strategy="no")
@@ -97,7 +99,7 @@ def test_stage1_folder_reloads_and_answers_with_tiles(stage1_dir):
 
 
 def test_stage2_can_switch_tiles_off(stage1_dir, data_path, tmp_path):
-    train_stage2_sft.main(
+    stage2.train(
         ["--model_name_or_path", str(stage1_dir), "--image_grid_pinpoints", "none"]
         + training_flags(tmp_path, data_path, max_steps=2)
     )
@@ -130,7 +132,7 @@ def test_stage2_vision_models_replace_the_towers_and_train_what_stage2_trains(
     stage1_dir, other_encoders, data_path, tmp_path
 ):
     clip, dinov2 = other_encoders
-    train_stage2_sft.main(
+    stage2.train(
         ["--model_name_or_path", str(stage1_dir), "--vision_model_name_or_path", f"{clip},{dinov2}"]
         + training_flags(tmp_path, data_path, max_steps=2)
     )
@@ -163,7 +165,7 @@ def test_stage2_vision_models_replace_the_towers_and_train_what_stage2_trains(
 
 def test_stage2_lora_merge_keeps_the_given_towers_and_tiles(stage1_dir, other_encoders, data_path, tmp_path):
     clip, dinov2 = other_encoders
-    train_stage2_sft.main(
+    stage2.train(
         ["--model_name_or_path", str(stage1_dir), "--vision_model_name_or_path", f"{clip},{dinov2}",
          "--image_grid_pinpoints", "none"]
         + training_flags(tmp_path, data_path, max_steps=1, lora_r=2)
@@ -179,11 +181,11 @@ def test_stage2_lora_merge_keeps_the_given_towers_and_tiles(stage1_dir, other_en
 def test_stage2_vision_model_replaces_a_single_tower(parts, other_encoders, data_path, tmp_path):
     clip, _, language = parts
     other_clip, _ = other_encoders
-    train_stage1_pretrain.main(
+    stage1.train(
         ["--vision_model_name_or_path", str(clip), "--language_model_name_or_path", str(language)]
         + training_flags(tmp_path / "stage1", data_path, max_steps=1)
     )
-    train_stage2_sft.main(
+    stage2.train(
         ["--model_name_or_path", str(tmp_path / "stage1"), "--vision_model_name_or_path", str(other_clip)]
         + training_flags(tmp_path / "stage2", data_path, max_steps=1)
     )
@@ -197,7 +199,7 @@ def encoder_mismatch(tmp_path, data_path, stage1_dir, vision_models: str, save_l
     flags = training_flags(tmp_path / "out", data_path, max_steps=1)
     if save_lora_adapter_only:
         flags += ["--lora_r", "2", "--save_lora_adapter_only", "true"]
-    train_stage2_sft.main(["--model_name_or_path", str(stage1_dir), "--vision_model_name_or_path", vision_models]
+    stage2.train(["--model_name_or_path", str(stage1_dir), "--vision_model_name_or_path", vision_models]
                           + flags)
 
 

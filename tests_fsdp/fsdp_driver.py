@@ -1,6 +1,7 @@
-"""`examples/train_stage2_sft.py` under torchrun, recording after training how each process holds the model.
+"""Stage 2 (`modeling_omnifusion.training.stage2`) under torchrun, recording after training how each process holds
+the model.
 
-    torchrun --nproc_per_node 2 tests_fsdp/fsdp_driver.py <report folder> <train_stage2_sft.py flags>
+    torchrun --nproc_per_node 2 tests_fsdp/fsdp_driver.py <report folder> <stage-2 flags>
 
 Writes `<report folder>/rank<N>.json`: the accelerator's distributed type, whether the Trainer wrapped the model in
 DDP, the steps it trained, and for every parameter whether it is a DTensor and how many of its elements this process
@@ -11,19 +12,16 @@ import faulthandler
 import json
 import os
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+import torch
+from torch.distributed.tensor import DTensor
 
-import torch  # noqa: E402
-from torch.distributed.tensor import DTensor  # noqa: E402
-
-import train_stage2_sft  # noqa: E402
+from modeling_omnifusion.training import stage2
 
 faulthandler.dump_traceback_later(300, exit=True)  # a hang shows every process's stack, before the test's timeout
 torch.set_num_threads(1)  # 2 processes on the 2 cores, and the same arithmetic in every run
 report_dir = sys.argv[1]
-train_or_resume = train_stage2_sft.train_or_resume
+train_or_resume = stage2.train_or_resume
 
 
 def train_and_report(trainer):
@@ -57,5 +55,5 @@ def train_and_report(trainer):
         json.dump(report, file)
 
 
-train_stage2_sft.train_or_resume = train_and_report
-train_stage2_sft.main(sys.argv[2:])
+stage2.train_or_resume = train_and_report
+stage2.train(sys.argv[2:])

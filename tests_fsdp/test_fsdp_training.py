@@ -1,5 +1,6 @@
 """
-FSDP2 on CPU, 2 processes over gloo, through `examples/train_stage2_sft.py` (full and LoRA) and its checkpoint resume.
+FSDP2 on CPU, 2 processes over gloo, through stage 2 (`modeling_omnifusion.training.stage2`: full and LoRA) and its
+checkpoint resume.
 
 Each run goes through `fsdp_driver.py`, which records how every process holds the model after training: the tests
 fail if the run fell back to DDP (the model whole in each process) instead of sharding it.
@@ -20,15 +21,14 @@ from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText
 
 from modeling_omnifusion import OmniFusionForCausalLM
-from training_fixtures import (  # also puts examples/ on the path
+from modeling_omnifusion.testing.training import (
     colour_records,
     save_language_model,
     save_vision_model,
     training_flags,
     write_dataset,
 )
-
-import train_stage1_pretrain
+from modeling_omnifusion.training import stage1
 
 ROOT = Path(__file__).resolve().parent.parent
 DRIVER = str(Path(__file__).resolve().parent / "fsdp_driver.py")
@@ -45,7 +45,7 @@ def stage1_dir(tmp_path_factory, data_path) -> Path:
     root = tmp_path_factory.mktemp("parts")
     vision, language = save_vision_model(root / "vision"), save_language_model(root / "language")
     output_dir = root / "stage1"
-    train_stage1_pretrain.main(
+    stage1.train(
         ["--vision_model_name_or_path", str(vision), "--language_model_name_or_path", str(language)]
         + training_flags(output_dir, data_path, max_steps=2)
     )

@@ -10,8 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from transformers.optimization import Adafactor
 
-import training_fixtures  # noqa: F401  (puts examples/ on the path)
-from omnifusion_fsdp import ShardedAdafactor
+from modeling_omnifusion.training.fsdp import ShardedAdafactor
 
 SHAPES = [(5, 3), (4, 6), (7,), (3, 2, 4), (1, 8)]
 
@@ -23,8 +22,8 @@ def free_port() -> int:
 
 
 def run_rank(rank: int, port: int, options: dict, results: str):
-    from torch.distributed.tensor import Shard, distribute_tensor
     from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)

@@ -1,10 +1,10 @@
 """
-Checkpoints and final outputs that are whole or absent, and resuming from them (used by `omnifusion_training.py`).
+Checkpoints and final outputs that are whole or absent, and resuming from them (used by `trainer.py`).
 
 - `AtomicCheckpointTrainer` writes each `checkpoint-N` into a hidden sibling (`.checkpoint-N.partial/`) and renames
   it into place once every process has written its part, so a kill or a full disk never leaves a `checkpoint-N`
-  that cannot be resumed. `save_final_output` stages the final model the same way and moves its files into `--output_dir` with
-  `config.json` (`adapter_config.json` for an adapter) last: a folder that has one is complete.
+  that cannot be resumed. `save_final_output` stages the final model the same way and moves its files into
+  `--output_dir` with `config.json` (`adapter_config.json` for an adapter) last: a folder that has one is complete.
 - `check_output_dir` refuses to mix two runs in one `--output_dir`; `--overwrite_output_dir` clears the earlier run.
 - `resolve_resume_checkpoint` turns `--resume_from_checkpoint latest` (or `true`, any case) into the newest complete
   checkpoint, checks the files of any checkpoint before the Trainer reads them (an error naming the damaged file) and
@@ -25,8 +25,7 @@ from collections.abc import Callable
 from transformers import Trainer, TrainerState, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
-
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("omnifusion_checkpoints")  # the name the log lines show
 
 TRAINER_STATE = "trainer_state.json"
 CHECKPOINT_PATTERN = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
@@ -51,7 +50,8 @@ WEIGHTS = "model weights (model.safetensors)"  # how `checkpoint_report` names m
 
 def staging_dir(target: str) -> str:
     """The hidden sibling `target` is written into before it is renamed into place."""
-    return os.path.join(os.path.dirname(os.path.abspath(target)), f".{os.path.basename(os.path.abspath(target))}.partial")
+    target = os.path.abspath(target)
+    return os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.partial")
 
 
 def _error_number(error: BaseException, folder: str) -> int:
@@ -352,7 +352,9 @@ def resolve_resume_checkpoint(args: TrainingArguments) -> str | None:
             "(--resume_from_checkpoint latest skips damaged ones)."
         )
     if missing:
-        lost = [meaning for prefix, meaning in STATE_MEANING.items() if any(item.startswith(prefix) for item in missing)]
+        lost = [
+            meaning for prefix, meaning in STATE_MEANING.items() if any(item.startswith(prefix) for item in missing)
+        ]
         logger.warning(
             "Resuming from %s cannot reproduce the uninterrupted run: it has no %s (saved with --save_only_model, or "
             "lost), so %s start afresh.",
@@ -393,7 +395,8 @@ def train_or_resume(trainer: AtomicCheckpointTrainer):
         trainer.train(resume_from_checkpoint=checkpoint)
         return
     logger.warning(
-        "%s is the end of this run (step %d, max_steps=%s): nothing left to train; the final output is written from it.",
+        "%s is the end of this run (step %d, max_steps=%s): nothing left to train; the final output is written "
+        "from it.",
         checkpoint,
         step,
         trainer.args.max_steps if trainer.args.max_steps > 0 else f"{trainer.args.num_train_epochs} epochs",

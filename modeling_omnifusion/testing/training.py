@@ -1,4 +1,5 @@
-"""Tiny pretrained-looking vision and LM folders and conversation datasets on disk, for the training tests."""
+"""Tiny pretrained-looking vision and LM folders and conversation datasets on disk, for the training tests, and a
+stage-1 run in a fresh process that can be killed mid-checkpoint or given a full disk."""
 
 import io
 import json
@@ -6,6 +7,7 @@ import os
 import struct
 import subprocess
 import sys
+import tempfile
 import zlib
 from pathlib import Path
 
@@ -13,12 +15,7 @@ import torch
 from PIL import Image
 from transformers import CLIPVisionModel, MistralForCausalLM
 
-from omnifusion_fixtures import make_config, make_image, make_processor, make_tokenizer, vision_config
-
-
-EXAMPLES_DIR = str(Path(__file__).resolve().parent.parent / "examples")
-if EXAMPLES_DIR not in sys.path:
-    sys.path.insert(0, EXAMPLES_DIR)
+from modeling_omnifusion.testing.tiny import make_config, make_image, make_processor, make_tokenizer, vision_config
 
 COLOURS = ["red", "blue", "green", "yellow"]
 
@@ -75,7 +72,8 @@ def write_dataset(folder: Path, records: list[dict], jsonl: bool = False) -> Pat
 
 
 def jpeg_truncated(image_bytes: bytes) -> bytes:
-    """The first 60% of `image_bytes` re-saved as a JPEG: the header and part of the data stream (`verify()` accepts it)."""
+    """The first 60% of `image_bytes` re-saved as a JPEG: the header and part of the data stream (`verify()` accepts
+    it)."""
     buffer = io.BytesIO()
     Image.open(io.BytesIO(image_bytes)).save(buffer, "JPEG")
     return buffer.getvalue()[: len(buffer.getvalue()) * 6 // 10]
@@ -124,34 +122,33 @@ def state_dict(model) -> dict[str, torch.Tensor]:
 
 STAGE1_DRIVER = """
 import os, resource, signal, sys
-sys.path.insert(0, sys.argv[1])
 import torch
-import omnifusion_checkpoints, train_stage1_pretrain
+from modeling_omnifusion.training import checkpoints, stage1
 
 torch.set_num_threads(1)  # as in the test process (tests/conftest.py), for bit-identical results
 
-kill_at_step, file_size_limit = int(sys.argv[2]), int(sys.argv[3])
-save_rng_state = omnifusion_checkpoints.AtomicCheckpointTrainer._save_rng_state
+kill_at_step, file_size_limit = int(sys.argv[1]), int(sys.argv[2])
+save_rng_state = checkpoints.AtomicCheckpointTrainer._save_rng_state
 
 def save_rng_state_or_die(self, output_dir):
     if self.state.global_step == kill_at_step:  # mid-checkpoint: weights and optimizer written, RNG state not yet
         os.kill(os.getpid(), signal.SIGKILL)
     save_rng_state(self, output_dir)
 
-omnifusion_checkpoints.AtomicCheckpointTrainer._save_rng_state = save_rng_state_or_die
+checkpoints.AtomicCheckpointTrainer._save_rng_state = save_rng_state_or_die
 if file_size_limit:  # a full disk: writing past the limit fails with EFBIG instead of killing the process
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, resource.RLIM_INFINITY))
-train_stage1_pretrain.main(sys.argv[4:])
+stage1.train(sys.argv[3:])
 """
 
 
 def run_stage1_subprocess(
     flags: list[str], kill_at_step: int = 0, file_size_limit: int = 0, timeout: int = 300
 ) -> subprocess.CompletedProcess:
-    """`train_stage1_pretrain.py flags` in a fresh process, SIGKILLed mid-checkpoint at `kill_at_step` if given, or
-    with every file it writes limited to `file_size_limit` bytes (as on a full disk)."""
-    command = [sys.executable, "-c", STAGE1_DRIVER, EXAMPLES_DIR, str(kill_at_step), str(file_size_limit), *flags]
+    """Stage 1 with `flags` in a fresh process, SIGKILLed mid-checkpoint at `kill_at_step` if given, or with every
+    file it writes limited to `file_size_limit` bytes (as on a full disk)."""
+    command = [sys.executable, "-c", STAGE1_DRIVER, str(kill_at_step), str(file_size_limit), *flags]
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "HF_HUB_OFFLINE": "1"}
-    # cwd: not the checkout (`-c` puts the cwd first on sys.path, where the source folders would shadow the install)
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=EXAMPLES_DIR)
+    # cwd: not a checkout (`-c` puts the cwd first on sys.path, where its source folders would shadow the install)
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=tempfile.gettempdir())

@@ -1,5 +1,5 @@
 """
-FSDP (PyTorch FSDP2, `fully_shard`) for the two training scripts, on GPUs and on CPU over gloo.
+FSDP (PyTorch FSDP2, `fully_shard`) for the two training stages, on GPUs and on CPU over gloo.
 
 `--fsdp` (with `--fsdp_config`, or `accelerate launch --config_file examples/configs/fsdp.yaml`) shards the model
 with the Trainer's own FSDP2 support (accelerate's FSDP plugin), saving and resuming FSDP checkpoints as the Trainer
@@ -31,8 +31,7 @@ import math
 import torch
 from transformers.optimization import Adafactor
 
-
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("omnifusion_fsdp")  # the name the log lines show; `setup_run` sets its level
 
 
 def fsdp_requested(training_args) -> bool:
@@ -259,6 +258,6 @@ def plain_class(module: torch.nn.Module):
 
 def end_distributed():
     """Destroy the process group (at exit, registered by `enable_fsdp_on_cpu`): with FSDP2 on gloo, a process that
-    exits without it hangs in the interpreter's shutdown after the script has finished (seen: until killed)."""
+    exits without it hangs in the interpreter's shutdown after the script has finished."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

@@ -1,5 +1,14 @@
 """
-Data at scale for the OmniFusion training scripts: streaming WebDataset shards, length grouping and packing.
+The training data: records of a JSON or JSONL file, or captions streamed from WebDataset shards, and how a batch is
+formed from them (padding, packing, length grouping).
+
+JSON/JSONL records (the format is in `conversation.py`) are read with `json` into a `datasets.Dataset` (one JSON
+string per record, so that a malformed record reaches validation instead of breaking Arrow's schema inference),
+checked once up front (structure, image file present and decodable, tokenized length) and turned into model inputs
+lazily, per batch, by a dataset transform (`ConversationEncoder`). With `--skip_bad_records`, a record that still
+fails then (an image damaged after the check) is skipped, counted in the log, and the next good record takes its
+place in the batch, so a run never dies hours in on one bad file. A record with no answer token left after
+truncation is left out of training, and how many were is logged.
 
 WebDataset shards (what `img2dataset` writes): `--data_path` is a folder of `*.tar` files or a brace pattern such as
 `shards/{00000..00099}.tar`; each tar holds `key.jpg` (or `.png`/`.webp`/...) next to `key.txt` (the caption) and/or
@@ -17,9 +26,10 @@ Packing (`--packing`): the collator concatenates a batch's conversations into on
 `position_ids` restarting at 0 at each conversation and no `attention_mask`, the convention of transformers'
 `DataCollatorWithFlattening`: transformers' masking utilities then build a block-diagonal causal mask for SDPA and
 eager attention (and flash-attention reads the boundaries from the position ids), so no token attends across
-conversations. That needs `use_cache=False` in the batch: transformers 5.24's Llama/Mistral create a cache when
-`use_cache` is on, even in training, and then ignore the packed position ids (measured: logits off by 0.6). Images keep their order, so each lands where it would in the padded batch, and the loss (a mean over
-the same answer tokens) equals the padded batch's.
+conversations. That needs `use_cache=False` in the batch: transformers' Llama/Mistral create a cache when
+`use_cache` is on, even in training, and then ignore the packed position ids. Images keep their order, so each
+lands where it would in the padded batch, and the loss (a mean over the same answer tokens) equals the padded
+batch's.
 
 Length grouping (`--group_by_length`): the lengths are the token counts the up-front check computes anyway (no image
 is decoded for them), kept as a `length` column and handed to the Trainer's `LengthGroupedSampler`.
@@ -40,10 +50,14 @@ import torch
 from PIL import Image
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
-from omnifusion_training import ConversationEncoder, assistant_labels, record_to_messages
+from modeling_omnifusion import OmniFusionProcessor
 
+from .arguments import DataArguments
+from .conversation import ConversationEncoder, assistant_labels, record_to_messages
 
-logger = logging.getLogger("omnifusion_training.data")  # the scripts set the level of "omnifusion_training"
+# The names the log lines show: records log as "omnifusion_training", shards as its child; `setup_run` sets the level.
+logger = logging.getLogger("omnifusion_training")
+stream_logger = logging.getLogger("omnifusion_training.data")
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 CAPTION_PROMPTS = (
@@ -53,6 +67,85 @@ CAPTION_PROMPTS = (
     "Write a caption for this image.",
 )
 BRACE_RANGE = re.compile(r"\{(\d+)\.\.(\d+)\}")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# JSON / JSONL records
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def read_records(data_path: str) -> datasets.Dataset:
+    """
+    One row per record of a JSON list or JSONL file: `name` (its `id`, or `#<index>` without one) and `record`,
+    the record as JSON text. A JSONL line that does not parse is kept as it is and reported by validation.
+    """
+    with open(data_path, encoding="utf-8-sig") as file:  # -sig: a UTF-8 byte order mark is skipped
+        text = file.read()
+    if text.lstrip().startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{data_path}: not a valid JSON list of records ({error}).") from None
+        records = [json.dumps(record) for record in data]
+    else:
+        records = [line for line in text.splitlines() if line.strip()]
+    if not records:
+        raise ValueError(f"{data_path}: no records (the file is empty); expected a JSON list or JSONL records.")
+    names = []
+    for index, record in enumerate(records):
+        try:
+            record_id = json.loads(record).get("id")
+        except (json.JSONDecodeError, AttributeError):
+            record_id = None
+        names.append(str(record_id) if record_id is not None else f"#{index}")
+    return datasets.Dataset.from_dict({"name": names, "record": records})
+
+
+
+def load_training_dataset(data_args: DataArguments, processor: OmniFusionProcessor) -> datasets.Dataset:
+    """The checked records of `data_args.data_path`, turned into model inputs lazily by a `ConversationEncoder`."""
+    image_folder = data_args.image_folder or os.path.dirname(os.path.abspath(data_args.data_path))
+    encoder = ConversationEncoder(processor, image_folder, data_args.model_max_length, data_args.skip_bad_records)
+    encoder.check_images = data_args.check_images
+    records = read_records(data_args.data_path)
+    checks = records.map(
+        encoder.check,
+        remove_columns=records.column_names,
+        num_proc=data_args.preprocessing_num_workers,
+        desc="Checking records",
+    )
+    errors, error_types, has_answer = checks["error"], checks["error_type"], checks["has_answer"]
+    bad = [index for index, error in enumerate(errors) if error]
+    if bad and not data_args.skip_bad_records:
+        error_class = FileNotFoundError if error_types[bad[0]] == "FileNotFoundError" else ValueError
+        raise error_class(f"{errors[bad[0]]} ({len(bad)} bad records in all; --skip_bad_records skips them.)")
+    if bad:
+        logger.warning(
+            "Skipped %d bad records of %d in %s, for example: %s",
+            len(bad),
+            len(records),
+            data_args.data_path,
+            errors[bad[0]],
+        )
+    answerless = [index for index, error in enumerate(errors) if not error and not has_answer[index]]
+    if answerless:
+        logger.warning(
+            "Left out %d records with no answer token within model_max_length=%d, for example %s.",
+            len(answerless),
+            data_args.model_max_length,
+            records[answerless[0]]["name"],
+        )
+    kept = [index for index, error in enumerate(errors) if not error and has_answer[index]]
+    if not kept:
+        raise ValueError(f"No usable training records in {data_args.data_path}.")
+    logger.info("Training on %d records from %s.", len(kept), data_args.data_path)
+    records = records.select(kept)
+    if data_args.group_by_length:  # the token counts just computed, for `--group_by_length`
+        lengths = checks["length"]
+        records = records.add_column("length", [lengths[index] for index in kept])
+    encoder.records = records.add_column("position", list(range(len(kept))))
+    return encoder.records.with_transform(encoder)
+
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -85,7 +178,10 @@ def expand_shards(data_path: str) -> list[str]:
             if int(last) < int(first):
                 raise ValueError(f"--data_path {data_path}: empty range {{{first}..{last}}}.")
             width = len(first)
-            expanded += [path[: match.start()] + f"{n:0{width}d}" + path[match.end() :] for n in range(int(first), int(last) + 1)]
+            expanded += [
+                path[: match.start()] + f"{n:0{width}d}" + path[match.end() :]
+                for n in range(int(first), int(last) + 1)
+            ]
         paths = expanded
     missing = [path for path in paths if not os.path.isfile(path)]
     if missing:
@@ -184,7 +280,7 @@ def generate_examples(shards: list[str], encoder: ConversationEncoder, bad_sampl
     """Model inputs of every good sample of `shards` (this process's and worker's share); bad ones skipped and
     counted, with a `ValueError` naming the shard and key once more than `bad_samples.limit` were bad."""
     for shard in shards:
-        logger.info("Reading shard %s (process %s)", shard, os.environ.get("RANK", "0"))
+        stream_logger.info("Reading shard %s (process %s)", shard, os.environ.get("RANK", "0"))
         for key, fields in iter_shard(shard):
             try:
                 record = caption_conversation(key, sample_caption(fields))
@@ -201,7 +297,7 @@ def generate_examples(shards: list[str], encoder: ConversationEncoder, bad_sampl
             except ValueError as error:
                 bad_samples.count += 1
                 bad = bad_samples.count
-                logger.warning("Skipped bad sample %s in shard %s: %s (%d bad so far)", key, shard, error, bad)
+                stream_logger.warning("Skipped bad sample %s in shard %s: %s (%d bad so far)", key, shard, error, bad)
                 if bad > bad_samples.limit:
                     raise ValueError(
                         f"Shard {shard}, key {key}: {error}. That is {bad} bad samples in this process, more than "
@@ -210,7 +306,9 @@ def generate_examples(shards: list[str], encoder: ConversationEncoder, bad_sampl
                 continue
             labels = assistant_labels(input_ids, encoder.processor)
             if not (labels != -100).any():
-                logger.warning("Skipped sample %s in shard %s: no caption token within model_max_length", key, shard)
+                stream_logger.warning(
+                    "Skipped sample %s in shard %s: no caption token within model_max_length", key, shard
+                )
                 continue
             yield {"input_ids": input_ids, "labels": labels, "pixel_values": pixel_values}
 
@@ -237,7 +335,7 @@ def load_streaming_dataset(data_args, processor, training_args) -> datasets.Iter
         generate_examples,
         gen_kwargs={"shards": shards, "encoder": encoder, "bad_samples": BadSampleCount(data_args.max_bad_samples)},
     )
-    logger.info("Streaming %d shards from %s.", len(shards), data_args.data_path)
+    stream_logger.info("Streaming %d shards from %s.", len(shards), data_args.data_path)
     return stream.shuffle(seed=training_args.seed, buffer_size=data_args.shuffle_buffer_size)
 
 

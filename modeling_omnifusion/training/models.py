@@ -1,0 +1,253 @@
+"""
+The models the two stages train: a new OmniFusion built from a pretrained vision encoder (or several) and a
+pretrained LM (stage 1), replacement encoders and tiles for an existing one (stage 2), and which parameters train.
+Everything is float32 (the Trainer's `--bf16`/`--fp16` run autocast over float32 weights).
+"""
+
+import json
+import logging
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+from modeling_omnifusion import OmniFusionConfig, OmniFusionForCausalLM, OmniFusionProcessor
+from modeling_omnifusion.conversion.convert_omnifusion_to_hf import vision_state_at_input_size
+from modeling_omnifusion.modeling_omnifusion import build_vision_tower, hub_model_id
+from modeling_omnifusion.processing.processing_omnifusion import (
+    check_tokenizer_folder,
+    image_processor_output_size,
+    rank_merges_by_sentencepiece_scores,
+)
+
+logger = logging.getLogger("omnifusion_training")  # the name the log lines show; `setup_run` sets its level
+
+
+def load_vision_tower(name_or_path: str) -> nn.Module:
+    """A pretrained vision encoder in float32; for a full CLIP/SigLIP checkpoint, only its vision model."""
+    config = AutoConfig.from_pretrained(name_or_path)
+    return AutoModel.from_pretrained(name_or_path, config=getattr(config, "vision_config", config), dtype=torch.float32)
+
+
+def parse_vision_models(value: str) -> list[str]:
+    """`--vision_model_name_or_path`: one folder/Hub id, or several comma-separated (`clip_dir,dinov2_dir`)."""
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    if not names:
+        raise ValueError(f"--vision_model_name_or_path names no vision model: {value!r}")
+    return names
+
+
+def parse_grid_pinpoints(value: str | None) -> list[list[int]] | None:
+    """`--image_grid_pinpoints` as JSON, e.g. '[[672, 336], [336, 672], [672, 672]]' (None: no tiles)."""
+    if value is None or value.strip().lower() in ("", "none", "null"):
+        return None
+    try:
+        pinpoints = json.loads(value)
+    except ValueError as exc:
+        raise ValueError(f"--image_grid_pinpoints must be JSON like '[[672, 336], [672, 672]]', got {value!r}") from exc
+    if not isinstance(pinpoints, list):
+        raise ValueError(f"--image_grid_pinpoints must be a JSON list of [height, width] pairs, got {value!r}")
+    return pinpoints
+
+
+def load_vision_towers(
+    names: list[str], one_input_size: bool, image_processors: list | None = None
+) -> tuple[list, list, list[dict]]:
+    """
+    The pretrained encoders, their image processors (`image_processors`, default: each folder's own) and their
+    weights. With several encoders and tiles every processor outputs the first's size (tiles are one size); DINOv2's
+    position table is then interpolated to its processor's size with its own code (`vision_state_at_input_size`), as
+    DINOv2 does at run time.
+    """
+    towers = [load_vision_tower(name) for name in names]
+    if image_processors is None:
+        image_processors = [AutoImageProcessor.from_pretrained(name) for name in names]
+    if len(names) == 1:
+        return [towers[0].config], image_processors, [towers[0].state_dict()]
+    if one_input_size:
+        size = image_processor_output_size(image_processors[0])
+        for image_processor in image_processors[1:]:
+            image_processor.size = {"shortest_edge": size}
+            image_processor.crop_size = {"height": size, "width": size}
+    configs, states = [], []
+    for tower, image_processor in zip(towers, image_processors):
+        size = image_processor_output_size(image_processor)
+        states.append(vision_state_at_input_size(tower, size))
+        configs.append(type(tower.config).from_dict({**tower.config.to_dict(), "image_size": size}))
+    return configs, image_processors, states
+
+
+def build_model_from_pretrained_parts(
+    vision_model_name_or_path: str, language_model_name_or_path: str, **config_kwargs
+) -> tuple[OmniFusionForCausalLM, OmniFusionProcessor]:
+    """
+    A new OmniFusion around pretrained vision encoder(s) (comma-separated for several) and a pretrained decoder LM
+    (whose tokenizer it takes), with a freshly initialised adapter and markers, and its processor. `config_kwargs`
+    go to `OmniFusionConfig` (`adapter_type`, `image_grid_pinpoints`, ...). All of it is float32 (the Trainer's
+    `--bf16`/`--fp16` run autocast over float32 weights), whatever dtype the parts were saved in: loading a bfloat16
+    LM as saved would give a model of mixed dtypes.
+    """
+    sentencepiece_model = check_tokenizer_folder(language_model_name_or_path)
+    names = parse_vision_models(vision_model_name_or_path)
+    vision_configs, image_processors, vision_states = load_vision_towers(
+        names, one_input_size=config_kwargs.get("image_grid_pinpoints") is not None
+    )
+    language_model = AutoModelForCausalLM.from_pretrained(language_model_name_or_path, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(language_model_name_or_path)
+    if sentencepiece_model is not None:
+        rank_merges_by_sentencepiece_scores(tokenizer, sentencepiece_model)
+    processor = OmniFusionProcessor(
+        image_processors[0],
+        tokenizer,
+        end_assistant_turns_with_eos=True,
+        extra_encoder_preprocessors=image_processors[1:],
+    )
+    config = OmniFusionConfig(
+        vision_config=vision_configs if len(names) > 1 else vision_configs[0],
+        text_config=language_model.config,
+        **processor.special_token_ids,
+        **config_kwargs,
+    )
+    for name, value in config.processor_kwargs.items():
+        setattr(processor, name, value)
+    # What the saved folder names as its base models: the Hub ids, never a local path.
+    for vision, name in zip(config.vision_configs, names):
+        vision._name_or_path = hub_model_id(name) or ""
+    config.text_config._name_or_path = hub_model_id(language_model_name_or_path) or ""
+
+    model = OmniFusionForCausalLM(config)
+    towers = model.model.vision_tower if len(names) > 1 else [model.model.vision_tower]
+    for tower, state in zip(towers, vision_states):
+        tower.load_state_dict(state)
+    missing, unexpected = model.model.language_model.load_state_dict(
+        language_model.base_model.state_dict(), strict=False
+    )
+    if missing != ["embed_tokens.special_embeddings.weight"] or unexpected:
+        raise ValueError(
+            f"The language model's weights do not fit OmniFusion's: missing {missing}, unexpected {unexpected}."
+        )
+    model.lm_head.load_state_dict(language_model.get_output_embeddings().state_dict())
+    model.generation_config = language_model.generation_config
+    model.generation_config.eos_token_id = processor.tokenizer.eos_token_id
+    model.generation_config.pad_token_id = model.config.text_config.pad_token_id = processor.tokenizer.pad_token_id
+    return model, processor
+
+
+# What the adapter and the number of image positions depend on, per encoder: a replacement must agree on all of them.
+ENCODER_FIELDS_THE_ADAPTER_READS = (
+    "model_type", "hidden_size", "num_hidden_layers", "image_size", "patch_size", "num_register_tokens"
+)
+
+
+def _own_image_processor(name_or_path: str):
+    """The image processor a vision encoder folder/Hub id ships, or None if it has none."""
+    try:
+        return AutoImageProcessor.from_pretrained(name_or_path)
+    except OSError:  # no preprocessor_config.json (nor processor_config.json) there
+        return None
+
+
+def load_replacement_vision_towers(
+    config: OmniFusionConfig,
+    processor: OmniFusionProcessor,
+    vision_model_name_or_path: str,
+    model_name_or_path: str,
+    flag: str = "--vision_model_name_or_path",
+) -> tuple[list, list, list[dict]]:
+    """
+    Stage 2's `--vision_model_name_or_path`: pretrained encoders (comma-separated, as in stage 1) to put in place of
+    the towers of a model whose adapter was trained on `config`'s encoders. Returns their configs, image processors
+    and weights (`install_vision_towers` puts them in). Each encoder comes at the size the model runs it at, exactly as
+    stage 1 builds it (`load_vision_towers`: with several encoders of one size, every image processor outputs the
+    first's and DINOv2's position table is interpolated). The image processor is the folder's own (it defines the
+    encoder's resizing and normalisation), or, for a folder without one, `processor`'s for that encoder.
+
+    A `ValueError` naming `flag`, the encoder index, the folder and the field unless there are as many encoders as
+    the adapter reads and each agrees with the one it replaces on everything the adapter and the number of image
+    positions depend on (`ENCODER_FIELDS_THE_ADAPTER_READS`, and its image processor's output size).
+    """
+    names = parse_vision_models(vision_model_name_or_path)
+    expected = config.vision_configs
+    if len(names) != len(expected):
+        raise ValueError(
+            f"{flag} {vision_model_name_or_path}: {len(names)} vision encoder(s), but the adapter of "
+            f"{model_name_or_path} was trained on {len(expected)} ({', '.join(v.model_type for v in expected)}); "
+            "give one folder or Hub id per encoder, comma-separated, in the same order."
+        )
+
+    def check(index: int, name: str, found: dict, wanted: dict):
+        mismatch = [(field, found[field], wanted[field]) for field in wanted if found[field] != wanted[field]]
+        if mismatch:
+            field, value, trained = mismatch[0]
+            raise ValueError(
+                f"{flag}: encoder {index} ({name}) does not match the one the adapter of {model_name_or_path} was "
+                f"trained on: {field} is {value!r} in {name} but {trained!r} in {model_name_or_path}"
+                + "".join(f"; {f} {v!r} vs {t!r}" for f, v, t in mismatch[1:])
+            )
+
+    def fields(vision_config, names) -> dict:
+        return {field: getattr(vision_config, field, None) for field in names}
+
+    # The architecture first, before any weight loads. The size a DINOv2 runs at is settled with its image
+    # processor below (its position table is interpolated, as in stage 1); any other encoder has one size.
+    for index, (name, wanted) in enumerate(zip(names, expected)):
+        found = AutoConfig.from_pretrained(name)
+        found = getattr(found, "vision_config", found)
+        architecture = [
+            field for field in ENCODER_FIELDS_THE_ADAPTER_READS if field != "image_size" or found.model_type != "dinov2"
+        ]
+        check(index, name, fields(found, architecture), fields(wanted, architecture))
+    image_processors = [
+        _own_image_processor(name) or current for name, current in zip(names, processor.image_processors)
+    ]
+    one_input_size = len(names) > 1 and len({vision.image_size for vision in expected}) == 1
+    try:
+        configs, image_processors, states = load_vision_towers(names, one_input_size, image_processors)
+    except ValueError as error:  # an encoder that cannot run at the size its processor outputs
+        raise ValueError(f"{flag} {vision_model_name_or_path}: {error}") from None
+    for index, (name, found, wanted, image_processor) in enumerate(zip(names, configs, expected, image_processors)):
+        size = "image processor output size"
+        check(
+            index,
+            name,
+            {"image_size": found.image_size, size: image_processor_output_size(image_processor)},
+            {"image_size": wanted.image_size, size: wanted.image_size},
+        )
+        found._name_or_path = hub_model_id(name) or ""
+    return configs, image_processors, states
+
+
+def install_vision_towers(model: OmniFusionForCausalLM, configs: list, states: list[dict]):
+    """Replace `model`'s vision towers (modules and configs) by encoders built from `configs` holding `states`, in
+    the dtype of the towers they replace."""
+    dtype = next(model.model.vision_tower.parameters()).dtype
+    model.config.vision_config, *additional = configs
+    model.config.additional_vision_configs = additional or None
+    vision_tower = build_vision_tower(model.config).to(dtype)  # the model's own layout for one or several encoders
+    for tower, state in zip(vision_tower if additional else [vision_tower], states):
+        tower.load_state_dict(state)
+    model.model.vision_tower = vision_tower.requires_grad_(False)
+
+
+def set_image_grid_pinpoints(model: OmniFusionForCausalLM, processor: OmniFusionProcessor, pinpoints):
+    """Switch tiles on (or change them) for an existing model and its processor; the weights are unchanged."""
+    config = model.config
+    config.image_grid_pinpoints = pinpoints
+    config.check_image_grid_pinpoints()
+    for name, value in config.processor_kwargs.items():
+        setattr(processor, name, value)
+
+
+def train_only(model: nn.Module, modules: list[nn.Module]):
+    """Freeze `model` except `modules`, and log what is trained."""
+    model.requires_grad_(False)
+    for module in modules:
+        module.requires_grad_(True)
+    log_trainable_parameters(model)
+
+
+def log_trainable_parameters(model: nn.Module):
+    trainable = sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
+    total = sum(parameter.numel() for parameter in model.parameters())
+    logger.info("Training %d of %d parameters (%.2f%%).", trainable, total, 100 * trainable / total)
+
