@@ -1,5 +1,7 @@
-"""Tests for VisDial candidate scoring (examples/visdial_scoring.py) and the evaluation script."""
+"""Tests for VisDial candidate scoring (`modeling_omnifusion.evaluation.visdial_scoring`) and the evaluation driver
+(`modeling_omnifusion.evaluation.visdial`)."""
 
+import importlib.util
 import json
 import os
 import sys
@@ -18,20 +20,20 @@ from transformers import (  # noqa: E402
     LlavaProcessor,
 )
 
-from omnifusion_fixtures import (  # noqa: E402
+from visdial_data import VISDIAL_DATA_DIR  # noqa: E402
+
+from modeling_omnifusion.evaluation import visdial as evaluate_visdial  # noqa: E402
+from modeling_omnifusion.evaluation import visdial_scoring  # noqa: E402
+from modeling_omnifusion.testing.tiny import (  # noqa: E402
     IMAGE_SIZE,
     PATCH_SIZE,
-    VISDIAL_DATA_DIR,
     make_image,
     make_model_and_processor,
     make_tokenizer,
     vision_config,
 )
 
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-import evaluate_visdial  # noqa: E402
-import visdial_scoring  # noqa: E402
+BENCHMARK_VISDIAL = Path(__file__).resolve().parents[1] / "examples" / "benchmarks" / "benchmark_visdial.py"
 
 
 # transformers' llava-1.5-hf chat template
@@ -612,7 +614,8 @@ def test_backend_vllm_without_vllm_installed_is_a_clear_error(tmp_path, visdial_
     model.save_pretrained(tmp_path / "omnifusion")
     processor.save_pretrained(tmp_path / "omnifusion")
     monkeypatch.setattr(builtins, "__import__", no_vllm)
-    monkeypatch.delitem(sys.modules, "visdial_vllm", raising=False)
+    monkeypatch.delitem(sys.modules, "modeling_omnifusion.evaluation.visdial_vllm", raising=False)
+    monkeypatch.delattr("modeling_omnifusion.evaluation.visdial_vllm", raising=False)
     with pytest.raises(ModuleNotFoundError, match="--backend vllm needs vLLM: `pip install vllm`"):
         evaluate_visdial.main(
             ["--model", str(tmp_path / "omnifusion"), "--visdial_json", str(visdial_sample[0]), "--backend", "vllm",
@@ -828,8 +831,16 @@ def test_prefix_shared_batches_count_only_the_new_prefixes(omnifusion):
     assert visdial_scoring._packed_batches(model, limit - 5, candidate_ids, 50) == [[0, 1, 2], [3, 4, 5]]
 
 
+def _load_script(path: Path):
+    """A script of examples/ imported as a module from its file (examples are programs, not an installed package)."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_benchmark_scores_the_real_answer_options_of_the_sample_with_the_mistral_tokenizer(capsys):
-    import benchmark_visdial
+    benchmark_visdial = _load_script(BENCHMARK_VISDIAL)
 
     data = json.loads(benchmark_visdial.VISDIAL_SAMPLE.read_text())["data"]
     dialog = data["dialogs"][1]

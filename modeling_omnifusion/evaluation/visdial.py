@@ -1,28 +1,29 @@
 """
 Evaluate a vision-language model on Visual Dialog v1.0 by ranking the 100 candidate answers of every round.
 
-Each candidate is scored by its token log-likelihood given the image, the caption, the dialog history (ground-truth
-answers) and the question, built with the model's chat template (see `visdial_scoring.py` for the exact prompt).
+The driver of the `omnifusion-evaluate-visdial` command and of `examples/evaluate_visdial.py` (`main(argv)`, the same
+flags). Each candidate is scored by its token log-likelihood given the image, the caption, the dialog history
+(ground-truth answers) and the question, built with the model's chat template (see `visdial_scoring` for the exact
+prompt).
 The context of a round runs once and its KV cache serves all candidates. Works for any model folder or Hub id that
 `AutoModelForImageTextToText` and `AutoProcessor` load with `trust_remote_code=True`: OmniFusion and LLaVA alike.
 
 Writes the metrics (fractions) and settings to `--output`, the per-round ranks in the official submission format
 (`[{"image_id", "round_id", "ranks"}]`) next to it, and prints the metrics in percent.
 
-    python examples/evaluate_visdial.py --model path/to/omnifusion --visdial_json visdial_1.0_val.json \
+    omnifusion-evaluate-visdial --model path/to/omnifusion --visdial_json visdial_1.0_val.json \
         --dense_json visdial_1.0_val_dense_annotations.json --images_dir VisualDialog_val2018 \
         --output omnifusion_visdial.json --name OmniFusion
 
     # the same on vLLM (prefix caching; several GPUs with --tensor_parallel_size), identical rankings
-    python examples/evaluate_visdial.py --backend vllm --tensor_parallel_size 2 --model path/to/omnifusion ...
+    omnifusion-evaluate-visdial --backend vllm --tensor_parallel_size 2 --model path/to/omnifusion ...
 
     # compare result files in a table and a bar chart
-    python examples/evaluate_visdial.py --plot omnifusion_visdial.json llava_visdial.json --plot_output visdial.png
+    omnifusion-evaluate-visdial --plot omnifusion_visdial.json llava_visdial.json --plot_output visdial.png
 """
 
 import json
 import os
-import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +33,7 @@ import torch
 from PIL import Image
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, HfArgumentParser
 
-from visdial_scoring import evaluate_dialogs, visdial_metric
+from .visdial_scoring import evaluate_dialogs, visdial_metric
 
 
 TABLE_COLUMNS = (("NDCG", "ndcg"), ("MRR", "mrr"), ("R@1", "r@1"), ("R@5", "r@5"), ("R@10", "r@10"))
@@ -251,7 +252,7 @@ def evaluate(args: VisDialArguments) -> dict:
     processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
     if args.backend == "vllm":
         try:
-            import visdial_vllm  # only this backend needs vllm
+            from . import visdial_vllm  # only this backend needs vllm
         except ModuleNotFoundError as error:
             if error.name != "vllm":
                 raise
@@ -390,7 +391,8 @@ def merge_shards(args: VisDialArguments) -> dict:
     return results
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> int:
+    """Parse `argv` (default: the command line) and run; returns 0. Usage errors raise `SystemExit` with a message."""
     (args,) = HfArgumentParser(VisDialArguments).parse_args_into_dataclasses(args=argv)
     if args.model is None and not args.plot and not args.merge:
         raise SystemExit(
@@ -417,7 +419,8 @@ def main(argv=None):
         print(results_table(compared))
         plot_results(compared, args.plot_output)
         print(f"wrote {args.plot_output}")
+    return 0
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    raise SystemExit(main())
