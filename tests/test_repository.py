@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from omnifusion_fixtures import VISDIAL_DATA_DIR
+from visdial_data import VISDIAL_DATA_DIR
 
 
 REPO = Path(__file__).resolve().parents[1]

@@ -26,8 +26,8 @@ Two sources of text (`--candidates_from`), both in the released prompt layout:
   (`tests/data/visdial/visdial_1.0_val_crowdsourced.json`, `--dialog_index`): its caption, questions (with "?"),
   ground-truth answers and the 100 real answer options of every round, tokenized with the real Mistral tokenizer
   (`tokenizer.model.v1` of the `mistral-common` package, the released OmniMistral tokenizer) - what
-  `omnifusion-evaluate-visdial` scores. The model is random but has the Mistral 32k vocabulary, so the real ids fit. Real
-  answer options share prefixes ("yes", "no", "it is", ...), which prefix sharing exploits; the released naive
+  `omnifusion-evaluate-visdial` scores. The model is random but has the Mistral 32k vocabulary, so the real ids fit.
+  Real answer options share prefixes ("yes", "no", "it is", ...), which prefix sharing exploits; the released naive
   method pads each batch to its longest candidate, as it does on real data.
 * `random`: random ids of VisDial-like lengths (caption 15, question 8, answer 5, candidates 2 to 8 tokens); random
   candidates share no prefix, so this is the scorer's worst case.
@@ -67,7 +67,6 @@ from modeling_omnifusion.evaluation.visdial_scoring import (
     visdial_metric,
     visdial_round_question,
 )
-
 
 SYSTEM_TOKENS, DESCRIBE_TOKENS, CAPTION_TOKENS, QUESTION_TOKENS, ANSWER_TOKENS = 10, 10, 15, 8, 5
 CANDIDATE_TOKENS = (2, 8)

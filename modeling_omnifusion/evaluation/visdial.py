@@ -35,7 +35,6 @@ from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor,
 
 from .visdial_scoring import evaluate_dialogs, visdial_metric
 
-
 TABLE_COLUMNS = (("NDCG", "ndcg"), ("MRR", "mrr"), ("R@1", "r@1"), ("R@5", "r@5"), ("R@10", "r@10"))
 
 

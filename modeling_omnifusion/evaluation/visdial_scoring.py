@@ -45,7 +45,6 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from ..compat_omnifusion import output_cache
 from .metrics.visdial import visdial as visdial_metric
 
-
 DESCRIBE_PROMPT = "Describe what you can see in the picture."
 SCORE_TYPES = ("mean", "sum")
 

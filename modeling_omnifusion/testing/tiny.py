@@ -28,7 +28,6 @@ from transformers import (
 
 from modeling_omnifusion import OmniFusionConfig, OmniFusionForCausalLM, OmniFusionProcessor
 
-
 IMAGE_SIZE = 32
 PATCH_SIZE = 8
 
@@ -189,7 +188,8 @@ def make_sentencepiece_tokenizer(folder):
     from .released import write_tokenizer_folder
 
     folder = write_tokenizer_folder(folder)
-    return LlamaTokenizer.from_pretrained(folder), spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+    sentencepiece_processor = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+    return LlamaTokenizer.from_pretrained(folder), sentencepiece_processor
 
 
 def jpeg_truncated(image_bytes: bytes) -> bytes:
