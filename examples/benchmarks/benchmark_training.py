@@ -29,7 +29,6 @@ line is `packing_speedup=<packed / padded tokens/s>`.
 """
 
 import argparse
-import contextlib
 import json
 import os
 import random
@@ -151,22 +150,6 @@ def pad_collator(pad_token_id):
     return collate
 
 
-@contextlib.contextmanager
-def trainers_started():
-    """The list of every `Trainer` whose `train()` runs inside the block (the stage commands build their own)."""
-    started, train = [], Trainer.train
-
-    def recording_train(self, *args, **kwargs):
-        started.append(self)
-        return train(self, *args, **kwargs)
-
-    Trainer.train = recording_train
-    try:
-        yield started
-    finally:
-        Trainer.train = train
-
-
 class InOrderTrainer(Trainer):
     """The Trainer with the dataset's own order, so that both models see exactly the same batches."""
 
@@ -267,10 +250,9 @@ def main():
     results = {}
     for round_index in range(args.rounds):
         for mode, extra in modes.items():
-            with trainers_started() as started:  # a folder per run: the stage commands refuse a used one
-                stage2.main(["--model_name_or_path", f"{work}/stage1"]
-                            + flags(f"{work}/{mode}-{round_index + 1}", data_path, args.batch, **extra))
-            trainer = started[-1]
+            trainer = stage2.train(["--model_name_or_path", f"{work}/stage1"]
+                                   + flags(f"{work}/{mode}-{round_index + 1}", data_path, args.batch,
+                                           **extra))  # a folder per run: the stage commands refuse a used one
             runtime = trainer.state.log_history[-1]["train_runtime"]
             dataset = trainer.train_dataset
             lengths = [len(dataset[index]["input_ids"]) for index in range(len(dataset))]

@@ -28,7 +28,7 @@ from modeling_omnifusion.testing.released import (
     write_raw_torch_archive,
     write_zip_bomb_special_embeddings,
 )
-from modeling_omnifusion.testing.tiny import jpeg_truncated, make_image, make_processor, png_with_corrupt_pixel_data
+from modeling_omnifusion.testing.tiny import make_image, make_processor
 
 
 def refused(call: Callable, path: Path) -> tuple:
@@ -95,13 +95,15 @@ def _fake_checkpoint(folder: Path) -> Path:
 
 def training_cases(workdir: str | Path) -> dict[str, tuple]:
     """Damaged checkpoints, `--resume_from_checkpoint latest`, odd data files, images only decoding can catch."""
+    from modeling_omnifusion.testing.training import jpeg_truncated, png_with_corrupt_pixel_data
+    from modeling_omnifusion.training.arguments import OmniFusionTrainingArguments
     from modeling_omnifusion.training.checkpoints import resolve_resume_checkpoint
-    from modeling_omnifusion.training.data import ConversationEncoder, OmniFusionTrainingArguments, read_records
+    from modeling_omnifusion.training.conversation import ConversationEncoder
+    from modeling_omnifusion.training.data import read_records
 
     root = Path(workdir)
     root.mkdir(parents=True, exist_ok=True)
-    # the skip warnings are expected here
-    logging.getLogger("modeling_omnifusion.training.checkpoints").setLevel(logging.ERROR)
+    logging.getLogger("omnifusion_checkpoints").setLevel(logging.ERROR)  # the skip warnings are expected here
 
     def damaged(case: str, name: str, damage: Callable[[bytes], bytes]) -> tuple:
         checkpoint = root / case / "checkpoint-2"

@@ -7,9 +7,6 @@ demos and benchmarks pass their own corpus, vocabulary size, padding and extra s
 `make_model_and_processor` gives a random 2-layer OmniFusion in eval mode with its processor.
 """
 
-import io
-import struct
-import zlib
 from collections.abc import Iterable
 
 import numpy as np
@@ -191,24 +188,3 @@ def make_sentencepiece_tokenizer(folder):
     sentencepiece_processor = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
     return LlamaTokenizer.from_pretrained(folder), sentencepiece_processor
 
-
-def jpeg_truncated(image_bytes: bytes) -> bytes:
-    """The first 60% of `image_bytes` re-saved as a JPEG: the header and part of the data stream (`verify()` accepts
-    it, decoding fails)."""
-    buffer = io.BytesIO()
-    Image.open(io.BytesIO(image_bytes)).save(buffer, "JPEG")
-    return buffer.getvalue()[: len(buffer.getvalue()) * 6 // 10]
-
-
-def png_with_corrupt_pixel_data(image_bytes: bytes) -> bytes:
-    """The PNG with bytes of its compressed pixel data flipped and the chunk CRC fixed (`verify()` accepts it,
-    decoding fails)."""
-    data = bytearray(image_bytes)
-    start = data.index(b"IDAT")
-    length = struct.unpack(">I", data[start - 4 : start])[0]
-    pixels = data[start + 4 : start + 4 + length]
-    for index in range(20, length - 10, 7):
-        pixels[index] ^= 0xFF
-    data[start + 4 : start + 4 + length] = pixels
-    data[start + 4 + length : start + 8 + length] = struct.pack(">I", zlib.crc32(b"IDAT" + bytes(pixels)))
-    return bytes(data)
