@@ -35,8 +35,6 @@ CORPUS = [
     "Describe the image. A small yellow triangle on the left of a purple square.",
     "The quick brown fox jumps over the lazy dog. 0 1 2 3 4 5 6 7 8 9 yes no",
 ]
-
-
 BASE_SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")
 
 
@@ -77,7 +75,7 @@ def make_tokenizer(
 
 
 def vision_config(kind: str = "clip", hidden: int = 32, image_size: int = IMAGE_SIZE, num_layers: int = 2):
-    """A random-initialisable vision tower config of `kind` ("clip", "siglip" or "dinov2"), patch `PATCH_SIZE`."""
+    """A tiny vision tower config of `kind` ("clip", "siglip" or "dinov2") with patch size `PATCH_SIZE`."""
     common = dict(hidden_size=hidden, intermediate_size=64, num_hidden_layers=num_layers, num_attention_heads=4)
     if kind == "clip":
         return CLIPVisionConfig(image_size=image_size, patch_size=PATCH_SIZE, projection_dim=hidden, **common)
