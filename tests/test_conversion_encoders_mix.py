@@ -8,8 +8,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest  # noqa: E402
 import sentencepiece as spm  # noqa: E402
 import torch  # noqa: E402
-from omnifusion_fixtures import chat, make_image  # noqa: E402
-from released_fixtures import (  # noqa: E402
+from modeling_omnifusion.testing.tiny import chat, make_image  # noqa: E402
+from modeling_omnifusion.testing.released import (  # noqa: E402
     make_clip_vision_folder,
     make_dinov2_folder,
     make_released_mix_checkpoint,

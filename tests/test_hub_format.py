@@ -9,7 +9,7 @@ import textwrap
 import pytest
 import torch
 import yaml
-from omnifusion_fixtures import chat, make_image, make_model_and_processor
+from modeling_omnifusion.testing.tiny import chat, make_image, make_model_and_processor
 from transformers import (
     AutoConfig,
     AutoModel,

@@ -10,7 +10,13 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from omnifusion_fixtures import chat, make_image, make_model_and_processor, make_processor, make_sentencepiece_tokenizer
+from modeling_omnifusion.testing.tiny import (
+    chat,
+    make_image,
+    make_model_and_processor,
+    make_processor,
+    make_sentencepiece_tokenizer,
+)
 
 from modeling_omnifusion import OmniFusionConfig, OmniFusionForCausalLM, OmniFusionProcessor
 
@@ -478,7 +484,7 @@ def test_the_saved_folder_escapes_for_a_loader_that_knows_nothing_of_omnifusion(
 
 
 def test_control_tokens_the_escape_cannot_cover_are_reported(any_processor):
-    from omnifusion_fixtures import make_tokenizer
+    from modeling_omnifusion.testing.tiny import make_tokenizer
 
     from modeling_omnifusion.processing.processing_omnifusion import _tokens_text_can_spell
 

@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from omnifusion_fixtures import chat, make_image, make_model_and_processor
+from modeling_omnifusion.testing.tiny import chat, make_image, make_model_and_processor
 
 from modeling_omnifusion import OmniFusionConfig, OmniFusionForCausalLM
 from modeling_omnifusion.modeling_omnifusion import (

@@ -3,7 +3,13 @@
 import numpy as np
 import pytest
 import torch
-from omnifusion_fixtures import chat, make_image, make_processor, make_sentencepiece_tokenizer, make_tokenizer
+from modeling_omnifusion.testing.tiny import (
+    chat,
+    make_image,
+    make_processor,
+    make_sentencepiece_tokenizer,
+    make_tokenizer,
+)
 
 from modeling_omnifusion.processing.processing_omnifusion import DEFAULT_SYSTEM_PROMPT
 
@@ -204,7 +210,7 @@ def test_special_token_ids_match_the_tokenizer():
 
 def test_saved_tokenizer_adds_no_bos_so_engines_tokenizing_the_template_get_the_released_ids(tmp_path):
     import sentencepiece as spm
-    from released_fixtures import write_tokenizer_folder
+    from modeling_omnifusion.testing.released import write_tokenizer_folder
     from transformers import AutoTokenizer, LlamaTokenizer
 
     folder = write_tokenizer_folder(tmp_path / "release", tokenizer_files="full")

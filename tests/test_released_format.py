@@ -13,7 +13,7 @@ import zipfile  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from released_fixtures import (  # noqa: E402
+from modeling_omnifusion.testing.released import (  # noqa: E402
     PAYLOADS,
     declared_tensors_pickle,
     make_clip_vision_folder,

@@ -8,8 +8,9 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from visdial_data import VISDIAL_DATA_DIR
+
 REPO = Path(__file__).resolve().parents[1]
-VISDIAL_DATA_DIR = REPO / "tests" / "data" / "visdial"
 
 # What the project once used to reach data beside the checkout; none of it may come back.
 OUTSIDE_REFERENCES = re.compile(r"\.\./shared|OMNIFUSION_SHARED|/work/shared|[\"']shared[\"']\s*/")

@@ -11,8 +11,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from omnifusion_fixtures import VISDIAL_DATA_DIR, make_image, make_model_and_processor
-from released_fixtures import make_clip_vision_folder, make_released_checkpoint, write_tokenizer_folder
+from visdial_data import VISDIAL_DATA_DIR
+from modeling_omnifusion.testing.tiny import make_image, make_model_and_processor
+from modeling_omnifusion.testing.released import (
+    make_clip_vision_folder,
+    make_released_checkpoint,
+    write_tokenizer_folder,
+)
 from transformers import AutoProcessor
 
 from modeling_omnifusion import OmniFusionProcessor

@@ -1,5 +1,7 @@
-"""Tests for VisDial candidate scoring (examples/visdial_scoring.py) and the evaluation script."""
+"""Tests for VisDial candidate scoring (`modeling_omnifusion.evaluation.visdial_scoring`) and the evaluation driver
+(`modeling_omnifusion.evaluation.visdial`)."""
 
+import importlib.util
 import json
 import os
 import sys
@@ -17,21 +19,20 @@ from transformers import (  # noqa: E402
     LlavaForConditionalGeneration,
     LlavaProcessor,
 )
+from visdial_data import VISDIAL_DATA_DIR  # noqa: E402
 
-from omnifusion_fixtures import (  # noqa: E402
+from modeling_omnifusion.evaluation import visdial as evaluate_visdial  # noqa: E402
+from modeling_omnifusion.evaluation import visdial_scoring  # noqa: E402
+from modeling_omnifusion.testing.tiny import (  # noqa: E402
     IMAGE_SIZE,
     PATCH_SIZE,
-    VISDIAL_DATA_DIR,
     make_image,
     make_model_and_processor,
     make_tokenizer,
     vision_config,
 )
 
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-import evaluate_visdial  # noqa: E402
-import visdial_scoring  # noqa: E402
+BENCHMARK_VISDIAL = Path(__file__).resolve().parents[1] / "examples" / "benchmarks" / "benchmark_visdial.py"
 
 
 # transformers' llava-1.5-hf chat template
@@ -207,7 +208,9 @@ def test_single_token_candidates_are_scored_from_the_context_logits(omnifusion, 
     candidate_ids = visdial_scoring.tokenize_candidates(processor.tokenizer, candidates)
     assert sum(len(ids) == 1 for ids in candidate_ids) == 4
     for score in ("mean", "sum"):
-        shared = visdial_scoring.score_candidates_shared_prefix(model, context, candidate_ids, batch_size=2, score=score)
+        shared = visdial_scoring.score_candidates_shared_prefix(
+            model, context, candidate_ids, batch_size=2, score=score
+        )
         naive = visdial_scoring.score_candidates_naive(model, context, candidate_ids, batch_size=2, score=score)
         torch.testing.assert_close(shared, naive, rtol=0, atol=1e-4)
 
@@ -381,7 +384,11 @@ def test_plot_draws_a_missing_metric_as_missing_and_gives_each_run_its_rounds():
     metrics = {"ndcg": 0.5, "mrr": 0.4, "r@1": 0.3, "r@5": 0.6, "r@10": 0.7}
     results = [
         {"model": "dense", "metrics": metrics, "settings": {"num_rounds": 20, "num_dense_rounds": 2}},
-        {"model": "sparse", "metrics": {**metrics, "ndcg": None}, "settings": {"num_rounds": 970, "num_dense_rounds": 0}},
+        {
+            "model": "sparse",
+            "metrics": {**metrics, "ndcg": None},
+            "settings": {"num_rounds": 970, "num_dense_rounds": 0},
+        },
     ]
     figure = evaluate_visdial.draw_results(results)
     axes = figure.axes[0]
@@ -390,7 +397,8 @@ def test_plot_draws_a_missing_metric_as_missing_and_gives_each_run_its_rounds():
     ]  # fmt: skip
     dense, sparse = axes.containers
     ndcg_column = [key for _, key in evaluate_visdial.TABLE_COLUMNS].index("ndcg")
-    assert [bar.get_height() for bar in dense] == pytest.approx([100 * metrics[k] for _, k in evaluate_visdial.TABLE_COLUMNS])
+    expected_heights = [100 * metrics[k] for _, k in evaluate_visdial.TABLE_COLUMNS]
+    assert [bar.get_height() for bar in dense] == pytest.approx(expected_heights)
     assert len(sparse) == len(evaluate_visdial.TABLE_COLUMNS) - 1  # no bar (of height 0) for the missing NDCG
     sparse_centers = [bar.get_x() + bar.get_width() / 2 for bar in sparse]
     assert all(abs(center - ndcg_column) > 0.5 for center in sparse_centers)
@@ -612,7 +620,8 @@ def test_backend_vllm_without_vllm_installed_is_a_clear_error(tmp_path, visdial_
     model.save_pretrained(tmp_path / "omnifusion")
     processor.save_pretrained(tmp_path / "omnifusion")
     monkeypatch.setattr(builtins, "__import__", no_vllm)
-    monkeypatch.delitem(sys.modules, "visdial_vllm", raising=False)
+    monkeypatch.delitem(sys.modules, "modeling_omnifusion.evaluation.visdial_vllm", raising=False)
+    monkeypatch.delattr("modeling_omnifusion.evaluation.visdial_vllm", raising=False)
     with pytest.raises(ModuleNotFoundError, match="--backend vllm needs vLLM: `pip install vllm`"):
         evaluate_visdial.main(
             ["--model", str(tmp_path / "omnifusion"), "--visdial_json", str(visdial_sample[0]), "--backend", "vllm",
@@ -641,7 +650,8 @@ def test_shards_merged_equal_one_unsharded_run(tmp_path, visdial_sample, capsys)
     evaluate_visdial.main([*common, "--output", str(tmp_path / "whole.json")])
     for index in (1, 0):
         evaluate_visdial.main(
-            [*common, "--num_shards", "2", "--shard_index", str(index), "--output", str(tmp_path / f"shard{index}.json")]
+            [*common, "--num_shards", "2", "--shard_index", str(index)]
+            + ["--output", str(tmp_path / f"shard{index}.json")]
         )
     shard_sizes = [json.loads((tmp_path / f"shard{i}.json").read_text())["settings"]["num_dialogs"] for i in (0, 1)]
     assert shard_sizes == [1, 1]
@@ -828,8 +838,16 @@ def test_prefix_shared_batches_count_only_the_new_prefixes(omnifusion):
     assert visdial_scoring._packed_batches(model, limit - 5, candidate_ids, 50) == [[0, 1, 2], [3, 4, 5]]
 
 
+def _load_script(path: Path):
+    """A script of examples/ imported as a module from its file (examples are programs, not an installed package)."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_benchmark_scores_the_real_answer_options_of_the_sample_with_the_mistral_tokenizer(capsys):
-    import benchmark_visdial
+    benchmark_visdial = _load_script(BENCHMARK_VISDIAL)
 
     data = json.loads(benchmark_visdial.VISDIAL_SAMPLE.read_text())["data"]
     dialog = data["dialogs"][1]

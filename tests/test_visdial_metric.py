@@ -1,10 +1,8 @@
-"""Tests for the local VisDial `evaluate` metric in examples/metrics/visdial."""
+"""Tests for the local VisDial `evaluate` metric in `modeling_omnifusion.evaluation.metrics.visdial`."""
 
-import importlib.util
 import json
 import os
 from math import log2
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_EVALUATE_OFFLINE", "1")
@@ -12,28 +10,19 @@ os.environ.setdefault("HF_EVALUATE_OFFLINE", "1")
 import evaluate  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-from omnifusion_fixtures import VISDIAL_DATA_DIR  # noqa: E402
+from visdial_data import VISDIAL_DATA_DIR  # noqa: E402
 
-METRIC_DIR = Path(__file__).resolve().parents[1] / "examples" / "metrics" / "visdial"
+from modeling_omnifusion.evaluation.metrics import VISDIAL_METRIC_DIR  # noqa: E402
+from modeling_omnifusion.evaluation.metrics.visdial import visdial as vd  # noqa: E402
+
 VAL_FILE = "visdial_1.0_val_crowdsourced.json"
 DENSE_FILE = "visdial_1.0_val_dense_annotations_crowdsourced.json"
-
-
-def _load_module():
-    """The metric file imported as a plain module (for its numpy helpers)."""
-    spec = importlib.util.spec_from_file_location("visdial_metric_under_test", METRIC_DIR / "visdial.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-vd = _load_module()
 
 
 @pytest.fixture(scope="module")
 def metric():
     """The metric loaded through `evaluate.load` from its absolute folder path."""
-    return evaluate.load(str(METRIC_DIR), keep_in_memory=True)
+    return evaluate.load(str(VISDIAL_METRIC_DIR), keep_in_memory=True)
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from omnifusion_fixtures import chat, make_image, make_model_and_processor
+from modeling_omnifusion.testing.tiny import chat, make_image, make_model_and_processor
 
 from modeling_omnifusion.processing.processing_omnifusion import select_best_resolution, tile_views
 

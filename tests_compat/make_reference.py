@@ -13,22 +13,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 import transformers
+from PIL import Image
 from transformers import MistralConfig
 
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from omnifusion_fixtures import (  # noqa: E402
+from modeling_omnifusion import OmniFusionForCausalLM
+from modeling_omnifusion.testing.tiny import (
     make_config,
     make_image,
     make_model_and_processor,
     make_processor,
     make_sentencepiece_tokenizer,
 )
-
-from modeling_omnifusion import OmniFusionForCausalLM  # noqa: E402
-
 
 MAX_NEW_TOKENS = 8
 

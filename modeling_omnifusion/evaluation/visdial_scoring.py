@@ -1,8 +1,9 @@
 """
 Rank Visual Dialog answer candidates by their log-likelihood under a vision-language model.
 
-Used by `evaluate_visdial.py`, `benchmark_visdial.py` and the training demo. Works with any model that
-`AutoModelForImageTextToText` loads (OmniFusion, transformers' LLaVA) and any processor with a chat template.
+Used by the evaluation driver (`modeling_omnifusion.evaluation.visdial`), the VisDial benchmark and the training
+demo. Works with any model that `AutoModelForImageTextToText` loads (OmniFusion, transformers' LLaVA) and any
+processor with a chat template.
 
 Prompt of a round (the released OmniFusion layout, rendered by the processor's chat template):
 
@@ -34,32 +35,18 @@ encoded once) and exists to check and time the shared-prefix one.
 """
 
 import copy
-import importlib.util
 from collections.abc import Callable, Mapping
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from modeling_omnifusion.compat_omnifusion import output_cache
-
+from ..compat_omnifusion import output_cache
+from .metrics.visdial import visdial as visdial_metric
 
 DESCRIBE_PROMPT = "Describe what you can see in the picture."
 SCORE_TYPES = ("mean", "sum")
-METRIC_FILE = Path(__file__).resolve().parent / "metrics" / "visdial" / "visdial.py"
-
-
-def _load_metric_module():
-    """The VisDial metric file imported as a plain module (`scores_to_ranks`, `visdial_metrics`)."""
-    spec = importlib.util.spec_from_file_location("visdial_metric", METRIC_FILE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-visdial_metric = _load_metric_module()
 
 
 def dialog_messages(image, caption: str, history: list[tuple[str, str]], question: str) -> list[dict]:

@@ -7,7 +7,7 @@ the released model, and a small Mistral-shaped LM with the 32k vocabulary), one 
 `--candidates` candidates each, and scores every round both ways on the same model:
 
 * shared prefix (`score_candidates_shared_prefix`): the round's context once, its KV cache serving every batch;
-* whole dialog (`DialogScorer`, what `evaluate_visdial.py` uses): one KV cache for the dialog, extended by each
+* whole dialog (`DialogScorer`, what `omnifusion-evaluate-visdial` uses): one KV cache for the dialog, extended by each
   round's ground-truth answer and next question, so the image, caption and history run once per dialog; each
   batch of candidates runs packed in one sequence (4D attention mask) on that cache;
 * released (`score_candidates_naive(..., full_logits=True)`, the released `test.py` method exactly): every
@@ -26,8 +26,8 @@ Two sources of text (`--candidates_from`), both in the released prompt layout:
   (`tests/data/visdial/visdial_1.0_val_crowdsourced.json`, `--dialog_index`): its caption, questions (with "?"),
   ground-truth answers and the 100 real answer options of every round, tokenized with the real Mistral tokenizer
   (`tokenizer.model.v1` of the `mistral-common` package, the released OmniMistral tokenizer) - what
-  `evaluate_visdial.py` scores. The model is random but has the Mistral 32k vocabulary, so the real ids fit. Real
-  answer options share prefixes ("yes", "no", "it is", ...), which prefix sharing exploits; the released naive
+  `omnifusion-evaluate-visdial` scores. The model is random but has the Mistral 32k vocabulary, so the real ids fit.
+  Real answer options share prefixes ("yes", "no", "it is", ...), which prefix sharing exploits; the released naive
   method pads each batch to its longest candidate, as it does on real data.
 * `random`: random ids of VisDial-like lengths (caption 15, question 8, answer 5, candidates 2 to 8 tokens); random
   candidates share no prefix, so this is the scorer's worst case.
@@ -36,14 +36,14 @@ The system prompt and the describe request are random ids in both (10 tokens eac
 the same candidate log-likelihoods (sum of token log-probabilities, within 1e-4) and that the whole-dialog rankings
 equal the naive ones in every round, prints the times, and ends with the line
 `speedup=<released time / shared-prefix time> dialog_speedup=<released time / whole-dialog time>` (whole dialog
-with prefix sharing, the scorer `evaluate_visdial.py` uses; against the released method, as the goal is stated).
+with prefix sharing, the scorer `omnifusion-evaluate-visdial` uses; against the released method, as the goal is stated).
 The released method runs in batches of `--batch_size` like the others (test.py puts all 100 candidates in one
 batch: the same arithmetic, twice the memory). The methods alternate round by round; with `--threads 1`
 (the default) a busy machine disturbs the many small kernels of the cached passes far less than with
 oversubscribed threads.
 
-    python examples/benchmark_visdial.py    # 10 rounds x 100 candidates: about 10 minutes on one CPU thread
-    python examples/benchmark_visdial.py --candidates_from random
+    python examples/benchmarks/benchmark_visdial.py    # 10 rounds x 100 candidates: about 10 minutes on one thread
+    python examples/benchmarks/benchmark_visdial.py --candidates_from random
 """
 
 import importlib.util
@@ -58,7 +58,7 @@ import torch
 from transformers import BatchFeature, CLIPVisionConfig, HfArgumentParser, MistralConfig
 
 from modeling_omnifusion import OmniFusionConfig, OmniFusionForCausalLM
-from visdial_scoring import (
+from modeling_omnifusion.evaluation.visdial_scoring import (
     DialogScorer,
     _candidate_trie,
     _packed_batches,
@@ -68,11 +68,10 @@ from visdial_scoring import (
     visdial_round_question,
 )
 
-
 SYSTEM_TOKENS, DESCRIBE_TOKENS, CAPTION_TOKENS, QUESTION_TOKENS, ANSWER_TOKENS = 10, 10, 15, 8, 5
 CANDIDATE_TOKENS = (2, 8)
 TOLERANCE = 1e-4
-VISDIAL_SAMPLE = Path(__file__).resolve().parents[1] / "tests/data/visdial/visdial_1.0_val_crowdsourced.json"
+VISDIAL_SAMPLE = Path(__file__).resolve().parents[2] / "tests/data/visdial/visdial_1.0_val_crowdsourced.json"
 MISTRAL_TOKENIZER = ("mistral_common", "data/tokenizer.model.v1")
 CANDIDATE_SOURCES = ("visdial", "random")
 

@@ -9,11 +9,11 @@ Each case feeds one hostile-but-fair input to a tiny OmniFusion built here (no d
 - a case that must work is `ok` when its result equals the reference (the same image in 8 bits, the ids of the text
   as plain characters), `silently wrong` when it differs, `crash` when it raises.
 
-    python examples/fault_injection.py [--classes images text chat model loading training converter]
+    python examples/benchmarks/fault_injection.py [--classes images text chat model loading training converter]
 
-`training` (damaged checkpoints, `--resume_from_checkpoint latest`, odd data files, images only decoding catches) and
-`converter` (hostile archives for the released-checkpoint reader) come from `tests/reliability_cases.py`, which
-builds them with the tests' fixtures.
+`training` (damaged checkpoints, `--resume_from_checkpoint latest`, odd data files, images only decoding catches;
+needs the `[train]` extra) and `converter` (hostile archives for the released-checkpoint reader) come from
+`fault_cases.py` beside this script.
 
 The last line is `cases=<n> ok=<n> unclear=<n> silently_wrong=<n> crash=<n>`.
 """
@@ -23,37 +23,24 @@ import json
 import os
 import re
 import shutil
-import sys
 import tempfile
 from collections import Counter, defaultdict
 
+import fault_cases
 import numpy as np
 import PIL.Image
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import CLIPImageProcessorPil, CLIPVisionConfig, MistralConfig, PreTrainedTokenizerFast
+from transformers import CLIPImageProcessorPil, CLIPVisionConfig, MistralConfig
 
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tests"))  # the test fixtures; the package itself is the installed one
-import reliability_cases  # noqa: E402
-from modeling_omnifusion import OmniFusionConfig, OmniFusionForCausalLM, OmniFusionProcessor  # noqa: E402
-
+from modeling_omnifusion import OmniFusionConfig, OmniFusionForCausalLM, OmniFusionProcessor
+from modeling_omnifusion.testing.tiny import make_tokenizer
 
 TYPED = ["<user>", "<assistant>", "<image_start>", "<image_end>", "<image>", "</s>", "<s>", "<unk>"]
 
 
 def tiny_model_and_processor():
     """A 2-layer CLIP tower + 2-layer Mistral LM (512 positions) with a byte-level BPE tokenizer, 16 image tokens."""
-    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
-    )  # fmt: skip
-    tokenizer.train_from_iterator(["This is a dialog with AI assistant. What colour is the shape? It is red."] * 4, trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    tokenizer = make_tokenizer(300, ["This is a dialog with AI assistant. What colour is the shape? It is red."] * 4)
     image_processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     processor = OmniFusionProcessor(image_processor, tokenizer, num_image_tokens=16, end_assistant_turns_with_eos=True)
     text_config = MistralConfig(
@@ -111,10 +98,14 @@ def image_cases(model, processor):
         "torch CHW float in [0, 1]": equal(pixels(torch.tensor(rgb).permute(2, 0, 1) / 255.0), as_8_bit(rgb)),
         "float 1xHxW in [0, 1]": equal(pixels((gray / 255.0)[None]), as_8_bit(gray)),
         "float HxW in [0, 1]": equal(pixels(gray / 255.0), as_8_bit(gray)),
-        "PIL mode F in [0, 1]": equal(pixels(PIL.Image.fromarray((gray / 255).astype(np.float32), "F")), as_8_bit(gray)),
+        "PIL mode F in [0, 1]": equal(
+            pixels(PIL.Image.fromarray((gray / 255).astype(np.float32), "F")), as_8_bit(gray)
+        ),
         "PIL mode I;16": equal(pixels(PIL.Image.fromarray(gray.astype(np.uint16) * 257)), as_8_bit(gray)),
         "numpy uint16": equal(pixels(gray.astype(np.uint16) * 257), as_8_bit(gray)),
-        "PIL mode I with 16-bit values": refused(pixels(PIL.Image.fromarray(gray.astype(np.int32) * 257)), "Image 0", "uint16"),
+        "PIL mode I with 16-bit values": refused(
+            pixels(PIL.Image.fromarray(gray.astype(np.int32) * 257)), "Image 0", "uint16"
+        ),
         "0x0 PIL image": refused(pixels(PIL.Image.new("RGB", (0, 0))), "Image 0", "0x0"),
         "0x0 array": refused(pixels(np.zeros((0, 0, 3), np.uint8)), "Image 0", "0x0"),
         "5-D array": refused(pixels(np.zeros((1, 1, 3, 8, 8), np.uint8)), "Image 0", "shape"),
@@ -163,7 +154,9 @@ def text_cases(model, processor):
 
         return call
 
-    cases["render then tokenize (vLLM's way)"] = equal(rendered_then_tokenized(" ".join(TYPED)), rendered_then_tokenized("x"))
+    cases["render then tokenize (vLLM's way)"] = equal(
+        rendered_then_tokenized(" ".join(TYPED)), rendered_then_tokenized("x")
+    )
     return cases
 
 
@@ -172,7 +165,9 @@ def chat_cases(model, processor):
     image = PIL.Image.new("RGB", (8, 8))
     return {
         "empty chat": refused(lambda: template([]), "non-empty"),
-        "content item without type": refused(lambda: template([{"role": "user", "content": [{"text": "x"}]}]), "'type'"),
+        "content item without type": refused(
+            lambda: template([{"role": "user", "content": [{"text": "x"}]}]), "'type'"
+        ),
         "content that is a number": refused(lambda: template([{"role": "user", "content": 5}]), "message 0 content"),
         "unknown role": refused(lambda: template([{"role": "robot", "content": "x"}]), "robot"),
         "second system message": refused(
@@ -198,11 +193,13 @@ def model_cases(model, processor):
             generate(input_ids=torch.ones(1, 75_000, dtype=torch.long)), "75000", "max_position_embeddings=512"
         ),
         "vision_feature_layer out of range (call)": refused(
-            lambda: model.get_image_features(torch.zeros(1, 3, 32, 32), vision_feature_layer=9), "vision_feature_layer=9"
+            lambda: model.get_image_features(torch.zeros(1, 3, 32, 32), vision_feature_layer=9),
+            "vision_feature_layer=9",
         ),
         "processor num_image_tokens disagrees": refused(mismatched_generate(model, processor), "num_image_tokens"),
-        "max_new_tokens as a string": refused(lambda: model.generate(input_ids=torch.ones(1, 3, dtype=torch.long),
-                                                                     max_new_tokens="3"), "max_new_tokens"),  # fmt: skip
+        "max_new_tokens as a string": refused(
+            lambda: model.generate(input_ids=torch.ones(1, 3, dtype=torch.long), max_new_tokens="3"), "max_new_tokens"
+        ),
     }
 
 
@@ -269,11 +266,11 @@ def loading_cases(model, processor, folder):
 
 
 def training_cases(model, processor, folder):
-    return reliability_cases.training_cases(os.path.join(os.path.dirname(folder), "training"))
+    return fault_cases.training_cases(os.path.join(os.path.dirname(folder), "training"))
 
 
 def converter_cases(model, processor, folder):
-    return reliability_cases.converter_cases(os.path.join(os.path.dirname(folder), "converter"))
+    return fault_cases.converter_cases(os.path.join(os.path.dirname(folder), "converter"))
 
 
 CLASSES = {

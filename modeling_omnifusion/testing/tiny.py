@@ -1,11 +1,18 @@
-"""Tiny OmniFusion models, tokenizers and images built locally for the tests (never the Hub)."""
+"""
+Tiny OmniFusion models, tokenizers, processors and images, built locally (never from the Hub), for tests, demos and
+benchmarks.
 
-from pathlib import Path
+`make_tokenizer` is the one byte-level BPE builder: with no arguments it trains on `CORPUS` (the tests' tokenizer);
+demos and benchmarks pass their own corpus, vocabulary size, padding and extra special tokens.
+`make_model_and_processor` gives a random 2-layer OmniFusion in eval mode with its processor.
+"""
+
+from collections.abc import Iterable
 
 import numpy as np
 import torch
 from PIL import Image
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     BitImageProcessorPil,
     CLIPImageProcessorPil,
@@ -18,12 +25,8 @@ from transformers import (
 
 from modeling_omnifusion import OmniFusionConfig, OmniFusionForCausalLM, OmniFusionProcessor
 
-
 IMAGE_SIZE = 32
 PATCH_SIZE = 8
-
-# The real VisDial v1.0 val annotations the tests read, shipped with the repo (see PROVENANCE.md there).
-VISDIAL_DATA_DIR = Path(__file__).resolve().parent / "data" / "visdial"
 
 CORPUS = [
     "This is a dialog with AI assistant.",
@@ -32,24 +35,47 @@ CORPUS = [
     "Describe the image. A small yellow triangle on the left of a purple square.",
     "The quick brown fox jumps over the lazy dog. 0 1 2 3 4 5 6 7 8 9 yes no",
 ]
+BASE_SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")
 
 
-def make_tokenizer(vocab_size: int = 300) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer with <unk>, <s>, </s> trained on a tiny corpus."""
+def make_tokenizer(
+    vocab_size: int = 300,
+    corpus: Iterable[str] | None = None,
+    extra_special_tokens: Iterable[str] = (),
+    pad_token: str | None = None,
+    padding_side: str | None = None,
+) -> PreTrainedTokenizerFast:
+    """
+    A byte-level BPE tokenizer with `<unk>`, `<s>`, `</s>` (ids 0, 1, 2), trained deterministically on `corpus`
+    (default: `CORPUS` four times) up to `vocab_size` entries.
+
+    `extra_special_tokens` are added after training as special tokens (ids from the trained vocabulary's size on);
+    `pad_token` (one of the tokens, e.g. `"<unk>"`) and `padding_side` are set when given.
+    """
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=["<unk>", "<s>", "</s>"],
+        special_tokens=list(BASE_SPECIAL_TOKENS),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(CORPUS * 4, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    tokenizer.train_from_iterator(list(CORPUS) * 4 if corpus is None else corpus, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    extra_special_tokens = list(extra_special_tokens)
+    if extra_special_tokens:
+        added = [AddedToken(token, special=True, normalized=False) for token in extra_special_tokens]
+        fast.add_tokens(added, special_tokens=True)
+    if pad_token is not None:
+        fast.pad_token = pad_token
+    if padding_side is not None:
+        fast.padding_side = padding_side
+    return fast
 
 
 def vision_config(kind: str = "clip", hidden: int = 32, image_size: int = IMAGE_SIZE, num_layers: int = 2):
+    """A tiny vision tower config of `kind` ("clip", "siglip" or "dinov2") with patch size `PATCH_SIZE`."""
     common = dict(hidden_size=hidden, intermediate_size=64, num_hidden_layers=num_layers, num_attention_heads=4)
     if kind == "clip":
         return CLIPVisionConfig(image_size=image_size, patch_size=PATCH_SIZE, projection_dim=hidden, **common)
@@ -75,6 +101,8 @@ def encoder_image_processor(kind: str, size: int = IMAGE_SIZE):
 
 
 def make_processor(config: OmniFusionConfig | None = None, tokenizer=None, **kwargs) -> OmniFusionProcessor:
+    """An OmniFusion processor over CLIP preprocessing at `IMAGE_SIZE` and `tokenizer` (default `make_tokenizer()`),
+    with `config`'s image token count (default: one per patch)."""
     image_processor = CLIPImageProcessorPil(
         size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
     )
@@ -85,6 +113,7 @@ def make_processor(config: OmniFusionConfig | None = None, tokenizer=None, **kwa
 
 
 def make_config(processor: OmniFusionProcessor, vision="clip", adapter_type: str = "transformer", **kwargs):
+    """A tiny OmniFusion config (2-layer Mistral LM) whose marker ids are `processor`'s; `kwargs` go to the config."""
     text_config = MistralConfig(
         vocab_size=len(processor.tokenizer) - 5,
         hidden_size=64,
@@ -131,6 +160,7 @@ def make_model_and_processor(
 
 
 def make_image(seed: int = 0, size: int = IMAGE_SIZE, mode: str = "RGB") -> Image.Image:
+    """A `size` x `size` image of uniform random pixels from `seed`, converted to `mode`."""
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).convert(mode)
 
@@ -148,8 +178,11 @@ def make_sentencepiece_tokenizer(folder):
     Returns `(tokenizer, sentencepiece_processor)`; the folder holds only `tokenizer.model`, like a released one.
     """
     import sentencepiece as spm
-    from released_fixtures import write_tokenizer_folder
     from transformers import LlamaTokenizer
 
+    from .released import write_tokenizer_folder
+
     folder = write_tokenizer_folder(folder)
-    return LlamaTokenizer.from_pretrained(folder), spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+    sentencepiece_processor = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+    return LlamaTokenizer.from_pretrained(folder), sentencepiece_processor
+

@@ -13,28 +13,25 @@ All three share the random LM (Mistral architecture) and the CLIP tower weights;
 picture. Timed: `vision` (`get_image_features`), `prefill` (`generate(max_new_tokens=1)`: towers + adapter + one LM
 forward over the prompt) and `generate` (`generate(max_new_tokens=N, min_new_tokens=N)`), each the median of
 `--repeats` runs after a warm-up, the variants interleaved so that drift of a shared machine hits all equally; the
-ratios to `one_encoder` are medians of per-round ratios, of wall time and (`cpu`) of process CPU time. Expected: the mix costs about one more tower forward and no
-more LM time; tiles cost about 5x the image positions (5 tower forwards and a 5x longer prompt).
+ratios to `one_encoder` are medians of per-round ratios, of wall time and (`cpu`) of process CPU time. Expected: the
+mix costs about one more tower forward and no more LM time; tiles cost about 5x the image positions (5 tower forwards
+and a 5x longer prompt).
 
-Run:  python examples/benchmark_vision_variants.py              (about 1-3 minutes on 2 CPU cores)
-      python examples/benchmark_vision_variants.py --quick      (smoke run, small sizes, seconds)
+Run:  python examples/benchmarks/benchmark_vision_variants.py              (about 1-3 minutes on 2 CPU cores)
+      python examples/benchmarks/benchmark_vision_variants.py --quick      (smoke run, small sizes, seconds)
 The last line is `mix_sum_prefill_ratio=<x> tiles_prefill_ratio=<y>`.
 """
 
 import os
 import statistics
-import sys
-import time
 from dataclasses import dataclass, field
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-from transformers import (  # noqa: E402
+import common
+import numpy as np
+import torch
+from common import make_tokenizer, timed
+from PIL import Image
+from transformers import (
     BitImageProcessorPil,
     CLIPImageProcessorPil,
     CLIPVisionConfig,
@@ -42,13 +39,8 @@ from transformers import (  # noqa: E402
     HfArgumentParser,
     MistralConfig,
 )
-from transformers.utils import logging as hf_logging  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchmark_inference import make_tokenizer  # noqa: E402
-
-from modeling_omnifusion import OmniFusionConfig, OmniFusionForCausalLM, OmniFusionProcessor  # noqa: E402
-
+from modeling_omnifusion import OmniFusionConfig, OmniFusionForCausalLM, OmniFusionProcessor
 
 VARIANTS = ("one_encoder", "mix_sum", "tiles")
 
@@ -113,20 +105,11 @@ def build_variants(args: BenchmarkArguments) -> dict[str, tuple[OmniFusionForCau
     return variants
 
 
-def timed(function) -> tuple[float, float]:
-    """Wall and process CPU seconds of one call (CPU time is less sensitive to other processes on the cores)."""
-    start, start_cpu = time.perf_counter(), time.process_time()
-    with torch.no_grad():
-        function()
-    return time.perf_counter() - start, time.process_time() - start_cpu
-
-
 def main():
     (args,) = HfArgumentParser(BenchmarkArguments).parse_args_into_dataclasses()
     if args.quick:
         args.image_size, args.vision_layers, args.text_layers, args.repeats, args.new_tokens = 112, 2, 2, 2, 4
-    torch.set_num_threads(args.threads)
-    hf_logging.set_verbosity_error()
+    common.configure(args.threads)
     variants = build_variants(args)
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 256, (2 * args.image_size, 2 * args.image_size, 3), dtype=np.uint8))
@@ -161,6 +144,7 @@ def main():
                     cpu_times[measure][name].append(cpu)
 
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(common.cpu_description())
     print(f"OmniFusion vision variants: {args.threads} threads, load average {load:.1f}, {args.repeats} rounds, "
           f"towers {args.vision_layers}x{args.vision_hidden} at {args.image_size}px/{args.patch_size}, "
           f"LM {args.text_layers}x{args.text_hidden}, {args.new_tokens} new tokens")

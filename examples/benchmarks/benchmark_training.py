@@ -5,25 +5,25 @@ Training benchmark: stage-2 tokens/s with padded, length-grouped and packed batc
 The data is synthetic with a length mix shaped like LLaVA-v1.5-665k's (most records a short VQA exchange, a third
 medium multi-turn dialogs, a tail of long ones; lengths scaled down by `--length_scale` to fit a CPU): 90 % of the
 records carry an image. Every mode trains the same small OmniFusion (a tiny CLIP tower, a 4-layer Mistral LM) for one
-epoch over the same records through `train_stage2_sft.py` (so the real collators, samplers and Trainer), and reports
-real (non-padding) tokens per second of training time:
+epoch over the same records through the stage-2 command (`modeling_omnifusion.training.stage2`, so the real
+collators, samplers and Trainer), and reports real (non-padding) tokens per second of training time:
 
 * padded: random order, each batch padded to its longest record (the default);
 * grouped: `--group_by_length` (batches of similar lengths, still padded);
 * packed: `--packing` (each batch's records in one row, no padding).
 
 Then OmniFusion against transformers' `LlavaForConditionalGeneration` under the same `Trainer` at equal work: the
-pair is built by `benchmark_inference.py`'s builder (same CLIP tower and Mistral LM configs, OmniFusion's `mlp`
+pair is built by `common.py`'s builder (same CLIP tower and Mistral LM configs, OmniFusion's `mlp`
 adapter = LLaVA's projector, weights copied from OmniFusion into LLaVA, image features checked identical), both with
 the vision tower frozen (stage 2). The same records (the first `--llava_steps x --batch` of the mix, in one fixed
 order) are rendered by OmniFusion's chat template and tokenized by each model's own processor (LLaVA's `<image>`
 expands to the same number of image tokens; OmniFusion adds its `<image_start>`/`<image_end>` markers, 2 positions
 per image, counted in the table), padded batches, loss on every text token; `--llava_rounds` interleaved rounds
 (alternating which model goes first) after an untimed warm-up step each, and the OmniFusion/LLaVA time ratio is the
-median of the per-round ratios. The pair's tokenizer is the inference benchmark's (a BPE trained on other sentences),
+median of the per-round ratios. The pair's tokenizer is `common.make_tokenizer` (a BPE trained on other sentences),
 so the same records are longer in tokens there than in the padded/grouped/packed runs above.
 
-Run:  python examples/benchmark_training.py [--records 192] [--batch 8]
+Run:  python examples/benchmarks/benchmark_training.py [--records 192] [--batch 8]
 The line before the last is `omnifusion_llava_time_ratio=<OmniFusion / LLaVA training time, same batches>`; the last
 line is `packing_speedup=<packed / padded tokens/s>`.
 """
@@ -33,18 +33,14 @@ import json
 import os
 import random
 import statistics
-import sys
 import tempfile
 import types
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-from transformers import (  # noqa: E402
+import common
+import numpy as np
+import torch
+from PIL import Image
+from transformers import (
     CLIPImageProcessorPil,
     CLIPVisionConfig,
     CLIPVisionModel,
@@ -54,14 +50,9 @@ from transformers import (  # noqa: E402
     Trainer,
     TrainingArguments,
 )
-from transformers.utils import logging as hf_logging  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import benchmark_inference  # noqa: E402  (the OmniFusion / LLaVA pair builder)
-import train_stage1_pretrain  # noqa: E402
-import train_stage2_sft  # noqa: E402
-from quickstart import train_tokenizer  # noqa: E402
-
+from modeling_omnifusion.testing.tiny import make_tokenizer
+from modeling_omnifusion.training import stage1, stage2
 
 WORDS = ("red blue green yellow circle square triangle left right top bottom one two three the a is are there "
          "what where how many shape colour image picture shows small large near far next to above below").split()
@@ -91,7 +82,7 @@ def synthetic_records(num_records: int, scale: float, seed: int) -> list[dict]:
 
 def build_parts(folder: str, hidden: int, layers: int):
     """A tiny CLIP tower and a Mistral LM (random weights, a BPE tokenizer on the words) as local folders."""
-    tokenizer = train_tokenizer([" ".join(WORDS)] * 20 + ["This is a dialog with AI assistant."])
+    tokenizer = make_tokenizer(512, [" ".join(WORDS)] * 20 + ["This is a dialog with AI assistant."], pad_token="<unk>")
     torch.manual_seed(0)
     vision = CLIPVisionModel(CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=64, intermediate_size=128,
                                               num_hidden_layers=2, num_attention_heads=4))
@@ -118,7 +109,7 @@ def flags(output_dir, data_path, batch, **extra):
 def llava_pair_examples(records, omni_processor, llava_processor, image_folder):
     """Per model, one example per record from the same prompt text: ids, labels (text tokens only) and its image."""
     image_ids = {"OmniFusion": omni_processor.image_token_ids, "LLaVA": [llava_processor.image_token_id]}
-    examples = {name: [] for name in benchmark_inference.NAMES}
+    examples = {name: [] for name in common.NAMES}
     for record in records:
         messages = []
         for turn in record["conversations"]:
@@ -129,7 +120,7 @@ def llava_pair_examples(records, omni_processor, llava_processor, image_folder):
             messages.append({"role": "user" if turn["from"] == "human" else "assistant", "content": content})
         prompt = omni_processor.apply_chat_template(messages, tokenize=False)
         images = [Image.open(f"{image_folder}/{record['image']}").convert("RGB")] if "image" in record else None
-        for name, processor in zip(benchmark_inference.NAMES, (omni_processor, llava_processor)):
+        for name, processor in zip(common.NAMES, (omni_processor, llava_processor)):
             encoded = processor(images=images, text=[prompt], return_tensors="pt")
             ids = encoded["input_ids"][0]
             labels = ids.clone()
@@ -170,13 +161,13 @@ def compare_with_llava(args, work, records):
     """OmniFusion vs LlavaForConditionalGeneration, same Trainer, same records and batches; returns the table rows."""
     shape = types.SimpleNamespace(image_size=32, patch_size=8, vision_hidden=64, vision_layers=2, smollm2=False,
                                   text_hidden=args.hidden, text_layers=args.layers, vocab_size=1024)
-    omni_processor, llava_processor = benchmark_inference.make_processors(shape)
+    omni_processor, llava_processor = common.make_processors(shape)
     for processor in (omni_processor, llava_processor):
         processor.tokenizer.padding_side = "right"
-    configs = benchmark_inference.make_configs(shape, omni_processor)
+    configs = common.make_configs(shape, omni_processor)
     pad = omni_processor.tokenizer.pad_token_id
-    models = {name: benchmark_inference.build_model(name, configs, pad) for name in benchmark_inference.NAMES}
-    benchmark_inference.copy_weights(models["OmniFusion"], models["LLaVA"])
+    models = {name: common.build_model(name, configs, pad) for name in common.NAMES}
+    common.copy_weights(models["OmniFusion"], models["LLaVA"])
     for model in models.values():
         model.model.vision_tower.requires_grad_(False)
         model.train()
@@ -185,7 +176,7 @@ def compare_with_llava(args, work, records):
     with torch.no_grad():  # same image features: the towers and the adapter/projector really are the same
         pixels = next(example["pixel_values"] for example in examples["LLaVA"] if "pixel_values" in example)
         features = [torch.cat(list(models[name].model.get_image_features(pixels).pooler_output))
-                    for name in benchmark_inference.NAMES]
+                    for name in common.NAMES]
         torch.testing.assert_close(features[0], features[1])
     for omni, llava in zip(examples["OmniFusion"], examples["LLaVA"]):  # same text everywhere else
         keep = omni["labels"] != -100
@@ -208,12 +199,12 @@ def compare_with_llava(args, work, records):
         trainer.train()
         return trainer.state.log_history[-1]["train_runtime"]
 
-    for name in benchmark_inference.NAMES:  # untimed warm-up (first-call allocations and kernel choices)
+    for name in common.NAMES:  # untimed warm-up (first-call allocations and kernel choices)
         train(name, 1)
-    times = {name: [] for name in benchmark_inference.NAMES}
+    times = {name: [] for name in common.NAMES}
     ratios = []
     for round_index in range(args.llava_rounds):
-        order = benchmark_inference.NAMES if round_index % 2 == 0 else benchmark_inference.NAMES[::-1]
+        order = common.NAMES if round_index % 2 == 0 else common.NAMES[::-1]
         for name in order:
             times[name].append(train(name, args.llava_steps))
         ratios.append(times["OmniFusion"][-1] / times["LLaVA"][-1])
@@ -224,7 +215,9 @@ def compare_with_llava(args, work, records):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[1], formatter_class=argparse.RawTextHelpFormatter
+    )
     parser.add_argument("--records", type=int, default=192)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--length_scale", type=float, default=0.25, help="text lengths x this (CPU-sized)")
@@ -237,8 +230,7 @@ def main():
     parser.add_argument("--llava_rounds", type=int, default=4,
                         help="interleaved OmniFusion / LLaVA rounds; the median per-round time ratio is reported")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    hf_logging.set_verbosity_error()
+    common.configure(args.threads)
     work = tempfile.mkdtemp(prefix="benchmark-training-")
     vision, language = build_parts(work, args.hidden, args.layers)
     os.makedirs(f"{work}/data/images")
@@ -249,7 +241,7 @@ def main():
     data_path = f"{work}/data/train.json"
     with open(data_path, "w") as file:
         json.dump(records, file)
-    train_stage1_pretrain.main(
+    stage1.main(
         ["--vision_model_name_or_path", vision, "--language_model_name_or_path", language, "--adapter_type", "mlp"]
         + flags(f"{work}/stage1", data_path, args.batch, max_steps=1)
     )
@@ -258,9 +250,9 @@ def main():
     results = {}
     for round_index in range(args.rounds):
         for mode, extra in modes.items():
-            trainer = train_stage2_sft.main(["--model_name_or_path", f"{work}/stage1"]
-                                            + flags(f"{work}/{mode}-{round_index + 1}", data_path, args.batch,
-                                                    **extra))  # a folder per run: the scripts refuse a used one
+            trainer = stage2.train(["--model_name_or_path", f"{work}/stage1"]
+                                   + flags(f"{work}/{mode}-{round_index + 1}", data_path, args.batch,
+                                           **extra))  # a folder per run: the stage commands refuse a used one
             runtime = trainer.state.log_history[-1]["train_runtime"]
             dataset = trainer.train_dataset
             lengths = [len(dataset[index]["input_ids"]) for index in range(len(dataset))]
@@ -276,6 +268,7 @@ def main():
 
     lengths = sorted(lengths)
     print("=" * 90)
+    print(common.cpu_description())
     print(f"Stage-2 training throughput, {len(lengths)} records (90% with an image of 16 tokens), 1 epoch, batch "
           f"{args.batch}; LM Mistral hidden {args.hidden}, {args.layers} layers; torch threads {args.threads}; "
           f"1-min load {os.getloadavg()[0]:.1f}")
@@ -293,7 +286,7 @@ def main():
           f"({pair['images']} with an image of 16 tokens), {args.llava_steps} padded batches of {args.batch}, vision "
           f"tower frozen, {args.llava_rounds} interleaved rounds; 1-min load {os.getloadavg()[0]:.1f}")
     print(f"{'model':<12}{'median time (s)':>16}{'computed positions':>20}{'text tokens/s':>16}")
-    for name in benchmark_inference.NAMES:
+    for name in common.NAMES:
         runtime = statistics.median(pair["times"][name])
         print(f"{name:<12}{runtime:>16.2f}{pair['positions'][name]:>20}{pair['text_tokens'] / runtime:>16.0f}")
     print(f"OmniFusion computes {pair['positions']['OmniFusion'] / pair['positions']['LLaVA']:.3f}x LLaVA's positions "
