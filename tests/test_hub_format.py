@@ -71,6 +71,7 @@ def test_folder_holds_everything_in_one_flat_directory(saved):
     expected = {
         "model.safetensors", "config.json", "generation_config.json", "README.md", "chat_template.jinja",
         "configuration_omnifusion.py", "modeling_omnifusion.py", "adapters_omnifusion.py", "processing_omnifusion.py",
+        "hub_omnifusion.py", "processor_checks_omnifusion.py", "tokenizer_setup_omnifusion.py",
         "processor_config.json", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json",
     }
     assert expected <= names
@@ -92,7 +93,8 @@ def test_remote_code_imports_only_torch_transformers_and_siblings(saved):
     # The standard library, and Pillow: what every transformers image processor already needs.
     allowed = {"torch", "transformers", "huggingface_hub", "tokenizers", "numpy", "PIL"} | set(sys.stdlib_module_names)
     names = ["configuration_omnifusion.py", "modeling_omnifusion.py", "adapters_omnifusion.py", "processing_omnifusion.py",
-             "input_checks_omnifusion.py", "compat_omnifusion.py"]  # the version shim travels with its importers
+             "input_checks_omnifusion.py", "compat_omnifusion.py",  # the version shim travels with its importers
+             "hub_omnifusion.py", "processor_checks_omnifusion.py", "tokenizer_setup_omnifusion.py"]
     assert sorted(path.name for path in folder.glob("*.py")) == sorted(names)
     for name in names:
         for line in (folder / name).read_text().splitlines():

@@ -480,12 +480,12 @@ def test_the_saved_folder_escapes_for_a_loader_that_knows_nothing_of_omnifusion(
 def test_control_tokens_the_escape_cannot_cover_are_reported(any_processor):
     from omnifusion_fixtures import make_tokenizer
 
-    from modeling_omnifusion.processing.processing_omnifusion import _tokens_text_can_spell
+    from modeling_omnifusion.processing.tokenizer_setup_omnifusion import tokens_text_can_spell
 
-    assert _tokens_text_can_spell(any_processor.tokenizer) == []
+    assert tokens_text_can_spell(any_processor.tokenizer) == []
     tokenizer = make_tokenizer()
     tokenizer.add_special_tokens({"additional_special_tokens": ["[INST]"]})
-    assert _tokens_text_can_spell(make_processor(tokenizer=tokenizer).tokenizer) == ["[INST]"]
+    assert tokens_text_can_spell(make_processor(tokenizer=tokenizer).tokenizer) == ["[INST]"]
 
 
 def test_numpy_numbers_are_valid_generation_settings(model_and_processor):

@@ -7,11 +7,8 @@ import torch
 from omnifusion_fixtures import chat, make_image, make_model_and_processor
 
 from modeling_omnifusion import OmniFusionConfig, OmniFusionForCausalLM
-from modeling_omnifusion.modeling_omnifusion import (
-    OmniFusionMLPAdapter,
-    OmniFusionTokenEmbedding,
-    OmniFusionTransformerAdapter,
-)
+from modeling_omnifusion.adapters_omnifusion import OmniFusionMLPAdapter, OmniFusionTransformerAdapter
+from modeling_omnifusion.modeling_omnifusion import OmniFusionTokenEmbedding
 
 
 @pytest.fixture(scope="module")
