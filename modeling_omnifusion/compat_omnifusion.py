@@ -24,7 +24,6 @@ import transformers
 from transformers import AutoConfig
 from transformers.modeling_outputs import ModelOutput
 
-
 try:
     from transformers.configuration_utils import SubConfigSpec
 

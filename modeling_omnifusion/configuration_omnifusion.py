@@ -7,7 +7,6 @@ from transformers import AutoConfig, PreTrainedConfig
 
 from .compat_omnifusion import NATIVE_SUB_CONFIG_SPEC, SubConfigSpec, legacy_sub_configs, resolve_sub_configs
 
-
 # Order of the rows of the learned marker table (`OmniFusionTokenEmbedding.special_embeddings`).
 SPECIAL_TOKEN_FIELDS = (
     "image_token_id",

@@ -241,7 +241,7 @@ def build_model_card(config) -> ModelCard:
 
 An OmniFusion vision-language model: frozen vision encoder(s) {encoders} ({config.num_image_tokens} image tokens
 per view from {layers}{tiles}), a `{config.adapter_type}`
-adapter, learned image-start/end and user/assistant embeddings, and a {config.text_config.model_type} language model.
+adapter, learned image-start/end and user/assistant markers, and a {config.text_config.model_type} language model.
 
 ```python
 from transformers import AutoModelForImageTextToText, AutoProcessor

@@ -43,18 +43,18 @@ def embed_with_markers(
 ) -> torch.Tensor:
     """Embed `input_ids`: marker ids from `marker_table` (row i for `marker_ids[i]`), the rest by `text_embedding`."""
     matches = input_ids.unsqueeze(-1) == marker_ids
-    is_special = matches.any(-1)
-    text_embeds = text_embedding(input_ids.masked_fill(is_special, 0))
-    special_embeds = marker_table(matches.int().argmax(-1))
-    return torch.where(is_special.unsqueeze(-1), special_embeds.to(text_embeds.dtype), text_embeds)
+    is_marker = matches.any(-1)
+    text_embeds = text_embedding(input_ids.masked_fill(is_marker, 0))
+    marker_embeds = marker_table(matches.int().argmax(-1))
+    return torch.where(is_marker.unsqueeze(-1), marker_embeds.to(text_embeds.dtype), text_embeds)
 
 
 class OmniFusionTokenEmbedding(nn.Embedding):
     """
-    The LM's token embedding table extended with a small table of learned, input-only vectors.
+    The LM's token embedding table extended with the markers: a small table of learned, input-only vectors.
 
     `weight` is the LM's own `[vocab_size, hidden]` table (so LM checkpoints load unchanged and the LM head may stay
-    tied to it); `special_embeddings` holds one row per id in `special_token_ids`, in the order
+    tied to it); the marker table `special_embeddings` holds one row per id in `special_token_ids`, in the order
     [image placeholder, image start, image end, user, assistant]. Calling the module embeds every id the processor
     emits; image placeholder rows are overwritten by image features afterwards.
     """
@@ -104,7 +104,7 @@ class OmniFusionPreTrainedModel(PreTrainedModel):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """`PreTrainedModel.from_pretrained`, after checking the folder's generation settings and before returning,
-        a `ValueError` if the LM head, the token/marker embeddings or the adapter hold NaN or Inf values."""
+        a `ValueError` if the LM head, the token embeddings, the markers or the adapter hold NaN or Inf values."""
         check_generation_config_file(pretrained_model_name_or_path, kwargs.get("subfolder", ""))
         loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded
@@ -117,10 +117,12 @@ class OmniFusionPreTrainedModel(PreTrainedModel):
         return loaded
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """Save weights, config, generation config, the remote code with `auto_map` for every Auto class, and a model card.
+        """
+        Save weights, config, generation config, the remote code with `auto_map` for every Auto class, and a model
+        card (`build_model_card`, unless the folder already has a `README.md`).
 
-        The sub-configs' `_name_or_path` is saved as the Hub id it stands for, or empty (`hub_model_id`): a saved folder
-        names no local path.
+        The sub-configs' `_name_or_path` is saved as the Hub id it stands for, or empty (`hub_model_id`): a saved
+        folder names no local path.
         """
         for sub_config in _sub_configs(self.config):
             sub_config._name_or_path = hub_model_id(sub_config._name_or_path) or ""

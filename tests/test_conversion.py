@@ -38,12 +38,12 @@ from transformers import (  # noqa: E402
 
 from modeling_omnifusion import OmniFusionProcessor  # noqa: E402
 from modeling_omnifusion.conversion.convert_omnifusion_to_hf import (  # noqa: E402
-    clean_stale_staging,
+    STAGING_PREFIX,
     convert_omnifusion_to_hf,
     main,
 )
 from modeling_omnifusion.conversion.released_format import UnsafePickleError  # noqa: E402
-
+from modeling_omnifusion.hub_omnifusion import clean_stale_staging  # noqa: E402
 
 PROMPT = "This is a dialog with AI assistant.\n"
 QUERY = "What is the sky color on this image?"
@@ -535,7 +535,7 @@ def test_an_output_moved_aside_by_a_conversion_killed_mid_swap_is_put_back(tmp_p
     staging = stale_staging(tmp_path, dead_pid(), out, "swapping")
     (staging / "replaced").mkdir()
     (staging / "replaced" / "config.json").write_text('{"earlier": true}')
-    clean_stale_staging(tmp_path)
+    clean_stale_staging(tmp_path, STAGING_PREFIX)
     assert json.loads((out / "config.json").read_text()) == {"earlier": True}
     assert leftovers(tmp_path) == []
 

@@ -33,7 +33,6 @@ from modeling_omnifusion.conversion.released_format import (  # noqa: E402
     read_mix_projection,
 )
 
-
 PROMPT = "This is a dialog with AI assistant.\n"
 QUERY = "What is the sky color on this image?"
 

@@ -20,7 +20,6 @@ from transformers import (
 
 from modeling_omnifusion import OmniFusionConfig, OmniFusionForCausalLM, OmniFusionModel, OmniFusionProcessor
 
-
 AUTO_MODEL_CLASSES = {
     "AutoConfig": "configuration_omnifusion.OmniFusionConfig",
     "AutoModel": "modeling_omnifusion.OmniFusionModel",

@@ -14,7 +14,6 @@ from omnifusion_fixtures import chat, make_image, make_model_and_processor, make
 
 from modeling_omnifusion import OmniFusionConfig, OmniFusionForCausalLM, OmniFusionProcessor
 
-
 # Bounded (about a second a test) and reproducible; OMNIFUSION_FUZZ_EXAMPLES=5000 runs a longer, random search.
 FUZZ_EXAMPLES = os.environ.get("OMNIFUSION_FUZZ_EXAMPLES")
 FUZZ = settings(

@@ -7,7 +7,6 @@ from omnifusion_fixtures import chat, make_image, make_processor, make_sentencep
 
 from modeling_omnifusion.processing.processing_omnifusion import DEFAULT_SYSTEM_PROMPT
 
-
 PROMPT = "This is a dialog with AI assistant.\n"
 
 

@@ -18,7 +18,6 @@ from transformers import AutoProcessor
 from modeling_omnifusion import OmniFusionProcessor
 from modeling_omnifusion.conversion import convert_omnifusion_to_hf as converter
 
-
 # Mistral-7B-v0.1's tokenizer.model, shipped by mistral-common; the same file as the released OmniMistral tokenizer.
 MISTRAL_TOKENIZER = ("mistral_common", "data/tokenizer.model.v1")
 MISTRAL_TOKENIZER_SIZE = 493_443

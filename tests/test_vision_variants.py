@@ -8,7 +8,6 @@ from transformers.image_processing_utils import select_best_resolution
 
 from modeling_omnifusion.processing.processing_omnifusion import num_tile_views, tile_views
 
-
 PINPOINTS = [[64, 32], [32, 64], [64, 64]]
 VARIANTS = {
     "mix_sum": dict(vision=["clip", "dinov2"], adapter_type="mix_sum", vision_sizes=[32, 24]),

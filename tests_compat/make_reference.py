@@ -13,10 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 import transformers
+from PIL import Image
 from transformers import MistralConfig
-
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from omnifusion_fixtures import (  # noqa: E402
@@ -28,7 +27,6 @@ from omnifusion_fixtures import (  # noqa: E402
 )
 
 from modeling_omnifusion import OmniFusionForCausalLM  # noqa: E402
-
 
 MAX_NEW_TOKENS = 8
 

@@ -13,10 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 import transformers
+from PIL import Image
 from transformers import AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
-
 
 REFERENCE = Path(os.environ.get("OMNIFUSION_REFERENCE_DIR", "")).resolve()
 if not os.environ.get("OMNIFUSION_REFERENCE_DIR") or not (REFERENCE / "manifest.json").is_file():
