@@ -136,9 +136,9 @@ class OmniFusionProcessor(ProcessorMixin):
 
     Args:
         image_processor: any transformers image processor (CLIP's for the released model); the first encoder's.
-        tokenizer: the LM's tokenizer, prepared by `set_up_tokenizer`: the five markers (the tokens below) are added
-            to it if missing, a pad token is set when it has none (`<unk>` as in the released training code, else EOS)
-            and padding is on the left, for generation.
+        tokenizer: the LM's tokenizer, prepared by `set_up_tokenizer`: the image placeholder and the four markers
+            (the tokens below) are added to it if missing, a pad token is set when it has none (`<unk>` as in the
+            released training code, else EOS) and padding is on the left, for generation.
         num_image_tokens (`int`): image positions per view, `OmniFusionConfig.num_image_tokens`.
         extra_encoder_preprocessors (`list`, *optional*): the image processors of the second and later vision
             encoders (`OmniFusionConfig.additional_vision_configs` order), each normalising and resizing its own way.

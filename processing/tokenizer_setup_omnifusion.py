@@ -1,7 +1,7 @@
 """
-Tokenizer set-up for OmniFusion: the processor's markers and pad token, segment-independent encoding, the text
-escape, no default BOS, and reading tokenizer folders (a clear error for one that cannot be read, SentencePiece's
-merge order for a `tokenizer.model`).
+Tokenizer set-up for OmniFusion: the image placeholder and marker tokens, the pad token, segment-independent
+encoding, the text escape, no default BOS, and reading tokenizer folders (a clear error for one that cannot be read,
+SentencePiece's merge order for a `tokenizer.model`).
 """
 
 import importlib.util
@@ -202,7 +202,8 @@ def load_tokenizer_json_as_saved(save_directory):
 
 def set_up_tokenizer(tokenizer, markers: list[str]) -> list[int]:
     """
-    Prepare the LM's tokenizer for OmniFusion prompts and return the ids of `markers`, in order.
+    Prepare the LM's tokenizer for OmniFusion prompts and return the ids of `markers` (the image placeholder and the
+    markers, in marker-table order).
 
     Adds the `markers` missing from its vocabulary (as special tokens), sets a pad token when it has none (`<unk>`
     as in the released training code, else EOS) and pads on the left, for generation. It then encodes every text
