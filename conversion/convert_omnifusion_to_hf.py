@@ -557,7 +557,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--input_dir", required=True, help="released checkpoint folder, or a Hub repo id")
     parser.add_argument("--subfolder", default=None, help="checkpoint folder inside --input_dir, e.g. OmniMistral-v1_1")
     parser.add_argument(
-        "--vision_model", default=DEFAULT_VISION_MODEL,
+        "--vision_model",
+        default=DEFAULT_VISION_MODEL,
         help="CLIP vision model folder or Hub id; for the encoders-mix release the two encoders, comma-separated "
         "(CLIP first, then DINOv2: openai/clip-vit-large-patch14-336,facebook/dinov2-large)",
     )

@@ -303,10 +303,12 @@ class OmniFusionModel(OmniFusionPreTrainedModel):
         n_positions = mask.sum()
         torch_compilable_check(
             n_positions == image_features.shape[0],
-            lambda: f"Image features and image placeholder tokens do not match: {int(n_positions)} placeholder "
-            f"positions in the input but {image_features.shape[0]} image feature vectors "
-            f"({self.config.num_image_tokens} per image); the processor's num_image_tokens must equal this "
-            f"model's config.num_image_tokens ({self.config.num_image_tokens}).",
+            lambda: (
+                f"Image features and image placeholder tokens do not match: {int(n_positions)} placeholder "
+                f"positions in the input but {image_features.shape[0]} image feature vectors "
+                f"({self.config.num_image_tokens} per image); the processor's num_image_tokens must equal this "
+                f"model's config.num_image_tokens ({self.config.num_image_tokens})."
+            ),
         )
         return mask.unsqueeze(-1).to(inputs_embeds.device)
 

@@ -181,9 +181,7 @@ def _to_rgb_image(image, name: str) -> list[PIL.Image.Image]:
             f"{name} is a {type(image).__name__}; expected a PIL image, a numpy array, a torch tensor, a path or a URL."
         )
     if image.ndim == 4:
-        return [
-            _array_to_rgb(item, f"{name}[{index}]", channels_first_preferred) for index, item in enumerate(image)
-        ]
+        return [_array_to_rgb(item, f"{name}[{index}]", channels_first_preferred) for index, item in enumerate(image)]
     return [_array_to_rgb(image, name, channels_first_preferred)]
 
 

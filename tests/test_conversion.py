@@ -250,8 +250,13 @@ def test_output_folder_is_the_hub_format(converted_fp32):
     assert processor.num_image_tokens == model.config.num_image_tokens
     assert "This is a dialog with AI assistant." in (out / "chat_template.jinja").read_text()
     card = " ".join((out / "README.md").read_text().split())
-    for note in ("## Conversion notes", "EOS is not banned", "model.generate(inputs_embeds=embeds", "out[:, 1:]",
-                 "loads in eval mode"):
+    for note in (
+        "## Conversion notes",
+        "EOS is not banned",
+        "model.generate(inputs_embeds=embeds",
+        "out[:, 1:]",
+        "loads in eval mode",
+    ):
         assert note in card, note
     assert f"v{info['version']} layout" in card and str(info["input_dir"]) not in card
 
@@ -272,9 +277,20 @@ def test_generation_config_values(converted_fp32):
     _, out, reference, _, _ = converted_fp32
     saved = json.loads((out / "generation_config.json").read_text())
     readme = reference.readme_generate_kwargs()
-    for key in ("num_beams", "max_new_tokens", "early_stopping", "no_repeat_ngram_size", "repetition_penalty",
-                "do_sample", "remove_invalid_values", "eos_token_id", "pad_token_id", "forced_eos_token_id",
-                "bad_words_ids", "num_return_sequences"):
+    for key in (
+        "num_beams",
+        "max_new_tokens",
+        "early_stopping",
+        "no_repeat_ngram_size",
+        "repetition_penalty",
+        "do_sample",
+        "remove_invalid_values",
+        "eos_token_id",
+        "pad_token_id",
+        "forced_eos_token_id",
+        "bad_words_ids",
+        "num_return_sequences",
+    ):
         assert saved[key] == readme[key], key
     assert saved["bad_words_ids"][1] == [2] and saved["bad_words_ids"][-1] == [13]
 
@@ -476,7 +492,10 @@ def test_converter_exits_non_zero_and_names_the_problem_on_failure(tmp_path):
         stdin=subprocess.DEVNULL,
     )  # fmt: skip
     assert result.returncode == 1
-    assert result.stderr.strip().splitlines()[-1] == f"omnifusion-convert: error: {missing}: no such folder, and not a Hub repo id"
+    assert (
+        result.stderr.strip().splitlines()[-1]
+        == f"omnifusion-convert: error: {missing}: no such folder, and not a Hub repo id"
+    )
     assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
 
 

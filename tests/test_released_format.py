@@ -398,7 +398,12 @@ def test_released_modules_are_rebuilt_from_stored_state_without_any_module_code(
     def refuse(self, *args, **kwargs):
         raise AssertionError(f"{type(self).__name__} code ran")
 
-    for module_class in (torch.nn.Module, torch.nn.Linear, torch.nn.TransformerEncoderLayer, torch.nn.MultiheadAttention):
+    for module_class in (
+        torch.nn.Module,
+        torch.nn.Linear,
+        torch.nn.TransformerEncoderLayer,
+        torch.nn.MultiheadAttention,
+    ):
         monkeypatch.setattr(module_class, "__init__", refuse)
         monkeypatch.setattr(module_class, "__setstate__", refuse)
     assert_same_tensors(load_projection(ckpt11["projection"]), ckpt11["expected_projection"])

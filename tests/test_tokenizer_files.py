@@ -167,7 +167,10 @@ def test_processor_folder_without_tokenizer_json_gives_the_real_reason(tmp_path)
     processor.save_pretrained(tmp_path)
     (tmp_path / "tokenizer.json").unlink()
     assert importlib.util.find_spec("sentencepiece") is not None  # installed: it must not be blamed
-    for load in (OmniFusionProcessor.from_pretrained, lambda p: AutoProcessor.from_pretrained(p, trust_remote_code=True)):
+    for load in (
+        OmniFusionProcessor.from_pretrained,
+        lambda p: AutoProcessor.from_pretrained(p, trust_remote_code=True),
+    ):
         with pytest.raises(FileNotFoundError) as error:
             load(tmp_path)
         message = str(error.value)

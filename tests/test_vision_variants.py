@@ -67,8 +67,14 @@ def test_beam_search_rows_equal_rows_alone_and_keep_image_order(variant):
     model, processor = variant
     chats = [chat("Which first?", images=[make_image(7, size=45), wide_image(8)]), chat("One.", images=[make_image(9)])]
     batch = encode(processor, chats)
-    kwargs = dict(max_new_tokens=5, num_beams=3, num_return_sequences=2, do_sample=False, output_scores=True,
-                  return_dict_in_generate=True)
+    kwargs = dict(
+        max_new_tokens=5,
+        num_beams=3,
+        num_return_sequences=2,
+        do_sample=False,
+        output_scores=True,
+        return_dict_in_generate=True,
+    )
     batched = model.generate(**batch, **kwargs)
     for row, messages in enumerate(chats):
         single = encode(processor, messages)
@@ -83,10 +89,14 @@ def test_beam_search_rows_equal_rows_alone_and_keep_image_order(variant):
 @pytest.mark.parametrize("options", [dict(do_sample=False), dict(num_beams=3)], ids=["greedy", "beam"])
 def test_every_encoder_runs_once_per_generate_call(variant, options):
     model, processor = variant
-    batch = encode(processor, [chat("A?", images=[make_image(0, size=45), wide_image(1)]), chat("B?", images=[make_image(2)])])
+    batch = encode(
+        processor, [chat("A?", images=[make_image(0, size=45), wide_image(1)]), chat("B?", images=[make_image(2)])]
+    )
     calls = {index: [] for index in range(len(towers(model)))}
-    handles = [tower.register_forward_hook(lambda *args, i=i: calls[i].append(args[1][0].shape[0]))
-               for i, tower in enumerate(towers(model))]
+    handles = [
+        tower.register_forward_hook(lambda *args, i=i: calls[i].append(args[1][0].shape[0]))
+        for i, tower in enumerate(towers(model))
+    ]
     try:
         model.generate(**batch, max_new_tokens=4, **options)
     finally:
