@@ -1,23 +1,20 @@
 """convert_omnifusion_to_hf: released layouts -> one HF folder, parity with the released inference path, safety."""
 
+import json
 import os
+import socket
+import stat
+import subprocess
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-import json  # noqa: E402
-import socket  # noqa: E402
-import stat  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-from importlib.metadata import entry_points  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import pytest  # noqa: E402
-import sentencepiece as spm  # noqa: E402
-import torch  # noqa: E402
-import yaml  # noqa: E402
-from omnifusion_fixtures import chat, make_image  # noqa: E402
-from released_fixtures import (  # noqa: E402
+import pytest
+import sentencepiece as spm
+import torch
+import yaml
+from omnifusion_fixtures import chat, make_image
+from released_fixtures import (
     make_clip_vision_folder,
     make_malicious_pickle,
     make_released_checkpoint,
@@ -25,8 +22,8 @@ from released_fixtures import (  # noqa: E402
     save_released_projection,
     save_special_embeddings,
 )
-from safetensors import safe_open  # noqa: E402
-from transformers import (  # noqa: E402
+from safetensors import safe_open
+from transformers import (
     AutoModelForImageTextToText,
     AutoProcessor,
     CLIPImageProcessorPil,
@@ -36,14 +33,14 @@ from transformers import (  # noqa: E402
     MistralForCausalLM,
 )
 
-from modeling_omnifusion import OmniFusionProcessor  # noqa: E402
-from modeling_omnifusion.conversion.convert_omnifusion_to_hf import (  # noqa: E402
+from modeling_omnifusion import OmniFusionProcessor
+from modeling_omnifusion.conversion.convert_omnifusion_to_hf import (
     STAGING_PREFIX,
     convert_omnifusion_to_hf,
     main,
 )
-from modeling_omnifusion.conversion.released_format import UnsafePickleError  # noqa: E402
-from modeling_omnifusion.hub_omnifusion import clean_stale_staging  # noqa: E402
+from modeling_omnifusion.conversion.released_format import UnsafePickleError
+from modeling_omnifusion.hub_omnifusion import clean_stale_staging
 
 PROMPT = "This is a dialog with AI assistant.\n"
 QUERY = "What is the sky color on this image?"

@@ -3,20 +3,18 @@ parity with the report's variant 3, and a clear error for projections that do no
 
 import os
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-import pytest  # noqa: E402
-import sentencepiece as spm  # noqa: E402
-import torch  # noqa: E402
-from omnifusion_fixtures import chat, make_image  # noqa: E402
-from released_fixtures import (  # noqa: E402
+import pytest
+import sentencepiece as spm
+import torch
+from omnifusion_fixtures import chat, make_image
+from released_fixtures import (
     make_clip_vision_folder,
     make_dinov2_folder,
     make_released_mix_checkpoint,
     released_mix_models_module,
     save_released_mix_projection,
 )
-from transformers import (  # noqa: E402
+from transformers import (
     AutoModelForImageTextToText,
     AutoProcessor,
     BitImageProcessorPil,
@@ -26,8 +24,8 @@ from transformers import (  # noqa: E402
     MistralForCausalLM,
 )
 
-from modeling_omnifusion.conversion.convert_omnifusion_to_hf import convert_omnifusion_to_hf, main  # noqa: E402
-from modeling_omnifusion.conversion.released_format import (  # noqa: E402
+from modeling_omnifusion.conversion.convert_omnifusion_to_hf import convert_omnifusion_to_hf, main
+from modeling_omnifusion.conversion.released_format import (
     UnsafePickleError,
     describe_projection_structure,
     read_mix_projection,
