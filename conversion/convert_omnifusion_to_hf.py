@@ -11,32 +11,27 @@ The input is a folder in one of the released layouts (the v1.0 repository root w
 
 Both exit with status 0 on success, and on failure print the error and exit with status 1.
 
-The pickled adapter and special embeddings are read by `released_format` with an allow-list unpickler, so nothing
+The pickled adapter and markers are read by `released_format` with an allow-list unpickler, so nothing
 in them runs; the LM and vision weights go through `from_pretrained` (safetensors, or `.bin` with
 `weights_only=True`). Every weight is mapped by name and shape-checked, and the folder appears only when complete.
 """
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
-import shutil
-import socket
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from huggingface_hub import HfApi, ModelCard, snapshot_download
-from huggingface_hub.errors import HFValidationError
-from huggingface_hub.utils import validate_repo_id
 from transformers import (
     AutoConfig,
     AutoImageProcessor,
     AutoModel,
     AutoModelForCausalLM,
-    CLIPVisionConfig,
     CLIPVisionModel,
     GenerationConfig,
     LlamaTokenizer,
@@ -51,10 +46,8 @@ except ModuleNotFoundError as error:  # run as a script from a checkout that was
     raise SystemExit(
         "convert_omnifusion_to_hf.py needs the omnifusion-transformers package: run `pip install .` in the checkout"
     ) from None
-# Absolute imports, so that `python conversion/convert_omnifusion_to_hf.py` runs as a script as well as `-m`/entry point.
+# Absolute imports: `python conversion/convert_omnifusion_to_hf.py` runs as a script as well as `-m`/entry point.
 from modeling_omnifusion.configuration_omnifusion import SPECIAL_TOKEN_FIELDS
-from modeling_omnifusion.processing.processing_omnifusion import image_processor_output_size
-
 from modeling_omnifusion.conversion.released_format import (
     ReleasedLayout,
     ReleasedProjection,
@@ -64,11 +57,12 @@ from modeling_omnifusion.conversion.released_format import (
     read_projection,
     read_special_embeddings,
 )
-from modeling_omnifusion.processing.processing_omnifusion import (
+from modeling_omnifusion.hub_omnifusion import atomic_folder, is_hub_repo_id
+from modeling_omnifusion.processing.processing_omnifusion import image_processor_output_size
+from modeling_omnifusion.processing.tokenizer_setup_omnifusion import (
     check_tokenizer_folder,
     rank_merges_by_sentencepiece_scores,
 )
-
 
 logger = logging.getLogger(__name__)
 
@@ -138,13 +132,18 @@ MIX_CONVERSION_NOTES = """
 """
 
 
+# A conversion is built in `<output parent>/.omnifusion-convert-XXXX/` and renamed into place when complete
+# (`hub_omnifusion.atomic_folder`).
+STAGING_PREFIX = ".omnifusion-convert-"
+
+
 def resolve_input_dir(input_dir: str | os.PathLike, subfolder: str | None = None) -> Path:
     """A local folder holding the released files: `input_dir[/subfolder]`, or a Hub snapshot of repo `input_dir`."""
     local = Path(input_dir)
     if local.is_dir():
         return local / subfolder if subfolder else local
     text = str(input_dir)
-    if not _is_hub_repo_id(text):
+    if not is_hub_repo_id(text):
         raise FileNotFoundError(f"{input_dir}: no such folder, and not a Hub repo id")
     prefix = f"{subfolder.strip('/')}/" if subfolder else ""
     try:
@@ -236,14 +235,15 @@ def released_generation_config(tokenizer) -> GenerationConfig:
     )
 
 
-def build_marker_table(special_embeddings: dict[str, torch.Tensor]) -> torch.Tensor:
-    """`[5, hidden]` rows in `OmniFusionConfig.special_token_ids` order, taken from the released dict by name.
+def build_marker_table(released_markers: dict[str, torch.Tensor]) -> torch.Tensor:
+    """`[5, hidden]` rows in `OmniFusionConfig.special_token_ids` order, taken by name from the released markers
+    (`read_special_embeddings`).
 
     The image placeholder row is zeros: image features overwrite it at every use.
     """
-    hidden = next(iter(special_embeddings.values()))
+    hidden = next(iter(released_markers.values()))
     rows = [
-        special_embeddings[RELEASED_MARKER_KEYS[field]] if field in RELEASED_MARKER_KEYS else torch.zeros_like(hidden)
+        released_markers[RELEASED_MARKER_KEYS[field]] if field in RELEASED_MARKER_KEYS else torch.zeros_like(hidden)
         for field in SPECIAL_TOKEN_FIELDS
     ]
     return torch.stack(rows)
@@ -264,7 +264,7 @@ def load_text_side(layout: ReleasedLayout, sentencepiece_model):
     `sentencepiece_model` is what `check_tokenizer_folder` returned for the tokenizer folder (checked first of all).
     """
     text_config = AutoConfig.from_pretrained(layout.lm_dir)
-    special_embeddings = read_special_embeddings(layout.special_embeddings, hidden_size=text_config.hidden_size)
+    released_markers = read_special_embeddings(layout.special_embeddings, hidden_size=text_config.hidden_size)
     tokenizer = LlamaTokenizer.from_pretrained(layout.tokenizer_dir)
     if sentencepiece_model is not None:
         rank_merges_by_sentencepiece_scores(tokenizer, sentencepiece_model)
@@ -273,10 +273,10 @@ def load_text_side(layout: ReleasedLayout, sentencepiece_model):
             f"{layout.tokenizer_dir}: the tokenizer has {len(tokenizer)} tokens, more than the LM's vocab_size "
             f"{text_config.vocab_size} ({layout.lm_dir / 'config.json'})"
         )
-    return text_config, special_embeddings, tokenizer, released_generation_config(tokenizer)
+    return text_config, released_markers, tokenizer, released_generation_config(tokenizer)
 
 
-def assemble_model(config, layout, dtype, vision_state, adapter_state, special_embeddings, generation_config):
+def assemble_model(config, layout, dtype, vision_state, adapter_state, released_markers, generation_config):
     """The converted `OmniFusionForCausalLM`: vision tower(s), adapter, the released LM and the marker table."""
     lm = load_pretrained_strictly(AutoModelForCausalLM, layout.lm_dir, dtype or "auto")
     dtype = dtype or lm.dtype
@@ -291,65 +291,12 @@ def assemble_model(config, layout, dtype, vision_state, adapter_state, special_e
     state_dict.update({f"model.adapter.{k}": v for k, v in adapter_state.items()})
     state_dict.update({f"model.language_model.{k}": v for k, v in lm.get_decoder().state_dict().items()})
     state_dict["lm_head.weight"] = lm.get_output_embeddings().weight
-    state_dict["model.language_model.embed_tokens.special_embeddings.weight"] = build_marker_table(special_embeddings)
+    state_dict["model.language_model.embed_tokens.special_embeddings.weight"] = build_marker_table(released_markers)
     with torch.device("meta"):
         model = OmniFusionForCausalLM(config)
     model.load_state_dict({k: v.detach().to(dtype) for k, v in state_dict.items()}, strict=True, assign=True)
     model.generation_config = generation_config
     return model
-
-
-def load_released_checkpoint(layout: ReleasedLayout, vision_model, dtype: torch.dtype | None):
-    """Read and check every piece, the cheap checks before the large weights; returns `(model, processor)`.
-
-    A projection without the transformer layer is the encoders-mix release: see `load_released_mix_checkpoint`.
-    """
-    sentencepiece_model = check_tokenizer_folder(layout.tokenizer_dir)  # names a missing sentencepiece/protobuf
-    vision_models = split_vision_models(vision_model)
-    structure = describe_projection_structure(layout.projection)
-    if not any(entry.path == "transformer_layer" for entry in structure):
-        return load_released_mix_checkpoint(layout, vision_models, dtype, sentencepiece_model)
-    if len(vision_models) > 1:
-        raise ValueError(
-            f"{layout.projection}: this adapter reads one vision encoder (a transformer layer), but --vision_model "
-            f"names {len(vision_models)}: {', '.join(vision_models)}"
-        )
-    vision_model = vision_models[0]
-    text_config = AutoConfig.from_pretrained(layout.lm_dir)
-    vision_config = CLIPVisionConfig.from_pretrained(vision_model)
-    projection = read_projection(layout.projection, vision_config.hidden_size, text_config.hidden_size)
-    check_projection(projection, layout.projection, vision_config, text_config, vision_model)
-    text_config, special_embeddings, tokenizer, generation_config = load_text_side(layout, sentencepiece_model)
-    processor = OmniFusionProcessor(AutoImageProcessor.from_pretrained(vision_model, backend="pil"), tokenizer)
-    config = OmniFusionConfig(
-        vision_config=vision_config,
-        text_config=text_config,
-        adapter_type="transformer",
-        adapter_num_heads=projection.num_heads,
-        adapter_ffn_dim=projection.ffn_dim,
-        adapter_dropout=projection.dropout,
-        adapter_activation=projection.activation_name,
-        adapter_layer_norm_eps=projection.layer_norm_eps,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        **processor.special_token_ids,
-    )
-    if projection.num_image_tokens is not None and projection.num_image_tokens != config.num_image_tokens:
-        raise ValueError(
-            f"{layout.projection}: the adapter was trained for {projection.num_image_tokens} image tokens "
-            f"(n_embeddings) but {vision_model} gives {config.num_image_tokens} "
-            f"(image_size {vision_config.image_size}, patch_size {vision_config.patch_size})"
-        )
-    processor.num_image_tokens = config.num_image_tokens
-
-    def vision_state(dtype):
-        tower = load_pretrained_strictly(CLIPVisionModel, vision_model, dtype, ignore_unexpected=True)
-        return tower.state_dict()
-
-    model = assemble_model(
-        config, layout, dtype, vision_state, projection.state_dict, special_embeddings, generation_config
-    )
-    return model, processor
 
 
 VISION_MODEL_CLASSES = {"clip_vision_model": CLIPVisionModel, "siglip_vision_model": SiglipVisionModel}
@@ -380,53 +327,120 @@ def vision_state_at_input_size(tower, input_size: int) -> dict[str, torch.Tensor
     table = state["embeddings.position_embeddings"]
     with torch.no_grad():
         dummy = torch.zeros(1, num_patches + 1, config.hidden_size, dtype=table.dtype)
-        state["embeddings.position_embeddings"] = tower.embeddings.interpolate_pos_encoding(dummy, input_size, input_size)
+        table = tower.embeddings.interpolate_pos_encoding(dummy, input_size, input_size)
+        state["embeddings.position_embeddings"] = table
     return state
 
 
-def load_released_mix_checkpoint(
-    layout: ReleasedLayout, vision_models: list[str], dtype: torch.dtype | None, sentencepiece_model
-):
+@dataclasses.dataclass(frozen=True)
+class ReleasedAdapter:
+    """A released adapter, read and checked: what sets the two released layouts apart in `load_released_checkpoint`.
+
+    `config_fields` are the `OmniFusionConfig` fields it fixes, `num_image_tokens` the image positions it was
+    trained for (its stored `n_embeddings`, if any), `mix_groups` the encoders-mix attribute groups per encoder (for
+    the model card; empty for the single-encoder adapter).
+    """
+
+    state_dict: dict[str, torch.Tensor]
+    config_fields: dict
+    num_image_tokens: int | None
+    mix_groups: tuple[str, ...] = ()
+
+
+def read_transformer_adapter(path: Path, vision_configs: list, text_config, vision_models: list[str]):
+    """The single-encoder release: a transformer layer and a Linear (`released_format.read_projection`)."""
+    vision_config = vision_configs[0]
+    projection = read_projection(path, vision_config.hidden_size, text_config.hidden_size)
+    check_projection(projection, path, vision_config, text_config, vision_models[0])
+    config_fields = dict(
+        adapter_type="transformer",
+        adapter_num_heads=projection.num_heads,
+        adapter_ffn_dim=projection.ffn_dim,
+        adapter_dropout=projection.dropout,
+        adapter_activation=projection.activation_name,
+        adapter_layer_norm_eps=projection.layer_norm_eps,
+        vision_feature_layer=-2,
+    )
+    return ReleasedAdapter(projection.state_dict, config_fields, projection.num_image_tokens)
+
+
+def read_mix_adapter(path: Path, vision_configs: list, text_config, vision_models: list[str]):
     """
     The encoders-mix release (`OmniMistral-v1_1-encoders-mix`): a projection holding only LayerNorms, Linears and
-    raw coefficients, mapped onto `adapter_type="mix_sum"` (`released_format.read_mix_projection`), with one vision
-    encoder per `--vision_model` entry (CLIP ViT-L/14-336 first, then DINOv2), each with its own image processor.
+    raw coefficients, mapped onto `adapter_type="mix_sum"` (`released_format.read_mix_projection`).
     """
-    if len(vision_models) < 2:
-        raise ValueError(
-            f"{layout.projection}: this is an encoders-mix adapter (no transformer layer), which reads two vision "
-            f"encoders; pass both: --vision_model <clip>,<dinov2> (got {vision_models})"
-        )
-    image_processors = [AutoImageProcessor.from_pretrained(v, backend="pil") for v in vision_models]
-    vision_configs = [load_vision_config(v) for v in vision_models]
-    input_sizes = [image_processor_output_size(p) for p in image_processors]
-    text_config = AutoConfig.from_pretrained(layout.lm_dir)
     projection = read_mix_projection(
-        layout.projection,
+        path,
         [(v.model_type, v.num_hidden_layers + 1, v.hidden_size) for v in vision_configs],
         text_config.hidden_size,
     )
-    text_config, special_embeddings, tokenizer, generation_config = load_text_side(layout, sentencepiece_model)
-    model_configs = []
-    for vision, size in zip(vision_configs, input_sizes):
-        vision = type(vision).from_dict({**vision.to_dict(), "image_size": size})
-        model_configs.append(vision)
-    processor = OmniFusionProcessor(image_processors[0], tokenizer, extra_encoder_preprocessors=image_processors[1:])
-    config = OmniFusionConfig(
-        vision_config=model_configs,
-        text_config=text_config,
+    config_fields = dict(
         adapter_type="mix_sum",
         adapter_hidden_size=projection.width,
         adapter_layer_norm_eps=projection.layer_norm_eps,
         adapter_hidden_act="gelu",
+    )
+    return ReleasedAdapter(projection.state_dict, config_fields, projection.num_image_tokens, projection.groups)
+
+
+def check_vision_model_count(path: Path, vision_models: list[str], mix: bool):
+    """The single-encoder adapter reads one `--vision_model`, the encoders-mix one at least two."""
+    if mix and len(vision_models) < 2:
+        raise ValueError(
+            f"{path}: this is an encoders-mix adapter (no transformer layer), which reads two vision "
+            f"encoders; pass both: --vision_model <clip>,<dinov2> (got {vision_models})"
+        )
+    if not mix and len(vision_models) > 1:
+        raise ValueError(
+            f"{path}: this adapter reads one vision encoder (a transformer layer), but --vision_model "
+            f"names {len(vision_models)}: {', '.join(vision_models)}"
+        )
+
+
+def load_released_checkpoint(layout: ReleasedLayout, vision_model, dtype: torch.dtype | None):
+    """
+    Read and check every piece of a released checkpoint, the cheap checks before the large weights; returns
+    `(model, processor)`.
+
+    Both released layouts go through here. A projection with a transformer layer reads one vision encoder (CLIP
+    ViT-L/14-336); one without it is the encoders-mix release, with one vision encoder per `--vision_model` entry
+    (CLIP first, then DINOv2), each with its own image processor and at that processor's input size.
+    """
+    sentencepiece_model = check_tokenizer_folder(layout.tokenizer_dir)  # names a missing sentencepiece/protobuf
+    vision_models = split_vision_models(vision_model)
+    structure = describe_projection_structure(layout.projection)
+    mix = not any(entry.path == "transformer_layer" for entry in structure)
+    check_vision_model_count(layout.projection, vision_models, mix)
+    image_processors = [AutoImageProcessor.from_pretrained(v, backend="pil") for v in vision_models]
+    vision_configs = [load_vision_config(v) for v in vision_models]
+    input_sizes = [image_processor_output_size(p) for p in image_processors]
+    text_config = AutoConfig.from_pretrained(layout.lm_dir)
+    read_adapter = read_mix_adapter if mix else read_transformer_adapter
+    adapter = read_adapter(layout.projection, vision_configs, text_config, vision_models)
+    text_config, released_markers, tokenizer, generation_config = load_text_side(layout, sentencepiece_model)
+    vision_configs = [
+        vision if vision.image_size == size else type(vision).from_dict({**vision.to_dict(), "image_size": size})
+        for vision, size in zip(vision_configs, input_sizes)
+    ]
+    processor = OmniFusionProcessor(image_processors[0], tokenizer, extra_encoder_preprocessors=image_processors[1:])
+    config = OmniFusionConfig(
+        vision_config=vision_configs,
+        text_config=text_config,
         vision_feature_select_strategy="default",
+        **adapter.config_fields,
         **processor.special_token_ids,
     )
-    if projection.num_image_tokens is not None and projection.num_image_tokens != config.num_image_tokens:
+    if adapter.num_image_tokens is not None and adapter.num_image_tokens != config.num_image_tokens:
+        if len(vision_models) == 1:
+            vision = vision_configs[0]
+            source = f"{vision_models[0]} gives {config.num_image_tokens} (image_size {vision.image_size}, "
+            source += f"patch_size {vision.patch_size})"
+        else:
+            source = f"the encoders give {config.num_image_tokens} (the longest of "
+            source += ", ".join(f"{v} at {s}px" for v, s in zip(vision_models, input_sizes)) + ")"
         raise ValueError(
-            f"{layout.projection}: the adapter was trained for {projection.num_image_tokens} image tokens "
-            f"(n_embeddings) but the encoders give {config.num_image_tokens} (the longest of "
-            + ", ".join(f"{v} at {s}px" for v, s in zip(vision_models, input_sizes)) + ")"
+            f"{layout.projection}: the adapter was trained for {adapter.num_image_tokens} image tokens "
+            f"(n_embeddings) but {source}"
         )
     for name, value in config.processor_kwargs.items():
         setattr(processor, name, value)
@@ -436,14 +450,13 @@ def load_released_mix_checkpoint(
         for index, (name, vision) in enumerate(zip(vision_models, vision_configs)):
             model_class = VISION_MODEL_CLASSES.get(vision.model_type, AutoModel)
             tower = load_pretrained_strictly(model_class, name, dtype, ignore_unexpected=True)
-            tower_state = vision_state_at_input_size(tower, input_sizes[index])
-            state.update({f"{index}.{k}": v for k, v in tower_state.items()})
+            prefix = f"{index}." if len(vision_models) > 1 else ""
+            state.update({prefix + k: v for k, v in vision_state_at_input_size(tower, input_sizes[index]).items()})
         return state
 
-    model = assemble_model(
-        config, layout, dtype, vision_state, projection.state_dict, special_embeddings, generation_config
-    )
-    model.released_mix_groups = projection.groups
+    model = assemble_model(config, layout, dtype, vision_state, adapter.state_dict, released_markers, generation_config)
+    if adapter.mix_groups:
+        model.released_mix_groups = adapter.mix_groups
     return model, processor
 
 
@@ -484,76 +497,6 @@ def _display_name(name_or_path: str) -> str:
     return Path(name_or_path).name if Path(name_or_path).is_dir() else name_or_path
 
 
-def _is_hub_repo_id(name: str) -> bool:
-    """`owner/name` or `name`, and not written like a path."""
-    if name.startswith((".", "~", "/")) or name.count("/") > 1:
-        return False
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
-        return False
-    return True
-
-
-def replace_folder(new: Path, target: Path, aside: Path):
-    """Move the finished `new` folder to `target`; an existing `target` is moved to `aside` first and deleted last."""
-    if target.is_dir() and not any(target.iterdir()):
-        target.rmdir()
-    if not target.exists():
-        os.rename(new, target)
-        return
-    os.rename(target, aside)
-    try:
-        os.rename(new, target)
-    except BaseException:
-        os.rename(aside, target)
-        raise
-    shutil.rmtree(aside, ignore_errors=True)
-
-
-# A conversion is built in `<output parent>/.omnifusion-convert-XXXX/folder` (moved to the output when complete; an
-# output it replaces waits in `replaced`) beside `owner.json`, which says which process on which host owns it.
-STAGING_PREFIX = ".omnifusion-convert-"
-STAGING_OWNER = "owner.json"
-
-
-def make_staging(parent: Path, output_dir: Path) -> Path:
-    staging = Path(tempfile.mkdtemp(dir=parent, prefix=STAGING_PREFIX))
-    owner = {"pid": os.getpid(), "host": socket.gethostname(), "output_dir": str(output_dir)}
-    (staging / STAGING_OWNER).write_text(json.dumps(owner))
-    (staging / "folder").mkdir()  # not mkdtemp's 0700: the output gets the permissions of any new folder
-    return staging
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
-
-
-def clean_stale_staging(parent: Path):
-    """
-    Delete the staging folders in `parent` that a conversion on this host left when it was killed: its owner file
-    names a process that is gone. An output it had moved aside (killed mid-swap) is put back first.
-    """
-    for staging in parent.glob(STAGING_PREFIX + "*"):
-        try:
-            owner = json.loads((staging / STAGING_OWNER).read_text())
-            pid, host, output_dir = int(owner["pid"]), owner["host"], Path(owner["output_dir"])
-        except (OSError, ValueError, KeyError, TypeError):
-            continue  # not one of ours, or still being created
-        if host != socket.gethostname() or _process_alive(pid):
-            continue
-        if (staging / "replaced").is_dir() and not output_dir.exists():
-            os.rename(staging / "replaced", output_dir)
-        shutil.rmtree(staging, ignore_errors=True)
-        logger.info(f"Removed {staging}, left by a conversion (process {pid}) that did not finish")
-
-
 def convert_omnifusion_to_hf(
     input_dir: str | os.PathLike,
     output_dir: str | os.PathLike,
@@ -587,25 +530,19 @@ def convert_omnifusion_to_hf(
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         dtype = DTYPES[dtype]
-    vision_model = ",".join(split_vision_models(str(vision_model) if isinstance(vision_model, os.PathLike) else vision_model))
+    vision_models = split_vision_models(str(vision_model) if isinstance(vision_model, os.PathLike) else vision_model)
+    vision_model = ",".join(vision_models)
 
     layout = find_released_layout(resolve_input_dir(input_dir, subfolder))
     logger.info(f"Converting the released v{layout.version} checkpoint in {layout.root}")
     model, processor = load_released_checkpoint(layout, vision_model, dtype)
 
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale_staging(output_dir.parent)
-    staging = make_staging(output_dir.parent, output_dir)
-    folder = staging / "folder"
-    try:
+    with atomic_folder(output_dir, STAGING_PREFIX, writer="a conversion") as folder:
         model.save_pretrained(folder, max_shard_size=max_shard_size)
         processor.save_pretrained(folder)
         source = layout.root.name if Path(input_dir).is_dir() else "/".join(filter(None, (str(input_dir), subfolder)))
-        vision_names = ", ".join(_display_name(name) for name in split_vision_models(vision_model))
+        vision_names = ", ".join(_display_name(name) for name in vision_models)
         add_conversion_notes(folder, layout, source, vision_names, model, processor)
-        replace_folder(folder, output_dir, aside=staging / "replaced")
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     logger.info(f"Saved the converted model ({str(model.dtype).removeprefix('torch.')}) to {output_dir}")
 
     if push_to_hub:
@@ -620,7 +557,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--input_dir", required=True, help="released checkpoint folder, or a Hub repo id")
     parser.add_argument("--subfolder", default=None, help="checkpoint folder inside --input_dir, e.g. OmniMistral-v1_1")
     parser.add_argument(
-        "--vision_model", default=DEFAULT_VISION_MODEL,
+        "--vision_model",
+        default=DEFAULT_VISION_MODEL,
         help="CLIP vision model folder or Hub id; for the encoders-mix release the two encoders, comma-separated "
         "(CLIP first, then DINOv2: openai/clip-vit-large-patch14-336,facebook/dinov2-large)",
     )

@@ -132,7 +132,9 @@ ReleasedVisualToGPTMapping = _stand_in("models.VisualToGPTMapping")
 PickledTransformerEncoderLayer = _stand_in("torch.nn.TransformerEncoderLayer")
 PickledMultiheadAttention = _stand_in("torch.nn.MultiheadAttention")
 PickledLinear = _stand_in("torch.nn.Linear")
-PickledNonDynamicallyQuantizableLinear = _stand_in("torch.nn.modules.linear.NonDynamicallyQuantizableLinear", PickledLinear)
+PickledNonDynamicallyQuantizableLinear = _stand_in(
+    "torch.nn.modules.linear.NonDynamicallyQuantizableLinear", PickledLinear
+)
 PickledLayerNorm = _stand_in("torch.nn.LayerNorm")
 PickledDropout = _stand_in("torch.nn.Dropout")
 
@@ -453,7 +455,9 @@ class TorchArchive:
         name = f"{self.prefix}data/{storage.key}"
         info = self._entry(name, storage.nbytes)
         if info.file_size != storage.nbytes:
-            raise ValueError(f"{self.path}: storage record {name!r} holds {info.file_size} bytes, expected {storage.nbytes}")
+            raise ValueError(
+                f"{self.path}: storage record {name!r} holds {info.file_size} bytes, expected {storage.nbytes}"
+            )
         buffer = torch.empty(storage.nbytes, dtype=torch.uint8)
         view = buffer.numpy()
         position = 0
@@ -657,7 +661,9 @@ def read_special_embeddings(path: str | Path, hidden_size: int | None = None) ->
         if missing:
             raise ValueError(f"{path}: missing special embedding key(s) {missing}; expected {expected_keys}")
         if unexpected:
-            raise ValueError(f"{path}: unexpected special embedding key(s) {unexpected!s:.200}; expected {expected_keys}")
+            raise ValueError(
+                f"{path}: unexpected special embedding key(s) {unexpected!s:.200}; expected {expected_keys}"
+            )
         records: dict[str, TensorRecord] = OrderedDict()
         for key in SPECIAL_EMBEDDING_KEYS:
             value = data[key]
@@ -714,9 +720,7 @@ def _lm_weights(lm_dir: Path, problems: list[str]) -> str:
             return fmt
         if (lm_dir / single_name).is_file():
             return fmt
-    problems.append(
-        f"LM weights in {lm_dir} (model.safetensors[.index.json] or pytorch_model.bin[.index.json])"
-    )
+    problems.append(f"LM weights in {lm_dir} (model.safetensors[.index.json] or pytorch_model.bin[.index.json])")
     return ""
 
 
@@ -762,9 +766,7 @@ def find_released_layout(input_dir: str | Path, version: str | None = None) -> R
     elif not ((tokenizer_dir / "tokenizer.model").is_file() or (tokenizer_dir / "tokenizer.json").is_file()):
         problems.append(f"tokenizer file {tokenizer_dir / 'tokenizer.model'}")
     if problems:
-        raise FileNotFoundError(
-            f"{root}: incomplete v{version} OmniFusion checkpoint; missing: " + "; ".join(problems)
-        )
+        raise FileNotFoundError(f"{root}: incomplete v{version} OmniFusion checkpoint; missing: " + "; ".join(problems))
     return ReleasedLayout(
         version=version,
         root=root,
@@ -818,8 +820,9 @@ def _walk_structure(value: Any, path: str, entries: list[StructureEntry], seen: 
         for kind, key in (("parameter", "_parameters"), ("buffer", "_buffers")):
             for name, tensor in (attrs.get(key) or {}).items():
                 if isinstance(tensor, TensorRecord):
-                    entries.append(StructureEntry(prefix + name, kind, "Tensor", tensor.shape, tensor.dtype,
-                                                  record=tensor))
+                    entries.append(
+                        StructureEntry(prefix + name, kind, "Tensor", tensor.shape, tensor.dtype, record=tensor)
+                    )
         for name, child in (attrs.get("_modules") or {}).items():
             if child is not None:
                 _walk_structure(child, prefix + name, entries, seen, depth + 1)
@@ -898,7 +901,7 @@ def format_structure(entries: list[StructureEntry], limit: int = 40) -> str:
         if match is None:
             folded[line] = [line, []]
             continue
-        template = line.replace(name, name[: match.start()] + "{N}" + name[match.end():], 1)
+        template = line.replace(name, name[: match.start()] + "{N}" + name[match.end() :], 1)
         folded.setdefault(template, [line, []])[1].append(int(match.group(1)))
     out = [
         template.replace("{N}", "{" + f"{min(numbers)}..{max(numbers)}" + "}", 1) if len(numbers) > 1 else line
@@ -969,17 +972,22 @@ def read_mix_projection(
 
     width = None
     finals = [
-        e for e in entries
-        if _is_a(e, "Linear") and not any(ch.isdigit() for ch in e.path)
+        e
+        for e in entries
+        if _is_a(e, "Linear")
+        and not any(ch.isdigit() for ch in e.path)
         and (shape(e.path + ".weight") or (0,))[0] == text_hidden_size
     ]
     if len(finals) == 1:
         width = shape(finals[0].path + ".weight")[1]
-    expected = "".join(
-        f"\n  encoder {i} ({model_type}): {layers} x LayerNorm({hidden}), {layers} x Linear({hidden}, W), "
-        f"{layers} coefficients"
-        for i, (model_type, layers, hidden) in enumerate(encoders)
-    ) + f"\n  and one Linear(W, {text_hidden_size}) (W = {width if width is not None else 'any width'})"
+    expected = (
+        "".join(
+            f"\n  encoder {i} ({model_type}): {layers} x LayerNorm({hidden}), {layers} x Linear({hidden}, W), "
+            f"{layers} coefficients"
+            for i, (model_type, layers, hidden) in enumerate(encoders)
+        )
+        + f"\n  and one Linear(W, {text_hidden_size}) (W = {width if width is not None else 'any width'})"
+    )
 
     def misfit(reason: str) -> ValueError:
         return ValueError(
@@ -992,10 +1000,14 @@ def read_mix_projection(
     norm_groups = _indexed_groups(entries, "LayerNorm")
     linear_groups = {k: v for k, v in _indexed_groups(entries, "Linear").items() if -1 not in v}
     coefficients = [
-        e for e in entries
-        if e.kind in ("parameter", "tensor") and e.tensor.is_floating_point() and e.tensor.squeeze().dim() == 1
-        and not any(e.path.startswith(m.path + ".") for m in entries
-                    if m.path and (_is_a(m, "Linear") or _is_a(m, "LayerNorm")))
+        e
+        for e in entries
+        if e.kind in ("parameter", "tensor")
+        and e.tensor.is_floating_point()
+        and e.tensor.squeeze().dim() == 1
+        and not any(
+            e.path.startswith(m.path + ".") for m in entries if m.path and (_is_a(m, "Linear") or _is_a(m, "LayerNorm"))
+        )
         and e.path.rsplit(".", 1)[0] not in {f.path for f in finals}
     ]
     if not (len(norm_groups) == len(linear_groups) == len(coefficients) == len(encoders)):
@@ -1022,7 +1034,11 @@ def read_mix_projection(
     ):
         norms, linears = norm_groups[norm_key], linear_groups[linear_key]
         coefficient = coefficient_by_path[coefficient_key]
-        if sorted(norms) != list(range(layers)) or sorted(linears) != list(range(layers)) or coefficient.numel() != layers:
+        if (
+            sorted(norms) != list(range(layers))
+            or sorted(linears) != list(range(layers))
+            or coefficient.numel() != layers
+        ):
             raise misfit(
                 f"encoder {index} ({model_type}) has {layers} hidden states but '{norm_key}' holds {len(norms)} "
                 f"LayerNorms, '{linear_key}' {len(linears)} Linears and '{coefficient_key}' {coefficient.numel()} "
@@ -1030,15 +1046,27 @@ def read_mix_projection(
             )
         for layer in range(layers):
             norm, linear = norms[layer], linears[layer]
-            found = {name: shape(f"{module}.{name.split('.')[1]}") for name, module in (
-                ("norm.weight", norm), ("norm.bias", norm), ("linear.weight", linear), ("linear.bias", linear))}
-            wanted = {"norm.weight": (hidden,), "norm.bias": (hidden,), "linear.weight": (width, hidden),
-                      "linear.bias": (width,)}
+            found = {
+                name: shape(f"{module}.{name.split('.')[1]}")
+                for name, module in (
+                    ("norm.weight", norm),
+                    ("norm.bias", norm),
+                    ("linear.weight", linear),
+                    ("linear.bias", linear),
+                )
+            }
+            wanted = {
+                "norm.weight": (hidden,),
+                "norm.bias": (hidden,),
+                "linear.weight": (width, hidden),
+                "linear.bias": (width,),
+            }
             if found != wanted:
                 raise misfit(
                     f"encoder {index} ({model_type}) layer {layer}: '{norm}' and '{linear}' hold "
                     + ", ".join(f"{k} {list(v) if v else None}" for k, v in found.items())
-                    + "; expected " + ", ".join(f"{k} {list(v)}" for k, v in wanted.items())
+                    + "; expected "
+                    + ", ".join(f"{k} {list(v)}" for k, v in wanted.items())
                 )
             prefix = f"encoder_mixes.{index}"
             state_dict[f"{prefix}.layer_norms.{layer}.weight"] = tensors[f"{norm}.weight"]
@@ -1057,8 +1085,9 @@ def read_mix_projection(
     modules = {e.path for e in entries if e.kind == "module" and e.path}
     used = set(norm_keys) | set(linear_keys)
     unused = sorted(
-        m for m in modules
-        if m != finals[0].path and not any(m.startswith(k) and m[len(k):].rstrip("]").isdigit() for k in used)
+        m
+        for m in modules
+        if m != finals[0].path and not any(m.startswith(k) and m[len(k) :].rstrip("]").isdigit() for k in used)
     )
     if unused:
         raise misfit(f"modules {unused} have no place in the mix_sum adapter")
@@ -1075,5 +1104,5 @@ def read_mix_projection(
         layer_norm_eps=eps_values.pop(),
         dtype=dtypes.pop(),
         num_image_tokens=num_image_tokens if type(num_image_tokens) is int else None,
-        groups=tuple(f"{n} / {l} / {c}" for n, l, c in zip(norm_keys, linear_keys, coefficient_keys)),
+        groups=tuple(f"{n} / {m} / {c}" for n, m, c in zip(norm_keys, linear_keys, coefficient_keys)),
     )

@@ -45,7 +45,6 @@ from synthetic_shapes import (
     step,
     trainer_flags,
 )
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm.auto import tqdm
 from transformers import (
     AutoModelForImageTextToText,
@@ -53,9 +52,9 @@ from transformers import (
     HfArgumentParser,
     MistralConfig,
     MistralForCausalLM,
-    PreTrainedTokenizerFast,
 )
 
+from modeling_omnifusion.testing.tiny import make_tokenizer
 from modeling_omnifusion.training import stage1, stage2
 
 
@@ -64,23 +63,6 @@ class QuickstartArguments:
     output_dir: str = field(default="quickstart-output", metadata={"help": "Where the data and models go."})
     quick: bool = field(default=False, metadata={"help": "A few steps of everything: a smoke test."})
     seed: int = field(default=0, metadata={"help": "Seed of the drawn data and of every training run."})
-
-
-def train_tokenizer(lines: list[str]) -> PreTrainedTokenizerFast:
-    """Byte-level BPE with <unk> (also padding), <s> and </s>; every word of the synthetic text becomes one token."""
-    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=512,
-        special_tokens=["<unk>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(lines, trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<unk>"
-    )
 
 
 def pretrain_language_model(tokenizer, texts: list[str], steps: int, folder: str) -> None:
@@ -174,7 +156,8 @@ def main(args: list[str] | None = None):
 
     step("2/6 Tokenizer and language model")
     texts = synthetic_shapes.reading_texts(train, args.seed)
-    tokenizer = train_tokenizer([DEFAULT_SYSTEM_PROMPT, *synthetic_shapes.CAPTION_PROMPTS, *texts])
+    # Byte-level BPE with <unk> (also padding), <s> and </s>; every word of the synthetic text becomes one token.
+    tokenizer = make_tokenizer(512, [DEFAULT_SYSTEM_PROMPT, *synthetic_shapes.CAPTION_PROMPTS, *texts], pad_token="<unk>")
     pretrain_language_model(tokenizer, texts, sizes["lm_steps"], language_dir)
 
     step("3/6 Vision tower")

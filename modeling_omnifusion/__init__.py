@@ -12,7 +12,6 @@ from .configuration_omnifusion import OmniFusionConfig
 from .modeling_omnifusion import OmniFusionForCausalLM, OmniFusionModel, OmniFusionPreTrainedModel
 from .processing.processing_omnifusion import OmniFusionProcessor
 
-
 AutoConfig.register("omnifusion", OmniFusionConfig, exist_ok=True)
 AutoModel.register(OmniFusionConfig, OmniFusionModel, exist_ok=True)
 AutoModelForCausalLM.register(OmniFusionConfig, OmniFusionForCausalLM, exist_ok=True)

@@ -143,10 +143,12 @@ class OmniFusionLayerMix(nn.Module):
         self.layer_weights = nn.Parameter(torch.full((num_layers,), 1.0 / num_layers))
 
     def forward(self, hidden_states: list[torch.Tensor]) -> torch.Tensor:
-        """`hidden_states`: `num_layers` tensors `[num_views, num_patches, in_width]` -> `[num_views, num_patches, out_width]`."""
+        """`hidden_states`: `num_layers` tensors `[num_views, num_patches, in_width]`; returns
+        `[num_views, num_patches, out_width]`."""
         if len(hidden_states) != len(self.layer_projections):
             raise ValueError(
-                f"mix_sum adapter expects {len(self.layer_projections)} hidden states per encoder, got {len(hidden_states)}"
+                f"mix_sum adapter expects {len(self.layer_projections)} hidden states per encoder, "
+                f"got {len(hidden_states)}"
             )
         mixed = 0
         for weight, norm, projection, states in zip(
@@ -197,7 +199,9 @@ class OmniFusionMixConcatAdapter(nn.Module):
         self.linear = nn.Linear(width, config.text_config.hidden_size)
 
     def forward(self, encoder_features: list[list[torch.Tensor]]) -> torch.Tensor:
-        projected = [projection(features[-1]) for projection, features in zip(self.encoder_projections, encoder_features)]
+        projected = [
+            projection(features[-1]) for projection, features in zip(self.encoder_projections, encoder_features)
+        ]
         return self.linear(self.transformer_layer(torch.cat(projected, dim=1)))
 
 

@@ -24,7 +24,6 @@ import transformers
 from transformers import AutoConfig
 from transformers.modeling_outputs import ModelOutput
 
-
 try:
     from transformers.configuration_utils import SubConfigSpec
 
@@ -35,7 +34,9 @@ except ImportError:  # transformers < 5.24
     class SubConfigSpec:
         """How to build one sub-config when a composite config gets a dict or nothing for it."""
 
-        def __init__(self, config_class, model_type: str | None = None, init_kwargs: dict | None = None, optional=False):
+        def __init__(
+            self, config_class, model_type: str | None = None, init_kwargs: dict | None = None, optional=False
+        ):
             if model_type is None and not hasattr(config_class, "model_type"):
                 raise ValueError(f"SubConfigSpec needs a `model_type` for {config_class}")
             self.config_class = config_class

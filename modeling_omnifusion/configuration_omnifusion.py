@@ -7,7 +7,6 @@ from transformers import AutoConfig, PreTrainedConfig
 
 from .compat_omnifusion import NATIVE_SUB_CONFIG_SPEC, SubConfigSpec, legacy_sub_configs, resolve_sub_configs
 
-
 # Order of the rows of the learned marker table (`OmniFusionTokenEmbedding.special_embeddings`).
 SPECIAL_TOKEN_FIELDS = (
     "image_token_id",
@@ -38,6 +37,8 @@ def check_vision_feature_layer(layer, vision_config):
             f"vision_feature_layer={layer} is out of range for a {vision_config.model_type} tower with "
             f"{num_layers} layers: its hidden states are indexed {-(num_layers + 1)}..{num_layers}."
         )
+
+
 def _as_vision_config(entry, index: int) -> PreTrainedConfig:
     """A vision config from a config object or a dict naming its `model_type`."""
     if isinstance(entry, PreTrainedConfig):
@@ -85,9 +86,10 @@ class OmniFusionConfig(PreTrainedConfig):
         Tiling ("anyres", report 1.4): candidate `[height, width]` canvases in pixels, each a multiple of the
         encoders' image size, e.g. `[[672, 336], [336, 672], [672, 672]]` for 1x2, 2x1 and 2x2 tiles of 336 px.
         The processor resizes each image (aspect kept, bicubic) into the best-fitting canvas (the one keeping the
-        most image pixels, then the least padding, as LLaVA-NeXT), pads it centred with black, cuts it into
-        non-overlapping tiles in row-major order and adds the whole image resized to one tile as the global view. Every view is encoded and
-        adapted on its own; an image becomes `num_views * num_image_tokens` positions inside one
+        most image pixels, then the least padding: transformers' `select_best_resolution`, as LLaVA-NeXT), pads it
+        centred with black, cuts it into non-overlapping tiles in row-major order and adds the whole image resized to
+        one tile as the global view. Every view is encoded and adapted on its own; an image becomes
+        `num_views * num_image_tokens` positions inside one
         `<image_start>` ... `<image_end>` pair, with no separators. `None` (default): one view, as released.
     image_global_view_position (`str`):
         Where the global view goes among an image's views when tiling: `"first"` (default, as LLaVA-NeXT) or
@@ -180,7 +182,8 @@ class OmniFusionConfig(PreTrainedConfig):
                 check_vision_feature_layer(self.vision_feature_layer, vision)
             if vision.image_size % vision.patch_size:
                 raise ValueError(
-                    f"{_describe_encoder(index, vision)}: image_size is not a multiple of patch_size {vision.patch_size}"
+                    f"{_describe_encoder(index, vision)}: image_size is not a multiple of patch_size "
+                    f"{vision.patch_size}"
                 )
 
     def check_image_grid_pinpoints(self):

@@ -3,9 +3,6 @@
 import os
 
 import torch
-from huggingface_hub import ModelCard, ModelCardData
-from huggingface_hub.errors import HFValidationError
-from huggingface_hub.utils import validate_repo_id
 from torch import nn
 from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
@@ -16,16 +13,7 @@ from transformers.utils import TransformersKwargs, torch_compilable_check
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple
 
-from .adapters_omnifusion import (  # the adapter classes stay importable from here, where they used to live
-    ADAPTER_CLASSES,
-    OmniFusionAdapterSelfAttention,
-    OmniFusionLayerMix,
-    OmniFusionLinearAdapter,  # noqa: F401
-    OmniFusionMixConcatAdapter,  # noqa: F401
-    OmniFusionMixSumAdapter,  # noqa: F401
-    OmniFusionMLPAdapter,  # noqa: F401
-    OmniFusionTransformerAdapter,  # noqa: F401
-)
+from .adapters_omnifusion import ADAPTER_CLASSES, OmniFusionAdapterSelfAttention, OmniFusionLayerMix
 from .compat_omnifusion import (
     OUTPUT_CACHE_FIELD,
     MultimodalBaseModelOutputWithPast,
@@ -41,6 +29,7 @@ from .configuration_omnifusion import (
     check_vision_feature_layer,
     num_vision_prefix_tokens,
 )
+from .hub_omnifusion import build_model_card, hub_model_id
 from .input_checks_omnifusion import (
     check_generation_config_file,
     check_generation_settings,
@@ -54,18 +43,18 @@ def embed_with_markers(
 ) -> torch.Tensor:
     """Embed `input_ids`: marker ids from `marker_table` (row i for `marker_ids[i]`), the rest by `text_embedding`."""
     matches = input_ids.unsqueeze(-1) == marker_ids
-    is_special = matches.any(-1)
-    text_embeds = text_embedding(input_ids.masked_fill(is_special, 0))
-    special_embeds = marker_table(matches.int().argmax(-1))
-    return torch.where(is_special.unsqueeze(-1), special_embeds.to(text_embeds.dtype), text_embeds)
+    is_marker = matches.any(-1)
+    text_embeds = text_embedding(input_ids.masked_fill(is_marker, 0))
+    marker_embeds = marker_table(matches.int().argmax(-1))
+    return torch.where(is_marker.unsqueeze(-1), marker_embeds.to(text_embeds.dtype), text_embeds)
 
 
 class OmniFusionTokenEmbedding(nn.Embedding):
     """
-    The LM's token embedding table extended with a small table of learned, input-only vectors.
+    The LM's token embedding table extended with the markers: a small table of learned, input-only vectors.
 
     `weight` is the LM's own `[vocab_size, hidden]` table (so LM checkpoints load unchanged and the LM head may stay
-    tied to it); `special_embeddings` holds one row per id in `special_token_ids`, in the order
+    tied to it); the marker table `special_embeddings` holds one row per id in `special_token_ids`, in the order
     [image placeholder, image start, image end, user, assistant]. Calling the module embeds every id the processor
     emits; image placeholder rows are overwritten by image features afterwards.
     """
@@ -87,93 +76,9 @@ class OmniFusionTokenEmbedding(nn.Embedding):
         return embed_with_markers(super().forward, self.special_embeddings, input_ids, marker_ids)
 
 
-WIDGET_IMAGE_URL = "https://huggingface.co/datasets/huggingface/documentation-images/resolve/main/bee.jpg"
-
-
-def hub_model_id(name_or_path) -> str | None:
-    """
-    The Hub repo id that `name_or_path` (a `from_pretrained` argument) stands for, or `None` when none is known: a
-    Hub id is returned as is, a folder inside the Hub cache (`.../models--owner--name/snapshots/<revision>/...`) as
-    `owner/name`, and any other local path (existing, or written like one: `./x`, `/x`, `~/x`, `a/b/c`) as `None`,
-    so that no local path is ever written into a saved folder.
-    """
-    name = os.fspath(name_or_path) if name_or_path else ""
-    if not name:
-        return None
-    if os.path.exists(name):
-        parts = os.path.normpath(os.path.abspath(name)).split(os.sep)
-        cached = [part.removeprefix("models--") for part in parts if part.startswith("models--")]
-        if not cached:
-            return None
-        name = cached[-1].replace("--", "/")
-    if name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1:
-        return None
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
-        return None
-    return name
-
-
 def _sub_configs(config: OmniFusionConfig) -> list:
     """The sub-configs of `config`: the text config and every vision encoder's config."""
     return [sub for sub in (config.text_config, *config.vision_configs) if sub is not None]
-
-
-def build_model_card(config: OmniFusionConfig) -> ModelCard:
-    """A Hub model card: front matter for the image-text-to-text widget and a usage snippet.
-
-    `base_model` lists the Hub ids of the sub-models when they are known (`hub_model_id`), and is left out otherwise.
-    """
-    base_models = list(dict.fromkeys(filter(None, (hub_model_id(sub._name_or_path) for sub in _sub_configs(config)))))
-    data = ModelCardData(
-        library_name="transformers",
-        pipeline_tag="image-text-to-text",
-        license="apache-2.0",
-        base_model=base_models or None,
-        tags=["omnifusion", "multimodal", "vision-language", "image-text-to-text", "conversational", "custom_code"],
-        widget=[
-            {"text": "What is shown in this image?", "src": WIDGET_IMAGE_URL},
-            {
-                "messages": [
-                    {
-                        "role": "user",
-                        "content": [
-                            {"type": "image", "url": WIDGET_IMAGE_URL},
-                            {"type": "text", "text": "Describe the image."},
-                        ],
-                    }
-                ]
-            },
-        ],
-    )
-    encoders = " + ".join(f"{vision.model_type} ({vision.image_size}px)" for vision in config.vision_configs)
-    layers = "all hidden layers" if config.adapter_type == "mix_sum" else f"hidden layer {config.vision_feature_layer}"
-    tiles = f", tiled over {config.image_grid_pinpoints} plus a global view" if config.image_grid_pinpoints else ""
-    content = f"""---
-{data.to_yaml()}
----
-
-# OmniFusion
-
-An OmniFusion vision-language model: frozen vision encoder(s) {encoders} ({config.num_image_tokens} image tokens
-per view from {layers}{tiles}), a `{config.adapter_type}`
-adapter, learned image-start/end and user/assistant embeddings, and a {config.text_config.model_type} language model.
-
-```python
-from transformers import AutoModelForImageTextToText, AutoProcessor
-
-model = AutoModelForImageTextToText.from_pretrained("path/or/repo", trust_remote_code=True)
-processor = AutoProcessor.from_pretrained("path/or/repo", trust_remote_code=True)
-messages = [{{"role": "user", "content": [{{"type": "image", "url": "{WIDGET_IMAGE_URL}"}},
-                                          {{"type": "text", "text": "What is shown in this image?"}}]}}]
-inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                       return_dict=True, return_tensors="pt")
-output = model.generate(**inputs, max_new_tokens=50)
-print(processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
-```
-"""
-    return ModelCard(content)
 
 
 class OmniFusionPreTrainedModel(PreTrainedModel):
@@ -199,7 +104,7 @@ class OmniFusionPreTrainedModel(PreTrainedModel):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """`PreTrainedModel.from_pretrained`, after checking the folder's generation settings and before returning,
-        a `ValueError` if the LM head, the token/marker embeddings or the adapter hold NaN or Inf values."""
+        a `ValueError` if the LM head, the token embeddings, the markers or the adapter hold NaN or Inf values."""
         check_generation_config_file(pretrained_model_name_or_path, kwargs.get("subfolder", ""))
         loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded
@@ -212,10 +117,12 @@ class OmniFusionPreTrainedModel(PreTrainedModel):
         return loaded
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """Save weights, config, generation config, the remote code with `auto_map` for every Auto class, and a model card.
+        """
+        Save weights, config, generation config, the remote code with `auto_map` for every Auto class, and a model
+        card (`build_model_card`, unless the folder already has a `README.md`).
 
-        The sub-configs' `_name_or_path` is saved as the Hub id it stands for, or empty (`hub_model_id`): a saved folder
-        names no local path.
+        The sub-configs' `_name_or_path` is saved as the Hub id it stands for, or empty (`hub_model_id`): a saved
+        folder names no local path.
         """
         for sub_config in _sub_configs(self.config):
             sub_config._name_or_path = hub_model_id(sub_config._name_or_path) or ""
@@ -396,10 +303,12 @@ class OmniFusionModel(OmniFusionPreTrainedModel):
         n_positions = mask.sum()
         torch_compilable_check(
             n_positions == image_features.shape[0],
-            lambda: f"Image features and image placeholder tokens do not match: {int(n_positions)} placeholder "
-            f"positions in the input but {image_features.shape[0]} image feature vectors "
-            f"({self.config.num_image_tokens} per image); the processor's num_image_tokens must equal this "
-            f"model's config.num_image_tokens ({self.config.num_image_tokens}).",
+            lambda: (
+                f"Image features and image placeholder tokens do not match: {int(n_positions)} placeholder "
+                f"positions in the input but {image_features.shape[0]} image feature vectors "
+                f"({self.config.num_image_tokens} per image); the processor's num_image_tokens must equal this "
+                f"model's config.num_image_tokens ({self.config.num_image_tokens})."
+            ),
         )
         return mask.unsqueeze(-1).to(inputs_embeds.device)
 

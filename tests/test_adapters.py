@@ -67,7 +67,10 @@ def test_mix_sum_has_a_norm_a_linear_and_a_coefficient_per_hidden_state_of_each_
         layers = vision.num_hidden_layers + 1  # the embedding output and every layer
         assert len(mix.layer_norms) == len(mix.layer_projections) == mix.layer_weights.numel() == layers
         assert mix.layer_projections[0].weight.shape == (model.config.mix_adapter_width, vision.hidden_size)
-    assert model.model.adapter.linear.weight.shape == (model.config.text_config.hidden_size, model.config.mix_adapter_width)
+    assert model.model.adapter.linear.weight.shape == (
+        model.config.text_config.hidden_size,
+        model.config.mix_adapter_width,
+    )
 
 
 def test_mix_concat_equals_the_reports_embedding_concatenation():
@@ -137,7 +140,9 @@ def test_an_old_config_without_the_new_fields_loads_unchanged(tmp_path):
 
 def test_several_encoders_with_a_single_encoder_adapter_is_a_value_error_naming_both():
     encoders = [vision_config("clip"), vision_config("dinov2", image_size=24)]
-    with pytest.raises(ValueError, match=r"vision_config\[0\] \(clip_vision_model, 32px\).*vision_config\[1\] \(dinov2, 24px\)"):
+    with pytest.raises(
+        ValueError, match=r"vision_config\[0\] \(clip_vision_model, 32px\).*vision_config\[1\] \(dinov2, 24px\)"
+    ):
         OmniFusionConfig(vision_config=encoders, adapter_type="transformer")
 
 

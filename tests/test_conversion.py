@@ -1,23 +1,20 @@
 """convert_omnifusion_to_hf: released layouts -> one HF folder, parity with the released inference path, safety."""
 
+import json
 import os
+import socket
+import stat
+import subprocess
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-import json  # noqa: E402
-import socket  # noqa: E402
-import stat  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-from importlib.metadata import entry_points  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import pytest  # noqa: E402
-import sentencepiece as spm  # noqa: E402
-import torch  # noqa: E402
-import yaml  # noqa: E402
-from modeling_omnifusion.testing.tiny import chat, make_image  # noqa: E402
-from modeling_omnifusion.testing.released import (  # noqa: E402
+import pytest
+import sentencepiece as spm
+import torch
+import yaml
+from modeling_omnifusion.testing.tiny import chat, make_image
+from modeling_omnifusion.testing.released import (
     make_clip_vision_folder,
     make_malicious_pickle,
     make_released_checkpoint,
@@ -25,8 +22,8 @@ from modeling_omnifusion.testing.released import (  # noqa: E402
     save_released_projection,
     save_special_embeddings,
 )
-from safetensors import safe_open  # noqa: E402
-from transformers import (  # noqa: E402
+from safetensors import safe_open
+from transformers import (
     AutoModelForImageTextToText,
     AutoProcessor,
     CLIPImageProcessorPil,
@@ -36,14 +33,14 @@ from transformers import (  # noqa: E402
     MistralForCausalLM,
 )
 
-from modeling_omnifusion import OmniFusionProcessor  # noqa: E402
-from modeling_omnifusion.conversion.convert_omnifusion_to_hf import (  # noqa: E402
-    clean_stale_staging,
+from modeling_omnifusion import OmniFusionProcessor
+from modeling_omnifusion.conversion.convert_omnifusion_to_hf import (
+    STAGING_PREFIX,
     convert_omnifusion_to_hf,
     main,
 )
-from modeling_omnifusion.conversion.released_format import UnsafePickleError  # noqa: E402
-
+from modeling_omnifusion.conversion.released_format import UnsafePickleError
+from modeling_omnifusion.hub_omnifusion import clean_stale_staging
 
 PROMPT = "This is a dialog with AI assistant.\n"
 QUERY = "What is the sky color on this image?"
@@ -250,8 +247,13 @@ def test_output_folder_is_the_hub_format(converted_fp32):
     assert processor.num_image_tokens == model.config.num_image_tokens
     assert "This is a dialog with AI assistant." in (out / "chat_template.jinja").read_text()
     card = " ".join((out / "README.md").read_text().split())
-    for note in ("## Conversion notes", "EOS is not banned", "model.generate(inputs_embeds=embeds", "out[:, 1:]",
-                 "loads in eval mode"):
+    for note in (
+        "## Conversion notes",
+        "EOS is not banned",
+        "model.generate(inputs_embeds=embeds",
+        "out[:, 1:]",
+        "loads in eval mode",
+    ):
         assert note in card, note
     assert f"v{info['version']} layout" in card and str(info["input_dir"]) not in card
 
@@ -272,9 +274,20 @@ def test_generation_config_values(converted_fp32):
     _, out, reference, _, _ = converted_fp32
     saved = json.loads((out / "generation_config.json").read_text())
     readme = reference.readme_generate_kwargs()
-    for key in ("num_beams", "max_new_tokens", "early_stopping", "no_repeat_ngram_size", "repetition_penalty",
-                "do_sample", "remove_invalid_values", "eos_token_id", "pad_token_id", "forced_eos_token_id",
-                "bad_words_ids", "num_return_sequences"):
+    for key in (
+        "num_beams",
+        "max_new_tokens",
+        "early_stopping",
+        "no_repeat_ngram_size",
+        "repetition_penalty",
+        "do_sample",
+        "remove_invalid_values",
+        "eos_token_id",
+        "pad_token_id",
+        "forced_eos_token_id",
+        "bad_words_ids",
+        "num_return_sequences",
+    ):
         assert saved[key] == readme[key], key
     assert saved["bad_words_ids"][1] == [2] and saved["bad_words_ids"][-1] == [13]
 
@@ -476,7 +489,10 @@ def test_converter_exits_non_zero_and_names_the_problem_on_failure(tmp_path):
         stdin=subprocess.DEVNULL,
     )  # fmt: skip
     assert result.returncode == 1
-    assert result.stderr.strip().splitlines()[-1] == f"omnifusion-convert: error: {missing}: no such folder, and not a Hub repo id"
+    assert (
+        result.stderr.strip().splitlines()[-1]
+        == f"omnifusion-convert: error: {missing}: no such folder, and not a Hub repo id"
+    )
     assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
 
 
@@ -535,7 +551,7 @@ def test_an_output_moved_aside_by_a_conversion_killed_mid_swap_is_put_back(tmp_p
     staging = stale_staging(tmp_path, dead_pid(), out, "swapping")
     (staging / "replaced").mkdir()
     (staging / "replaced" / "config.json").write_text('{"earlier": true}')
-    clean_stale_staging(tmp_path)
+    clean_stale_staging(tmp_path, STAGING_PREFIX)
     assert json.loads((out / "config.json").read_text()) == {"earlier": True}
     assert leftovers(tmp_path) == []
 

@@ -3,20 +3,18 @@ parity with the report's variant 3, and a clear error for projections that do no
 
 import os
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-import pytest  # noqa: E402
-import sentencepiece as spm  # noqa: E402
-import torch  # noqa: E402
-from modeling_omnifusion.testing.tiny import chat, make_image  # noqa: E402
-from modeling_omnifusion.testing.released import (  # noqa: E402
+import pytest
+import sentencepiece as spm
+import torch
+from modeling_omnifusion.testing.tiny import chat, make_image
+from modeling_omnifusion.testing.released import (
     make_clip_vision_folder,
     make_dinov2_folder,
     make_released_mix_checkpoint,
     released_mix_models_module,
     save_released_mix_projection,
 )
-from transformers import (  # noqa: E402
+from transformers import (
     AutoModelForImageTextToText,
     AutoProcessor,
     BitImageProcessorPil,
@@ -26,13 +24,12 @@ from transformers import (  # noqa: E402
     MistralForCausalLM,
 )
 
-from modeling_omnifusion.conversion.convert_omnifusion_to_hf import convert_omnifusion_to_hf, main  # noqa: E402
-from modeling_omnifusion.conversion.released_format import (  # noqa: E402
+from modeling_omnifusion.conversion.convert_omnifusion_to_hf import convert_omnifusion_to_hf, main
+from modeling_omnifusion.conversion.released_format import (
     UnsafePickleError,
     describe_projection_structure,
     read_mix_projection,
 )
-
 
 PROMPT = "This is a dialog with AI assistant.\n"
 QUERY = "What is the sky color on this image?"
@@ -73,8 +70,15 @@ class ReleasedMixInference:
         def marker(key):
             return self.special[key][None, None]
 
-        parts = [text(PROMPT), marker("SOI"), self.image_embeddings(image), marker("EOI"), marker("USER"), text(query),
-                 marker("BOT")]
+        parts = [
+            text(PROMPT),
+            marker("SOI"),
+            self.image_embeddings(image),
+            marker("EOI"),
+            marker("USER"),
+            text(query),
+            marker("BOT"),
+        ]
         return torch.cat(parts, dim=1)
 
     @torch.no_grad()
@@ -93,8 +97,9 @@ def towers(tmp_path_factory):
 def converted(request, tmp_path_factory, towers):
     clip_dir, dinov2_dir = towers
     root = tmp_path_factory.mktemp(f"mix-{request.param}")
-    info = make_released_mix_checkpoint(root / "released", dtype=torch.float32, layout=request.param,
-                                        num_image_tokens=9)
+    info = make_released_mix_checkpoint(
+        root / "released", dtype=torch.float32, layout=request.param, num_image_tokens=9
+    )
     out = convert_omnifusion_to_hf(info["input_dir"], root / "converted", vision_model=f"{clip_dir},{dinov2_dir}")
     model = AutoModelForImageTextToText.from_pretrained(out, trust_remote_code=True).eval()
     processor = AutoProcessor.from_pretrained(out, trust_remote_code=True)
@@ -102,8 +107,9 @@ def converted(request, tmp_path_factory, towers):
 
 
 def encode(processor, image):
-    return processor.apply_chat_template(chat(QUERY, images=[image]), add_generation_prompt=True, tokenize=True,
-                                         return_dict=True, return_tensors="pt")
+    return processor.apply_chat_template(
+        chat(QUERY, images=[image]), add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
 
 
 def test_structure_report_lists_modules_shapes_dtypes_and_attributes(tmp_path):
@@ -122,7 +128,9 @@ def test_converted_mix_matches_the_reports_variant_3(converted):
     _, _, reference, model, processor = converted
     config = model.config
     assert config.adapter_type == "mix_sum" and [v.model_type for v in config.vision_configs] == [
-        "clip_vision_model", "dinov2"]
+        "clip_vision_model",
+        "dinov2",
+    ]
     assert config.num_image_tokens == 9 and config.vision_configs[1].image_size == 21  # CLIP's 4 padded to 9
     for seed in range(2):
         image = make_image(seed, size=40)
@@ -141,7 +149,7 @@ def test_converted_mix_generates_like_the_release(converted, monkeypatch):
     monkeypatch.setattr(model, "generation_config", greedy)
     image = make_image(3, size=40)
     inputs = encode(processor, image)
-    output = model.generate(**inputs)[0, inputs["input_ids"].shape[1]:]
+    output = model.generate(**inputs)[0, inputs["input_ids"].shape[1] :]
     expected = reference.lm.generate(inputs_embeds=reference.embeddings(image), generation_config=greedy)[0]
     assert output.tolist() == expected.tolist() and len(output) > 1
 
@@ -202,7 +210,18 @@ def test_command_line_takes_two_vision_models(tmp_path, towers):
     clip_dir, dinov2_dir = towers
     info = make_released_mix_checkpoint(tmp_path / "released", num_image_tokens=9)
     out = tmp_path / "out"
-    assert main(["--input_dir", str(info["input_dir"]), "--output_dir", str(out),
-                 "--vision_model", f"{clip_dir},{dinov2_dir}"]) == 0
+    assert (
+        main(
+            [
+                "--input_dir",
+                str(info["input_dir"]),
+                "--output_dir",
+                str(out),
+                "--vision_model",
+                f"{clip_dir},{dinov2_dir}",
+            ]
+        )
+        == 0
+    )
     model = AutoModelForImageTextToText.from_pretrained(out, trust_remote_code=True)
     assert model.dtype == torch.bfloat16 and len(model.model.vision_tower) == 2

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from omnifusion_fixtures import make_config, make_image, make_processor
+from modeling_omnifusion.testing.tiny import make_config, make_image, make_processor
 from transformers import AutoModelForImageTextToText
 from transformers.trainer_pt_utils import LengthGroupedSampler
 

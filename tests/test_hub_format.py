@@ -20,7 +20,6 @@ from transformers import (
 
 from modeling_omnifusion import OmniFusionConfig, OmniFusionForCausalLM, OmniFusionModel, OmniFusionProcessor
 
-
 AUTO_MODEL_CLASSES = {
     "AutoConfig": "configuration_omnifusion.OmniFusionConfig",
     "AutoModel": "modeling_omnifusion.OmniFusionModel",
@@ -40,14 +39,19 @@ def save_with_reference(tmp_path_factory, **model_kwargs):
     images[0].save(reference / "image0.png")
     images[1].save(reference / "image1.png")
     inputs = processor.apply_chat_template(
-        chat("What colour is the shape?", images=images), add_generation_prompt=True, tokenize=True,
-        return_dict=True, return_tensors="pt",
+        chat("What colour is the shape?", images=images),
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+        return_tensors="pt",
     )
     with torch.no_grad():
         logits = model(**inputs).logits
     greedy = model.generate(**inputs, max_new_tokens=6, do_sample=False)
-    torch.save({"input_ids": inputs["input_ids"], "pixel_values": inputs["pixel_values"], "logits": logits,
-                "greedy": greedy}, reference / "reference.pt")
+    torch.save(
+        {"input_ids": inputs["input_ids"], "pixel_values": inputs["pixel_values"], "logits": logits, "greedy": greedy},
+        reference / "reference.pt",
+    )
     return folder, reference
 
 
@@ -60,7 +64,9 @@ def saved(tmp_path_factory):
 def saved_mixed_tiled(tmp_path_factory):
     """Two encoders (CLIP + DINOv2, each with its own image processor), mix_sum, 1x2/2x1/2x2 tiles + global view."""
     return save_with_reference(
-        tmp_path_factory, vision=["clip", "dinov2"], adapter_type="mix_sum",
+        tmp_path_factory,
+        vision=["clip", "dinov2"],
+        adapter_type="mix_sum",
         image_grid_pinpoints=[[64, 32], [32, 64], [64, 64]],
     )
 
@@ -69,9 +75,22 @@ def test_folder_holds_everything_in_one_flat_directory(saved):
     folder, _ = saved
     names = set(os.listdir(folder))
     expected = {
-        "model.safetensors", "config.json", "generation_config.json", "README.md", "chat_template.jinja",
-        "configuration_omnifusion.py", "modeling_omnifusion.py", "adapters_omnifusion.py", "processing_omnifusion.py",
-        "processor_config.json", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json",
+        "model.safetensors",
+        "config.json",
+        "generation_config.json",
+        "README.md",
+        "chat_template.jinja",
+        "configuration_omnifusion.py",
+        "modeling_omnifusion.py",
+        "adapters_omnifusion.py",
+        "processing_omnifusion.py",
+        "hub_omnifusion.py",
+        "processor_checks_omnifusion.py",
+        "tokenizer_setup_omnifusion.py",
+        "processor_config.json",
+        "preprocessor_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
     }
     assert expected <= names
     assert not any(os.path.isdir(folder / name) for name in names)
@@ -91,8 +110,17 @@ def test_remote_code_imports_only_torch_transformers_and_siblings(saved):
     folder, _ = saved
     # The standard library, and Pillow: what every transformers image processor already needs.
     allowed = {"torch", "transformers", "huggingface_hub", "tokenizers", "numpy", "PIL"} | set(sys.stdlib_module_names)
-    names = ["configuration_omnifusion.py", "modeling_omnifusion.py", "adapters_omnifusion.py", "processing_omnifusion.py",
-             "input_checks_omnifusion.py", "compat_omnifusion.py"]  # the version shim travels with its importers
+    names = [
+        "configuration_omnifusion.py",
+        "modeling_omnifusion.py",
+        "adapters_omnifusion.py",
+        "processing_omnifusion.py",
+        "input_checks_omnifusion.py",
+        "compat_omnifusion.py",  # the version shim travels with its importers
+        "hub_omnifusion.py",
+        "processor_checks_omnifusion.py",
+        "tokenizer_setup_omnifusion.py",
+    ]
     assert sorted(path.name for path in folder.glob("*.py")) == sorted(names)
     for name in names:
         for line in (folder / name).read_text().splitlines():
@@ -142,8 +170,14 @@ def test_installed_package_exposes_no_generic_top_level_modules(tmp_path):
         "print(m.OmniFusionProcessor.__module__); "
         "print(u.find_spec('modeling_omnifusion.conversion.released_format') is not None)"
     )
-    result = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "PYTHONPATH": ""})
+    result = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": ""},
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split("\n")[:3] == ["[]", "modeling_omnifusion.processing.processing_omnifusion", "True"]
 
@@ -165,8 +199,9 @@ FRESH_PROCESS_SCRIPT = textwrap.dedent(
     processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
     model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True).eval()
     assert type(model).__module__.startswith("transformers_modules."), type(model).__module__
-    messages = [{"role": "user", "content": [{"type": "image", "image": images[0]}, {"type": "image", "image": images[1]},
-                                             {"type": "text", "text": "What colour is the shape?"}]}]
+    content = [{"type": "image", "image": images[0]}, {"type": "image", "image": images[1]},
+               {"type": "text", "text": "What colour is the shape?"}]
+    messages = [{"role": "user", "content": content}]
     inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
                                            return_tensors="pt")
     assert torch.equal(inputs["input_ids"], expected["input_ids"])
@@ -177,7 +212,8 @@ FRESH_PROCESS_SCRIPT = textwrap.dedent(
     assert torch.equal(model.generate(**inputs, max_new_tokens=6, do_sample=False), expected["greedy"])
     assert type(AutoConfig.from_pretrained(folder, trust_remote_code=True)).__name__ == "OmniFusionConfig"
     assert type(AutoModel.from_pretrained(folder, trust_remote_code=True)).__name__ == "OmniFusionModel"
-    assert type(AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)).__name__ == "OmniFusionForCausalLM"
+    causal_lm = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+    assert type(causal_lm).__name__ == "OmniFusionForCausalLM"
     assert AutoTokenizer.from_pretrained(folder, trust_remote_code=True).pad_token is not None
 
     pipe = pipeline("image-text-to-text", model=folder, trust_remote_code=True)
@@ -198,7 +234,11 @@ def test_folder_loads_in_a_fresh_python_without_this_project(variant, request, t
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": ""}
     result = subprocess.run(
         [sys.executable, str(script), str(folder), str(reference)],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "FRESH-LOAD-OK" in result.stdout
@@ -223,4 +263,6 @@ def test_serving_engine_contract(saved):
     assert features.pooler_output[0].shape == (processor.num_image_tokens, text_config.hidden_size)
     ids = torch.tensor([list(processor.special_token_ids.values())])
     assert base.get_input_embeddings()(ids).shape == (1, 5, text_config.hidden_size)
-    assert processor.image_token == "<image>" and len(processor.tokenizer.encode("<image>", add_special_tokens=False)) == 1
+    assert (
+        processor.image_token == "<image>" and len(processor.tokenizer.encode("<image>", add_special_tokens=False)) == 1
+    )

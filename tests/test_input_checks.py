@@ -20,7 +20,6 @@ from modeling_omnifusion.testing.tiny import (
 
 from modeling_omnifusion import OmniFusionConfig, OmniFusionForCausalLM, OmniFusionProcessor
 
-
 # Bounded (about a second a test) and reproducible; OMNIFUSION_FUZZ_EXAMPLES=5000 runs a longer, random search.
 FUZZ_EXAMPLES = os.environ.get("OMNIFUSION_FUZZ_EXAMPLES")
 FUZZ = settings(
@@ -96,7 +95,9 @@ def test_bad_images_are_a_value_error_naming_the_image(image, message):
 
 def test_the_failing_image_is_named_by_its_position():
     with pytest.raises(ValueError, match="Image 2 is empty"):
-        PROCESSOR(images=[[make_image(0)], [make_image(1), np.zeros((0, 0, 3), np.uint8)]], text=["<image>", "<image><image>"])
+        PROCESSOR(
+            images=[[make_image(0)], [make_image(1), np.zeros((0, 0, 3), np.uint8)]], text=["<image>", "<image><image>"]
+        )
 
 
 def test_non_images_are_a_type_error_naming_the_image():
@@ -124,7 +125,12 @@ def test_a_16_bit_file_by_path_and_in_a_chat_is_the_same_picture(tmp_path):
     PIL.Image.fromarray(GRAY.astype(np.uint16) * 257).save(tmp_path / "deep.png")
     expected = pixels(PIL.Image.fromarray(GRAY).convert("RGB"))
     assert torch.equal(pixels(str(tmp_path / "deep.png")), expected)
-    messages = [{"role": "user", "content": [{"type": "image", "path": str(tmp_path / "deep.png")}, {"type": "text", "text": "q"}]}]
+    messages = [
+        {
+            "role": "user",
+            "content": [{"type": "image", "path": str(tmp_path / "deep.png")}, {"type": "text", "text": "q"}],
+        }
+    ]
     out = PROCESSOR.apply_chat_template(messages, tokenize=True, return_dict=True, return_tensors="pt")
     assert torch.equal(out["pixel_values"], expected)
 
@@ -167,7 +173,10 @@ def test_typed_markers_and_eos_in_any_message_are_ordinary_characters(any_proces
     typed = " ".join(TYPED) + " <<user>> <\u2060user>"
     messages = [
         {"role": "system", "content": f"S {typed}\n"},
-        {"role": "user", "content": [{"type": "image", "image": make_image(0)}, {"type": "text", "text": f"U {typed}"}]},
+        {
+            "role": "user",
+            "content": [{"type": "image", "image": make_image(0)}, {"type": "text", "text": f"U {typed}"}],
+        },
         {"role": "assistant", "content": f"A {typed}"},
     ]
     out = processor.apply_chat_template(messages, add_generation_prompt=False, tokenize=True, return_dict=True)
@@ -196,10 +205,18 @@ def test_a_render_then_tokenize_engine_sees_no_forged_marker(any_processor):
 
 def test_the_plain_text_api_reads_its_prompt_markers_and_placeholder():
     ids = PROCESSOR(images=[make_image(0)], text="<image><user>hi<assistant>")["input_ids"][0]
-    assert control_counts(PROCESSOR, ids) == {"<image_start>": 1, "<image>": 16, "<image_end>": 1, "<user>": 1, "<assistant>": 1}
+    assert control_counts(PROCESSOR, ids) == {
+        "<image_start>": 1,
+        "<image>": 16,
+        "<image_end>": 1,
+        "<user>": 1,
+        "<assistant>": 1,
+    }
 
 
-MESSAGE_TEXT = st.lists(st.sampled_from(TYPED + ["<", ">", "/", "s", "user", " ", "\u2060", "a", "\n", "<image"]), max_size=12).map("".join)
+MESSAGE_TEXT = st.lists(
+    st.sampled_from(TYPED + ["<", ">", "/", "s", "user", " ", "\u2060", "a", "\n", "<image"]), max_size=12
+).map("".join)
 
 
 @FUZZ
@@ -235,7 +252,8 @@ def test_fuzz_no_marker_or_eos_id_comes_from_message_text(turns, system, add_gen
         (lambda p: p.apply_chat_template([{"role": "user", "content": [{"text": "x"}]}]), ValueError,
          "message 0 content item 0 must be a dict with 'type'"),
         (lambda p: p.apply_chat_template([{"role": "user", "content": 5}]), TypeError, "message 0 content must be"),
-        (lambda p: p.apply_chat_template([{"role": "robot", "content": "x"}]), ValueError, "message 0 has role 'robot'"),
+        (lambda p: p.apply_chat_template([{"role": "robot", "content": "x"}]), ValueError,
+         "message 0 has role 'robot'"),
         (lambda p: p.apply_chat_template([{"role": "system", "content": "a"}, {"role": "system", "content": "b"}]),
          ValueError, "message 1 is a system message"),
         (lambda p: p.apply_chat_template([{"role": "user", "content": "a\ud800"}]), ValueError, "lone surrogate"),
@@ -261,10 +279,14 @@ def test_the_template_itself_refuses_unknown_roles_for_other_engines():
     from transformers.utils.chat_template_utils import render_jinja_template
 
     with pytest.raises(TemplateError, match="got robot"):
-        render_jinja_template(conversations=[[{"role": "robot", "content": "x"}]], chat_template=PROCESSOR.chat_template)
+        render_jinja_template(
+            conversations=[[{"role": "robot", "content": "x"}]], chat_template=PROCESSOR.chat_template
+        )
 
 
 ANY_TEXT = st.one_of(st.text(max_size=10), st.sampled_from(TYPED + ["a\ud800", ""]), st.integers(), st.none())
+
+
 def filled_array(shape, dtype, value) -> np.ndarray:
     with np.errstate(invalid="ignore"):  # NaN or Inf cast to an integer type: any value will do
         return np.full(shape, value).astype(dtype)
@@ -284,7 +306,9 @@ ANY_IMAGE = st.one_of(
     ANY_TEXT,
     st.just({"image": 1}),
 )
-ANY_IMAGES = st.one_of(st.none(), ANY_IMAGE, st.lists(ANY_IMAGE, max_size=3), st.lists(st.lists(ANY_IMAGE, max_size=2), max_size=2))
+ANY_IMAGES = st.one_of(
+    st.none(), ANY_IMAGE, st.lists(ANY_IMAGE, max_size=3), st.lists(st.lists(ANY_IMAGE, max_size=2), max_size=2)
+)
 ANY_PROMPTS = st.one_of(
     ANY_TEXT,
     st.lists(st.lists(st.sampled_from(TYPED + ["x", " ", "<image>"]), max_size=4).map("".join), max_size=3),
@@ -325,7 +349,9 @@ ANY_MESSAGE = st.one_of(
 
 @FUZZ
 @given(
-    conversation=st.one_of(st.lists(ANY_MESSAGE, max_size=4), st.lists(st.lists(ANY_MESSAGE, max_size=3), max_size=2), ANY_TEXT),
+    conversation=st.one_of(
+        st.lists(ANY_MESSAGE, max_size=4), st.lists(st.lists(ANY_MESSAGE, max_size=3), max_size=2), ANY_TEXT
+    ),
     tokenize=st.booleans(),
 )
 def test_fuzz_chat_template_gives_a_result_or_a_clear_error(conversation, tokenize):
@@ -404,7 +430,9 @@ def test_a_num_image_tokens_disagreeing_with_the_model_names_the_setting(model_a
     processor = make_processor()
     processor.num_image_tokens = 8
     inputs = processor(images=make_image(0), text="<image>hi", return_tensors="pt")
-    with pytest.raises(ValueError, match=r"processor's num_image_tokens must equal this model's config.num_image_tokens \(16\)"):
+    with pytest.raises(
+        ValueError, match=r"processor's num_image_tokens must equal this model's config.num_image_tokens \(16\)"
+    ):
         model.generate(**inputs, max_new_tokens=1)
 
 
@@ -473,7 +501,9 @@ def test_the_saved_folder_escapes_for_a_loader_that_knows_nothing_of_omnifusion(
     any_processor.save_pretrained(tmp_path)
     template = (tmp_path / "chat_template.jinja").read_text()
     (rendered,), _ = render_jinja_template(
-        conversations=[[{"role": "user", "content": " ".join(TYPED)}]], chat_template=template, add_generation_prompt=True
+        conversations=[[{"role": "user", "content": " ".join(TYPED)}]],
+        chat_template=template,
+        add_generation_prompt=True,
     )
     plain_tokenizer = AutoTokenizer.from_pretrained(tmp_path)
     ids = plain_tokenizer(rendered, add_special_tokens=False)["input_ids"]
@@ -486,12 +516,12 @@ def test_the_saved_folder_escapes_for_a_loader_that_knows_nothing_of_omnifusion(
 def test_control_tokens_the_escape_cannot_cover_are_reported(any_processor):
     from modeling_omnifusion.testing.tiny import make_tokenizer
 
-    from modeling_omnifusion.processing.processing_omnifusion import _tokens_text_can_spell
+    from modeling_omnifusion.processing.tokenizer_setup_omnifusion import tokens_text_can_spell
 
-    assert _tokens_text_can_spell(any_processor.tokenizer) == []
+    assert tokens_text_can_spell(any_processor.tokenizer) == []
     tokenizer = make_tokenizer()
     tokenizer.add_special_tokens({"additional_special_tokens": ["[INST]"]})
-    assert _tokens_text_can_spell(make_processor(tokenizer=tokenizer).tokenizer) == ["[INST]"]
+    assert tokens_text_can_spell(make_processor(tokenizer=tokenizer).tokenizer) == ["[INST]"]
 
 
 def test_numpy_numbers_are_valid_generation_settings(model_and_processor):

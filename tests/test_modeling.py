@@ -7,11 +7,8 @@ import torch
 from modeling_omnifusion.testing.tiny import chat, make_image, make_model_and_processor
 
 from modeling_omnifusion import OmniFusionConfig, OmniFusionForCausalLM
-from modeling_omnifusion.modeling_omnifusion import (
-    OmniFusionMLPAdapter,
-    OmniFusionTokenEmbedding,
-    OmniFusionTransformerAdapter,
-)
+from modeling_omnifusion.adapters_omnifusion import OmniFusionMLPAdapter, OmniFusionTransformerAdapter
+from modeling_omnifusion.modeling_omnifusion import OmniFusionTokenEmbedding
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +51,13 @@ def test_duplicate_special_ids_are_rejected():
 
 @pytest.mark.parametrize(
     "vision, strategy, expected_tokens",
-    [("clip", "default", 16), ("clip", "full", 17), ("siglip", "default", 16), ("dinov2", "default", 16), ("dinov2", "full", 17)],
+    [
+        ("clip", "default", 16),
+        ("clip", "full", 17),
+        ("siglip", "default", 16),
+        ("dinov2", "default", 16),
+        ("dinov2", "full", 17),
+    ],
 )
 def test_vision_towers_and_feature_selection(vision, strategy, expected_tokens):
     model, processor = make_model_and_processor(vision=vision, vision_feature_select_strategy=strategy)
@@ -70,7 +73,11 @@ def test_adapter_types(adapter_type):
     model, processor = make_model_and_processor(adapter_type=adapter_type)
     names = {name for name, _ in model.model.adapter.named_parameters()}
     expected = {
-        "transformer": {"transformer_layer.self_attn.in_proj_weight", "transformer_layer.linear1.weight", "linear.weight"},
+        "transformer": {
+            "transformer_layer.self_attn.in_proj_weight",
+            "transformer_layer.linear1.weight",
+            "linear.weight",
+        },
         "mlp": {"linear_1.weight", "linear_2.weight"},
         "linear": {"linear.weight", "linear.bias"},
     }[adapter_type]
@@ -118,7 +125,10 @@ def test_input_embeddings_embed_every_processor_id(tiny):
     table = embeddings.special_embeddings.weight
     assert torch.equal(out[0, :5], table[:5])
     assert torch.equal(out[0, 5:], embeddings.weight[[0, 5, 7]])
-    assert embeddings.special_embeddings.num_embeddings == 5 and embeddings.num_embeddings == model.config.text_config.vocab_size
+    assert (
+        embeddings.special_embeddings.num_embeddings == 5
+        and embeddings.num_embeddings == model.config.text_config.vocab_size
+    )
 
 
 def test_inputs_embeds_path_equals_input_ids_path(tiny):
@@ -127,7 +137,9 @@ def test_inputs_embeds_path_equals_input_ids_path(tiny):
     with torch.no_grad():
         by_ids = model(**inputs).logits
         embeds = model.get_input_embeddings()(inputs["input_ids"])
-        by_embeds = model(inputs_embeds=embeds, pixel_values=inputs["pixel_values"], attention_mask=inputs["attention_mask"]).logits
+        by_embeds = model(
+            inputs_embeds=embeds, pixel_values=inputs["pixel_values"], attention_mask=inputs["attention_mask"]
+        ).logits
     torch.testing.assert_close(by_ids, by_embeds)
 
 
@@ -176,7 +188,14 @@ def test_beam_search_keeps_the_order_of_two_images_in_one_sample(tiny):
     model, processor = tiny
     chats = [chat("Which first?", images=[make_image(7), make_image(8)]), chat("One.", images=[make_image(9)])]
     batch = encode(processor, chats)
-    kwargs = dict(max_new_tokens=6, num_beams=3, num_return_sequences=2, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    kwargs = dict(
+        max_new_tokens=6,
+        num_beams=3,
+        num_return_sequences=2,
+        do_sample=False,
+        output_scores=True,
+        return_dict_in_generate=True,
+    )
     batched = model.generate(**batch, **kwargs)
     for row, messages in enumerate(chats):
         single = encode(processor, messages)
@@ -302,8 +321,15 @@ def test_greedy_generate_dict_outputs_have_one_entry_per_step(tiny):
     model.set_attn_implementation("eager")
     try:
         out = model.generate(
-            **inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False, return_dict_in_generate=True,
-            output_scores=True, output_logits=True, output_hidden_states=True, output_attentions=True,
+            **inputs,
+            max_new_tokens=3,
+            min_new_tokens=3,
+            do_sample=False,
+            return_dict_in_generate=True,
+            output_scores=True,
+            output_logits=True,
+            output_hidden_states=True,
+            output_attentions=True,
         )
     finally:
         model.set_attn_implementation("sdpa")
@@ -355,8 +381,13 @@ def test_generate_continues_from_a_returned_cache(tiny):
     for images in (dict(pixel_values=inputs["pixel_values"]), {}):
         cache = copy.deepcopy(first.cache)
         continued = model.generate(
-            input_ids=first.sequences, attention_mask=mask, cache=cache, max_new_tokens=3, min_new_tokens=3,
-            do_sample=False, **images,
+            input_ids=first.sequences,
+            attention_mask=mask,
+            cache=cache,
+            max_new_tokens=3,
+            min_new_tokens=3,
+            do_sample=False,
+            **images,
         )
         assert torch.equal(continued, at_once)
     # without a cache, images with no placeholder left are still an error

@@ -13,7 +13,6 @@ from modeling_omnifusion.testing.tiny import (
 
 from modeling_omnifusion.processing.processing_omnifusion import DEFAULT_SYSTEM_PROMPT
 
-
 PROMPT = "This is a dialog with AI assistant.\n"
 
 
@@ -81,7 +80,9 @@ def test_multi_turn_has_nothing_between_turns_and_eos_is_a_setting():
     assert plain == PROMPT + "<user>a<assistant>b<user>c"
     with_eos = make_processor(end_assistant_turns_with_eos=True)
     assert with_eos.apply_chat_template(turns) == PROMPT + "<user>a<assistant>b</s><user>c"
-    assert make_processor().apply_chat_template(turns, end_assistant_turns_with_eos=True) == with_eos.apply_chat_template(turns)
+    assert make_processor().apply_chat_template(
+        turns, end_assistant_turns_with_eos=True
+    ) == with_eos.apply_chat_template(turns)
 
 
 def test_system_message_replaces_the_default_prompt():
@@ -94,7 +95,10 @@ def test_images_follow_message_order_before_each_user_marker():
         {"role": "assistant", "content": "ok"},
         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "second"}]},
     ]
-    assert make_processor().apply_chat_template(messages) == PROMPT + "<image><image><user>first<assistant>ok<image><user>second"
+    assert (
+        make_processor().apply_chat_template(messages)
+        == PROMPT + "<image><image><user>first<assistant>ok<image><user>second"
+    )
 
 
 def test_pad_token_is_set_and_padding_is_on_the_left():
@@ -180,15 +184,17 @@ def test_vllm_inputs_refuses_a_placeholder_image_mismatch(text, n_images, messag
 
 def test_vllm_inputs_builds_the_vllm_prompt_from_checked_images():
     processor = make_processor()
-    gray16 = (np.arange(32 * 32, dtype=np.uint16).reshape(32, 32) * 60)
+    gray16 = np.arange(32 * 32, dtype=np.uint16).reshape(32, 32) * 60
     prompt = processor.vllm_inputs("a<image>b<image>c", [make_image(0), gray16])
     assert sorted(prompt) == ["multi_modal_data", "prompt"] and prompt["prompt"] == "a<image>b<image>c"
     first, second = prompt["multi_modal_data"]["image"]
     assert first.mode == second.mode == "RGB" and second.size == (32, 32)
     assert np.array_equal(np.asarray(first), np.asarray(make_image(0).convert("RGB")))
     # the same pixels the processor itself reads from the 16-bit array
-    assert torch.equal(processor(text="<image>", images=[second], return_tensors="pt")["pixel_values"],
-                       processor(text="<image>", images=[gray16], return_tensors="pt")["pixel_values"])
+    assert torch.equal(
+        processor(text="<image>", images=[second], return_tensors="pt")["pixel_values"],
+        processor(text="<image>", images=[gray16], return_tensors="pt")["pixel_values"],
+    )
     assert processor.vllm_inputs("text only") == {"prompt": "text only"}
     with pytest.raises(TypeError, match="text must be a string"):
         processor.vllm_inputs(["<image>"], [make_image(0)])
@@ -203,7 +209,11 @@ def test_non_image_input_is_a_type_or_value_error():
 
 def test_special_token_ids_match_the_tokenizer():
     processor = make_processor()
-    for name, token in [("image_token_id", "<image>"), ("user_token_id", "<user>"), ("assistant_token_id", "<assistant>")]:
+    for name, token in [
+        ("image_token_id", "<image>"),
+        ("user_token_id", "<user>"),
+        ("assistant_token_id", "<assistant>"),
+    ]:
         assert processor.special_token_ids[name] == processor.tokenizer.convert_tokens_to_ids(token)
     assert len(set(processor.special_token_ids.values())) == 5
 

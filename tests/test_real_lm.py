@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from omnifusion_fixtures import make_image, make_processor
+from modeling_omnifusion.testing.tiny import make_image, make_processor
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 

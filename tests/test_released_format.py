@@ -1,19 +1,16 @@
 """Tests for the safe readers of AIRI's released OmniFusion checkpoint files."""
 
 import os
+import pickle
+import re
+import shutil
+import subprocess
+import sys
+import zipfile
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-import pickle  # noqa: E402
-import re  # noqa: E402
-import shutil  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import zipfile  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from modeling_omnifusion.testing.released import (  # noqa: E402
+import pytest
+import torch
+from modeling_omnifusion.testing.released import (
     PAYLOADS,
     declared_tensors_pickle,
     make_clip_vision_folder,
@@ -28,7 +25,7 @@ from modeling_omnifusion.testing.released import (  # noqa: E402
     write_zip_bomb_special_embeddings,
 )
 
-from modeling_omnifusion.conversion.released_format import (  # noqa: E402
+from modeling_omnifusion.conversion.released_format import (
     PROJECTION_KEYS,
     SPECIAL_EMBEDDING_KEYS,
     UnsafePickleError,
@@ -398,7 +395,12 @@ def test_released_modules_are_rebuilt_from_stored_state_without_any_module_code(
     def refuse(self, *args, **kwargs):
         raise AssertionError(f"{type(self).__name__} code ran")
 
-    for module_class in (torch.nn.Module, torch.nn.Linear, torch.nn.TransformerEncoderLayer, torch.nn.MultiheadAttention):
+    for module_class in (
+        torch.nn.Module,
+        torch.nn.Linear,
+        torch.nn.TransformerEncoderLayer,
+        torch.nn.MultiheadAttention,
+    ):
         monkeypatch.setattr(module_class, "__init__", refuse)
         monkeypatch.setattr(module_class, "__setstate__", refuse)
     assert_same_tensors(load_projection(ckpt11["projection"]), ckpt11["expected_projection"])

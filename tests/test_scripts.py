@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import huggingface_hub
 import yaml
 
 import modeling_omnifusion.training.trainer as trainer_module
@@ -40,16 +41,21 @@ def example_scripts() -> list[str]:
 def test_the_script_discovery_finds_the_known_scripts():
     assert {
         "examples/train_stage1_pretrain.py", "examples/train_stage2_sft.py", "examples/evaluate_visdial.py",
-        "examples/quickstart.py", "examples/benchmark_inference.py", "examples/benchmark_visdial.py",
+        "examples/quickstart.py", "examples/benchmarks/benchmark_inference.py",
+        "examples/benchmarks/benchmark_visdial.py", "examples/benchmarks/fault_injection.py",
     } <= set(example_scripts())  # fmt: skip
     assert "examples/synthetic_shapes.py" not in example_scripts()  # the demos' data builder, not a program
 
 
-COMMANDS = ["omnifusion-train-stage1", "omnifusion-train-stage2"]
+COMMANDS = {
+    "omnifusion-train-stage1": "--output_dir",
+    "omnifusion-train-stage2": "--output_dir",
+    "omnifusion-evaluate-visdial": "--visdial_json",
+}
 
 
 @pytest.mark.parametrize("command", COMMANDS)
-def test_training_console_commands_print_their_help(command, tmp_path):
+def test_console_commands_print_their_help(command, tmp_path):
     """The installed commands, run outside the checkout: the same flags as the example scripts."""
     executable = shutil.which(command) or os.path.join(os.path.dirname(sys.executable), command)
     result = subprocess.run(
@@ -57,7 +63,7 @@ def test_training_console_commands_print_their_help(command, tmp_path):
         env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.startswith(f"usage: {command}") and "--output_dir" in result.stdout
+    assert result.stdout.startswith(f"usage: {command}") and COMMANDS[command] in result.stdout
 
 
 def _help(script: str) -> subprocess.CompletedProcess:
@@ -149,9 +155,9 @@ def test_data_path_that_is_a_folder_is_named(parts):
 
 def test_a_hub_id_passes_the_path_check_and_offline_it_must_be_in_the_cache(parts, monkeypatch):
     data_args = DataArguments(data_path=str(parts["data_path"]))
-    monkeypatch.setattr(trainer_module, "is_offline_mode", lambda: False)
+    monkeypatch.setattr(huggingface_hub, "is_offline_mode", lambda: False)
     trainer_module.check_path_arguments(data_args, language_model_name_or_path="mistralai/Mistral-7B-v0.1")
-    monkeypatch.setattr(trainer_module, "is_offline_mode", lambda: True)
+    monkeypatch.setattr(huggingface_hub, "is_offline_mode", lambda: True)
     with pytest.raises(FileNotFoundError, match=r"--language_model_name_or_path mistralai/Mistral-7B-v0\.1: .*offline"):
         trainer_module.check_path_arguments(data_args, language_model_name_or_path="mistralai/Mistral-7B-v0.1")
 

@@ -23,7 +23,6 @@ from transformers import AutoProcessor
 from modeling_omnifusion import OmniFusionProcessor
 from modeling_omnifusion.conversion import convert_omnifusion_to_hf as converter
 
-
 # Mistral-7B-v0.1's tokenizer.model, shipped by mistral-common; the same file as the released OmniMistral tokenizer.
 MISTRAL_TOKENIZER = ("mistral_common", "data/tokenizer.model.v1")
 MISTRAL_TOKENIZER_SIZE = 493_443
@@ -173,7 +172,10 @@ def test_processor_folder_without_tokenizer_json_gives_the_real_reason(tmp_path)
     processor.save_pretrained(tmp_path)
     (tmp_path / "tokenizer.json").unlink()
     assert importlib.util.find_spec("sentencepiece") is not None  # installed: it must not be blamed
-    for load in (OmniFusionProcessor.from_pretrained, lambda p: AutoProcessor.from_pretrained(p, trust_remote_code=True)):
+    for load in (
+        OmniFusionProcessor.from_pretrained,
+        lambda p: AutoProcessor.from_pretrained(p, trust_remote_code=True),
+    ):
         with pytest.raises(FileNotFoundError) as error:
             load(tmp_path)
         message = str(error.value)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from omnifusion_fixtures import make_config, make_image, make_processor
+from modeling_omnifusion.testing.tiny import make_config, make_image, make_processor
 from peft import PeftModel
 from PIL import Image
 from safetensors.torch import load_file

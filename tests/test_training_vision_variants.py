@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 from modeling_omnifusion.conversion.convert_omnifusion_to_hf import vision_state_at_input_size
-from omnifusion_fixtures import chat, encoder_image_processor, make_image, vision_config
+from modeling_omnifusion.testing.tiny import chat, encoder_image_processor, make_image, vision_config
 from transformers import (
     AutoModelForImageTextToText,
     AutoProcessor,

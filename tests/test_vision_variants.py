@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 from modeling_omnifusion.testing.tiny import chat, make_image, make_model_and_processor
+from transformers.image_processing_utils import select_best_resolution
 
-from modeling_omnifusion.processing.processing_omnifusion import select_best_resolution, tile_views
-
+from modeling_omnifusion.processing.processing_omnifusion import num_tile_views, tile_views
 
 PINPOINTS = [[64, 32], [32, 64], [64, 64]]
 VARIANTS = {
@@ -67,8 +67,14 @@ def test_beam_search_rows_equal_rows_alone_and_keep_image_order(variant):
     model, processor = variant
     chats = [chat("Which first?", images=[make_image(7, size=45), wide_image(8)]), chat("One.", images=[make_image(9)])]
     batch = encode(processor, chats)
-    kwargs = dict(max_new_tokens=5, num_beams=3, num_return_sequences=2, do_sample=False, output_scores=True,
-                  return_dict_in_generate=True)
+    kwargs = dict(
+        max_new_tokens=5,
+        num_beams=3,
+        num_return_sequences=2,
+        do_sample=False,
+        output_scores=True,
+        return_dict_in_generate=True,
+    )
     batched = model.generate(**batch, **kwargs)
     for row, messages in enumerate(chats):
         single = encode(processor, messages)
@@ -83,10 +89,14 @@ def test_beam_search_rows_equal_rows_alone_and_keep_image_order(variant):
 @pytest.mark.parametrize("options", [dict(do_sample=False), dict(num_beams=3)], ids=["greedy", "beam"])
 def test_every_encoder_runs_once_per_generate_call(variant, options):
     model, processor = variant
-    batch = encode(processor, [chat("A?", images=[make_image(0, size=45), wide_image(1)]), chat("B?", images=[make_image(2)])])
+    batch = encode(
+        processor, [chat("A?", images=[make_image(0, size=45), wide_image(1)]), chat("B?", images=[make_image(2)])]
+    )
     calls = {index: [] for index in range(len(towers(model)))}
-    handles = [tower.register_forward_hook(lambda *args, i=i: calls[i].append(args[1][0].shape[0]))
-               for i, tower in enumerate(towers(model))]
+    handles = [
+        tower.register_forward_hook(lambda *args, i=i: calls[i].append(args[1][0].shape[0]))
+        for i, tower in enumerate(towers(model))
+    ]
     try:
         model.generate(**batch, max_new_tokens=4, **options)
     finally:
@@ -124,11 +134,21 @@ def test_gradients_reach_exactly_the_parameters_each_stage_trains(stage):
 
 
 def test_best_fit_resolution_follows_llava_next():
-    assert select_best_resolution(30, 70, PINPOINTS) == (32, 64)
-    assert select_best_resolution(70, 30, PINPOINTS) == (64, 32)
-    assert select_best_resolution(45, 45, PINPOINTS) == (64, 64)
-    # equal kept pixels: the smaller canvas wastes less
-    assert select_best_resolution(20, 20, [[64, 64], [32, 32]]) == (32, 32)
+    """transformers' `select_best_resolution` takes `(height, width)` and `[height, width]` pinpoints."""
+    assert select_best_resolution((30, 70), PINPOINTS) == (32, 64)
+    assert select_best_resolution((70, 30), PINPOINTS) == (64, 32)
+    assert select_best_resolution((45, 45), PINPOINTS) == (64, 64)
+    # equal kept pixels: the smaller canvas wastes less; equal canvases: the first one
+    assert select_best_resolution((20, 20), [[64, 64], [32, 32]]) == (32, 32)
+    assert select_best_resolution((100, 100), [[64, 32], [32, 64]]) == (64, 32)
+    # so thin that no canvas keeps a pixel: the least padding
+    assert select_best_resolution((1, 5000), [[32, 32], [16, 16]]) == (16, 16)
+
+
+def test_tile_view_count_is_the_canvas_tiles_plus_the_global_view():
+    assert num_tile_views(30, 70, PINPOINTS, 32) == 3
+    assert num_tile_views(70, 30, PINPOINTS, 32) == 3
+    assert num_tile_views(45, 45, PINPOINTS, 32) == 5
 
 
 def test_tiles_are_the_canvas_in_row_major_order_with_the_global_view_first_or_last():

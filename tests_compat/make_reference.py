@@ -17,14 +17,15 @@ import transformers
 from PIL import Image
 from transformers import MistralConfig
 
-from modeling_omnifusion import OmniFusionForCausalLM
-from modeling_omnifusion.testing.tiny import (
+from modeling_omnifusion.testing.tiny import (  # noqa: E402
     make_config,
     make_image,
     make_model_and_processor,
     make_processor,
     make_sentencepiece_tokenizer,
 )
+
+from modeling_omnifusion import OmniFusionForCausalLM  # noqa: E402
 
 MAX_NEW_TOKENS = 8
 
@@ -33,9 +34,24 @@ def chats(image_names: list[str]) -> dict[str, list[dict]]:
     """The prompts, with images named by file (the reader loads them from the reference folder)."""
     one, two = image_names
     return {
-        "single_image": [{"role": "user", "content": [{"type": "image", "path": one}, {"type": "text", "text": "What is the colour of the shape?"}]}],
+        "single_image": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image", "path": one},
+                    {"type": "text", "text": "What is the colour of the shape?"},
+                ],
+            }
+        ],
         "two_images": [
-            {"role": "user", "content": [{"type": "image", "path": one}, {"type": "image", "path": two}, {"type": "text", "text": "How many circles are there?"}]}
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image", "path": one},
+                    {"type": "image", "path": two},
+                    {"type": "text", "text": "How many circles are there?"},
+                ],
+            }
         ],
         "text_only": [{"role": "user", "content": "Describe the image."}],
         "multi_turn": [
@@ -52,7 +68,9 @@ def resolve(messages: list[dict], folder: Path) -> list[dict]:
     for message in messages:
         content = message["content"]
         if not isinstance(content, str):
-            content = [dict(item, path=str(folder / item["path"])) if item["type"] == "image" else item for item in content]
+            content = [
+                dict(item, path=str(folder / item["path"])) if item["type"] == "image" else item for item in content
+            ]
         out.append({**message, "content": content})
     return out
 
@@ -116,9 +134,11 @@ def vision_variants():
 def vision_chats(image_names: list[str]) -> dict[str, list[dict]]:
     """Prompts whose images differ in size (`image_0` 32 x 32, `image_big` 64 x 64, `image_wide` 32 x 64)."""
     small, big, wide = image_names
-    ask = lambda *paths: [{"role": "user", "content": [  # noqa: E731
-        *({"type": "image", "path": path} for path in paths), {"type": "text", "text": "What is the colour of the shape?"},
-    ]}]
+
+    def ask(*paths):
+        images = [{"type": "image", "path": path} for path in paths]
+        return [{"role": "user", "content": [*images, {"type": "text", "text": "What is the colour of the shape?"}]}]
+
     return {"small_image": ask(small), "big_image": ask(big), "big_and_wide_images": ask(big, wide)}
 
 

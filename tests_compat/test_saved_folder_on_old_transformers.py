@@ -13,10 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 import transformers
+from PIL import Image
 from transformers import AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
-
 
 REFERENCE = Path(os.environ.get("OMNIFUSION_REFERENCE_DIR", "")).resolve()
 if not os.environ.get("OMNIFUSION_REFERENCE_DIR") or not (REFERENCE / "manifest.json").is_file():
@@ -33,7 +32,9 @@ def resolve(messages):
     for message in messages:
         content = message["content"]
         if not isinstance(content, str):
-            content = [dict(item, path=str(REFERENCE / item["path"])) if item["type"] == "image" else item for item in content]
+            content = [
+                dict(item, path=str(REFERENCE / item["path"])) if item["type"] == "image" else item for item in content
+            ]
         out.append({**message, "content": content})
     return out
 
@@ -75,8 +76,12 @@ def test_logits_and_greedy_tokens_are_identical(loaded, name):
     inputs = reference[name]["inputs"]
     logits = model(**inputs).logits
     assert logits.shape == reference[name]["logits"].shape
-    assert torch.equal(logits, reference[name]["logits"]), f"max |diff| {(logits - reference[name]['logits']).abs().max()}"
-    tokens = model.generate(**inputs, max_new_tokens=reference[name]["tokens"].shape[1] - inputs["input_ids"].shape[1], do_sample=False)
+    assert torch.equal(logits, reference[name]["logits"]), (
+        f"max |diff| {(logits - reference[name]['logits']).abs().max()}"
+    )
+    tokens = model.generate(
+        **inputs, max_new_tokens=reference[name]["tokens"].shape[1] - inputs["input_ids"].shape[1], do_sample=False
+    )
     assert torch.equal(tokens, reference[name]["tokens"])
 
 

@@ -311,18 +311,18 @@ def main():
             for name in NAMES if (rep + index) % 2 == 0 else NAMES[::-1]:
                 total, cpu, intervals = timers[name].run(models[name], inputs[batch][name][kind], n)
                 if rep >= args.warmup:
-                    times[name, *case].append(total)
-                    cpu_times[name, *case].append(cpu)
+                    times[(name, *case)].append(total)
+                    cpu_times[(name, *case)].append(cpu)
                     steps[name, batch, kind] += intervals
     med = {key: statistics.median(value) for key, value in times.items()}
     spread = {key: (max(v) - min(v)) / statistics.median(v) for key, v in times.items()}
     step_med = {key: statistics.median(value) for key, value in steps.items()}
     # OmniFusion/LLaVA per case: the median over repetitions of the ratio of the two back-to-back runs, which cancels
     # load changes slower than one pair of runs better than the ratio of the two medians does.
-    paired = {case: statistics.median(o / v for o, v in zip(times["OmniFusion", *case], times["LLaVA", *case]))
+    paired = {case: statistics.median(o / v for o, v in zip(times[("OmniFusion", *case)], times[("LLaVA", *case)]))
               for case in cases}
     cpu_paired = {
-        case: statistics.median(o / v for o, v in zip(cpu_times["OmniFusion", *case], cpu_times["LLaVA", *case]))
+        case: statistics.median(o / v for o, v in zip(cpu_times[("OmniFusion", *case)], cpu_times[("LLaVA", *case)]))
         for case in cases
     }
     for timer in timers.values():

@@ -25,6 +25,8 @@ from collections.abc import Callable
 from transformers import Trainer, TrainerState, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
+from modeling_omnifusion.hub_omnifusion import replace_folder, staging_path
+
 logger = logging.getLogger("omnifusion_checkpoints")  # the name the log lines show
 
 TRAINER_STATE = "trainer_state.json"
@@ -42,17 +44,9 @@ DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 RESUME_LATEST = {"latest", "true"}
 WEIGHTS = "model weights (model.safetensors)"  # how `checkpoint_report` names missing weights
 
-
 # --------------------------------------------------------------------------------------------------------------------
 # Writing whole or nothing
 # --------------------------------------------------------------------------------------------------------------------
-
-
-def staging_dir(target: str) -> str:
-    """The hidden sibling `target` is written into before it is renamed into place."""
-    target = os.path.abspath(target)
-    return os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.partial")
-
 
 def _error_number(error: BaseException, folder: str) -> int:
     """The errno behind a failed save of `folder`; torch's and safetensors' writers drop it, so the disk is asked."""
@@ -73,7 +67,6 @@ def _error_number(error: BaseException, folder: str) -> int:
             return errno.EFBIG
     return errno.EIO
 
-
 def write_error(target: str, staging: str, error: BaseException) -> OSError:
     """An `OSError` naming `target`, the folder being written (in `staging`) when `error` stopped the save."""
     code = _error_number(error, staging)
@@ -83,7 +76,6 @@ def write_error(target: str, staging: str, error: BaseException) -> OSError:
         f"Could not save {target}: {reason} ({type(error).__name__}: {error}). Nothing was half-written: the partial "
         f"copy in {staging} is removed and {target} is as before.",
     )
-
 
 def commit_files(staging: str, target: str):
     """
@@ -103,19 +95,6 @@ def commit_files(staging: str, target: str):
         os.replace(os.path.join(staging, name), destination)
     os.rmdir(staging)
 
-
-def replace_dir(new: str, target: str):
-    """Renames the folder `new` to `target`, replacing an existing `target` (moved aside into `new`'s place first)."""
-    if os.path.exists(target):
-        aside = f"{new}.replaced"
-        shutil.rmtree(aside, ignore_errors=True)
-        os.replace(target, aside)
-        os.replace(new, target)
-        shutil.rmtree(aside, ignore_errors=True)
-    else:
-        os.replace(new, target)
-
-
 class AtomicCheckpointTrainer(Trainer):
     """A `Trainer` whose checkpoints appear only when complete (see the module docstring)."""
 
@@ -129,7 +108,7 @@ class AtomicCheckpointTrainer(Trainer):
         run_dir = super()._get_output_dir(trial)
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         target = os.path.join(run_dir, name)
-        staging = staging_dir(target)
+        staging = str(staging_path(target))
         if self.args.should_save:
             shutil.rmtree(staging, ignore_errors=True)
         self.accelerator.wait_for_everyone()
@@ -147,7 +126,7 @@ class AtomicCheckpointTrainer(Trainer):
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
             self._point_best_checkpoint_into(run_dir, os.path.join(staging, name))
-            replace_dir(os.path.join(staging, name), target)
+            replace_folder(os.path.join(staging, name), target)
             os.rmdir(staging)
             rotate_checkpoints(
                 output_dir=run_dir,
@@ -167,7 +146,6 @@ class AtomicCheckpointTrainer(Trainer):
             self.state.best_model_checkpoint = best_dir
             if os.path.isfile(os.path.join(staged, TRAINER_STATE)):
                 self.state.save_to_json(os.path.join(staged, TRAINER_STATE))
-
 
 def save_final_output(
     trainer: Trainer, output_dir: str, save: Callable[[str], None] | None = None, on_every_process: bool = True
@@ -197,15 +175,12 @@ def save_final_output(
         commit_files(staging, output_dir)
     barrier()
 
-
 # --------------------------------------------------------------------------------------------------------------------
 # One run per folder
 # --------------------------------------------------------------------------------------------------------------------
 
-
 def _is_inside(path: str, folder: str) -> bool:
     return os.path.commonpath([os.path.abspath(path), os.path.abspath(folder)]) == os.path.abspath(folder)
-
 
 def check_output_dir(args: TrainingArguments, resume_checkpoint: str | None):
     """
@@ -243,11 +218,9 @@ def check_output_dir(args: TrainingArguments, resume_checkpoint: str | None):
                     os.remove(path)
             logger.warning("--overwrite_output_dir: deleted the earlier run's checkpoints and model in %s.", output_dir)
 
-
 # --------------------------------------------------------------------------------------------------------------------
 # Resuming
 # --------------------------------------------------------------------------------------------------------------------
-
 
 def _safetensors_problem(path: str) -> str | None:
     with open(path, "rb") as file:
@@ -267,7 +240,6 @@ def _safetensors_problem(path: str) -> str | None:
         return f"truncated ({size} bytes, the header needs {8 + header_size + max(ends)})"
     return None
 
-
 def file_problem(path: str) -> str | None:
     """Why a checkpoint file cannot be read (cheap checks: size, JSON, safetensors header, torch zip directory)."""
     if os.path.getsize(path) == 0:
@@ -284,7 +256,6 @@ def file_problem(path: str) -> str | None:
     elif name.endswith((".pt", ".pth", ".bin")) and not zipfile.is_zipfile(path):
         return "truncated or not a torch.save file (no zip directory at its end)"
     return None
-
 
 def checkpoint_report(folder: str, world_size: int = 1) -> tuple[list[str], list[str]]:
     """`(damaged, missing)`: its files that cannot be read (with why), and the state files it lacks."""
@@ -309,10 +280,8 @@ def checkpoint_report(folder: str, world_size: int = 1) -> tuple[list[str], list
     missing += [name for name in rng if name not in names]
     return damaged, missing
 
-
 def _step(name: str) -> int:
     return int(CHECKPOINT_PATTERN.match(name).group(1))
-
 
 def latest_complete_checkpoint(output_dir: str, world_size: int = 1) -> str | None:
     """The newest `checkpoint-N` with weights and a readable `trainer_state.json`, warning about newer broken ones."""
@@ -327,7 +296,6 @@ def latest_complete_checkpoint(output_dir: str, world_size: int = 1) -> str | No
             return folder
         logger.warning("Skipping the incomplete checkpoint %s: %s.", folder, "; ".join(incomplete))
     return None
-
 
 def resolve_resume_checkpoint(args: TrainingArguments) -> str | None:
     """The checkpoint `--resume_from_checkpoint` names (see the module docstring), checked; None to start afresh."""
@@ -364,7 +332,6 @@ def resolve_resume_checkpoint(args: TrainingArguments) -> str | None:
         )
     return checkpoint
 
-
 # What each missing state file means for a resumed run.
 STATE_MEANING = {
     "trainer_state": "the step count",
@@ -372,7 +339,6 @@ STATE_MEANING = {
     "scheduler": "the learning-rate schedule",
     "rng_state": "the random state (data order, dropout)",
 }
-
 
 def finished_at(checkpoint: str, args: TrainingArguments) -> int | None:
     """The checkpoint's step if it is the end of the run `args` describe, else None."""
@@ -385,7 +351,6 @@ def finished_at(checkpoint: str, args: TrainingArguments) -> int | None:
     else:
         done = state.global_step >= state.max_steps and args.num_train_epochs <= (state.num_train_epochs or 0)
     return state.global_step if done else None
-
 
 def train_or_resume(trainer: AtomicCheckpointTrainer):
     """`trainer.train` from `trainer.resume_checkpoint`; a run already finished there is loaded, not stepped again."""

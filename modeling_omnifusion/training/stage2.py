@@ -34,7 +34,7 @@ from transformers import HfArgumentParser, Trainer
 from transformers.integrations import is_deepspeed_zero3_enabled
 
 from modeling_omnifusion import OmniFusionForCausalLM, OmniFusionProcessor
-from modeling_omnifusion.modeling_omnifusion import hub_model_id
+from modeling_omnifusion.hub_omnifusion import hub_model_id
 
 from .arguments import DataArguments, OmniFusionTrainingArguments
 from .checkpoints import save_final_output, train_or_resume

@@ -13,13 +13,13 @@ import sys
 
 import datasets
 import transformers
-from huggingface_hub import ModelCard, is_offline_mode, try_to_load_from_cache
+from huggingface_hub import ModelCard
 from torch import nn
 from transformers import TrainingArguments
 from transformers.trainer import TRAINING_ARGS_NAME
 
 from modeling_omnifusion import OmniFusionProcessor
-from modeling_omnifusion.modeling_omnifusion import hub_model_id
+from modeling_omnifusion.hub_omnifusion import is_hub_repo_id, missing_offline
 
 from .arguments import DataArguments
 from .checkpoints import AtomicCheckpointTrainer, check_output_dir, resolve_resume_checkpoint
@@ -49,10 +49,9 @@ def _check_pretrained_argument(argument: str, value: str):
         return
     if os.path.exists(value):
         raise ValueError(f"--{argument} {value}: expected a model folder (or a Hub id), found a file.")
-    first = value.split("/", 1)[0]
-    if hub_model_id(value) is None or ("/" in value and os.path.isdir(first)):
+    if not is_hub_repo_id(value):
         raise FileNotFoundError(f"--{argument} {value}: no such folder (and not a Hub model id).")
-    if is_offline_mode() and not isinstance(try_to_load_from_cache(value, "config.json"), str):
+    if missing_offline(value):
         raise FileNotFoundError(
             f"--{argument} {value}: no such folder, and, offline (HF_HUB_OFFLINE=1), not a Hub model in the local "
             "cache."
