@@ -31,9 +31,6 @@ from dataclasses import dataclass, field
 
 import synthetic_shapes
 import torch
-from modeling_omnifusion.evaluation.visdial import results_table
-from modeling_omnifusion.evaluation.visdial_scoring import evaluate_dialogs
-from modeling_omnifusion.processing.processing_omnifusion import DEFAULT_SYSTEM_PROMPT
 from PIL import Image
 from synthetic_shapes import (
     ATTRIBUTES,
@@ -54,6 +51,9 @@ from transformers import (
     MistralForCausalLM,
 )
 
+from modeling_omnifusion.evaluation.visdial import results_table
+from modeling_omnifusion.evaluation.visdial_scoring import evaluate_dialogs
+from modeling_omnifusion.processing.processing_omnifusion import DEFAULT_SYSTEM_PROMPT
 from modeling_omnifusion.testing.tiny import make_tokenizer
 from modeling_omnifusion.training import stage1, stage2
 
@@ -157,7 +157,9 @@ def main(args: list[str] | None = None):
     step("2/6 Tokenizer and language model")
     texts = synthetic_shapes.reading_texts(train, args.seed)
     # Byte-level BPE with <unk> (also padding), <s> and </s>; every word of the synthetic text becomes one token.
-    tokenizer = make_tokenizer(512, [DEFAULT_SYSTEM_PROMPT, *synthetic_shapes.CAPTION_PROMPTS, *texts], pad_token="<unk>")
+    tokenizer = make_tokenizer(
+        512, [DEFAULT_SYSTEM_PROMPT, *synthetic_shapes.CAPTION_PROMPTS, *texts], pad_token="<unk>"
+    )
     pretrain_language_model(tokenizer, texts, sizes["lm_steps"], language_dir)
 
     step("3/6 Vision tower")

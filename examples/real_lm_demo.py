@@ -128,9 +128,7 @@ def main(args: list[str] | None = None) -> list[dict]:
     train = synthetic_shapes.write_split(data_dir, "train", sizes["train_images"], args.seed, IMAGE_SIZE)
     test = synthetic_shapes.write_split(data_dir, "test", sizes["test_images"], args.seed + 1, IMAGE_SIZE)
     print(f"{len(train)} training images, {len(test)} held-out images; LM {language_dir}")
-    images, scenes = synthetic_shapes.draw_scenes(
-        sizes["vision_images"], args.seed + 2, IMAGE_SIZE, "Drawing images"
-    )
+    images, scenes = synthetic_shapes.draw_scenes(sizes["vision_images"], args.seed + 2, IMAGE_SIZE, "Drawing images")
     pretrain_vision_tower(images, scenes, sizes["vision_steps"], vision_dir)
 
     def flags(output_dir: str, data: str, steps: int, **extra) -> list[str]:
@@ -181,9 +179,11 @@ def main(args: list[str] | None = None) -> list[dict]:
             print(f"  {name}: Q: {item['question']}  A: {item['answer']!r}  (expected {item['expected']!r})")
         del model
 
-    print(f"\nHeld-out text: {chunks.numel()} tokens of Python Language Reference prose (pydoc_data: "
-          f"{', '.join(HELD_OUT_TOPICS)}); image questions: {len(test) * len(ATTRIBUTES)} on {len(test)} held-out "
-          "images")
+    print(
+        f"\nHeld-out text: {chunks.numel()} tokens of Python Language Reference prose (pydoc_data: "
+        f"{', '.join(HELD_OUT_TOPICS)}); image questions: {len(test) * len(ATTRIBUTES)} on {len(test)} held-out "
+        "images"
+    )
     print(markdown_table(rows))
     with open(os.path.join(out, "stage_claim.json"), "w") as file:
         json.dump({"rows": rows, "stage1_text_identical": identical, "sizes": sizes}, file, indent=2)

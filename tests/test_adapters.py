@@ -4,10 +4,10 @@ checks for several encoders."""
 import pytest
 import torch
 import torch.nn.functional as F
-from modeling_omnifusion.testing.tiny import make_image, make_model_and_processor, make_processor, vision_config
 
 from modeling_omnifusion import OmniFusionConfig
 from modeling_omnifusion.adapters_omnifusion import OmniFusionMixConcatAdapter, OmniFusionMixSumAdapter
+from modeling_omnifusion.testing.tiny import make_image, make_model_and_processor, make_processor, vision_config
 
 
 def encode(processor, images):

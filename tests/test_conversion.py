@@ -13,15 +13,6 @@ import pytest
 import sentencepiece as spm
 import torch
 import yaml
-from modeling_omnifusion.testing.tiny import chat, make_image
-from modeling_omnifusion.testing.released import (
-    make_clip_vision_folder,
-    make_malicious_pickle,
-    make_released_checkpoint,
-    released_models_module,
-    save_released_projection,
-    save_special_embeddings,
-)
 from safetensors import safe_open
 from transformers import (
     AutoModelForImageTextToText,
@@ -41,6 +32,15 @@ from modeling_omnifusion.conversion.convert_omnifusion_to_hf import (
 )
 from modeling_omnifusion.conversion.released_format import UnsafePickleError
 from modeling_omnifusion.hub_omnifusion import clean_stale_staging
+from modeling_omnifusion.testing.released import (
+    make_clip_vision_folder,
+    make_malicious_pickle,
+    make_released_checkpoint,
+    released_models_module,
+    save_released_projection,
+    save_special_embeddings,
+)
+from modeling_omnifusion.testing.tiny import chat, make_image
 
 PROMPT = "This is a dialog with AI assistant.\n"
 QUERY = "What is the sky color on this image?"

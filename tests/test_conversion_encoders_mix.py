@@ -6,14 +6,6 @@ import os
 import pytest
 import sentencepiece as spm
 import torch
-from modeling_omnifusion.testing.tiny import chat, make_image
-from modeling_omnifusion.testing.released import (
-    make_clip_vision_folder,
-    make_dinov2_folder,
-    make_released_mix_checkpoint,
-    released_mix_models_module,
-    save_released_mix_projection,
-)
 from transformers import (
     AutoModelForImageTextToText,
     AutoProcessor,
@@ -30,6 +22,14 @@ from modeling_omnifusion.conversion.released_format import (
     describe_projection_structure,
     read_mix_projection,
 )
+from modeling_omnifusion.testing.released import (
+    make_clip_vision_folder,
+    make_dinov2_folder,
+    make_released_mix_checkpoint,
+    released_mix_models_module,
+    save_released_mix_projection,
+)
+from modeling_omnifusion.testing.tiny import chat, make_image
 
 PROMPT = "This is a dialog with AI assistant.\n"
 QUERY = "What is the sky color on this image?"

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from modeling_omnifusion.testing.tiny import make_config, make_image, make_processor
 from transformers import AutoModelForImageTextToText
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from modeling_omnifusion import OmniFusionForCausalLM
+from modeling_omnifusion.testing.tiny import make_config, make_image, make_processor
 from modeling_omnifusion.testing.training import (
     colour_records,
     save_language_model,
@@ -270,8 +270,9 @@ def test_fsdp_in_one_process_and_deepspeed_on_cpu_are_refused_with_what_to_use_i
             + training_flags(tmp_path / "out", data_path, max_steps=1, use_cpu=True, fsdp="full_shard")
         )
     assert not (tmp_path / "out").exists()
-    args = OmniFusionTrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True, fsdp="full_shard",
-                                       fsdp_config={"version": 1})
+    args = OmniFusionTrainingArguments(
+        output_dir=str(tmp_path / "out"), use_cpu=True, fsdp="full_shard", fsdp_config={"version": 1}
+    )
     with pytest.raises(ValueError, match="--fsdp_config version 1: only FSDP2"):
         check_distributed_arguments(args, launched=2)
     args = OmniFusionTrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True)

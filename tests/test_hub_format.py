@@ -9,7 +9,6 @@ import textwrap
 import pytest
 import torch
 import yaml
-from modeling_omnifusion.testing.tiny import chat, make_image, make_model_and_processor
 from transformers import (
     AutoConfig,
     AutoModel,
@@ -19,6 +18,7 @@ from transformers import (
 )
 
 from modeling_omnifusion import OmniFusionConfig, OmniFusionForCausalLM, OmniFusionModel, OmniFusionProcessor
+from modeling_omnifusion.testing.tiny import chat, make_image, make_model_and_processor
 
 AUTO_MODEL_CLASSES = {
     "AutoConfig": "configuration_omnifusion.OmniFusionConfig",

@@ -10,6 +10,8 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+from modeling_omnifusion import OmniFusionConfig, OmniFusionForCausalLM, OmniFusionProcessor
 from modeling_omnifusion.testing.tiny import (
     chat,
     make_image,
@@ -17,8 +19,6 @@ from modeling_omnifusion.testing.tiny import (
     make_processor,
     make_sentencepiece_tokenizer,
 )
-
-from modeling_omnifusion import OmniFusionConfig, OmniFusionForCausalLM, OmniFusionProcessor
 
 # Bounded (about a second a test) and reproducible; OMNIFUSION_FUZZ_EXAMPLES=5000 runs a longer, random search.
 FUZZ_EXAMPLES = os.environ.get("OMNIFUSION_FUZZ_EXAMPLES")
@@ -514,9 +514,8 @@ def test_the_saved_folder_escapes_for_a_loader_that_knows_nothing_of_omnifusion(
 
 
 def test_control_tokens_the_escape_cannot_cover_are_reported(any_processor):
-    from modeling_omnifusion.testing.tiny import make_tokenizer
-
     from modeling_omnifusion.processing.tokenizer_setup_omnifusion import tokens_text_can_spell
+    from modeling_omnifusion.testing.tiny import make_tokenizer
 
     assert tokens_text_can_spell(any_processor.tokenizer) == []
     tokenizer = make_tokenizer()

@@ -4,11 +4,11 @@ import copy
 
 import pytest
 import torch
-from modeling_omnifusion.testing.tiny import chat, make_image, make_model_and_processor
 
 from modeling_omnifusion import OmniFusionConfig, OmniFusionForCausalLM
 from modeling_omnifusion.adapters_omnifusion import OmniFusionMLPAdapter, OmniFusionTransformerAdapter
 from modeling_omnifusion.modeling_omnifusion import OmniFusionTokenEmbedding
+from modeling_omnifusion.testing.tiny import chat, make_image, make_model_and_processor
 
 
 @pytest.fixture(scope="module")

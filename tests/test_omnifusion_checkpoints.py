@@ -183,9 +183,7 @@ def test_resuming_a_finished_run_is_a_no_op(parts, data_path, finished_run, tmp_
     output_dir = Path(shutil.copytree(finished_run, tmp_path / "run"))
     before = load_file(output_dir / "model.safetensors")
     with caplog.at_level(logging.WARNING, logger=LOGGER):
-        trainer = stage1.train(
-            parts + training_flags(output_dir, data_path, resume_from_checkpoint="latest", **RUN)
-        )
+        trainer = stage1.train(parts + training_flags(output_dir, data_path, resume_from_checkpoint="latest", **RUN))
     ended = f"{output_dir}/checkpoint-6 is the end of this run (step 6, max_steps=6): nothing left to train"
     assert ended in caplog.text
     assert trainer.state.global_step == 6 and not (output_dir / "checkpoint-7").exists()

@@ -3,6 +3,8 @@
 import numpy as np
 import pytest
 import torch
+
+from modeling_omnifusion.processing.processing_omnifusion import DEFAULT_SYSTEM_PROMPT
 from modeling_omnifusion.testing.tiny import (
     chat,
     make_image,
@@ -10,8 +12,6 @@ from modeling_omnifusion.testing.tiny import (
     make_sentencepiece_tokenizer,
     make_tokenizer,
 )
-
-from modeling_omnifusion.processing.processing_omnifusion import DEFAULT_SYSTEM_PROMPT
 
 PROMPT = "This is a dialog with AI assistant.\n"
 
@@ -220,8 +220,9 @@ def test_special_token_ids_match_the_tokenizer():
 
 def test_saved_tokenizer_adds_no_bos_so_engines_tokenizing_the_template_get_the_released_ids(tmp_path):
     import sentencepiece as spm
-    from modeling_omnifusion.testing.released import write_tokenizer_folder
     from transformers import AutoTokenizer, LlamaTokenizer
+
+    from modeling_omnifusion.testing.released import write_tokenizer_folder
 
     folder = write_tokenizer_folder(tmp_path / "release", tokenizer_files="full")
     released = LlamaTokenizer.from_pretrained(folder)

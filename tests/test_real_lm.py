@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from modeling_omnifusion.testing.tiny import make_image, make_processor
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
 from modeling_omnifusion import OmniFusionProcessor
+from modeling_omnifusion.testing.tiny import make_image, make_processor
 from modeling_omnifusion.testing.training import colour_records, save_vision_model, training_flags, write_dataset
 from modeling_omnifusion.training import stage1, stage2
 from modeling_omnifusion.training.smollm2 import complete, converted_smollm2, held_out_text, perplexity, text_logits

@@ -10,6 +10,16 @@ import zipfile
 
 import pytest
 import torch
+
+from modeling_omnifusion.conversion.released_format import (
+    PROJECTION_KEYS,
+    SPECIAL_EMBEDDING_KEYS,
+    UnsafePickleError,
+    find_released_layout,
+    load_projection,
+    read_projection,
+    read_special_embeddings,
+)
 from modeling_omnifusion.testing.released import (
     PAYLOADS,
     declared_tensors_pickle,
@@ -23,16 +33,6 @@ from modeling_omnifusion.testing.released import (
     save_special_embeddings,
     write_raw_torch_archive,
     write_zip_bomb_special_embeddings,
-)
-
-from modeling_omnifusion.conversion.released_format import (
-    PROJECTION_KEYS,
-    SPECIAL_EMBEDDING_KEYS,
-    UnsafePickleError,
-    find_released_layout,
-    load_projection,
-    read_projection,
-    read_special_embeddings,
 )
 
 

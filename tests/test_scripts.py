@@ -10,8 +10,8 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import pytest
 import huggingface_hub
+import pytest
 import yaml
 
 import modeling_omnifusion.training.trainer as trainer_module

@@ -11,17 +11,17 @@ import sys
 from pathlib import Path
 
 import pytest
+from transformers import AutoProcessor
 from visdial_data import VISDIAL_DATA_DIR
-from modeling_omnifusion.testing.tiny import make_image, make_model_and_processor
+
+from modeling_omnifusion import OmniFusionProcessor
+from modeling_omnifusion.conversion import convert_omnifusion_to_hf as converter
 from modeling_omnifusion.testing.released import (
     make_clip_vision_folder,
     make_released_checkpoint,
     write_tokenizer_folder,
 )
-from transformers import AutoProcessor
-
-from modeling_omnifusion import OmniFusionProcessor
-from modeling_omnifusion.conversion import convert_omnifusion_to_hf as converter
+from modeling_omnifusion.testing.tiny import make_image, make_model_and_processor
 
 # Mistral-7B-v0.1's tokenizer.model, shipped by mistral-common; the same file as the released OmniMistral tokenizer.
 MISTRAL_TOKENIZER = ("mistral_common", "data/tokenizer.model.v1")

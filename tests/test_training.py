@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from modeling_omnifusion.testing.tiny import make_config, make_image, make_processor
 from peft import PeftModel
 from PIL import Image
 from safetensors.torch import load_file
@@ -25,6 +24,7 @@ from transformers import (
 
 import modeling_omnifusion.training.trainer as trainer_module
 from modeling_omnifusion import OmniFusionForCausalLM
+from modeling_omnifusion.testing.tiny import make_config, make_image, make_processor
 from modeling_omnifusion.testing.training import (
     colour_records,
     jpeg_truncated,
@@ -424,7 +424,10 @@ def test_stage2_lora_merges_into_a_loadable_folder(stage1_dir, data_path, tmp_pa
     assert any(key.startswith("model.adapter.") for key in changed)
     assert any(".self_attn.q_proj" in key for key in changed) and any(".mlp.down_proj" in key for key in changed)
     frozen = (
-        "model.vision_tower.", "lm_head.", "model.language_model.embed_tokens.weight", "model.language_model.norm"
+        "model.vision_tower.",
+        "lm_head.",
+        "model.language_model.embed_tokens.weight",
+        "model.language_model.norm",
     )
     assert not any(key.startswith(frozen) for key in changed)
 

@@ -5,8 +5,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from modeling_omnifusion.conversion.convert_omnifusion_to_hf import vision_state_at_input_size
-from modeling_omnifusion.testing.tiny import chat, encoder_image_processor, make_image, vision_config
 from transformers import (
     AutoModelForImageTextToText,
     AutoProcessor,
@@ -17,6 +15,8 @@ from transformers import (
 )
 
 from modeling_omnifusion import OmniFusionForCausalLM
+from modeling_omnifusion.conversion.convert_omnifusion_to_hf import vision_state_at_input_size
+from modeling_omnifusion.testing.tiny import chat, encoder_image_processor, make_image, vision_config
 from modeling_omnifusion.testing.training import (
     colour_records,
     save_language_model,
@@ -58,8 +58,16 @@ def stage1_dir(tmp_path_factory, parts, data_path):
     clip, dinov2, language = parts
     output_dir = tmp_path_factory.mktemp("stage1-mix")
     stage1.train(
-        ["--vision_model_name_or_path", f"{clip},{dinov2}", "--language_model_name_or_path", str(language),
-         "--adapter_type", "mix_sum", "--image_grid_pinpoints", PINPOINTS]
+        [
+            "--vision_model_name_or_path",
+            f"{clip},{dinov2}",
+            "--language_model_name_or_path",
+            str(language),
+            "--adapter_type",
+            "mix_sum",
+            "--image_grid_pinpoints",
+            PINPOINTS,
+        ]
         + training_flags(output_dir, data_path, max_steps=2, save_strategy="no")
     )
     return output_dir
@@ -78,8 +86,11 @@ def test_stage1_with_two_encoders_and_tiles_trains_the_mix_adapter_and_markers_o
     changed = {key for key in trained if not torch.equal(trained[key], initial[key])}
     trainable = {key for key in trained if key.startswith("model.adapter.") or "special_embeddings" in key}
     assert changed == trainable
-    assert {"model.adapter.encoder_mixes.0.layer_weights", "model.adapter.encoder_mixes.1.layer_weights",
-            "model.adapter.encoder_mixes.1.layer_projections.2.weight"} <= changed
+    assert {
+        "model.adapter.encoder_mixes.0.layer_weights",
+        "model.adapter.encoder_mixes.1.layer_weights",
+        "model.adapter.encoder_mixes.1.layer_projections.2.weight",
+    } <= changed
     config = json.loads((stage1_dir / "config.json").read_text())
     assert config["adapter_type"] == "mix_sum" and config["image_grid_pinpoints"] == json.loads(PINPOINTS)
     # DINOv2 runs on the tiles' 32 px, its 24 px position table interpolated with its own code
@@ -91,8 +102,13 @@ def test_stage1_folder_reloads_and_answers_with_tiles(stage1_dir):
     processor = AutoProcessor.from_pretrained(stage1_dir, trust_remote_code=True)
     assert processor.image_grid_pinpoints == json.loads(PINPOINTS)
     assert [type(p).__name__ for p in processor.image_processors] == ["CLIPImageProcessorPil", "BitImageProcessorPil"]
-    inputs = processor.apply_chat_template(chat("Colour?", images=[make_image(1, size=48)]), add_generation_prompt=True,
-                                           tokenize=True, return_dict=True, return_tensors="pt")
+    inputs = processor.apply_chat_template(
+        chat("Colour?", images=[make_image(1, size=48)]),
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+        return_tensors="pt",
+    )
     assert inputs["pixel_values"].shape == (5, 2, 3, 32, 32)
     output = model.generate(**inputs, max_new_tokens=3, do_sample=False)
     assert output.shape[1] == inputs["input_ids"].shape[1] + 3
@@ -123,8 +139,10 @@ def other_encoders(tmp_path_factory):
 
 def tower_states(clip, dinov2) -> dict[str, torch.Tensor]:
     """The `model.vision_tower.*` weights stage 1 builds from these folders (DINOv2 interpolated to the 32 px tiles)."""
-    states = [CLIPVisionModel.from_pretrained(clip).state_dict(),
-              vision_state_at_input_size(Dinov2Model.from_pretrained(dinov2), 32)]
+    states = [
+        CLIPVisionModel.from_pretrained(clip).state_dict(),
+        vision_state_at_input_size(Dinov2Model.from_pretrained(dinov2), 32),
+    ]
     return {f"model.vision_tower.{i}.{key}": value for i, state in enumerate(states) for key, value in state.items()}
 
 
@@ -147,8 +165,10 @@ def test_stage2_vision_models_replace_the_towers_and_train_what_stage2_trains(
     changed = {key for key in trained.keys() - towers if not torch.equal(trained[key], stage1[key])}
     trained_parts = {"model.adapter", "model.language_model", "lm_head.weight"}
     assert {".".join(key.split(".")[:2]) for key in changed} == trained_parts
-    assert {"model.language_model.embed_tokens.special_embeddings.weight",
-            "model.adapter.encoder_mixes.1.layer_weights"} <= changed
+    assert {
+        "model.language_model.embed_tokens.special_embeddings.weight",
+        "model.adapter.encoder_mixes.1.layer_weights",
+    } <= changed
     assert trained.keys() == stage1.keys()
 
     # The image processors come from the encoder folders where they have one: DINOv2's normalisation is the given
@@ -166,8 +186,14 @@ def test_stage2_vision_models_replace_the_towers_and_train_what_stage2_trains(
 def test_stage2_lora_merge_keeps_the_given_towers_and_tiles(stage1_dir, other_encoders, data_path, tmp_path):
     clip, dinov2 = other_encoders
     stage2.train(
-        ["--model_name_or_path", str(stage1_dir), "--vision_model_name_or_path", f"{clip},{dinov2}",
-         "--image_grid_pinpoints", "none"]
+        [
+            "--model_name_or_path",
+            str(stage1_dir),
+            "--vision_model_name_or_path",
+            f"{clip},{dinov2}",
+            "--image_grid_pinpoints",
+            "none",
+        ]
         + training_flags(tmp_path, data_path, max_steps=1, lora_r=2)
     )
     merged = OmniFusionForCausalLM.from_pretrained(tmp_path)
@@ -199,13 +225,10 @@ def encoder_mismatch(tmp_path, data_path, stage1_dir, vision_models: str, save_l
     flags = training_flags(tmp_path / "out", data_path, max_steps=1)
     if save_lora_adapter_only:
         flags += ["--lora_r", "2", "--save_lora_adapter_only", "true"]
-    stage2.train(["--model_name_or_path", str(stage1_dir), "--vision_model_name_or_path", vision_models]
-                          + flags)
+    stage2.train(["--model_name_or_path", str(stage1_dir), "--vision_model_name_or_path", vision_models] + flags)
 
 
-def test_stage2_vision_models_that_do_not_fit_the_adapter_are_a_value_error(
-    parts, stage1_dir, data_path, tmp_path
-):
+def test_stage2_vision_models_that_do_not_fit_the_adapter_are_a_value_error(parts, stage1_dir, data_path, tmp_path):
     clip, _, _ = parts
     deeper = save_dinov2_model(tmp_path / "dinov2-3-layers", num_layers=3)
     with pytest.raises(ValueError) as error:
@@ -236,7 +259,7 @@ def test_stage2_vision_models_with_an_adapter_only_save_are_refused(parts, stage
     assert "--save_lora_adapter_only saves no vision encoder" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("value", ["[[64, 32]", "{\"a\": 1}"])
+@pytest.mark.parametrize("value", ["[[64, 32]", '{"a": 1}'])
 def test_bad_grid_pinpoints_flag_is_a_value_error(value):
     with pytest.raises(ValueError, match="--image_grid_pinpoints"):
         parse_grid_pinpoints(value)

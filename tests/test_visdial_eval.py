@@ -336,14 +336,22 @@ def test_script_end_to_end_on_real_annotations(tmp_path, visdial_sample, capsys)
 
     evaluate_visdial.main(
         [
-            "--model", str(tmp_path / "omnifusion"),
-            "--visdial_json", str(visdial_sample[0]),
-            "--dense_json", str(visdial_sample[1]),
-            "--images_dir", str(tmp_path / "images"),
-            "--output", str(output),
-            "--max_dialogs", "2",
-            "--score", "sum",
-            "--name", "OmniFusion-tiny",
+            "--model",
+            str(tmp_path / "omnifusion"),
+            "--visdial_json",
+            str(visdial_sample[0]),
+            "--dense_json",
+            str(visdial_sample[1]),
+            "--images_dir",
+            str(tmp_path / "images"),
+            "--output",
+            str(output),
+            "--max_dialogs",
+            "2",
+            "--score",
+            "sum",
+            "--name",
+            "OmniFusion-tiny",
         ]
     )
     results = _check_outputs(output, tmp_path / "out" / "omnifusion_visdial_ranks.json", image_ids, "OmniFusion-tiny")
@@ -364,8 +372,21 @@ def test_script_evaluates_llava_and_plots_a_comparison(tmp_path, visdial_sample,
     ranks_file = tmp_path / "submission.json"
     common = ["--visdial_json", str(visdial_sample[0]), "--dense_json", str(visdial_sample[1])]
     evaluate_visdial.main(
-        ["--model", str(tmp_path / "llava"), *common, "--images_dir", str(tmp_path / "images"),
-         "--output", str(output), "--ranks_output", str(ranks_file), "--max_dialogs", "1", "--batch_size", "40"]
+        [
+            "--model",
+            str(tmp_path / "llava"),
+            *common,
+            "--images_dir",
+            str(tmp_path / "images"),
+            "--output",
+            str(output),
+            "--ranks_output",
+            str(ranks_file),
+            "--max_dialogs",
+            "1",
+            "--batch_size",
+            "40",
+        ]
     )
     results = _check_outputs(output, ranks_file, image_ids, "llava")
     assert results["settings"]["model_type"] == "llava"
@@ -417,8 +438,18 @@ def test_missing_image_names_the_image_id_and_expected_path(tmp_path, visdial_sa
     expected = tmp_path / "images" / f"VisualDialog_val2018_{image_id:012d}.jpg"
     with pytest.raises(FileNotFoundError, match=rf"image_id {image_id}: expected {expected}"):
         evaluate_visdial.main(
-            ["--model", str(tmp_path / "omnifusion"), "--visdial_json", str(visdial_sample[0]),
-             "--images_dir", str(tmp_path / "images"), "--output", str(tmp_path / "r.json"), "--max_dialogs", "1"]
+            [
+                "--model",
+                str(tmp_path / "omnifusion"),
+                "--visdial_json",
+                str(visdial_sample[0]),
+                "--images_dir",
+                str(tmp_path / "images"),
+                "--output",
+                str(tmp_path / "r.json"),
+                "--max_dialogs",
+                "1",
+            ]
         )
     assert not (tmp_path / "r.json").exists()
 
@@ -624,8 +655,20 @@ def test_backend_vllm_without_vllm_installed_is_a_clear_error(tmp_path, visdial_
     monkeypatch.delattr("modeling_omnifusion.evaluation.visdial_vllm", raising=False)
     with pytest.raises(ModuleNotFoundError, match="--backend vllm needs vLLM: `pip install vllm`"):
         evaluate_visdial.main(
-            ["--model", str(tmp_path / "omnifusion"), "--visdial_json", str(visdial_sample[0]), "--backend", "vllm",
-             "--images_dir", str(tmp_path), "--output", str(tmp_path / "r.json"), "--max_dialogs", "1"]
+            [
+                "--model",
+                str(tmp_path / "omnifusion"),
+                "--visdial_json",
+                str(visdial_sample[0]),
+                "--backend",
+                "vllm",
+                "--images_dir",
+                str(tmp_path),
+                "--output",
+                str(tmp_path / "r.json"),
+                "--max_dialogs",
+                "1",
+            ]
         )
     assert not (tmp_path / "r.json").exists()
 
@@ -633,8 +676,16 @@ def test_backend_vllm_without_vllm_installed_is_a_clear_error(tmp_path, visdial_
 def test_tensor_parallel_on_the_hf_backend_is_refused(tmp_path, visdial_sample):
     with pytest.raises(ValueError, match="--tensor_parallel_size is a --backend vllm option"):
         evaluate_visdial.main(
-            ["--model", str(tmp_path / "m"), "--visdial_json", str(visdial_sample[0]), "--images_dir", str(tmp_path),
-             "--tensor_parallel_size", "2"]
+            [
+                "--model",
+                str(tmp_path / "m"),
+                "--visdial_json",
+                str(visdial_sample[0]),
+                "--images_dir",
+                str(tmp_path),
+                "--tensor_parallel_size",
+                "2",
+            ]
         )
 
 
@@ -644,8 +695,16 @@ def test_shards_merged_equal_one_unsharded_run(tmp_path, visdial_sample, capsys)
     processor.save_pretrained(tmp_path / "omnifusion")
     image_ids = _write_images(visdial_sample[0], tmp_path / "images", max_dialogs=2)  # the 3rd is too long
     common = [
-        "--model", str(tmp_path / "omnifusion"), "--visdial_json", str(visdial_sample[0]),
-        "--dense_json", str(visdial_sample[1]), "--images_dir", str(tmp_path / "images"), "--max_dialogs", "2",
+        "--model",
+        str(tmp_path / "omnifusion"),
+        "--visdial_json",
+        str(visdial_sample[0]),
+        "--dense_json",
+        str(visdial_sample[1]),
+        "--images_dir",
+        str(tmp_path / "images"),
+        "--max_dialogs",
+        "2",
     ]
     evaluate_visdial.main([*common, "--output", str(tmp_path / "whole.json")])
     for index in (1, 0):

@@ -228,8 +228,7 @@ def test_matches_reference_implementation_with_ties(metric):
     predictions = rng.integers(0, 10, size=(40, 30)).astype(float).tolist()  # heavy ties
     references = rng.integers(0, 30, size=40).tolist()
     relevance = [
-        (rng.integers(0, 6, size=30) * (rng.random(30) < 0.3) / 5).tolist() if i % 3 == 0 else []
-        for i in range(40)
+        (rng.integers(0, 6, size=30) * (rng.random(30) < 0.3) / 5).tolist() if i % 3 == 0 else [] for i in range(40)
     ]
     expected = _reference_metrics(predictions, references, relevance)
     _assert_close(metric.compute(predictions=predictions, references=references, relevance=relevance), expected)

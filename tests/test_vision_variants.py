@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 import torch
-from modeling_omnifusion.testing.tiny import chat, make_image, make_model_and_processor
 from transformers.image_processing_utils import select_best_resolution
 
 from modeling_omnifusion.processing.processing_omnifusion import num_tile_views, tile_views
+from modeling_omnifusion.testing.tiny import chat, make_image, make_model_and_processor
 
 PINPOINTS = [[64, 32], [32, 64], [64, 64]]
 VARIANTS = {

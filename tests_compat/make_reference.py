@@ -17,6 +17,7 @@ import transformers
 from PIL import Image
 from transformers import MistralConfig
 
+from modeling_omnifusion import OmniFusionForCausalLM  # noqa: E402
 from modeling_omnifusion.testing.tiny import (  # noqa: E402
     make_config,
     make_image,
@@ -24,8 +25,6 @@ from modeling_omnifusion.testing.tiny import (  # noqa: E402
     make_processor,
     make_sentencepiece_tokenizer,
 )
-
-from modeling_omnifusion import OmniFusionForCausalLM  # noqa: E402
 
 MAX_NEW_TOKENS = 8
 

@@ -37,16 +37,21 @@ def train_and_report(trainer):
     parameters = {}
     for name, parameter in trainer.model.named_parameters():
         local = parameter.to_local() if isinstance(parameter, DTensor) else parameter
-        parameters[name] = {"dtensor": isinstance(parameter, DTensor), "local": local.numel(),
-                            "global": parameter.numel(), "shape": list(parameter.shape),
-                            "trainable": parameter.requires_grad}
+        parameters[name] = {
+            "dtensor": isinstance(parameter, DTensor),
+            "local": local.numel(),
+            "global": parameter.numel(),
+            "shape": list(parameter.shape),
+            "trainable": parameter.requires_grad,
+        }
     report = {
         "distributed_type": str(trainer.accelerator.distributed_type),
         "is_fsdp_enabled": trainer.is_fsdp_enabled,
         "ddp": isinstance(trainer.model_wrapped, torch.nn.parallel.DistributedDataParallel),
         "model_class": type(trainer.model).__name__,
-        "optimizer_class": type(trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer")
-                                else trainer.optimizer).__name__,
+        "optimizer_class": type(
+            trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
+        ).__name__,
         "trained_steps": sorted(set(steps)),
         "parameters": parameters,
     }

@@ -55,8 +55,16 @@ def stage1_dir(tmp_path_factory, data_path) -> Path:
 def run_stage2(stage1_dir, data_path, output_dir, fsdp: bool = True, **overrides) -> tuple[str, list[dict], float]:
     """A 4-step stage-2 run with 2 processes (checkpoints at steps 2 and 4): its log, each process's report, seconds."""
     report_dir = Path(str(output_dir) + "-report")
-    flags = {"max_steps": 4, "save_strategy": "steps", "save_steps": 2, "learning_rate": 1e-3, "use_cpu": True,
-             "log_level": "info", **({"fsdp": "full_shard"} if fsdp else {}), **overrides}
+    flags = {
+        "max_steps": 4,
+        "save_strategy": "steps",
+        "save_steps": 2,
+        "learning_rate": 1e-3,
+        "use_cpu": True,
+        "log_level": "info",
+        **({"fsdp": "full_shard"} if fsdp else {}),
+        **overrides,
+    }
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
         DRIVER, str(report_dir), "--model_name_or_path", str(stage1_dir),
@@ -65,8 +73,9 @@ def run_stage2(stage1_dir, data_path, output_dir, fsdp: bool = True, **overrides
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
     start = time.monotonic()
     # a session of its own, so that a run past its time is killed with its worker processes
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env,
-                          start_new_session=True) as process:
+    with subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env, start_new_session=True
+    ) as process:
         try:
             log, _ = process.communicate(timeout=400)
         except subprocess.TimeoutExpired:
@@ -157,8 +166,10 @@ def test_fsdp_full_stage2_two_processes_resume_matches_the_uninterrupted_run(sta
     for name in final:
         # the same sharded arithmetic in the same order on both runs: equal to the bit
         assert torch.equal(resumed[name], final[name]), name
-    assert not torch.equal(final["model.language_model.layers.1.mlp.up_proj.weight"],
-                           start["model.language_model.layers.1.mlp.up_proj.weight"])
+    assert not torch.equal(
+        final["model.language_model.layers.1.mlp.up_proj.weight"],
+        start["model.language_model.layers.1.mlp.up_proj.weight"],
+    )
 
     # and FSDP trains as DDP does: the same steps, up to float rounding of sums taken in another order
     ddp = tmp_path / "ddp"
@@ -172,8 +183,8 @@ def test_fsdp_full_stage2_two_processes_resume_matches_the_uninterrupted_run(sta
         if name.endswith("self_attn.in_proj_bias"):
             # the key bias of the adapter's attention has a zero true gradient (softmax ignores it): Adafactor divides
             # its rounding noise by its own size, so those entries take noise-sized steps that differ between runs
-            expected = torch.cat([expected[:hidden], expected[2 * hidden:]])
-            got = torch.cat([got[:hidden], got[2 * hidden:]])
+            expected = torch.cat([expected[:hidden], expected[2 * hidden :]])
+            got = torch.cat([got[:hidden], got[2 * hidden :]])
             torch.testing.assert_close(got, expected, rtol=0, atol=1e-4, msg=name)
             continue
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6, msg=name)
@@ -181,8 +192,11 @@ def test_fsdp_full_stage2_two_processes_resume_matches_the_uninterrupted_run(sta
 
 
 def test_fsdp_lora_stage2_two_processes_sharded_checkpoints_and_resume(stage1_dir, data_path, tmp_path):
-    sharded_state = {"fsdp_config": json.dumps({"state_dict_type": "SHARDED_STATE_DICT"}), "lora_r": 4,
-                     "learning_rate": 1e-2}
+    sharded_state = {
+        "fsdp_config": json.dumps({"state_dict_type": "SHARDED_STATE_DICT"}),
+        "lora_r": 4,
+        "learning_rate": 1e-2,
+    }
     first = tmp_path / "run"
     log, reports, seconds = run_stage2(stage1_dir, data_path, first, **sharded_state)
     assert_sharded(reports, "base_layer.weight")  # the frozen LM projections under LoRA: sharded too

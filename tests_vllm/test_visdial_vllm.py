@@ -26,8 +26,16 @@ from modeling_omnifusion.testing.tiny import make_config, make_image, make_proce
 
 QUESTIONS = ["is it red", "how many shapes are in the picture", "is it big", "any people", "what colour is the sky"]
 ANSWERS = [
-    "yes", "no", "two circles and one square", "it is blue", "one", "0", "a small yellow triangle",
-    "the quick brown fox", "it is green", "there are two circles",
+    "yes",
+    "no",
+    "two circles and one square",
+    "it is blue",
+    "one",
+    "0",
+    "a small yellow triangle",
+    "the quick brown fox",
+    "it is green",
+    "there are two circles",
 ]
 
 
@@ -86,8 +94,15 @@ def setup(tmp_path_factory):
     llm = visdial_vllm.make_engine(
         str(folder), dtype="float32", max_model_len=512, enforce_eager=True, max_num_batched_tokens=512
     )
-    yield {"root": root, "folder": folder, "model": model, "processor": processor, "data": data, "dense": dense,
-           "llm": llm}
+    yield {
+        "root": root,
+        "folder": folder,
+        "model": model,
+        "processor": processor,
+        "data": data,
+        "dense": dense,
+        "llm": llm,
+    }
     del llm
 
 
@@ -154,13 +169,32 @@ def test_script_backend_vllm_writes_the_same_ranks_as_the_hf_backend(setup, monk
 
     monkeypatch.setattr(visdial_vllm, "make_engine", make_engine)
     common = [
-        "--model", str(setup["folder"]), "--visdial_json", str(root / "visdial.json"),
-        "--dense_json", str(root / "dense.json"), "--images_dir", str(root / "images"), "--score", "sum",
+        "--model",
+        str(setup["folder"]),
+        "--visdial_json",
+        str(root / "visdial.json"),
+        "--dense_json",
+        str(root / "dense.json"),
+        "--images_dir",
+        str(root / "images"),
+        "--score",
+        "sum",
     ]
     evaluate_visdial.main([*common, "--output", str(tmp_path / "hf.json")])
     evaluate_visdial.main(
-        [*common, "--backend", "vllm", "--max_model_len", "512", "--enforce_eager", "True", "--dtype", "float32",
-         "--output", str(tmp_path / "vllm.json")]
+        [
+            *common,
+            "--backend",
+            "vllm",
+            "--max_model_len",
+            "512",
+            "--enforce_eager",
+            "True",
+            "--dtype",
+            "float32",
+            "--output",
+            str(tmp_path / "vllm.json"),
+        ]
     )
     assert engine_calls == [
         (str(setup["folder"]), dict(dtype="float32", max_model_len=512, tensor_parallel_size=1, enforce_eager=True))

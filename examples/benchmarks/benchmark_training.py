@@ -54,8 +54,10 @@ from transformers import (
 from modeling_omnifusion.testing.tiny import make_tokenizer
 from modeling_omnifusion.training import stage1, stage2
 
-WORDS = ("red blue green yellow circle square triangle left right top bottom one two three the a is are there "
-         "what where how many shape colour image picture shows small large near far next to above below").split()
+WORDS = (
+    "red blue green yellow circle square triangle left right top bottom one two three the a is are there "
+    "what where how many shape colour image picture shows small large near far next to above below"
+).split()
 # Share of records and text-length range (tokens, before --length_scale) per bucket, after LLaVA-665k's histogram:
 # short single-turn VQA, medium multi-turn conversations, long detailed dialogs.
 LENGTH_MIX = ((0.55, 20, 120), (0.33, 120, 600), (0.12, 600, 1800))
@@ -84,25 +86,55 @@ def build_parts(folder: str, hidden: int, layers: int):
     """A tiny CLIP tower and a Mistral LM (random weights, a BPE tokenizer on the words) as local folders."""
     tokenizer = make_tokenizer(512, [" ".join(WORDS)] * 20 + ["This is a dialog with AI assistant."], pad_token="<unk>")
     torch.manual_seed(0)
-    vision = CLIPVisionModel(CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=64, intermediate_size=128,
-                                              num_hidden_layers=2, num_attention_heads=4))
+    vision = CLIPVisionModel(
+        CLIPVisionConfig(
+            image_size=32,
+            patch_size=8,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+        )
+    )
     vision.save_pretrained(f"{folder}/vision")
     CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
-        f"{folder}/vision")
-    lm = MistralForCausalLM(MistralConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=3 * hidden,
-                                          num_hidden_layers=layers, num_attention_heads=hidden // 64,
-                                          num_key_value_heads=max(1, hidden // 128), max_position_embeddings=4096,
-                                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id))
+        f"{folder}/vision"
+    )
+    lm = MistralForCausalLM(
+        MistralConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=hidden,
+            intermediate_size=3 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=hidden // 64,
+            num_key_value_heads=max(1, hidden // 128),
+            max_position_embeddings=4096,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    )
     lm.save_pretrained(f"{folder}/language")
     tokenizer.save_pretrained(f"{folder}/language")
     return f"{folder}/vision", f"{folder}/language"
 
 
 def flags(output_dir, data_path, batch, **extra):
-    values = {"data_path": data_path, "output_dir": output_dir, "num_train_epochs": 1,
-              "per_device_train_batch_size": batch, "gradient_accumulation_steps": 1, "save_strategy": "no",
-              "report_to": "none", "disable_tqdm": True, "logging_steps": 1000, "dataloader_num_workers": 0,
-              "learning_rate": 1e-4, "seed": 0, "log_level": "error", **extra}
+    values = {
+        "data_path": data_path,
+        "output_dir": output_dir,
+        "num_train_epochs": 1,
+        "per_device_train_batch_size": batch,
+        "gradient_accumulation_steps": 1,
+        "save_strategy": "no",
+        "report_to": "none",
+        "disable_tqdm": True,
+        "logging_steps": 1000,
+        "dataloader_num_workers": 0,
+        "learning_rate": 1e-4,
+        "seed": 0,
+        "log_level": "error",
+        **extra,
+    }
     return [arg for key, value in values.items() for arg in (f"--{key}", str(value))]
 
 
@@ -135,9 +167,11 @@ def llava_pair_examples(records, omni_processor, llava_processor, image_folder):
 def pad_collator(pad_token_id):
     def collate(features):
         width = max(len(feature["input_ids"]) for feature in features)
-        batch = {"input_ids": torch.full((len(features), width), pad_token_id),
-                 "attention_mask": torch.zeros(len(features), width, dtype=torch.long),
-                 "labels": torch.full((len(features), width), -100)}
+        batch = {
+            "input_ids": torch.full((len(features), width), pad_token_id),
+            "attention_mask": torch.zeros(len(features), width, dtype=torch.long),
+            "labels": torch.full((len(features), width), -100),
+        }
         for row, feature in enumerate(features):
             length = len(feature["input_ids"])
             batch["input_ids"][row, :length] = feature["input_ids"]
@@ -147,6 +181,7 @@ def pad_collator(pad_token_id):
         if pixels:
             batch["pixel_values"] = torch.cat(pixels)
         return batch
+
     return collate
 
 
@@ -159,8 +194,16 @@ class InOrderTrainer(Trainer):
 
 def compare_with_llava(args, work, records):
     """OmniFusion vs LlavaForConditionalGeneration, same Trainer, same records and batches; returns the table rows."""
-    shape = types.SimpleNamespace(image_size=32, patch_size=8, vision_hidden=64, vision_layers=2, smollm2=False,
-                                  text_hidden=args.hidden, text_layers=args.layers, vocab_size=1024)
+    shape = types.SimpleNamespace(
+        image_size=32,
+        patch_size=8,
+        vision_hidden=64,
+        vision_layers=2,
+        smollm2=False,
+        text_hidden=args.hidden,
+        text_layers=args.layers,
+        vocab_size=1024,
+    )
     omni_processor, llava_processor = common.make_processors(shape)
     for processor in (omni_processor, llava_processor):
         processor.tokenizer.padding_side = "right"
@@ -175,8 +218,9 @@ def compare_with_llava(args, work, records):
     examples = llava_pair_examples(chosen, omni_processor, llava_processor, f"{work}/data")
     with torch.no_grad():  # same image features: the towers and the adapter/projector really are the same
         pixels = next(example["pixel_values"] for example in examples["LLaVA"] if "pixel_values" in example)
-        features = [torch.cat(list(models[name].model.get_image_features(pixels).pooler_output))
-                    for name in common.NAMES]
+        features = [
+            torch.cat(list(models[name].model.get_image_features(pixels).pooler_output)) for name in common.NAMES
+        ]
         torch.testing.assert_close(features[0], features[1])
     for omni, llava in zip(examples["OmniFusion"], examples["LLaVA"]):  # same text everywhere else
         keep = omni["labels"] != -100
@@ -184,17 +228,29 @@ def compare_with_llava(args, work, records):
             raise AssertionError("OmniFusion's and LLaVA's examples differ outside the image block")
     positions = {}
     for name, items in examples.items():
-        batches = [items[start:start + args.batch] for start in range(0, len(items), args.batch)]
+        batches = [items[start : start + args.batch] for start in range(0, len(items), args.batch)]
         positions[name] = sum(max(len(item["input_ids"]) for item in batch) * len(batch) for batch in batches)
     text_tokens = sum(int((example["labels"] != -100).sum()) for example in examples["LLaVA"])
 
     def train(name, steps):
         training_args = TrainingArguments(
-            output_dir=f"{work}/llava-pair-{name}", max_steps=steps, per_device_train_batch_size=args.batch,
-            learning_rate=1e-4, save_strategy="no", report_to="none", disable_tqdm=True, logging_steps=1000,
-            dataloader_num_workers=0, seed=0, use_cpu=True, log_level="error", remove_unused_columns=False)
-        trainer = InOrderTrainer(model=models[name], args=training_args, train_dataset=examples[name],
-                                 data_collator=pad_collator(pad))
+            output_dir=f"{work}/llava-pair-{name}",
+            max_steps=steps,
+            per_device_train_batch_size=args.batch,
+            learning_rate=1e-4,
+            save_strategy="no",
+            report_to="none",
+            disable_tqdm=True,
+            logging_steps=1000,
+            dataloader_num_workers=0,
+            seed=0,
+            use_cpu=True,
+            log_level="error",
+            remove_unused_columns=False,
+        )
+        trainer = InOrderTrainer(
+            model=models[name], args=training_args, train_dataset=examples[name], data_collator=pad_collator(pad)
+        )
         trainer.remove_callback(PrinterCallback)
         trainer.train()
         return trainer.state.log_history[-1]["train_runtime"]
@@ -208,10 +264,18 @@ def compare_with_llava(args, work, records):
         for name in order:
             times[name].append(train(name, args.llava_steps))
         ratios.append(times["OmniFusion"][-1] / times["LLaVA"][-1])
-        print(f"round {round_index + 1} OmniFusion {times['OmniFusion'][-1]:.1f} s, LLaVA {times['LLaVA'][-1]:.1f} s",
-              flush=True)
-    return {"times": times, "ratio": statistics.median(ratios), "positions": positions, "text_tokens": text_tokens,
-            "records": len(chosen), "images": sum("image" in record for record in chosen)}
+        print(
+            f"round {round_index + 1} OmniFusion {times['OmniFusion'][-1]:.1f} s, LLaVA {times['LLaVA'][-1]:.1f} s",
+            flush=True,
+        )
+    return {
+        "times": times,
+        "ratio": statistics.median(ratios),
+        "positions": positions,
+        "text_tokens": text_tokens,
+        "records": len(chosen),
+        "images": sum("image" in record for record in chosen),
+    }
 
 
 def main():
@@ -225,10 +289,18 @@ def main():
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2, help="each mode runs this many times; the best is kept")
-    parser.add_argument("--llava_steps", type=int, default=4,
-                        help="training steps per OmniFusion / LLaVA run (records used: this x --batch)")
-    parser.add_argument("--llava_rounds", type=int, default=4,
-                        help="interleaved OmniFusion / LLaVA rounds; the median per-round time ratio is reported")
+    parser.add_argument(
+        "--llava_steps",
+        type=int,
+        default=4,
+        help="training steps per OmniFusion / LLaVA run (records used: this x --batch)",
+    )
+    parser.add_argument(
+        "--llava_rounds",
+        type=int,
+        default=4,
+        help="interleaved OmniFusion / LLaVA rounds; the median per-round time ratio is reported",
+    )
     args = parser.parse_args()
     common.configure(args.threads)
     work = tempfile.mkdtemp(prefix="benchmark-training-")
@@ -250,15 +322,16 @@ def main():
     results = {}
     for round_index in range(args.rounds):
         for mode, extra in modes.items():
-            trainer = stage2.train(["--model_name_or_path", f"{work}/stage1"]
-                                   + flags(f"{work}/{mode}-{round_index + 1}", data_path, args.batch,
-                                           **extra))  # a folder per run: the stage commands refuse a used one
+            trainer = stage2.train(
+                ["--model_name_or_path", f"{work}/stage1"]
+                + flags(f"{work}/{mode}-{round_index + 1}", data_path, args.batch, **extra)
+            )  # a folder per run: the stage commands refuse a used one
             runtime = trainer.state.log_history[-1]["train_runtime"]
             dataset = trainer.train_dataset
             lengths = [len(dataset[index]["input_ids"]) for index in range(len(dataset))]
             tokens, sampler = sum(lengths), trainer._get_train_sampler()
             order = list(iter(sampler))
-            batches = [order[start:start + args.batch] for start in range(0, len(order), args.batch)]
+            batches = [order[start : start + args.batch] for start in range(0, len(order), args.batch)]
             padded_tokens = sum(max(lengths[i] for i in batch) * len(batch) for batch in batches)
             computed = tokens if mode == "packed" else padded_tokens
             best = results.get(mode)
@@ -269,28 +342,38 @@ def main():
     lengths = sorted(lengths)
     print("=" * 90)
     print(common.cpu_description())
-    print(f"Stage-2 training throughput, {len(lengths)} records (90% with an image of 16 tokens), 1 epoch, batch "
-          f"{args.batch}; LM Mistral hidden {args.hidden}, {args.layers} layers; torch threads {args.threads}; "
-          f"1-min load {os.getloadavg()[0]:.1f}")
-    print(f"sequence lengths (tokens): min {lengths[0]}, median {lengths[len(lengths) // 2]}, "
-          f"p90 {lengths[int(0.9 * len(lengths))]}, max {lengths[-1]}")
+    print(
+        f"Stage-2 training throughput, {len(lengths)} records (90% with an image of 16 tokens), 1 epoch, batch "
+        f"{args.batch}; LM Mistral hidden {args.hidden}, {args.layers} layers; torch threads {args.threads}; "
+        f"1-min load {os.getloadavg()[0]:.1f}"
+    )
+    print(
+        f"sequence lengths (tokens): min {lengths[0]}, median {lengths[len(lengths) // 2]}, "
+        f"p90 {lengths[int(0.9 * len(lengths))]}, max {lengths[-1]}"
+    )
     print(f"{'mode':<10}{'time (s)':>10}{'real tokens/s':>16}{'computed/real':>16}{'vs padded':>12}")
     padded_rate = results["padded"]["tokens"] / results["padded"]["runtime"]
     for mode, result in results.items():
         rate = result["tokens"] / result["runtime"]
-        print(f"{mode:<10}{result['runtime']:>10.1f}{rate:>16.0f}{result['computed'] / result['tokens']:>16.2f}"
-              f"{rate / padded_rate:>12.2f}")
+        print(
+            f"{mode:<10}{result['runtime']:>10.1f}{rate:>16.0f}{result['computed'] / result['tokens']:>16.2f}"
+            f"{rate / padded_rate:>12.2f}"
+        )
     pair = compare_with_llava(args, work, records)
     print("-" * 90)
-    print(f"OmniFusion vs LlavaForConditionalGeneration, same Trainer, {pair['records']} records "
-          f"({pair['images']} with an image of 16 tokens), {args.llava_steps} padded batches of {args.batch}, vision "
-          f"tower frozen, {args.llava_rounds} interleaved rounds; 1-min load {os.getloadavg()[0]:.1f}")
+    print(
+        f"OmniFusion vs LlavaForConditionalGeneration, same Trainer, {pair['records']} records "
+        f"({pair['images']} with an image of 16 tokens), {args.llava_steps} padded batches of {args.batch}, vision "
+        f"tower frozen, {args.llava_rounds} interleaved rounds; 1-min load {os.getloadavg()[0]:.1f}"
+    )
     print(f"{'model':<12}{'median time (s)':>16}{'computed positions':>20}{'text tokens/s':>16}")
     for name in common.NAMES:
         runtime = statistics.median(pair["times"][name])
         print(f"{name:<12}{runtime:>16.2f}{pair['positions'][name]:>20}{pair['text_tokens'] / runtime:>16.0f}")
-    print(f"OmniFusion computes {pair['positions']['OmniFusion'] / pair['positions']['LLaVA']:.3f}x LLaVA's positions "
-          "(its 2 image markers per image); the ratio below is of the time for the same batches")
+    print(
+        f"OmniFusion computes {pair['positions']['OmniFusion'] / pair['positions']['LLaVA']:.3f}x LLaVA's positions "
+        "(its 2 image markers per image); the ratio below is of the time for the same batches"
+    )
     print(f"omnifusion_llava_time_ratio={pair['ratio']:.3f}")
     speedup = (results["packed"]["tokens"] / results["packed"]["runtime"]) / padded_rate
     print(f"packing_speedup={speedup:.2f}")

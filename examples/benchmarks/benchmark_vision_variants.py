@@ -63,20 +63,33 @@ def build_variants(args: BenchmarkArguments) -> dict[str, tuple[OmniFusionForCau
     size = args.image_size
     clip_processor = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
     dinov2_processor = BitImageProcessorPil(
-        size={"shortest_edge": size}, crop_size={"height": size, "width": size},
-        image_mean=(0.485, 0.456, 0.406), image_std=(0.229, 0.224, 0.225),
+        size={"shortest_edge": size},
+        crop_size={"height": size, "width": size},
+        image_mean=(0.485, 0.456, 0.406),
+        image_std=(0.229, 0.224, 0.225),
     )
-    tower = dict(hidden_size=args.vision_hidden, intermediate_size=4 * args.vision_hidden,
-                 num_hidden_layers=args.vision_layers, num_attention_heads=4, image_size=size,
-                 patch_size=args.patch_size)
+    tower = dict(
+        hidden_size=args.vision_hidden,
+        intermediate_size=4 * args.vision_hidden,
+        num_hidden_layers=args.vision_layers,
+        num_attention_heads=4,
+        image_size=size,
+        patch_size=args.patch_size,
+    )
     clip = CLIPVisionConfig(projection_dim=args.vision_hidden, **tower)
     dinov2 = Dinov2Config(mlp_ratio=4, **tower)
     tokenizer = make_tokenizer()
     base = OmniFusionProcessor(clip_processor, tokenizer)
     text = MistralConfig(
-        vocab_size=len(tokenizer) - 5, hidden_size=args.text_hidden, intermediate_size=4 * args.text_hidden,
-        num_hidden_layers=args.text_layers, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=8192, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer) - 5,
+        hidden_size=args.text_hidden,
+        intermediate_size=4 * args.text_hidden,
+        num_hidden_layers=args.text_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=8192,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
     )
     settings = {
         "one_encoder": dict(vision_config=clip, adapter_type="mlp"),
@@ -90,7 +103,9 @@ def build_variants(args: BenchmarkArguments) -> dict[str, tuple[OmniFusionForCau
         model = OmniFusionForCausalLM(config).eval()
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         processor = OmniFusionProcessor(
-            clip_processor, tokenizer, extra_encoder_preprocessors=[dinov2_processor] if name == "mix_sum" else None,
+            clip_processor,
+            tokenizer,
+            extra_encoder_preprocessors=[dinov2_processor] if name == "mix_sum" else None,
             **config.processor_kwargs,
         )
         variants[name] = (model, processor)
@@ -113,15 +128,22 @@ def main():
     variants = build_variants(args)
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 256, (2 * args.image_size, 2 * args.image_size, 3), dtype=np.uint8))
-    messages = [{"role": "user", "content": [{"type": "image", "image": image},
-                                             {"type": "text", "text": "Describe the image in detail."}]}]
+    messages = [
+        {
+            "role": "user",
+            "content": [{"type": "image", "image": image}, {"type": "text", "text": "Describe the image in detail."}],
+        }
+    ]
     inputs = {
-        name: processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
-                                            return_tensors="pt")
+        name: processor.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+        )
         for name, (_, processor) in variants.items()
     }
-    positions = {name: int((inputs[name]["input_ids"] == processor.image_token_id).sum())
-                 for name, (_, processor) in variants.items()}
+    positions = {
+        name: int((inputs[name]["input_ids"] == processor.image_token_id).sum())
+        for name, (_, processor) in variants.items()
+    }
 
     def generate(name, new_tokens):
         model = variants[name][0]
@@ -145,29 +167,32 @@ def main():
 
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(common.cpu_description())
-    print(f"OmniFusion vision variants: {args.threads} threads, load average {load:.1f}, {args.repeats} rounds, "
-          f"towers {args.vision_layers}x{args.vision_hidden} at {args.image_size}px/{args.patch_size}, "
-          f"LM {args.text_layers}x{args.text_hidden}, {args.new_tokens} new tokens")
-    print(f"{'variant':<12} {'positions':>9} "
-          + " ".join(f"{m + ' ms':>12} {'ratio':>6} {'cpu':>5}" for m in measures))
+    print(
+        f"OmniFusion vision variants: {args.threads} threads, load average {load:.1f}, {args.repeats} rounds, "
+        f"towers {args.vision_layers}x{args.vision_hidden} at {args.image_size}px/{args.patch_size}, "
+        f"LM {args.text_layers}x{args.text_hidden}, {args.new_tokens} new tokens"
+    )
+    print(f"{'variant':<12} {'positions':>9} " + " ".join(f"{m + ' ms':>12} {'ratio':>6} {'cpu':>5}" for m in measures))
     ratios = {}
     for name in VARIANTS:
         cells = []
         for measure in measures:
             median = statistics.median(times[measure][name])
-            ratio = statistics.median(
-                a / b for a, b in zip(times[measure][name], times[measure]["one_encoder"])
-            )
+            ratio = statistics.median(a / b for a, b in zip(times[measure][name], times[measure]["one_encoder"]))
             cpu_ratio = statistics.median(
                 a / b for a, b in zip(cpu_times[measure][name], cpu_times[measure]["one_encoder"])
             )
             ratios[(name, measure)] = ratio
             cells.append(f"{1000 * median:>12.1f} {ratio:>6.2f} {cpu_ratio:>5.2f}")
         print(f"{name:<12} {positions[name]:>9} " + " ".join(cells))
-    print(f"positions ratio: mix_sum {positions['mix_sum'] / positions['one_encoder']:.2f}, "
-          f"tiles {positions['tiles'] / positions['one_encoder']:.2f}")
-    print(f"mix_sum_prefill_ratio={ratios[('mix_sum', 'prefill')]:.2f} "
-          f"tiles_prefill_ratio={ratios[('tiles', 'prefill')]:.2f}")
+    print(
+        f"positions ratio: mix_sum {positions['mix_sum'] / positions['one_encoder']:.2f}, "
+        f"tiles {positions['tiles'] / positions['one_encoder']:.2f}"
+    )
+    print(
+        f"mix_sum_prefill_ratio={ratios[('mix_sum', 'prefill')]:.2f} "
+        f"tiles_prefill_ratio={ratios[('tiles', 'prefill')]:.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -154,10 +154,13 @@ def make_configs(args, omni_processor):
     if args.smollm2:  # SmolLM2-135M's architecture (random weights: only the timing matters here)
         lm_class, lm_shape = LlamaConfig, dict(SMOLLM2_SHAPE, tie_word_embeddings=True)
     else:
-        lm_class, lm_shape = MistralConfig, dict(
-            intermediate_size=3 * args.text_hidden,
-            num_attention_heads=max(1, args.text_hidden // 64),
-            num_key_value_heads=max(1, args.text_hidden // 128),
+        lm_class, lm_shape = (
+            MistralConfig,
+            dict(
+                intermediate_size=3 * args.text_hidden,
+                num_attention_heads=max(1, args.text_hidden // 64),
+                num_key_value_heads=max(1, args.text_hidden // 128),
+            ),
         )
     text = lm_class(
         vocab_size=args.vocab_size,  # the LM-head width; the tiny tokenizer's ids (and `<image>`) are a subset

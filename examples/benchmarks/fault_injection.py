@@ -246,7 +246,8 @@ def loading_cases(model, processor, folder):
     cases = {
         f"vision_feature_layer={layer} in config.json": refused(
             edited("config.json", lambda c, layer=layer: {**c, "vision_feature_layer": layer}, load_model),
-            "vision_feature_layer", "out of range",
+            "vision_feature_layer",
+            "out of range",
         )
         for layer in (5, -7)
     }
@@ -258,7 +259,8 @@ def loading_cases(model, processor, folder):
     for key, value in (("do_sample", "false"), ("max_new_tokens", "50"), ("num_beams", "3"), ("eos_token_id", "2")):
         cases[f"generation_config {key}={value!r}"] = refused(
             edited("generation_config.json", lambda c, key=key, value=value: {**c, key: value}, load_model),
-            "generation_config.json", key,
+            "generation_config.json",
+            key,
         )
     for tensor in ("lm_head.weight", "model.language_model.embed_tokens.special_embeddings.weight"):
         cases[f"NaN in {tensor}"] = refused(edited("model.safetensors", poison(tensor), load_model), "NaN", tensor)

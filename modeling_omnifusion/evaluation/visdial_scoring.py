@@ -287,8 +287,15 @@ def _packed_mask(parents: torch.Tensor, depth: int, cached_len: int, new_len: in
 
 
 def _score_packed(
-    model, cache, context_len: int, first_token_log_probs, candidate_ids, batches, score: str,
-    share_prefixes: bool = True, new_context_ids: torch.Tensor | None = None,
+    model,
+    cache,
+    context_len: int,
+    first_token_log_probs,
+    candidate_ids,
+    batches,
+    score: str,
+    share_prefixes: bool = True,
+    new_context_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """
     The candidates of each batch (`_packed_batches`) packed into one sequence, on the batch-1 context cache.
@@ -371,14 +378,14 @@ def _packed_batches(
     batches, current, tokens, prefixes = [], [], 0, set()
     for row in order:
         ids = candidate_ids[row]
-        new = [tuple(ids[: end]) for end in range(1, len(ids))]
+        new = [tuple(ids[:end]) for end in range(1, len(ids))]
         if share_prefixes:
             new = [prefix for prefix in new if prefix not in prefixes]
         if current and (len(current) == batch_size or (room is not None and tokens + len(new) > room)):
             batches.append(current)
             current, tokens = [], 0
             prefixes.clear()
-            new = [tuple(ids[: end]) for end in range(1, len(ids))]
+            new = [tuple(ids[:end]) for end in range(1, len(ids))]
         current.append(row)
         tokens += len(new)
         if share_prefixes:
@@ -498,7 +505,14 @@ class DialogScorer:
         if keep and batches and _can_pack(model, self.cache, context_len - keep + packed_len):
             # The context's new tokens run in the first candidate batch's packed forward.
             scores = _score_packed(
-                model, self.cache, context_len, None, candidate_ids, batches, self.score, self.share_prefixes,
+                model,
+                self.cache,
+                context_len,
+                None,
+                candidate_ids,
+                batches,
+                self.score,
+                self.share_prefixes,
                 new_context_ids=inputs["input_ids"][:, keep:],
             )
             self._ran_context(inputs, keep)
@@ -522,11 +536,22 @@ class DialogScorer:
         first_token_log_probs = torch.log_softmax(context.logits[0, -1].float(), dim=-1)
         if batches is not None and _can_pack(model, self.cache, packed_len):
             return _score_packed(
-                model, self.cache, context_len, first_token_log_probs, candidate_ids, batches, self.score,
+                model,
+                self.cache,
+                context_len,
+                first_token_log_probs,
+                candidate_ids,
+                batches,
+                self.score,
                 self.share_prefixes,
             )
         return _score_padded_batches(
-            model, self.cache, inputs["attention_mask"], first_token_log_probs, candidate_ids, self.batch_size,
+            model,
+            self.cache,
+            inputs["attention_mask"],
+            first_token_log_probs,
+            candidate_ids,
+            self.batch_size,
             self.score,
         )
 
@@ -661,4 +686,3 @@ def evaluate_dialogs(
 
     metrics = visdial_metric.visdial_metrics(predictions, references, relevance) if predictions else None
     return metrics, ranks
-

@@ -43,7 +43,7 @@ LAYOUT_NAMES = {
     "1.0": {"subdir": "", "projection": "projection", "lm": "OmniMistral-model", "tokenizer": "OmniMistral-tokenizer"},
 }
 
-MODELS_PY = '''\
+MODELS_PY = """\
 from torch import nn
 from torch.nn import Linear, TransformerEncoderLayer
 
@@ -65,7 +65,7 @@ class VisualToGPTMapping(nn.Module):
         out = self.transformer_layer(visual_embs)
         out = self.linear(out).view(-1, self.n_embeddings, self.embedding_dim)
         return out
-'''
+"""
 
 CORPUS = (
     "This is a dialog with AI assistant.",
@@ -494,8 +494,17 @@ def released_mix_models_module():
 
 
 def save_released_mix_projection(
-    path, *, clip=(3, 32), dino=(3, 32), width=32, text_hidden=64, num_image_tokens=4, layout="attributes",
-    dtype=torch.bfloat16, seed=0, mutate=None,
+    path,
+    *,
+    clip=(3, 32),
+    dino=(3, 32),
+    width=32,
+    text_hidden=64,
+    num_image_tokens=4,
+    layout="attributes",
+    dtype=torch.bfloat16,
+    seed=0,
+    mutate=None,
 ):
     """Pickle an encoders-mix ``VisualToGPTMapping`` (``clip``/``dino``: (hidden states, width)) like the release."""
     with released_mix_models_module() as models, torch.random.fork_rng(devices=[]):
@@ -518,26 +527,40 @@ def make_dinov2_folder(root, hidden=32, image_size=28, crop_size=14, patch_size=
 
     folder = Path(root) / "dinov2"
     config = Dinov2Config(
-        hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=4,
-        image_size=image_size, patch_size=patch_size, mlp_ratio=2,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        image_size=image_size,
+        patch_size=patch_size,
+        mlp_ratio=2,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         Dinov2Model(config).eval().save_pretrained(folder)
     BitImageProcessorPil(
-        size={"shortest_edge": crop_size + crop_size // 7}, crop_size={"height": crop_size, "width": crop_size},
-        image_mean=(0.485, 0.456, 0.406), image_std=(0.229, 0.224, 0.225),
+        size={"shortest_edge": crop_size + crop_size // 7},
+        crop_size={"height": crop_size, "width": crop_size},
+        image_mean=(0.485, 0.456, 0.406),
+        image_std=(0.229, 0.224, 0.225),
     ).save_pretrained(folder)
     return folder
 
 
-def make_released_mix_checkpoint(root, dtype=torch.bfloat16, layout="attributes", clip_layers=3, dino_layers=3,
-                                 width=32, seed=0, **projection_kwargs) -> dict:
+def make_released_mix_checkpoint(
+    root, dtype=torch.bfloat16, layout="attributes", clip_layers=3, dino_layers=3, width=32, seed=0, **projection_kwargs
+) -> dict:
     """A v1.1-layout folder like ``OmniMistral-v1_1-encoders-mix``: the encoders-mix ``projection.pt``."""
     info = make_released_checkpoint(root, layout="1.1", dtype=dtype, seed=seed)
     save_released_mix_projection(
-        info["projection"], clip=(clip_layers, 32), dino=(dino_layers, 32), width=width, layout=layout, dtype=dtype,
-        seed=seed, **projection_kwargs,
+        info["projection"],
+        clip=(clip_layers, 32),
+        dino=(dino_layers, 32),
+        width=width,
+        layout=layout,
+        dtype=dtype,
+        seed=seed,
+        **projection_kwargs,
     )
     return info
 

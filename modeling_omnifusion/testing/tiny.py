@@ -94,8 +94,10 @@ def encoder_image_processor(kind: str, size: int = IMAGE_SIZE):
     ImageNet statistics; the others CLIP's."""
     if kind == "dinov2":
         return BitImageProcessorPil(
-            size={"shortest_edge": size + size // 7}, crop_size={"height": size, "width": size},
-            image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD,
+            size={"shortest_edge": size + size // 7},
+            crop_size={"height": size, "width": size},
+            image_mean=IMAGENET_MEAN,
+            image_std=IMAGENET_STD,
         )
     return CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
 
@@ -185,4 +187,3 @@ def make_sentencepiece_tokenizer(folder):
     folder = write_tokenizer_folder(folder)
     sentencepiece_processor = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
     return LlamaTokenizer.from_pretrained(folder), sentencepiece_processor
-

@@ -119,7 +119,6 @@ def state_dict(model) -> dict[str, torch.Tensor]:
     return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
 
 
-
 STAGE1_DRIVER = """
 import os, resource, signal, sys
 import torch

@@ -74,4 +74,3 @@ class OmniFusionTrainingArguments(TrainingArguments):
             "without it such a folder is refused unless this run resumes from a checkpoint in it."
         },
     )
-

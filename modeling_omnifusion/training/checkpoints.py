@@ -48,6 +48,7 @@ WEIGHTS = "model weights (model.safetensors)"  # how `checkpoint_report` names m
 # Writing whole or nothing
 # --------------------------------------------------------------------------------------------------------------------
 
+
 def _error_number(error: BaseException, folder: str) -> int:
     """The errno behind a failed save of `folder`; torch's and safetensors' writers drop it, so the disk is asked."""
     cause = error
@@ -67,6 +68,7 @@ def _error_number(error: BaseException, folder: str) -> int:
             return errno.EFBIG
     return errno.EIO
 
+
 def write_error(target: str, staging: str, error: BaseException) -> OSError:
     """An `OSError` naming `target`, the folder being written (in `staging`) when `error` stopped the save."""
     code = _error_number(error, staging)
@@ -76,6 +78,7 @@ def write_error(target: str, staging: str, error: BaseException) -> OSError:
         f"Could not save {target}: {reason} ({type(error).__name__}: {error}). Nothing was half-written: the partial "
         f"copy in {staging} is removed and {target} is as before.",
     )
+
 
 def commit_files(staging: str, target: str):
     """
@@ -94,6 +97,7 @@ def commit_files(staging: str, target: str):
             shutil.rmtree(destination)
         os.replace(os.path.join(staging, name), destination)
     os.rmdir(staging)
+
 
 class AtomicCheckpointTrainer(Trainer):
     """A `Trainer` whose checkpoints appear only when complete (see the module docstring)."""
@@ -147,6 +151,7 @@ class AtomicCheckpointTrainer(Trainer):
             if os.path.isfile(os.path.join(staged, TRAINER_STATE)):
                 self.state.save_to_json(os.path.join(staged, TRAINER_STATE))
 
+
 def save_final_output(
     trainer: Trainer, output_dir: str, save: Callable[[str], None] | None = None, on_every_process: bool = True
 ):
@@ -175,12 +180,15 @@ def save_final_output(
         commit_files(staging, output_dir)
     barrier()
 
+
 # --------------------------------------------------------------------------------------------------------------------
 # One run per folder
 # --------------------------------------------------------------------------------------------------------------------
 
+
 def _is_inside(path: str, folder: str) -> bool:
     return os.path.commonpath([os.path.abspath(path), os.path.abspath(folder)]) == os.path.abspath(folder)
+
 
 def check_output_dir(args: TrainingArguments, resume_checkpoint: str | None):
     """
@@ -200,8 +208,10 @@ def check_output_dir(args: TrainingArguments, resume_checkpoint: str | None):
         if not entries:
             return
         if not getattr(args, "overwrite_output_dir", False):
-            resume = "it has no complete checkpoint to resume" if args.resume_from_checkpoint else (
-                "resume it with --resume_from_checkpoint latest"
+            resume = (
+                "it has no complete checkpoint to resume"
+                if args.resume_from_checkpoint
+                else ("resume it with --resume_from_checkpoint latest")
             )
             raise FileExistsError(
                 f"--output_dir {output_dir} already holds another run ({', '.join(entries[:6])}"
@@ -211,16 +221,19 @@ def check_output_dir(args: TrainingArguments, resume_checkpoint: str | None):
         if args.should_save:
             for name in os.listdir(output_dir):
                 path = os.path.join(output_dir, name)
-                if os.path.isdir(path) and (CHECKPOINT_PATTERN.match(name) or STAGING_PATTERN.match(name)
-                                            or name == "lora_adapter"):
+                if os.path.isdir(path) and (
+                    CHECKPOINT_PATTERN.match(name) or STAGING_PATTERN.match(name) or name == "lora_adapter"
+                ):
                     shutil.rmtree(path)
                 elif os.path.isfile(path) and EARLIER_RUN_FILES.match(name):
                     os.remove(path)
             logger.warning("--overwrite_output_dir: deleted the earlier run's checkpoints and model in %s.", output_dir)
 
+
 # --------------------------------------------------------------------------------------------------------------------
 # Resuming
 # --------------------------------------------------------------------------------------------------------------------
+
 
 def _safetensors_problem(path: str) -> str | None:
     with open(path, "rb") as file:
@@ -240,6 +253,7 @@ def _safetensors_problem(path: str) -> str | None:
         return f"truncated ({size} bytes, the header needs {8 + header_size + max(ends)})"
     return None
 
+
 def file_problem(path: str) -> str | None:
     """Why a checkpoint file cannot be read (cheap checks: size, JSON, safetensors header, torch zip directory)."""
     if os.path.getsize(path) == 0:
@@ -256,6 +270,7 @@ def file_problem(path: str) -> str | None:
     elif name.endswith((".pt", ".pth", ".bin")) and not zipfile.is_zipfile(path):
         return "truncated or not a torch.save file (no zip directory at its end)"
     return None
+
 
 def checkpoint_report(folder: str, world_size: int = 1) -> tuple[list[str], list[str]]:
     """`(damaged, missing)`: its files that cannot be read (with why), and the state files it lacks."""
@@ -280,8 +295,10 @@ def checkpoint_report(folder: str, world_size: int = 1) -> tuple[list[str], list
     missing += [name for name in rng if name not in names]
     return damaged, missing
 
+
 def _step(name: str) -> int:
     return int(CHECKPOINT_PATTERN.match(name).group(1))
+
 
 def latest_complete_checkpoint(output_dir: str, world_size: int = 1) -> str | None:
     """The newest `checkpoint-N` with weights and a readable `trainer_state.json`, warning about newer broken ones."""
@@ -297,6 +314,7 @@ def latest_complete_checkpoint(output_dir: str, world_size: int = 1) -> str | No
         logger.warning("Skipping the incomplete checkpoint %s: %s.", folder, "; ".join(incomplete))
     return None
 
+
 def resolve_resume_checkpoint(args: TrainingArguments) -> str | None:
     """The checkpoint `--resume_from_checkpoint` names (see the module docstring), checked; None to start afresh."""
     value = args.resume_from_checkpoint
@@ -305,8 +323,9 @@ def resolve_resume_checkpoint(args: TrainingArguments) -> str | None:
     if str(value).strip().lower() in RESUME_LATEST:
         checkpoint = latest_complete_checkpoint(args.output_dir, args.world_size)
         if checkpoint is None:
-            logger.warning("--resume_from_checkpoint %s: no complete checkpoint in %s, starting afresh.", value,
-                           args.output_dir)
+            logger.warning(
+                "--resume_from_checkpoint %s: no complete checkpoint in %s, starting afresh.", value, args.output_dir
+            )
             return None
     else:
         checkpoint = str(value)
@@ -332,6 +351,7 @@ def resolve_resume_checkpoint(args: TrainingArguments) -> str | None:
         )
     return checkpoint
 
+
 # What each missing state file means for a resumed run.
 STATE_MEANING = {
     "trainer_state": "the step count",
@@ -339,6 +359,7 @@ STATE_MEANING = {
     "scheduler": "the learning-rate schedule",
     "rng_state": "the random state (data order, dropout)",
 }
+
 
 def finished_at(checkpoint: str, args: TrainingArguments) -> int | None:
     """The checkpoint's step if it is the end of the run `args` describe, else None."""
@@ -351,6 +372,7 @@ def finished_at(checkpoint: str, args: TrainingArguments) -> int | None:
     else:
         done = state.global_step >= state.max_steps and args.num_train_epochs <= (state.num_train_epochs or 0)
     return state.global_step if done else None
+
 
 def train_or_resume(trainer: AtomicCheckpointTrainer):
     """`trainer.train` from `trainer.resume_checkpoint`; a run already finished there is loaded, not stepped again."""

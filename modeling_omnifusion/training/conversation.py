@@ -246,4 +246,3 @@ class OmniFusionDataCollator:
         if images:
             batch["pixel_values"] = torch.cat(images)
         return batch
-

@@ -101,7 +101,6 @@ def read_records(data_path: str) -> datasets.Dataset:
     return datasets.Dataset.from_dict({"name": names, "record": records})
 
 
-
 def load_training_dataset(data_args: DataArguments, processor: OmniFusionProcessor) -> datasets.Dataset:
     """The checked records of `data_args.data_path`, turned into model inputs lazily by a `ConversationEncoder`."""
     image_folder = data_args.image_folder or os.path.dirname(os.path.abspath(data_args.data_path))
@@ -147,7 +146,6 @@ def load_training_dataset(data_args: DataArguments, processor: OmniFusionProcess
     return encoder.records.with_transform(encoder)
 
 
-
 # --------------------------------------------------------------------------------------------------------------------
 # WebDataset shards
 # --------------------------------------------------------------------------------------------------------------------
@@ -179,8 +177,7 @@ def expand_shards(data_path: str) -> list[str]:
                 raise ValueError(f"--data_path {data_path}: empty range {{{first}..{last}}}.")
             width = len(first)
             expanded += [
-                path[: match.start()] + f"{n:0{width}d}" + path[match.end() :]
-                for n in range(int(first), int(last) + 1)
+                path[: match.start()] + f"{n:0{width}d}" + path[match.end() :] for n in range(int(first), int(last) + 1)
             ]
         paths = expanded
     missing = [path for path in paths if not os.path.isfile(path)]

@@ -105,8 +105,9 @@ def enable_fsdp_on_cpu(trainer):
     PartialState._shared_state["distributed_type"] = DistributedType.FSDP
     trainer.is_fsdp_enabled = True
     atexit.register(end_distributed)
-    logger.info("FSDP2 on CPU over %s: %d processes, the model sharded across them.", state.backend,
-                state.num_processes)
+    logger.info(
+        "FSDP2 on CPU over %s: %d processes, the model sharded across them.", state.backend, state.num_processes
+    )
 
 
 def _shard_placements(placements, ndim: int, dropped: int):

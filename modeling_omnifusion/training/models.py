@@ -136,7 +136,12 @@ def build_model_from_pretrained_parts(
 
 # What the adapter and the number of image positions depend on, per encoder: a replacement must agree on all of them.
 ENCODER_FIELDS_THE_ADAPTER_READS = (
-    "model_type", "hidden_size", "num_hidden_layers", "image_size", "patch_size", "num_register_tokens"
+    "model_type",
+    "hidden_size",
+    "num_hidden_layers",
+    "image_size",
+    "patch_size",
+    "num_register_tokens",
 )
 
 
@@ -251,4 +256,3 @@ def log_trainable_parameters(model: nn.Module):
     trainable = sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
     total = sum(parameter.numel() for parameter in model.parameters())
     logger.info("Training %d of %d parameters (%.2f%%).", trainable, total, 100 * trainable / total)
-

@@ -85,7 +85,6 @@ def train(args: list[str] | None = None) -> Trainer:
     return trainer
 
 
-
 def main(args: list[str] | None = None) -> int:
     """
     The `omnifusion-train-stage1` command (also `python examples/train_stage1_pretrain.py`): `train` with `args`

@@ -163,7 +163,6 @@ def train(args: list[str] | None = None) -> Trainer:
     return trainer
 
 
-
 def main(args: list[str] | None = None) -> int:
     """
     The `omnifusion-train-stage2` command (also `python examples/train_stage2_sft.py`): `train` with `args` (default:

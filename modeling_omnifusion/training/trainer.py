@@ -101,7 +101,6 @@ def setup_run(training_args: TrainingArguments):
     transformers.set_seed(training_args.seed)
 
 
-
 def _without_local_paths(value):
     """`value` with every local path (absolute, or existing here) cut to its last component, recursively."""
     if isinstance(value, dict):
@@ -140,8 +139,10 @@ class OmniFusionTrainer(AtomicCheckpointTrainer):
         if not sharded or _internal_call:  # checkpoints keep the sharded FSDP state as the Trainer writes it
             return super().save_model(output_dir, _internal_call)
         # the final model: gathered whole from every process, as with FULL_STATE_DICT
-        self._save(output_dir if output_dir is not None else self.args.output_dir,
-                   state_dict=self.accelerator.get_state_dict(self.model))
+        self._save(
+            output_dir if output_dir is not None else self.args.output_dir,
+            state_dict=self.accelerator.get_state_dict(self.model),
+        )
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None):
         with plain_class(self.accelerator.unwrap_model(self.model, keep_torch_compile=False)):

@@ -25,7 +25,6 @@ import tempfile
 import types
 from pathlib import Path
 
-
 ENV_VAR = "TRANSFORMERS_TESTS_DIR"
 PACKAGE = "transformers_sdist_tests"
 # upstream's checkout has an empty tests/__init__.py that the sdist drops; test_configuration_common.py reads it
@@ -116,7 +115,12 @@ if not (TESTS_DIR.parent / "utils" / "fetch_hub_objects_for_ci.py").exists():
 def pytest_configure(config):
     # markers upstream's conftest registers and the mixins use
     markers = (
-        "slow", "accelerate_tests", "flash_attn_test", "flash_attn_3_test", "flash_attn_4_test", "torch_compile_test"
+        "slow",
+        "accelerate_tests",
+        "flash_attn_test",
+        "flash_attn_3_test",
+        "flash_attn_4_test",
+        "torch_compile_test",
     )
     for marker in markers:
         config.addinivalue_line("markers", f"{marker}: transformers test marker")

@@ -27,7 +27,6 @@ from transformers_sdist_tests.test_processing_common import ProcessorTesterMixin
 from modeling_omnifusion import OmniFusionConfig, OmniFusionForCausalLM, OmniFusionModel, OmniFusionProcessor
 from modeling_omnifusion.testing.tiny import make_tokenizer
 
-
 VOCAB_SIZE = 99
 MARKER_IDS = dict(
     image_token_id=VOCAB_SIZE,
@@ -190,9 +189,9 @@ class OmniFusionModelTest(ModelTesterMixin, GenerationTesterMixin, unittest.Test
 
     @parameterized.expand([("linear",), ("dynamic",), ("yarn",)])
     @unittest.skip(
-        reason="design conflict: the test feeds 1.5 x max_position_embeddings tokens to the LM, and OmniFusion refuses a "
-        "prompt longer than text_config.max_position_embeddings with a ValueError before any work (issue 10's input "
-        "check); rope scaling itself is the LM's (Mistral's) own code"
+        reason="design conflict: the test feeds 1.5 x max_position_embeddings tokens to the LM, and OmniFusion "
+        "refuses a prompt longer than text_config.max_position_embeddings with a ValueError before any work (its "
+        "input check); rope scaling itself is the LM's (Mistral's) own code"
     )
     def test_model_rope_scaling_from_config(self, scaling_type):
         pass

@@ -121,8 +121,7 @@ def _check_inputs(predictions, references, relevance):
             raise ValueError(f"round {i}: reference must be an int option index, got {ref!r}")
         if not 0 <= ref < num_options:
             raise ValueError(
-                f"round {i}: reference {ref} is out of range, expected a 0-based option index in "
-                f"[0, {num_options - 1}]"
+                f"round {i}: reference {ref} is out of range, expected a 0-based option index in [0, {num_options - 1}]"
             )
         gt[i] = ref
 
