@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# CI tier: FSDP2 on CPU, 2 processes over gloo (torchrun), through modeling_omnifusion.training.stage2: full and LoRA stage 2,
-# sharded for real (each process holds half of every LM parameter; fails on a fallback to DDP), checkpoints holding
-# the FSDP state (full and sharded state dicts), resumed runs bit-identical to uninterrupted ones, FSDP's final
-# weights equal to DDP's, and ShardedAdafactor equal to Adafactor on whole tensors. Main venv only (nothing to
-# install beyond the README's); measured: 70-190 s of tests on the shared 2-core machine, 382 s with the venv made fresh.
+# CI tier: FSDP2 on CPU, 2 processes over gloo (torchrun), through modeling_omnifusion.training.stage2: full and
+# LoRA stage 2, sharded for real (each process holds half of every LM parameter; fails on a fallback to DDP),
+# checkpoints holding the FSDP state (full and sharded state dicts), resumed runs bit-identical to uninterrupted ones,
+# FSDP's final weights equal to DDP's, and ShardedAdafactor equal to Adafactor on whole tensors. Main venv only
+# (nothing to install beyond the README's); durations in tests/README.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)

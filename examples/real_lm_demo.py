@@ -16,7 +16,7 @@ questions are the quickstart's (`synthetic_shapes.py`). Steps:
      text (see `held_out_text`) and, for the trained models, held-out image-question accuracy; and whether the
      stage-1 model's text-only logits are bit-identical to the base LM's.
 
-It prints one table (the README's), writes it as `<output_dir>/stage_claim.json` and draws
+It prints one table (the one in docs/results.md), writes it as `<output_dir>/stage_claim.json` and draws
 `<output_dir>/stage_claim.png`.
 Its last line is `stage1_text_identical=<True|False>`. `--quick` runs a few steps of everything (a smoke test).
 """

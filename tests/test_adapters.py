@@ -61,7 +61,8 @@ def test_mix_sum_equals_the_reports_projection_and_summation(mix_sum):
     torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
 
 
-def test_mix_sum_has_a_norm_a_linear_and_a_coefficient_per_hidden_state_of_each_encoder(mix_sum):
+def test_mix_sum_has_norm_linear_and_coefficient_per_encoder_layer(mix_sum):
+    """Mix sum has a norm a linear and a coefficient per hidden state of each encoder."""
     model, _ = mix_sum
     for mix, vision in zip(model.model.adapter.encoder_mixes, model.config.vision_configs):
         layers = vision.num_hidden_layers + 1  # the embedding output and every layer
@@ -107,7 +108,8 @@ def test_image_positions_per_view_are_computed_from_every_encoder():
     assert full.num_image_tokens == 17 + 10
 
 
-def test_a_list_of_vision_configs_is_stored_as_the_first_plus_the_others_and_round_trips(tmp_path, mix_sum):
+def test_vision_config_list_is_stored_as_first_plus_others(tmp_path, mix_sum):
+    """A list of vision configs is stored as the first plus the others and round trips."""
     model, _ = mix_sum
     config = model.config
     assert config.vision_config.model_type == "clip_vision_model"
@@ -138,7 +140,8 @@ def test_an_old_config_without_the_new_fields_loads_unchanged(tmp_path):
     assert loaded.num_image_tokens == 16 and loaded.image_grid_pinpoints is None
 
 
-def test_several_encoders_with_a_single_encoder_adapter_is_a_value_error_naming_both():
+def test_several_encoders_with_single_encoder_adapter_is_refused():
+    """Several encoders with a single encoder adapter is a value error naming both."""
     encoders = [vision_config("clip"), vision_config("dinov2", image_size=24)]
     with pytest.raises(
         ValueError, match=r"vision_config\[0\] \(clip_vision_model, 32px\).*vision_config\[1\] \(dinov2, 24px\)"

@@ -108,7 +108,8 @@ def test_brace_patterns_and_folders_expand_to_shards(tmp_path):
         expand_shards(str(tmp_path / "empty"))
 
 
-def test_streamed_captions_become_caption_conversations_and_bad_samples_are_skipped_and_counted(tmp_path, caplog):
+def test_streamed_captions_become_conversations_bad_ones_counted(tmp_path, caplog):
+    """Streamed captions become caption conversations and bad samples are skipped and counted."""
     bad = {"000000001": "no-caption", "000000002": "broken-image", "000010000": "no-image", "000010001": "bad-json"}
     write_shards(tmp_path, 2, 4, bad)
     with caplog.at_level(logging.WARNING, logger="omnifusion_training.data"):
@@ -259,7 +260,8 @@ def test_check_images_none_header_full(tmp_path):
             load_training_dataset(DataArguments(data_path=str(path), check_images=mode), make_processor())
 
 
-def test_fsdp_in_one_process_and_deepspeed_on_cpu_are_refused_with_what_to_use_instead(parts, tmp_path):
+def test_fsdp_in_one_process_and_deepspeed_on_cpu_are_refused(parts, tmp_path):
+    """Fsdp in one process and deepspeed on cpu are refused with what to use instead."""
     # FSDP on CPU runs with several processes (tests_fsdp/, the CI's fsdp tier); in one there is nothing to shard
     vision, language = parts
     data_path = write_dataset(tmp_path / "data", colour_records(2))

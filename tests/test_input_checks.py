@@ -105,7 +105,8 @@ def test_non_images_are_a_type_error_naming_the_image():
         PROCESSOR(images=[make_image(0), {"a": 1}], text="<image><image>")
 
 
-def test_an_in_memory_image_beyond_the_decompression_bomb_limit_is_refused_like_a_file(tmp_path, monkeypatch):
+def test_in_memory_decompression_bomb_is_refused_like_a_file(tmp_path, monkeypatch):
+    """An in memory image beyond the decompression bomb limit is refused like a file."""
     make_image(0, size=20).save(tmp_path / "big.png")
     monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", 100)  # 20x20 = 400 pixels > 2 x 100
     with pytest.raises(PIL.Image.DecompressionBombError):

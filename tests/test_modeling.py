@@ -441,7 +441,8 @@ def test_past_key_values_is_a_deprecated_name_for_cache(tiny):
         assert old.cache.get_seq_length() == new.cache.get_seq_length() == inputs["input_ids"].shape[1]
 
 
-def test_get_image_features_gives_every_hidden_state_on_request_and_a_tuple_without_return_dict(tiny):
+def test_get_image_features_hidden_states_and_tuple_output(tiny):
+    """Get image features gives every hidden state on request and a tuple without return dict."""
     model, processor = tiny
     pixel_values = encode(processor, chat("What?", images=[make_image(0)]))["pixel_values"]
     layers = model.config.vision_config.num_hidden_layers

@@ -209,7 +209,8 @@ def test_a_folder_holding_another_run_is_refused_unless_overwritten(parts, data_
     assert load_file(output_dir / "model.safetensors").keys() == load_file(finished_run / "model.safetensors").keys()
 
 
-def test_resume_latest_in_a_used_folder_without_a_complete_checkpoint_is_refused_saying_so(tmp_path, caplog):
+def test_resume_latest_without_a_complete_checkpoint_is_refused(tmp_path, caplog):
+    """Resume latest in a used folder without a complete checkpoint is refused saying so."""
     (tmp_path / "checkpoint-4").mkdir()  # what a kill left under the old, non-atomic saving
     resume_latest = args(tmp_path, resume_from_checkpoint="latest")
     with caplog.at_level(logging.WARNING, logger=LOGGER):

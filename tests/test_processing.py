@@ -218,7 +218,8 @@ def test_special_token_ids_match_the_tokenizer():
     assert len(set(processor.special_token_ids.values())) == 5
 
 
-def test_saved_tokenizer_adds_no_bos_so_engines_tokenizing_the_template_get_the_released_ids(tmp_path):
+def test_saved_tokenizer_adds_no_bos(tmp_path):
+    """Saved tokenizer adds no bos so engines tokenizing the template get the released ids."""
     import sentencepiece as spm
     from transformers import AutoTokenizer, LlamaTokenizer
 

@@ -187,7 +187,8 @@ exit "$2"
 """
 
 
-def test_ci_runs_tiers_in_a_clone_of_head_with_nothing_beside_it_and_propagates_failure(tmp_path):
+def test_ci_runs_tiers_in_a_bare_clone_of_head_and_propagates_failure(tmp_path):
+    """Ci runs tiers in a clone of head with nothing beside it and propagates failure."""
     source = tmp_path / "checkout"
     (source / ".ci").mkdir(parents=True)
     run = (REPO / ".ci" / "run").read_text()

@@ -226,7 +226,8 @@ def test_training_output_holds_no_pickle_and_no_local_path(run, parts, trained):
 
 
 @pytest.mark.parametrize("run", ["stage1", "merged"])
-def test_saved_model_names_the_known_hub_id_as_its_base_and_nothing_for_a_local_folder(run, trained):
+def test_saved_model_names_its_hub_base_and_none_for_a_local_folder(run, trained):
+    """Saved model names the known hub id as its base and nothing for a local folder."""
     folder = trained[run]
     config = json.loads((folder / "config.json").read_text())
     assert config["vision_config"]["_name_or_path"] == "acme/tiny-clip"  # from the Hub cache layout

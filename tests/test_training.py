@@ -284,7 +284,8 @@ def test_images_that_only_fail_to_decode_are_caught_by_the_up_front_check(tmp_pa
     assert len(load(path, skip_bad_records=True)) == 1
 
 
-def test_skip_bad_records_skips_an_image_broken_during_training_and_keeps_the_batch_size(tmp_path, caplog):
+def test_skip_bad_records_skips_an_image_broken_during_training(tmp_path, caplog):
+    """Skip bad records skips an image broken during training and keeps the batch size."""
     dataset = load(write_dataset(tmp_path, colour_records(4)), skip_bad_records=True)
     expected = [dataset[index]["input_ids"] for index in range(4)]
     for index in (1, 2):  # two neighbours broken after the check: one batch of two bad records

