@@ -312,13 +312,15 @@ class OmniFusionProcessor(ProcessorMixin):
         return stacked
 
     def _get_num_multimodal_tokens(self, image_sizes=None, **kwargs) -> MultiModalData:
-        """Tokens each image of `image_sizes` (`[height, width]` each) becomes (its whole block, markers included),
-        and its number of views (`num_image_patches`: 1 without tiles)."""
+        """Per image of `image_sizes` (`[height, width]` each): the `<image>` positions its features fill
+        (`num_image_tokens`: views x positions per view; the two markers around the block are not counted, as serving
+        engines count the positions holding embeddings) and its number of views (`num_image_patches`: 1 without
+        tiles)."""
         if image_sizes is None:
             return MultiModalData()
         views = [self.num_image_views(int(height), int(width)) for height, width in image_sizes]
         return MultiModalData(
-            num_image_tokens=[count * self.num_image_tokens + 2 for count in views],
+            num_image_tokens=[count * self.num_image_tokens for count in views],
             num_image_patches=views,
         )
 
