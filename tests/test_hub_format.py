@@ -119,6 +119,7 @@ def test_remote_code_imports_only_torch_transformers_and_siblings(saved):
         "compat_omnifusion.py",  # the version shim travels with its importers
         "hub_omnifusion.py",
         "processor_checks_omnifusion.py",
+        "audio_inputs_omnifusion.py",
         "tokenizer_setup_omnifusion.py",
     ]
     assert sorted(path.name for path in folder.glob("*.py")) == sorted(names)
