@@ -21,6 +21,14 @@ import numpy as np
 import torch
 
 MAX_CHANNELS = 16
+# The processor's `__init__` settings for sound, left out of a saved processor without it.
+AUDIO_PROCESSOR_FIELDS = (
+    "audio_preprocessor",
+    "audio_pool_stride",
+    "audio_token",
+    "audio_start_token",
+    "audio_end_token",
+)
 
 
 def num_audio_positions(num_frames, pool_stride: int):
@@ -35,6 +43,25 @@ def num_audio_positions(num_frames, pool_stride: int):
 def num_mel_frames(num_samples: int, hop_length: int) -> int:
     """The real mel frames the feature extractor marks for a clip of `num_samples` samples."""
     return -(-int(num_samples) // hop_length)
+
+
+def num_audio_tokens(audio_lengths, feature_extractor, pool_stride: int) -> list[int]:
+    """The positions of each clip of `audio_lengths` (samples at the feature extractor's rate)."""
+    frames = [num_mel_frames(length, feature_extractor.hop_length) for length in audio_lengths]
+    return [int(num_audio_positions(count, pool_stride)) for count in frames]
+
+
+def extract_audio_features(feature_extractor, waveforms: list[np.ndarray]) -> dict:
+    """`input_features` `[clips, mel bins, window frames]` and `input_features_mask` `[clips, window frames]` (1 on
+    each clip's real frames, first) of checked waveforms: every clip padded to the encoder's whole window."""
+    features = feature_extractor(
+        waveforms,
+        sampling_rate=feature_extractor.sampling_rate,
+        padding="max_length",
+        return_attention_mask=True,
+        return_tensors="np",
+    )
+    return {"input_features": features["input_features"], "input_features_mask": features["attention_mask"]}
 
 
 def _sinc_resample(waveform: np.ndarray, orig_rate: int, new_rate: int) -> np.ndarray:
@@ -217,7 +244,10 @@ def feature_extractor_from_dict(entry):
 
 
 __all__ = [
+    "AUDIO_PROCESSOR_FIELDS",
     "MAX_CHANNELS",
+    "extract_audio_features",
+    "num_audio_tokens",
     "check_audio",
     "feature_extractor_from_dict",
     "flat_clips",

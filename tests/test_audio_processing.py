@@ -260,3 +260,14 @@ def test_audio_folder_loads_in_a_fresh_python_without_this_project(saved, tmp_pa
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "FRESH-LOAD-OK" in result.stdout
+
+
+def test_vllm_inputs_carry_checked_clips_at_the_feature_extractor_rate(tiny):
+    _, processor = tiny
+    clip = make_clip(0, 0.5, sampling_rate=8000)
+    prompt = processor.vllm_inputs("<image><audio>Hi", images=[make_image(0)], audio=[clip], sampling_rate=8000)
+    ((waveform, rate),) = prompt["multi_modal_data"]["audio"]
+    assert rate == 16000 and waveform.shape == (8000,) and len(prompt["multi_modal_data"]["image"]) == 1
+    with pytest.raises(ValueError, match="1 '<audio>' placeholder but 0 audio clips"):
+        processor.vllm_inputs("<audio>Hi")
+    assert processor.vllm_inputs("Hi") == {"prompt": "Hi"}
