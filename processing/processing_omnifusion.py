@@ -376,15 +376,15 @@ class OmniFusionProcessor(ProcessorMixin):
         return stacked
 
     def _get_num_multimodal_tokens(self, image_sizes=None, audio_lengths=None, **kwargs) -> MultiModalData:
-        """Tokens each image of `image_sizes` (`[height, width]` each) becomes (its whole block, markers included),
-        and its number of views (`num_image_patches`: 1 without tiles); for each clip of `audio_lengths` (samples at
-        the feature extractor's rate) its `<audio>` positions (`num_audio_tokens`, markers not included)."""
+        """Per image of `image_sizes` (`[height, width]` each): the `<image>` positions its features fill
+        (`num_image_tokens`: views x positions per view; the markers around a block are not counted, as serving
+        engines count the positions holding embeddings) and its views (`num_image_patches`: 1 without tiles); per
+        clip of `audio_lengths` (samples at the feature extractor's rate) its `<audio>` positions (`num_audio_tokens`).
+        """
         data = {}
         if image_sizes is not None:
             views = [self.num_image_views(int(height), int(width)) for height, width in image_sizes]
-            data.update(
-                num_image_tokens=[count * self.num_image_tokens + 2 for count in views], num_image_patches=views
-            )
+            data.update(num_image_tokens=[count * self.num_image_tokens for count in views], num_image_patches=views)
         if audio_lengths is not None and self.audio_preprocessor is not None:
             data["num_audio_tokens"] = num_audio_tokens(audio_lengths, self.audio_preprocessor, self.audio_pool_stride)
         return MultiModalData(**data)
