@@ -303,3 +303,23 @@ def test_image_only_folders_save_the_files_they_always_did(name, kwargs, tmp_pat
         shapes = {key: list(weights.get_slice(key).get_shape()) for key in weights.keys()}
     assert shapes == json.loads(load_recorded(name, "weights.json"))
     assert OmniFusionForCausalLM.from_pretrained(tmp_path).config.special_token_ids == list(range(300, 305))
+
+
+def test_prompt_longer_than_the_lm_positions_is_refused_with_sound_counted(tiny):
+    model, processor = tiny
+    inputs = encode(processor, audio_chat("Hi " * 20, clips=[make_clip(0, 1.0), make_clip(1, 1.0)]))
+    limit = inputs["input_ids"].shape[1] - 1
+    original = model.config.text_config.max_position_embeddings
+    model.config.text_config.max_position_embeddings = limit
+    try:
+        with pytest.raises(ValueError, match=rf"image and audio positions included.*max_position_embeddings={limit}"):
+            model(**inputs)
+    finally:
+        model.config.text_config.max_position_embeddings = original
+
+
+def test_audio_markers_are_input_only(tiny):
+    model, processor = tiny
+    vocab = model.get_output_embeddings().out_features
+    assert vocab == model.config.text_config.vocab_size
+    assert min(processor.audio_token_id, processor.audio_start_token_id, processor.audio_end_token_id) >= vocab
