@@ -9,7 +9,7 @@ from transformers import (
 )
 
 from .configuration_omnifusion import OmniFusionConfig
-from .modeling_omnifusion import OmniFusionForCausalLM, OmniFusionModel, OmniFusionPreTrainedModel
+from .modeling_omnifusion import OmniFusionForCausalLM, OmniFusionModel, OmniFusionPreTrainedModel, add_sound
 from .processing.processing_omnifusion import OmniFusionProcessor
 
 AutoConfig.register("omnifusion", OmniFusionConfig, exist_ok=True)
@@ -25,6 +25,7 @@ OmniFusionForCausalLM.register_for_auto_class("AutoModelForImageTextToText")
 OmniFusionProcessor.register_for_auto_class()
 
 __all__ = [
+    "add_sound",
     "OmniFusionConfig",
     "OmniFusionForCausalLM",
     "OmniFusionModel",

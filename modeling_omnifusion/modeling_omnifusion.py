@@ -644,7 +644,32 @@ class OmniFusionForCausalLM(OmniFusionPreTrainedModel, GenerationMixin):
         )
 
 
+def add_sound(model: OmniFusionForCausalLM, audio_config, **audio_settings) -> OmniFusionForCausalLM:
+    """
+    A copy of the image model `model` with sound: the same weights, an `audio_tower` built from `audio_config` (random
+    until a pretrained encoder's weights are loaded into it), a fresh `audio_adapter`, and three audio rows appended
+    to the marker table (the five image rows unchanged, so image inputs give bit-identical outputs).
+    `audio_settings` are `OmniFusionConfig` audio fields (`audio_adapter_type`, `audio_pool_stride`, the three audio
+    ids: the processor's `special_token_ids` for its tokenizer).
+    """
+    if model.config.audio_config is not None:
+        raise ValueError("the model already has sound (config.audio_config is set)")
+    config_dict = {**model.config.to_dict(), **audio_settings, "audio_config": audio_config}
+    for key in ("model_type", "transformers_version", "architectures", "auto_map"):
+        config_dict.pop(key, None)
+    sound = type(model)(type(model.config)(**config_dict)).to(model.dtype).eval()
+    state = model.state_dict()
+    table = "model.language_model.embed_tokens.special_embeddings.weight"
+    state[table] = torch.cat([state[table], sound.state_dict()[table][state[table].shape[0] :].to(state[table])])
+    missing, unexpected = sound.load_state_dict(state, strict=False)
+    if unexpected or any(not name.startswith(("model.audio_tower.", "model.audio_adapter.")) for name in missing):
+        raise ValueError(f"cannot extend the model with sound: missing {missing}, unexpected {unexpected}")
+    sound.generation_config = model.generation_config
+    return sound
+
+
 __all__ = [
+    "add_sound",
     "OmniFusionForCausalLM",
     "OmniFusionModel",
     "OmniFusionPreTrainedModel",

@@ -323,3 +323,27 @@ def test_audio_markers_are_input_only(tiny):
     vocab = model.get_output_embeddings().out_features
     assert vocab == model.config.text_config.vocab_size
     assert min(processor.audio_token_id, processor.audio_start_token_id, processor.audio_end_token_id) >= vocab
+
+
+@torch.no_grad()
+def test_adding_sound_to_an_image_model_keeps_its_image_outputs_bit_identical():
+    from transformers import WhisperFeatureExtractor
+
+    from modeling_omnifusion import OmniFusionProcessor, add_sound
+
+    image_model, image_processor = make_model_and_processor()
+    processor = OmniFusionProcessor(
+        image_processor.image_processor,
+        image_processor.tokenizer,
+        **image_model.config.processor_kwargs,
+        audio_preprocessor=WhisperFeatureExtractor(chunk_length=1),
+    )
+    audio_ids = {k: v for k, v in processor.special_token_ids.items() if k.startswith("audio")}
+    model = add_sound(image_model, audio_config(), audio_pool_stride=2, **audio_ids)
+    assert model.config.special_token_ids == image_model.config.special_token_ids + list(audio_ids.values())
+    image_inputs = encode(image_processor, audio_chat("What is it?", images=[make_image(0)]))
+    assert torch.equal(model(**image_inputs).logits, image_model(**image_inputs).logits)
+    both = encode(processor, audio_chat("And this?", clips=[make_clip(0)], images=[make_image(1)]))
+    assert model(**both).logits.isfinite().all()
+    with pytest.raises(ValueError, match="already has sound"):
+        add_sound(model, audio_config())
