@@ -8,8 +8,9 @@ from transformers import (
     AutoProcessor,
 )
 
+from .audio_omnifusion import add_sound
 from .configuration_omnifusion import OmniFusionConfig
-from .modeling_omnifusion import OmniFusionForCausalLM, OmniFusionModel, OmniFusionPreTrainedModel, add_sound
+from .modeling_omnifusion import OmniFusionForCausalLM, OmniFusionModel, OmniFusionPreTrainedModel
 from .processing.processing_omnifusion import OmniFusionProcessor
 
 AutoConfig.register("omnifusion", OmniFusionConfig, exist_ok=True)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from modeling_omnifusion import OmniFusionConfig, OmniFusionForCausalLM
-from modeling_omnifusion.modeling_omnifusion import audio_position_mask, expand_groups
+from modeling_omnifusion.audio_omnifusion import audio_position_mask, expand_groups
 from modeling_omnifusion.processing.audio_inputs_omnifusion import num_audio_positions
 from modeling_omnifusion.testing.tiny import (
     audio_chat,

@@ -114,6 +114,7 @@ def test_remote_code_imports_only_torch_transformers_and_siblings(saved):
         "configuration_omnifusion.py",
         "modeling_omnifusion.py",
         "adapters_omnifusion.py",
+        "audio_omnifusion.py",
         "processing_omnifusion.py",
         "input_checks_omnifusion.py",
         "compat_omnifusion.py",  # the version shim travels with its importers
