@@ -45,17 +45,25 @@ def engine(request):
     del llm
 
 
+def with_media(item: dict) -> dict:
+    """A chat item with its image or clip loaded from the reference folder."""
+    if item["type"] == "image":
+        return {"type": "image", "image": Image.open(REFERENCE / item["path"]).convert("RGB")}
+    if item["type"] == "audio":
+        return {"type": "audio", "audio": np.load(REFERENCE / item["audio"])}
+    return item
+
+
 @pytest.mark.parametrize("name", list(CHATS))
 def test_greedy_tokens_match_hf_generate(engine, name):
     from vllm import SamplingParams
 
     llm, processor, reference = engine
-    content = CHATS[name][0]["content"]
-    clips = [np.load(REFERENCE / item["audio"]) for item in content if item["type"] == "audio"]
-    images = [Image.open(REFERENCE / item["path"]).convert("RGB") for item in content if item["type"] == "image"]
-    prompt = processor.vllm_inputs(
-        processor.apply_chat_template(CHATS[name], add_generation_prompt=True), images=images or None, audio=clips
-    )
+    content = [with_media(item) for item in CHATS[name][0]["content"]]
+    images = [item["image"] for item in content if item["type"] == "image"]
+    clips = [item["audio"] for item in content if item["type"] == "audio"]
+    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    prompt = processor.vllm_inputs(text, images=images or None, audio=clips)
     output = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=8))[0].outputs[0].token_ids
     prompt_length = reference[name]["inputs"]["input_ids"].shape[1]
     assert list(output) == reference[name]["tokens"][0, prompt_length:].tolist()
