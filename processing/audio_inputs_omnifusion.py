@@ -223,8 +223,10 @@ def _load_chat_item(item, name: str, sampling_rate: int):
     if not isinstance(item, dict) or item.get("type") != "audio":
         return item
     sources = [key for key in ("audio", "path", "url") if item.get(key) is not None]
-    if len(sources) != 1:
-        raise ValueError(f"{name}: an audio item needs exactly one of 'audio', 'path' or 'url', got {sources}")
+    if len(sources) > 1:
+        raise ValueError(f"{name}: an audio item takes one of 'audio', 'path' or 'url', got {sources}")
+    if not sources:  # a placeholder only (rendering a prompt whose clips are given elsewhere)
+        return item
     source = item[sources[0]]
     if isinstance(source, str):
         source = to_waveform(source, name, sampling_rate, sampling_rate)

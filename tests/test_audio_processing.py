@@ -155,6 +155,14 @@ def test_chat_template_puts_images_and_clips_in_order_before_the_user_text(tiny)
     assert image_only == "This is a dialog with AI assistant.\n<image><user>Which?<assistant>"
 
 
+def test_audio_items_without_a_source_render_a_placeholder(tiny):
+    _, processor = tiny
+    messages = [{"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": "Hi"}]}]
+    assert processor.apply_chat_template(messages).endswith("<audio><user>Hi")
+    with pytest.raises(ValueError, match="takes one of 'audio', 'path' or 'url'"):
+        processor.apply_chat_template([{"role": "user", "content": [{"type": "audio", "audio": "a", "path": "b"}]}])
+
+
 def test_audio_items_in_assistant_turns_are_refused(tiny):
     _, processor = tiny
     messages = [
