@@ -1,7 +1,8 @@
 """
 OmniFusion stage 2 (supervised fine-tuning): starting from a stage-1 folder, train the adapter, the learned marker
 embeddings and the language model on image-text dialogs. The LM is trained fully, or with `--lora_r N` through LoRA
-on its attention and MLP projections; the vision encoder(s) are never trained.
+on its attention and MLP projections; the vision encoder(s) are never trained. A folder with sound trains its audio
+adapter too, on records that mix images, clips, both or neither; its audio encoder is never trained.
 
     omnifusion-train-stage2 \
         --model_name_or_path omnifusion-stage1 \
@@ -123,19 +124,21 @@ def train(args: list[str] | None = None) -> Trainer:
     # What a LoRA adapter's config and card name as their base model: its Hub id, never a local path.
     model.name_or_path = hub_model_id(model_args.model_name_or_path)
     model.config._name_or_path = model.name_or_path or ""
+    sound = model.config.audio_config is not None  # the audio tower stays frozen; its adapter trains
     if model_args.lora_r:  # get_peft_model freezes everything but the LoRA weights and the modules to save
         lora_config = LoraConfig(
             r=model_args.lora_r,
             lora_alpha=model_args.lora_alpha,
             lora_dropout=model_args.lora_dropout,
             target_modules=LANGUAGE_MODEL_PROJECTIONS,
-            modules_to_save=["adapter", "special_embeddings"],
+            modules_to_save=["adapter", "special_embeddings"] + (["audio_adapter"] if sound else []),
             task_type="CAUSAL_LM",
         )
         model = get_peft_model(model, lora_config)
         log_trainable_parameters(model)
     else:
-        train_only(model, [model.model.adapter, model.model.language_model, model.lm_head])
+        adapters = [model.model.adapter] + ([model.model.audio_adapter] if sound else [])
+        train_only(model, adapters + [model.model.language_model, model.lm_head])
 
     trainer = make_trainer(model, processor, data_args, training_args)
     train_or_resume(trainer)
