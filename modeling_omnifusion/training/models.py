@@ -406,6 +406,18 @@ def train_only(model: nn.Module, modules: list[nn.Module]):
     log_trainable_parameters(model)
 
 
+def adapters(model: OmniFusionForCausalLM) -> list[nn.Module]:
+    """The model's adapters: the image adapter and, with sound, the audio adapter."""
+    audio_adapter = getattr(model.model, "audio_adapter", None)
+    return [model.model.adapter] + ([audio_adapter] if audio_adapter is not None else [])
+
+
+def fine_tuned_modules(model: OmniFusionForCausalLM) -> list[nn.Module]:
+    """What stage 2 trains fully: the adapters, the LM (the marker table included) and the LM head; never an
+    encoder."""
+    return adapters(model) + [model.model.language_model, model.lm_head]
+
+
 def train_sound_side(model: OmniFusionForCausalLM) -> list[str]:
     """
     Freeze `model` except its audio adapter and the three audio rows of the marker table (the other rows' gradients

@@ -42,6 +42,7 @@ from modeling_omnifusion.hub_omnifusion import hub_model_id
 from .arguments import DataArguments, OmniFusionTrainingArguments
 from .checkpoints import save_final_output, train_or_resume
 from .models import (
+    adapters,
     build_model_from_pretrained_parts,
     extend_with_sound,
     parse_grid_pinpoints,
@@ -204,8 +205,7 @@ def train(args: list[str] | None = None) -> Trainer:
             image_grid_pinpoints=parse_grid_pinpoints(model_args.image_grid_pinpoints),
             **sound,
         )
-        adapters = [model.model.adapter] + ([model.model.audio_adapter] if sound else [])
-        train_only(model, adapters + [model.get_input_embeddings().special_embeddings])
+        train_only(model, adapters(model) + [model.get_input_embeddings().special_embeddings])
 
     trainer = make_trainer(model, processor, data_args, training_args, no_decay_parameters=no_decay)
     train_or_resume(trainer)

@@ -40,6 +40,7 @@ from modeling_omnifusion.hub_omnifusion import hub_model_id
 from .arguments import DataArguments, OmniFusionTrainingArguments
 from .checkpoints import save_final_output, train_or_resume
 from .models import (
+    fine_tuned_modules,
     install_vision_towers,
     load_replacement_vision_towers,
     log_trainable_parameters,
@@ -124,21 +125,20 @@ def train(args: list[str] | None = None) -> Trainer:
     # What a LoRA adapter's config and card name as their base model: its Hub id, never a local path.
     model.name_or_path = hub_model_id(model_args.model_name_or_path)
     model.config._name_or_path = model.name_or_path or ""
-    sound = model.config.audio_config is not None  # the audio tower stays frozen; its adapter trains
     if model_args.lora_r:  # get_peft_model freezes everything but the LoRA weights and the modules to save
         lora_config = LoraConfig(
             r=model_args.lora_r,
             lora_alpha=model_args.lora_alpha,
             lora_dropout=model_args.lora_dropout,
             target_modules=LANGUAGE_MODEL_PROJECTIONS,
-            modules_to_save=["adapter", "special_embeddings"] + (["audio_adapter"] if sound else []),
+            modules_to_save=["adapter", "special_embeddings"]
+            + (["audio_adapter"] if model.config.audio_config is not None else []),
             task_type="CAUSAL_LM",
         )
         model = get_peft_model(model, lora_config)
         log_trainable_parameters(model)
     else:
-        adapters = [model.model.adapter] + ([model.model.audio_adapter] if sound else [])
-        train_only(model, adapters + [model.model.language_model, model.lm_head])
+        train_only(model, fine_tuned_modules(model))
 
     trainer = make_trainer(model, processor, data_args, training_args)
     train_or_resume(trainer)
