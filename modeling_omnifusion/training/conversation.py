@@ -164,8 +164,10 @@ def decode_sound(source, processor: OmniFusionProcessor, name: str) -> np.ndarra
     naming `name` (e.g. the record and file) if it cannot be decoded, holds NaN/Inf samples, is empty, too short for
     one position or longer than the encoder's window.
     """
-    import soundfile
-
+    try:
+        import soundfile
+    except ImportError as error:
+        raise ImportError(f"{name}: reading sound needs soundfile (pip install soundfile).") from error
     try:
         samples, rate = soundfile.read(source, dtype="float32", always_2d=False)
     except Exception as error:  # soundfile raises LibsndfileError, RuntimeError, TypeError, ... on bad data

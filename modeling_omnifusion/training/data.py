@@ -292,8 +292,11 @@ def sample_example(key: str, fields: dict[str, bytes], encoder: ConversationEnco
     """
     caption = sample_caption(fields)
     audio = next((ext for ext in AUDIO_EXTENSIONS if ext in fields), None) if encoder.with_audio else None
-    has_image = audio is None or any(ext in fields for ext in IMAGE_EXTENSIONS)
-    image = sample_image(fields) if has_image else None
+    has_image = any(ext in fields for ext in IMAGE_EXTENSIONS)
+    if encoder.with_audio and not has_image and audio is None:
+        raise ValueError(f"no image or clip (one of .{', .'.join(IMAGE_EXTENSIONS + AUDIO_EXTENSIONS)})")
+    image = sample_image(fields) if has_image or audio is None else None  # no image, no clip: `sample_image` says so
+    has_image = image is not None
     messages, _ = record_to_messages(
         key, caption_conversation(key, caption, has_image, audio is not None), encoder.with_audio
     )

@@ -123,13 +123,12 @@ def whisper_feature_extractor(name_or_path: str, audio_config) -> WhisperFeature
     own for `audio_config` (`num_mel_bins` bins over the encoder's window, 100 frames per second). A `ValueError` if a
     saved one does not fit the encoder (mel bins, window frames).
     """
+    window_frames = audio_config.max_source_positions * 2  # the encoder's convolutions halve the mel frames
     try:
         feature_extractor = WhisperFeatureExtractor.from_pretrained(name_or_path)
     except OSError:  # no preprocessor_config.json
-        window_frames = audio_config.max_source_positions * 2
         logger.info("%s has no feature extractor: using Whisper's for a %d-frame window.", name_or_path, window_frames)
         return WhisperFeatureExtractor(feature_size=audio_config.num_mel_bins, chunk_length=window_frames // 100)
-    window_frames = audio_config.max_source_positions * 2
     if feature_extractor.feature_size != audio_config.num_mel_bins or feature_extractor.nb_max_frames != window_frames:
         raise ValueError(
             f"--audio_model_name_or_path {name_or_path}: its feature extractor gives {feature_extractor.feature_size} "
