@@ -114,10 +114,11 @@ def check_model_arguments(parser: HfArgumentParser, model_args: ModelArguments):
     for any other combination."""
     building = model_args.vision_model_name_or_path is not None or model_args.language_model_name_or_path is not None
     if model_args.model_name_or_path is not None:
-        if building:
+        if building or model_args.image_grid_pinpoints is not None:
             parser.error(
                 "--model_name_or_path trains the sound side of an existing model: give it without "
-                "--vision_model_name_or_path and --language_model_name_or_path (those build a new model)."
+                "--vision_model_name_or_path, --language_model_name_or_path and --image_grid_pinpoints (those build a "
+                "new model)."
             )
     elif model_args.vision_model_name_or_path is None or model_args.language_model_name_or_path is None:
         parser.error(
