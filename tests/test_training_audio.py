@@ -526,3 +526,11 @@ def test_stage1_help_lists_the_sound_flags(capsys):
     for flag in ("--audio_model_name_or_path", "--audio_adapter_type", "--audio_pool_stride", "--model_name_or_path"):
         assert flag in help_text
     assert "--audio_folder" in help_text
+
+
+def test_packing_and_length_grouping_train_on_audio_records(image_model_dir, parts, speech_data, tmp_path):
+    trainer = stage1.train(
+        ["--model_name_or_path", str(image_model_dir), "--audio_model_name_or_path", str(parts["whisper"])]
+        + training_flags(tmp_path, speech_data, max_steps=2, packing=True, group_by_length=True)
+    )
+    assert trainer.state.global_step == 2 and (tmp_path / "config.json").is_file()

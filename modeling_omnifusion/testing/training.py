@@ -96,32 +96,36 @@ def speech_records(num_records: int, extension: str = "wav", with_images: bool =
     return records
 
 
-def write_shard(path: Path, samples: dict[str, dict[str, bytes]]) -> Path:
-    """A WebDataset tar shard at `path`: for each key (in order) its fields as `key.<extension>` members."""
-    with tarfile.open(path, "w") as archive:
-        for key, fields in samples.items():
-            for extension, data in fields.items():
-                info = tarfile.TarInfo(f"{key}.{extension}")
-                info.size = len(data)
-                archive.addfile(info, io.BytesIO(data))
-    return path
+def write_shards(folder: Path, num_shards: int, per_shard: int, sample_fields) -> list[Path]:
+    """WebDataset tar shards `folder/00000.tar`...: sample `index` of shard `shard` has the key
+    `f"{shard:05d}{index:04d}"` and the members `key.<extension>` of `sample_fields(shard, index, key)`, a dict
+    extension -> bytes."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shards = []
+    for shard in range(num_shards):
+        path = folder / f"{shard:05d}.tar"
+        with tarfile.open(path, "w") as archive:
+            for index in range(per_shard):
+                key = f"{shard:05d}{index:04d}"
+                for extension, data in sample_fields(shard, index, key).items():
+                    info = tarfile.TarInfo(f"{key}.{extension}")
+                    info.size = len(data)
+                    archive.addfile(info, io.BytesIO(data))
+        shards.append(path)
+    return shards
 
 
 def write_audio_shards(folder: Path, num_shards: int, per_shard: int, extensions=("wav", "flac"), bad=None) -> list:
     """WebDataset shards `00000.tar`...: `key.<extension>` (cycling through `extensions`) + `key.txt` with the
     transcript. `bad` maps a key to a replacement for its clip's bytes."""
     bad = bad or {}
-    folder.mkdir(parents=True, exist_ok=True)
-    shards = []
-    for shard in range(num_shards):
-        samples = {}
-        for index in range(per_shard):
-            key = f"{shard:05d}{index:04d}"
-            extension = extensions[index % len(extensions)]
-            clip = bad.get(key, clip_bytes(extension, seed=shard * 100 + index))
-            samples[key] = {extension: clip, "txt": f"It is {COLOURS[index % len(COLOURS)]}.".encode()}
-        shards.append(write_shard(folder / f"{shard:05d}.tar", samples))
-    return shards
+
+    def sample_fields(shard: int, index: int, key: str) -> dict[str, bytes]:
+        extension = extensions[index % len(extensions)]
+        clip = bad.get(key, clip_bytes(extension, seed=shard * 100 + index))
+        return {extension: clip, "txt": f"It is {COLOURS[index % len(COLOURS)]}.".encode()}
+
+    return write_shards(folder, num_shards, per_shard, sample_fields)
 
 
 def colour_records(num_records: int, with_images: bool = True) -> list[dict]:
