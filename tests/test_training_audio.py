@@ -503,6 +503,10 @@ def test_an_audio_run_killed_mid_checkpoint_resumes_to_the_uninterrupted_weights
         (["--model_name_or_path", "x", "--vision_model_name_or_path", "v"], "--model_name_or_path trains the sound"),
         (["--audio_model_name_or_path", "w"], "stage 1 needs --vision_model_name_or_path"),
         (
+            ["--model_name_or_path", "x", "--image_grid_pinpoints", "[[64, 64]]"],
+            "--model_name_or_path trains the sound",
+        ),
+        (
             ["--vision_model_name_or_path", "v", "--language_model_name_or_path", "l", "--audio_pool_stride", "3"],
             "--audio_pool_stride needs --audio_model_name_or_path",
         ),
@@ -534,3 +538,12 @@ def test_packing_and_length_grouping_train_on_audio_records(image_model_dir, par
         + training_flags(tmp_path, speech_data, max_steps=2, packing=True, group_by_length=True)
     )
     assert trainer.state.global_step == 2 and (tmp_path / "config.json").is_file()
+
+
+def test_training_the_sound_side_of_a_folder_under_fsdp_is_refused(image_model_dir, parts, tmp_path, capsys):
+    flags = ["--model_name_or_path", str(image_model_dir), "--audio_model_name_or_path", str(parts["whisper"])]
+    with pytest.raises(SystemExit) as exit_info:
+        stage1.train(
+            flags + ["--fsdp", "full_shard", "--use_cpu", "--data_path", "d.json", "--output_dir", str(tmp_path)]
+        )
+    assert exit_info.value.code == 2 and "use DDP or ZeRO-2" in capsys.readouterr().err

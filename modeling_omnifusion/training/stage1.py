@@ -29,6 +29,7 @@ for `torchrun`, `accelerate launch`, DeepSpeed and FSDP. `--output_dir` ends up 
 processor, remote code), the input of stage 2 (`omnifusion-train-stage2`, `stage2.py`).
 """
 
+import os
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -41,6 +42,7 @@ from modeling_omnifusion.hub_omnifusion import hub_model_id
 
 from .arguments import DataArguments, OmniFusionTrainingArguments
 from .checkpoints import save_final_output, train_or_resume
+from .fsdp import fsdp_requested
 from .models import (
     adapters,
     build_model_from_pretrained_parts,
@@ -173,6 +175,13 @@ def train(args: list[str] | None = None) -> Trainer:
     parser = HfArgumentParser((ModelArguments, DataArguments, Stage1TrainingArguments))
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args)
     check_model_arguments(parser, model_args)
+    fsdp = fsdp_requested(training_args) or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
+    if model_args.model_name_or_path is not None and fsdp:
+        parser.error(
+            "Training the sound side of --model_name_or_path keeps the image and turn markers fixed through a "
+            "gradient hook that FSDP's sharded parameters would not carry. It trains only the audio adapter and "
+            "markers: use DDP or ZeRO-2."
+        )
     paths = {
         flag: getattr(model_args, flag)
         for flag in (
