@@ -345,8 +345,12 @@ class OmniFusionModel(OmniFusionPreTrainedModel):
         pooled = nn.functional.avg_pool1d(frames, pool, pool).transpose(1, 2)
         real = audio_position_mask(input_features_mask.to(pooled.device), frame_stride, pool)
         adapter_dtype = next(self.audio_adapter.parameters()).dtype
-        outputs.pooler_output = self.audio_adapter(pooled[real].to(adapter_dtype))
-        return outputs
+        return BaseModelOutputWithPooling(
+            last_hidden_state=outputs.last_hidden_state,
+            pooler_output=self.audio_adapter(pooled[real].to(adapter_dtype)),
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
 
     def _placeholders_in(self, input_ids, inputs_embeds, token_id: int) -> torch.BoolTensor:
         """`[batch, seq]` mask of the positions holding placeholder `token_id` (from the ids, else the embeddings)."""
@@ -456,9 +460,12 @@ class OmniFusionModel(OmniFusionPreTrainedModel):
         if inputs_embeds is None:
             inputs_embeds = self.embed_ids(input_ids)
 
-        raw = {"image": None if pixel_values is None else {"pixel_values": pixel_values}}
-        if input_features is not None:
-            raw["audio"] = {"input_features": input_features, "input_features_mask": input_features_mask}
+        raw = {
+            "image": None if pixel_values is None else {"pixel_values": pixel_values},
+            "audio": None
+            if input_features is None
+            else {"input_features": input_features, "input_features_mask": input_features_mask},
+        }
         image_options = {
             "vision_feature_layer": vision_feature_layer,
             "vision_feature_select_strategy": vision_feature_select_strategy,
@@ -521,25 +528,27 @@ class OmniFusionForCausalLM(OmniFusionPreTrainedModel, GenerationMixin):
         order: the per-clip tensors (`input_features`, `input_features_mask`) and pre-encoded audio positions are
         repeated as whole groups per prompt ([a, b] -> [a, b, a, b]) instead of clip by clip ([a, a, b, b]).
         """
-        per_row = {}
+        per_clip = {}
         if expand_size > 1 and getattr(self.config, "audio_config", None) is not None:
+            # With `inputs_embeds` only, `generate` passes empty `input_ids`: count the placeholders in the embeddings.
+            ids = input_ids if input_ids is not None and input_ids.numel() else None
             embeds = kwargs.get("inputs_embeds")
-            per_row = {
-                name: (kwargs.pop(name), self.config.audio_start_token_id)
+            clips = self.model._placeholders_in(ids, embeds, self.config.audio_start_token_id).sum(-1)
+            per_clip = {
+                name: expand_groups(kwargs.pop(name), clips, expand_size, name)
                 for name in ("input_features", "input_features_mask")
                 if isinstance(kwargs.get(name), torch.Tensor)
             }
             audio_outputs = (kwargs.get("mm_encoder_outputs") or {}).get("audio")
-            if audio_outputs is not None:
-                counts = self.model._placeholders_in(input_ids, embeds, self.config.audio_token_id).sum(-1)
-                audio_outputs.pooler_output = expand_groups(audio_outputs.pooler_output, counts, expand_size)
-            for name, (tensor, start_id) in per_row.items():
-                counts = self.model._placeholders_in(input_ids, embeds, start_id).sum(-1)
-                per_row[name] = expand_groups(tensor, counts, expand_size, name)
+            if audio_outputs is not None:  # a new output object: the caller's stays as it was
+                positions = self.model._placeholders_in(ids, embeds, self.config.audio_token_id).sum(-1)
+                expanded = expand_groups(audio_outputs.pooler_output, positions, expand_size)
+                audio_outputs = type(audio_outputs)(**{**audio_outputs, "pooler_output": expanded})
+                kwargs["mm_encoder_outputs"] = {**kwargs["mm_encoder_outputs"], "audio": audio_outputs}
         input_ids, kwargs = super()._expand_inputs_for_generation(
             expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **kwargs
         )
-        kwargs.update(per_row)
+        kwargs.update(per_clip)
         return input_ids, kwargs
 
     def generate(self, *args, **kwargs):

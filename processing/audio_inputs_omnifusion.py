@@ -108,6 +108,8 @@ def _as_float(array: np.ndarray, name: str) -> np.ndarray:
 
 
 def _to_mono(array: np.ndarray, name: str) -> np.ndarray:
+    if array.size == 0:
+        raise ValueError(f"{name} is empty: no samples (shape {tuple(array.shape)}).")
     if array.ndim == 1:
         return array
     if array.ndim != 2:

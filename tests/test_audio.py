@@ -107,6 +107,7 @@ def test_audio_features_hold_each_clip_cut_to_its_duration(tiny):
     assert features.pooler_output.shape == (12 + 25, model.config.text_config.hidden_size)
     torch.testing.assert_close(features.pooler_output[:12], alone.pooler_output)
     assert features.last_hidden_state.shape == (2, 50, 32)
+    assert type(features).__name__ == "BaseModelOutputWithPooling"
 
 
 def test_placeholder_count_and_features_disagreeing_is_a_clear_error(tiny):
@@ -347,3 +348,24 @@ def test_adding_sound_to_an_image_model_keeps_its_image_outputs_bit_identical():
     assert model(**both).logits.isfinite().all()
     with pytest.raises(ValueError, match="already has sound"):
         add_sound(model, audio_config())
+
+
+@torch.no_grad()
+def test_beams_from_inputs_embeds_and_pre_encoded_audio_keep_clip_order(tiny):
+    model, processor = tiny
+    inputs = encode(processor, audio_chat("Which came first?", clips=[make_clip(5, 0.3), make_clip(6, 0.9)]))
+    settings = dict(max_new_tokens=3, num_beams=2, do_sample=False)
+    reference = model.generate(**inputs, **settings)[:, inputs["input_ids"].shape[1] :]
+    audio = model.get_audio_features(inputs["input_features"], inputs["input_features_mask"])
+    pre_encoded = model.generate(
+        input_ids=inputs["input_ids"],
+        attention_mask=inputs["attention_mask"],
+        mm_encoder_outputs={"audio": audio},
+        **settings,
+    )
+    assert torch.equal(pre_encoded[:, inputs["input_ids"].shape[1] :], reference)
+    embeds = model.model.merge_features(
+        inputs["input_ids"], model.model.embed_ids(inputs["input_ids"]), {"audio": audio}
+    )
+    from_embeds = model.generate(inputs_embeds=embeds, attention_mask=inputs["attention_mask"], **settings)
+    assert torch.equal(from_embeds, reference)

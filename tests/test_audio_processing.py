@@ -96,6 +96,7 @@ def test_paths_and_base64_are_read_and_resampled(tiny, tmp_path):
         (np.array([0.1, np.nan] * 4000, dtype=np.float32), ValueError, "Audio clip 0 holds NaN or infinite samples"),
         (np.full(8000, np.inf, dtype=np.float64), ValueError, "Audio clip 0 holds NaN or infinite samples"),
         (np.zeros(0, dtype=np.float32), ValueError, "Audio clip 0 is empty"),
+        (np.zeros((0, 2), dtype=np.int16), ValueError, "Audio clip 0 is empty"),
         (np.zeros(16001, dtype=np.float32), ValueError, r"Audio clip 0 is 1.00 s long, over the 1 s the audio encoder"),
         (np.zeros(200, dtype=np.float32), ValueError, "too short for a single audio position"),
         (np.zeros((2, 3, 800), dtype=np.float32), ValueError, "Audio clip 0 has shape"),
