@@ -7,7 +7,6 @@ import os
 import re
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import pytest
@@ -23,6 +22,9 @@ from modeling_omnifusion.testing.training import (
     save_vision_model,
     training_flags,
     write_dataset,
+)
+from modeling_omnifusion.testing.training import (
+    write_shards as write_tar_shards,
 )
 from modeling_omnifusion.training import stage1, stage2
 from modeling_omnifusion.training.arguments import DataArguments, OmniFusionTrainingArguments
@@ -55,35 +57,27 @@ def write_shards(folder: Path, num_shards: int, per_shard: int, bad: dict | None
     """img2dataset-style shards `00000.tar`...: `key.png` + `key.txt` (odd samples: `key.json` instead). `bad` maps
     a key to what is wrong with it: 'no-caption', 'broken-image', 'no-image', 'bad-json'."""
     bad = bad or {}
-    folder.mkdir(parents=True, exist_ok=True)
-    shards = []
-    for shard in range(num_shards):
-        path = folder / f"{shard:05d}.tar"
-        with tarfile.open(path, "w") as archive:
-            for index in range(per_shard):
-                key = f"{shard:05d}{index:04d}"
-                caption = f"It is {['red', 'blue', 'green'][index % 3]}."
-                fields = {"png": png_bytes(shard * 100 + index)}
-                if index % 2:
-                    fields["json"] = json.dumps({"caption": caption, "key": key}).encode()
-                else:
-                    fields["txt"] = caption.encode()
-                problem = bad.get(key)
-                if problem == "no-caption":
-                    fields.pop("txt", None), fields.pop("json", None)
-                elif problem == "broken-image":
-                    fields["png"] = b"not a png"
-                elif problem == "no-image":
-                    del fields["png"]
-                elif problem == "bad-json":
-                    fields.pop("txt", None)
-                    fields["json"] = b"{broken"
-                for extension, data in fields.items():
-                    info = tarfile.TarInfo(f"{key}.{extension}")
-                    info.size = len(data)
-                    archive.addfile(info, io.BytesIO(data))
-        shards.append(path)
-    return shards
+
+    def sample_fields(shard: int, index: int, key: str) -> dict[str, bytes]:
+        caption = f"It is {['red', 'blue', 'green'][index % 3]}."
+        fields = {"png": png_bytes(shard * 100 + index)}
+        if index % 2:
+            fields["json"] = json.dumps({"caption": caption, "key": key}).encode()
+        else:
+            fields["txt"] = caption.encode()
+        problem = bad.get(key)
+        if problem == "no-caption":
+            fields.pop("txt", None), fields.pop("json", None)
+        elif problem == "broken-image":
+            fields["png"] = b"not a png"
+        elif problem == "no-image":
+            del fields["png"]
+        elif problem == "bad-json":
+            fields.pop("txt", None)
+            fields["json"] = b"{broken"
+        return fields
+
+    return write_tar_shards(folder, num_shards, per_shard, sample_fields)
 
 
 def stream(data_path, max_steps=5, **data_kwargs):
