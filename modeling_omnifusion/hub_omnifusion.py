@@ -207,14 +207,16 @@ def build_model_card(config) -> ModelCard:
 
     `base_model` lists the Hub ids of the sub-models when they are known (`hub_model_id`), and is left out otherwise.
     """
-    sub_configs = [sub for sub in (config.text_config, *config.vision_configs) if sub is not None]
+    audio = getattr(config, "audio_config", None)
+    sub_configs = [sub for sub in (config.text_config, *config.vision_configs, audio) if sub is not None]
     base_models = list(dict.fromkeys(filter(None, (hub_model_id(sub._name_or_path) for sub in sub_configs))))
     data = ModelCardData(
         library_name="transformers",
         pipeline_tag="image-text-to-text",
         license="apache-2.0",
         base_model=base_models or None,
-        tags=["omnifusion", "multimodal", "vision-language", "image-text-to-text", "conversational", "custom_code"],
+        tags=["omnifusion", "multimodal", "vision-language", "image-text-to-text", "conversational", "custom_code"]
+        + (["audio", "speech"] if audio is not None else []),
         widget=[
             {"text": "What is shown in this image?", "src": WIDGET_IMAGE_URL},
             {
@@ -233,6 +235,7 @@ def build_model_card(config) -> ModelCard:
     encoders = " + ".join(f"{vision.model_type} ({vision.image_size}px)" for vision in config.vision_configs)
     layers = "all hidden layers" if config.adapter_type == "mix_sum" else f"hidden layer {config.vision_feature_layer}"
     tiles = f", tiled over {config.image_grid_pinpoints} plus a global view" if config.image_grid_pinpoints else ""
+    sound, lm = sound_note(config), config.text_config.model_type
     content = f"""---
 {data.to_yaml()}
 ---
@@ -241,7 +244,7 @@ def build_model_card(config) -> ModelCard:
 
 An OmniFusion vision-language model: frozen vision encoder(s) {encoders} ({config.num_image_tokens} image tokens
 per view from {layers}{tiles}), a `{config.adapter_type}`
-adapter, learned image-start/end and user/assistant markers, and a {config.text_config.model_type} language model.
+adapter, learned image-start/end and user/assistant markers, and a {lm} language model.{sound}
 
 ```python
 from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -257,6 +260,19 @@ print(processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_to
 ```
 """
     return ModelCard(content)
+
+
+def sound_note(config) -> str:
+    """The card's paragraph on sound, empty for a model without it."""
+    audio = getattr(config, "audio_config", None)
+    if audio is None:
+        return ""
+    return f"""
+
+It also hears: a frozen {audio.model_type} encoder, {config.audio_pool_stride}x average pooling of its frames and an
+`{config.audio_adapter_type}` audio adapter, the clip's positions between learned audio-start/end markers. Clips go in
+chat messages as `{{"type": "audio", "audio": <waveform> | "path": <file> | "url": <url>}}` items (up to the encoder's
+30 s window each)."""
 
 
 __all__ = [

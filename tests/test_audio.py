@@ -369,3 +369,14 @@ def test_beams_from_inputs_embeds_and_pre_encoded_audio_keep_clip_order(tiny):
     )
     from_embeds = model.generate(inputs_embeds=embeds, attention_mask=inputs["attention_mask"], **settings)
     assert torch.equal(from_embeds, reference)
+
+
+def test_model_card_describes_the_sound_side_only_when_there_is_one():
+    from modeling_omnifusion.hub_omnifusion import build_model_card
+
+    audio_model, _ = make_audio_model_and_processor()
+    card = str(build_model_card(audio_model.config))
+    assert "It also hears: a frozen whisper encoder, 2x average pooling" in card and "`mlp` audio adapter" in card
+    assert {"audio", "speech"} <= set(build_model_card(audio_model.config).data.tags)
+    image_card = str(build_model_card(OmniFusionConfig()))
+    assert "hears" not in image_card and "speech" not in image_card
