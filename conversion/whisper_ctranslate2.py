@@ -507,6 +507,9 @@ def converted_whisper_base(cache_dir: str | os.PathLike | None = None) -> Path:
         eos_token_id=end,
         pad_token_id=end,
         decoder_start_token_id=tokenizer.convert_tokens_to_ids("<|startoftranscript|>"),
+        # as in transformers' own Whisper configs (WhisperConfig's default begin ids are the English-only model's)
+        begin_suppress_tokens=_id_list(model_config.get("suppress_ids_begin", [])),
+        suppress_tokens=_id_list(model_config.get("suppress_ids", [])),
     )
     whisper = whisper_from_ct2(ct2, config)
     del ct2

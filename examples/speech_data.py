@@ -26,6 +26,7 @@ import gzip
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 from dataclasses import asdict, dataclass
@@ -41,6 +42,10 @@ ASTERISK_INDEX = Path("/usr/share/doc/asterisk-core-sounds-en/core-sounds-en.txt
 APT_HINT = "apt-get install -y --no-install-recommends asterisk-core-sounds-en-wav asterisk-core-sounds-en espeak-ng"
 # Index sections that are not prompts: single words and letters read for spelling, and silences.
 NOT_PHRASES = ("digits/", "letters/", "phonetic/", "silence/")
+
+# A transcript of speech only: words, numbers and punctuation, no sound description (`[beep]`, `<beep ascending>`),
+# index note (`IAX (note: does not say "2")`) or key symbol (`*`, `#`) whose reading is ambiguous.
+SPOKEN_TEXT = re.compile(r"[A-Za-z0-9 .,?!'\-:;\"]+")
 
 VOICES = ("en-us", "en-us+f3", "en-gb", "en-gb+f2", "en-gb-scotland", "en-us+m3", "en-029+f4", "en-gb-x-rp+m7")
 SPEEDS = (130, 150, 170, 190)
@@ -95,15 +100,15 @@ def real_phrase_clips(
     count: int | None = None, seed: int = 0, min_words: int = 3, max_seconds: float = 8.0
 ) -> list[Clip]:
     """
-    English prompts whose index text is speech (no `[...]` or `<...>` sound description) of at least `min_words`
-    words, whose recording exists and lasts at most `max_seconds`, one per distinct normalised text, in name order;
-    `count` of them drawn with `seed` when given.
+    English prompts whose index text is speech only (`SPOKEN_TEXT`) of at least `min_words` words, whose recording
+    exists and lasts at most `max_seconds`, one per distinct normalised text, in name order; `count` of them drawn
+    with `seed` when given.
     """
     import soundfile
 
     clips, seen = [], set()
     for name, text in sorted(asterisk_index().items()):
-        if name.startswith(NOT_PHRASES) or "[" in text or "<" in text or len(normalize_words(text)) < min_words:
+        if name.startswith(NOT_PHRASES) or not SPOKEN_TEXT.fullmatch(text) or len(normalize_words(text)) < min_words:
             continue
         path = _recording(name)
         key = " ".join(normalize_words(text))

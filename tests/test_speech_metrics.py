@@ -44,6 +44,13 @@ def test_normalisation_lowercases_strips_punctuation_and_spells_numerals():
     )
 
 
+def test_normalisation_expands_contractions():
+    assert normalize_words("You're sure I can't? We'll see, it won't; I'd, I'm, we've.") == (
+        "you are sure i can not we will see it will not i would i am we have".split()
+    )
+    assert normalize_words("You cannot") == normalize_words("you can\u2019t")
+
+
 def test_normalisation_reads_numerals_and_number_words_alike():
     assert normalize_words("Press 1 or 20.") == normalize_words("press one, or twenty")
 

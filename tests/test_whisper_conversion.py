@@ -296,6 +296,7 @@ def test_the_cache_folder_loads_with_transformers_and_is_converted_once(tiny, tm
     generation = loaded.generation_config
     assert generation.lang_to_id == {"<|en|>": START + 1, "<|ru|>": START + 2}
     assert generation.suppress_tokens == [1, 2] and generation.begin_suppress_tokens == [3, END]
+    assert loaded.config.suppress_tokens == [1, 2] and loaded.config.begin_suppress_tokens == [3, END]
     assert generation.decoder_start_token_id == START and generation.eos_token_id == END
     processor = WhisperProcessor.from_pretrained(folder)
     assert processor.feature_extractor.feature_size == 8 and processor.tokenizer.eos_token_id == END

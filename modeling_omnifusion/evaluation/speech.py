@@ -2,11 +2,12 @@
 Speech recognition metrics: word error rate and digit accuracy, with one text normalisation for both sides.
 
 `normalize_words(text)` is what both a transcript and its reference become before they are compared: lowercase;
-apostrophes dropped (`party's` -> `partys`, `o'clock` -> `oclock`); `%` and `&` spelled (`percent`, `and`); commas
-inside numbers dropped (`1,000` -> `1000`); dotted abbreviations joined (`A.M.` -> `am`); every other character that
-is not a letter or a digit a word break (`sixty-two` -> `sixty two`); numerals spelled out in words (`20` ->
-`twenty`, `162` -> `one hundred sixty two`, a numeral with a leading zero or more than nine digits digit by digit).
-So `press 1` and `Press one.` normalise to the same words.
+contractions expanded (`you're` -> `you are`, `can't` and `cannot` -> `can not`, `n't` -> ` not`, `'m`, `'ll`, `'ve`,
+`'d`); other apostrophes dropped (`party's` -> `partys`, `o'clock` -> `oclock`); `%` and `&` spelled (`percent`,
+`and`); commas inside numbers dropped (`1,000` -> `1000`); dotted abbreviations joined (`A.M.` -> `am`); every other
+character that is not a letter or a digit a word break (`sixty-two` -> `sixty two`); numerals spelled out in words
+(`20` -> `twenty`, `162` -> `one hundred sixty two`, a numeral with a leading zero or more than nine digits digit by
+digit). So `press 1` and `Press one.` normalise to the same words.
 
 `word_error_rate(predictions, references)` is corpus-level: the word-level edit distance (substitutions, deletions,
 insertions, each costing 1) summed over all pairs, divided by the total number of reference words.
@@ -34,6 +35,17 @@ TENS_WORDS = {word: value for value, word in enumerate(TENS) if word}
 
 _NUMBER_COMMA = re.compile(r"(?<=\d),(?=\d{3}\b)")
 _SYMBOLS = {"%": " percent ", "&": " and "}
+CONTRACTIONS = (
+    (re.compile(r"\bcan't\b"), "can not"),
+    (re.compile(r"\bcannot\b"), "can not"),
+    (re.compile(r"\bwon't\b"), "will not"),
+    (re.compile(r"n't\b"), " not"),
+    (re.compile(r"'re\b"), " are"),
+    (re.compile(r"'m\b"), " am"),
+    (re.compile(r"'ll\b"), " will"),
+    (re.compile(r"'ve\b"), " have"),
+    (re.compile(r"'d\b"), " would"),
+)
 _ABBREVIATION = re.compile(r"\b(?:[a-z]\.){2,}")
 _LETTERS_DIGITS = re.compile(r"(?<=[a-z])(?=\d)|(?<=\d)(?=[a-z])")
 
@@ -66,7 +78,10 @@ def _numeral_words(numeral: str) -> str:
 
 def _tokens(text: str) -> list[str]:
     """Lowercase word and numeral tokens of `text`, punctuation removed (numerals kept as digits)."""
-    text = text.lower().replace("'", "").replace("\u2019", "")
+    text = text.lower().replace("\u2019", "'")
+    for pattern, expansion in CONTRACTIONS:
+        text = pattern.sub(expansion, text)
+    text = text.replace("'", "")
     text = _NUMBER_COMMA.sub("", _ABBREVIATION.sub(lambda match: match.group().replace(".", ""), text))
     for symbol, words in _SYMBOLS.items():
         text = text.replace(symbol, words)
