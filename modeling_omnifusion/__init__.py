@@ -8,6 +8,7 @@ from transformers import (
     AutoProcessor,
 )
 
+from .audio_omnifusion import add_sound
 from .configuration_omnifusion import OmniFusionConfig
 from .modeling_omnifusion import OmniFusionForCausalLM, OmniFusionModel, OmniFusionPreTrainedModel
 from .processing.processing_omnifusion import OmniFusionProcessor
@@ -25,6 +26,7 @@ OmniFusionForCausalLM.register_for_auto_class("AutoModelForImageTextToText")
 OmniFusionProcessor.register_for_auto_class()
 
 __all__ = [
+    "add_sound",
     "OmniFusionConfig",
     "OmniFusionForCausalLM",
     "OmniFusionModel",

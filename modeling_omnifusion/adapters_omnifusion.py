@@ -1,8 +1,9 @@
-"""OmniFusion adapters: map vision-encoder features to the LM's embedding width.
+"""OmniFusion adapters: map encoder features to the LM's embedding width.
 
-Single-encoder adapters take one `[num_views, num_patches, vision_hidden]` tensor. The encoder-mixing adapters of the
-technical report take `encoder_features`: per vision encoder (config order), the list of hidden states they read,
-each `[num_views, num_patches_of_that_encoder, its_hidden]`.
+Single-encoder adapters take one `[num_views, num_patches, vision_hidden]` tensor (`mlp` and `linear` work on every
+position alone, so they also take the `[total_positions, audio_hidden]` pooled frames of the audio path). The
+encoder-mixing adapters of the technical report take `encoder_features`: per vision encoder (config order), the
+list of hidden states they read, each `[num_views, num_patches_of_that_encoder, its_hidden]`.
 """
 
 import torch
@@ -106,12 +107,13 @@ class OmniFusionTransformerAdapter(nn.Module):
 
 
 class OmniFusionMLPAdapter(nn.Module):
-    """Linear-activation-Linear from the vision width to the LM width (the paper's best single-encoder adapter)."""
+    """Linear-activation-Linear from the encoder width (`input_width`, default the vision encoder's) to the LM width
+    (the paper's best single-encoder adapter)."""
 
-    def __init__(self, config: OmniFusionConfig):
+    def __init__(self, config: OmniFusionConfig, input_width: int | None = None):
         super().__init__()
         hidden = config.adapter_hidden_size or config.text_config.hidden_size
-        self.linear_1 = nn.Linear(config.vision_config.hidden_size, hidden)
+        self.linear_1 = nn.Linear(input_width or config.vision_config.hidden_size, hidden)
         self.act = ACT2FN[config.adapter_hidden_act]
         self.linear_2 = nn.Linear(hidden, config.text_config.hidden_size)
 
@@ -120,11 +122,11 @@ class OmniFusionMLPAdapter(nn.Module):
 
 
 class OmniFusionLinearAdapter(nn.Module):
-    """A single Linear from the vision width to the LM width."""
+    """A single Linear from the encoder width (`input_width`, default the vision encoder's) to the LM width."""
 
-    def __init__(self, config: OmniFusionConfig):
+    def __init__(self, config: OmniFusionConfig, input_width: int | None = None):
         super().__init__()
-        self.linear = nn.Linear(config.vision_config.hidden_size, config.text_config.hidden_size)
+        self.linear = nn.Linear(input_width or config.vision_config.hidden_size, config.text_config.hidden_size)
 
     def forward(self, image_features: torch.Tensor) -> torch.Tensor:
         return self.linear(image_features)
@@ -214,8 +216,14 @@ ADAPTER_CLASSES = {
 }
 
 
+def build_audio_adapter(config: OmniFusionConfig) -> nn.Module:
+    """The `audio_adapter`: `config.audio_adapter_type` from the audio encoder's width to the LM width."""
+    return ADAPTER_CLASSES[config.audio_adapter_type](config, input_width=config.audio_config.d_model)
+
+
 __all__ = [
     "ADAPTER_CLASSES",
+    "build_audio_adapter",
     "MIX_ADAPTER_TYPES",
     "OmniFusionAdapterEncoderLayer",
     "OmniFusionAdapterSelfAttention",

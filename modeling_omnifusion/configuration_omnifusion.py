@@ -1,4 +1,5 @@
-"""OmniFusion configuration: one or several vision encoders, an adapter and a decoder-only language model."""
+"""OmniFusion configuration: one or several vision encoders, an optional audio encoder, their adapters and a
+decoder-only language model."""
 
 from typing import Literal
 
@@ -15,6 +16,10 @@ SPECIAL_TOKEN_FIELDS = (
     "user_token_id",
     "assistant_token_id",
 )
+# Rows appended after the image rows when the config has an audio encoder; the `<audio>` placeholder id is the
+# smallest of the three (vLLM takes a block's most frequent id, ties going to the smallest).
+AUDIO_TOKEN_FIELDS = ("audio_token_id", "audio_start_token_id", "audio_end_token_id")
+AUDIO_ENCODER_TYPES = ("whisper",)
 
 
 MIX_ADAPTER_TYPES = ("mix_sum", "mix_concat")
@@ -50,6 +55,24 @@ def _as_vision_config(entry, index: int) -> PreTrainedConfig:
         f"OmniFusionConfig vision_config[{index}] must be a vision config or a dict with its `model_type`, "
         f"got {type(entry).__name__}"
     )
+
+
+def _as_audio_config(entry) -> PreTrainedConfig:
+    """An audio encoder config from a config object or a dict naming its `model_type` (Whisper for now)."""
+    if isinstance(entry, dict) and entry.get("model_type"):
+        entry = dict(entry)
+        entry = AutoConfig.for_model(entry.pop("model_type"), **entry)
+    if not isinstance(entry, PreTrainedConfig):
+        raise TypeError(
+            f"OmniFusionConfig audio_config must be an audio encoder config or a dict with its `model_type`, got "
+            f"{type(entry).__name__}"
+        )
+    if entry.model_type not in AUDIO_ENCODER_TYPES:
+        raise ValueError(
+            f"OmniFusionConfig audio_config: {entry.model_type!r} encoders are not supported; use one of "
+            f"{list(AUDIO_ENCODER_TYPES)}"
+        )
+    return entry
 
 
 def _describe_encoder(index: int, vision_config) -> str:
@@ -101,6 +124,19 @@ class OmniFusionConfig(PreTrainedConfig):
     image_token_id, image_start_token_id, image_end_token_id, user_token_id, assistant_token_id (`int`):
         Ids the processor emits for the image placeholder and the four learned markers. They are input-only: the LM
         head keeps the LM's vocabulary, so none of them can ever be generated.
+    audio_config (`dict` or `PreTrainedConfig`, *optional*):
+        The audio encoder's config (Whisper: its encoder half is the `audio_tower`), or `None` (default): a model
+        without sound, whose saved `config.json` holds none of the audio fields below.
+    audio_adapter_type (`str`):
+        `"mlp"` (default: Linear-GELU-Linear, `adapter_hidden_size` wide, as the image MLP adapter) or `"linear"`,
+        from the audio encoder's width to the LM width, applied to every pooled position on its own.
+    audio_pool_stride (`int`):
+        Average pooling of the encoder's frames (Qwen2-Audio's: 2, i.e. 25 positions per second of sound for Whisper).
+        A clip of L mel frames takes `(((L - 1) // 2 + 1) - audio_pool_stride) // audio_pool_stride + 1` positions:
+        only its real duration, never the padding of the encoder's 30 s window.
+    audio_token_id, audio_start_token_id, audio_end_token_id (`int`):
+        Ids of the `<audio>` placeholder and the `<audio_start>`/`<audio_end>` markers, input-only like the image
+        ones; their learned rows follow the five image rows in the marker table.
     """
 
     model_type = "omnifusion"
@@ -120,6 +156,7 @@ class OmniFusionConfig(PreTrainedConfig):
             },
         ),
         "text_config": SubConfigSpec(config_class=AutoConfig, model_type="mistral"),
+        "audio_config": SubConfigSpec(config_class=AutoConfig, model_type="whisper", optional=True),
     }
     if not NATIVE_SUB_CONFIG_SPEC:  # transformers < 5.24 reads `sub_configs` (key -> class)
         sub_configs = legacy_sub_configs(sub_configs_defaults)
@@ -146,6 +183,12 @@ class OmniFusionConfig(PreTrainedConfig):
     assistant_token_id: int = 32004
     initializer_range: float = 0.02
     tie_word_embeddings: bool = False
+    audio_config: dict | PreTrainedConfig | None = None
+    audio_adapter_type: Literal["mlp", "linear"] = "mlp"
+    audio_pool_stride: int = 2
+    audio_token_id: int = 32005
+    audio_start_token_id: int = 32006
+    audio_end_token_id: int = 32007
 
     def __post_init__(self, **kwargs):
         if isinstance(self.vision_config, (list, tuple)):
@@ -157,6 +200,8 @@ class OmniFusionConfig(PreTrainedConfig):
         self.additional_vision_configs = [
             _as_vision_config(entry, index) for index, entry in enumerate(self.additional_vision_configs or [], 1)
         ] or None
+        if self.audio_config is not None:
+            self.audio_config = _as_audio_config(self.audio_config)
         resolve_sub_configs(self)
         super().__post_init__(**kwargs)
         if not self.tie_word_embeddings and getattr(self.text_config, "tie_word_embeddings", False):
@@ -164,8 +209,9 @@ class OmniFusionConfig(PreTrainedConfig):
         ids = self.special_token_ids
         if len(set(ids)) != len(ids):
             raise ValueError(
-                f"OmniFusionConfig special token ids must be distinct, got {dict(zip(SPECIAL_TOKEN_FIELDS, ids))}"
+                f"OmniFusionConfig special token ids must be distinct, got {dict(zip(self.special_token_fields, ids))}"
             )
+        self._check_audio()
         self._check_encoders_combine()
         self.check_image_grid_pinpoints()
 
@@ -185,6 +231,20 @@ class OmniFusionConfig(PreTrainedConfig):
                     f"{_describe_encoder(index, vision)}: image_size is not a multiple of patch_size "
                     f"{vision.patch_size}"
                 )
+
+    def _check_audio(self):
+        if self.audio_config is None:
+            return
+        if isinstance(self.audio_pool_stride, bool) or not isinstance(self.audio_pool_stride, int):
+            raise TypeError(f"audio_pool_stride must be an int, got {self.audio_pool_stride!r:.80}")
+        if self.audio_pool_stride < 1:
+            raise ValueError(f"audio_pool_stride must be at least 1, got {self.audio_pool_stride}")
+        if self.audio_token_id != min(self.audio_token_id, self.audio_start_token_id, self.audio_end_token_id):
+            raise ValueError(
+                f"audio_token_id ({self.audio_token_id}) must be the smallest of the three audio ids "
+                f"(start {self.audio_start_token_id}, end {self.audio_end_token_id}): serving engines take a block's "
+                "most frequent id, ties going to the smallest"
+            )
 
     def check_image_grid_pinpoints(self):
         if self.image_grid_pinpoints is None:
@@ -214,16 +274,23 @@ class OmniFusionConfig(PreTrainedConfig):
         output = super().to_dict()
         if self.additional_vision_configs:
             output["additional_vision_configs"] = [vision.to_dict() for vision in self.additional_vision_configs]
+        if self.audio_config is None:  # a model without sound saves exactly the fields it always had
+            for name in AUDIO_FIELDS:
+                output.pop(name, None)
         return output
 
     @property
     def processor_kwargs(self) -> dict:
-        """The `OmniFusionProcessor` settings this config fixes: positions per view and the tiling layout."""
-        return {
+        """The `OmniFusionProcessor` settings this config fixes: positions per view, the tiling layout and, with sound,
+        the audio pooling."""
+        kwargs = {
             "num_image_tokens": self.num_image_tokens,
             "image_grid_pinpoints": self.image_grid_pinpoints,
             "image_global_view_position": self.image_global_view_position,
         }
+        if self.audio_config is not None:
+            kwargs["audio_pool_stride"] = self.audio_pool_stride
+        return kwargs
 
     @property
     def vision_configs(self) -> list:
@@ -249,9 +316,16 @@ class OmniFusionConfig(PreTrainedConfig):
         return num_patches
 
     @property
+    def special_token_fields(self) -> tuple[str, ...]:
+        """The names of the marker ids, in marker-table row order: the five image ones, then the audio ones when the
+        config has an audio encoder."""
+        return SPECIAL_TOKEN_FIELDS + (AUDIO_TOKEN_FIELDS if self.audio_config is not None else ())
+
+    @property
     def special_token_ids(self) -> list[int]:
-        """The ids of [image, image_start, image_end, user, assistant], in marker-table row order."""
-        return [getattr(self, name) for name in SPECIAL_TOKEN_FIELDS]
+        """The ids of [image, image_start, image_end, user, assistant] (+ [audio, audio_start, audio_end] with sound),
+        in marker-table row order."""
+        return [getattr(self, name) for name in self.special_token_fields]
 
     @property
     def num_image_tokens(self) -> int:
@@ -263,4 +337,7 @@ class OmniFusionConfig(PreTrainedConfig):
         return sum(counts) if self.adapter_type == "mix_concat" else max(counts)
 
 
-__all__ = ["MIX_ADAPTER_TYPES", "OmniFusionConfig"]
+AUDIO_FIELDS = ("audio_config", "audio_adapter_type", "audio_pool_stride", *AUDIO_TOKEN_FIELDS)
+
+
+__all__ = ["AUDIO_TOKEN_FIELDS", "MIX_ADAPTER_TYPES", "OmniFusionConfig"]

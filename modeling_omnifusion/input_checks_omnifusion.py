@@ -30,15 +30,15 @@ def check_prompt(input_ids, inputs_embeds, past_length: int, max_position_embedd
         furthest = int(position_ids.max()) + 1
         if furthest > max_position_embeddings:
             raise ValueError(
-                f"The prompt reaches position {furthest} (image positions included), more than the language model's "
-                f"max_position_embeddings={max_position_embeddings}; shorten it."
+                f"The prompt reaches position {furthest} (image and audio positions included), more than the language "
+                f"model's max_position_embeddings={max_position_embeddings}; shorten it."
             )
         return
     if past_length + length > max_position_embeddings:
         cached = f" after {past_length} cached tokens" if past_length else ""
         raise ValueError(
-            f"The prompt is {length} tokens long{cached} (image positions included), more than the language model's "
-            f"max_position_embeddings={max_position_embeddings}; shorten it to at most "
+            f"The prompt is {length} tokens long{cached} (image and audio positions included), more than the language "
+            f"model's max_position_embeddings={max_position_embeddings}; shorten it to at most "
             f"{max_position_embeddings - past_length} tokens."
         )
 

@@ -1,4 +1,4 @@
-"""OmniFusion: a frozen vision encoder, a small adapter and a decoder LM, with learned input-only markers."""
+"""OmniFusion: frozen vision (and audio) encoders, small adapters and a decoder LM, with learned input-only markers."""
 
 import os
 
@@ -13,7 +13,13 @@ from transformers.utils import TransformersKwargs, torch_compilable_check
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple
 
-from .adapters_omnifusion import ADAPTER_CLASSES, OmniFusionAdapterSelfAttention, OmniFusionLayerMix
+from .adapters_omnifusion import (
+    ADAPTER_CLASSES,
+    OmniFusionAdapterSelfAttention,
+    OmniFusionLayerMix,
+    build_audio_adapter,
+)
+from .audio_omnifusion import audio_position_mask, build_audio_tower, expand_groups
 from .compat_omnifusion import (
     OUTPUT_CACHE_FIELD,
     MultimodalBaseModelOutputWithPast,
@@ -55,8 +61,9 @@ class OmniFusionTokenEmbedding(nn.Embedding):
 
     `weight` is the LM's own `[vocab_size, hidden]` table (so LM checkpoints load unchanged and the LM head may stay
     tied to it); the marker table `special_embeddings` holds one row per id in `special_token_ids`, in the order
-    [image placeholder, image start, image end, user, assistant]. Calling the module embeds every id the processor
-    emits; image placeholder rows are overwritten by image features afterwards.
+    [image placeholder, image start, image end, user, assistant], then [audio placeholder, audio start, audio end]
+    for a model with sound. Calling the module embeds every id the processor emits; placeholder rows are overwritten
+    by image or audio features afterwards.
     """
 
     def __init__(self, num_embeddings: int, embedding_dim: int, special_token_ids: list[int], padding_idx=None):
@@ -75,10 +82,22 @@ class OmniFusionTokenEmbedding(nn.Embedding):
         marker_ids = self._special_ids(input_ids.device)
         return embed_with_markers(super().forward, self.special_embeddings, input_ids, marker_ids)
 
+    def restrict_marker_gradient(self, token_ids: list[int]):
+        """
+        Let gradients reach only the marker rows of `token_ids` (e.g. the three audio ids): the other rows' gradient
+        is zeroed by a hook on `special_embeddings.weight`. Returns the hook handle (`.remove()` undoes it). With
+        AdamW, give the table no weight decay, or the other rows still change.
+        """
+        unknown = sorted(set(token_ids) - set(self.special_token_ids))
+        if unknown:
+            raise ValueError(f"ids {unknown} are not marker ids (the marker table holds {self.special_token_ids})")
+        keep = torch.tensor([token in token_ids for token in self.special_token_ids]).unsqueeze(-1)
+        return self.special_embeddings.weight.register_hook(lambda grad: grad * keep.to(grad.device, grad.dtype))
+
 
 def _sub_configs(config: OmniFusionConfig) -> list:
-    """The sub-configs of `config`: the text config and every vision encoder's config."""
-    return [sub for sub in (config.text_config, *config.vision_configs) if sub is not None]
+    """The sub-configs of `config`: the text config, every vision encoder's config and the audio encoder's."""
+    return [sub for sub in (config.text_config, *config.vision_configs, config.audio_config) if sub is not None]
 
 
 class OmniFusionPreTrainedModel(PreTrainedModel):
@@ -97,8 +116,10 @@ class OmniFusionPreTrainedModel(PreTrainedModel):
         "lm_head.",
         "model.language_model.embed_tokens.",
         "model.adapter.",
+        "model.audio_adapter.",
         "language_model.embed_tokens.",
         "adapter.",
+        "audio_adapter.",
     )
 
     @classmethod
@@ -159,12 +180,16 @@ def build_vision_tower(config: OmniFusionConfig) -> nn.Module:
 
 
 class OmniFusionModel(OmniFusionPreTrainedModel):
-    """Vision tower + adapter + decoder LM (no LM head). This is what `AutoModel` loads."""
+    """Vision tower + adapter (+ audio tower + audio adapter) + decoder LM (no LM head). What `AutoModel` loads."""
 
     def __init__(self, config: OmniFusionConfig):
         super().__init__(config)
         self.vision_tower = build_vision_tower(config)
         self.adapter = ADAPTER_CLASSES[config.adapter_type](config)
+        if config.audio_config is not None:
+            self.audio_tower = build_audio_tower(config)
+            self.audio_adapter = build_audio_adapter(config)
+            self.input_modalities = ("image", "audio", "text")
         self.language_model = AutoModel.from_config(config.text_config)
         text_embeddings = self.language_model.get_input_embeddings()
         self.language_model.set_input_embeddings(
@@ -282,35 +307,116 @@ class OmniFusionModel(OmniFusionPreTrainedModel):
             )
         return pixel_values[:, index, :, :size, :size]
 
-    def _images_are_in_the_cache(self, input_ids, inputs_embeds, cache) -> bool:
-        """Whether `cache` already holds tokens and the new input has no image placeholder position at all."""
-        if cache is None or cache.get_seq_length() == 0:
-            return False
+    @can_return_tuple
+    def get_audio_features(
+        self, input_features: torch.FloatTensor, input_features_mask: torch.Tensor | None = None, **kwargs
+    ) -> BaseModelOutputWithPooling:
+        """
+        Encode sound clips and project them into the LM's embedding space.
+
+        Args:
+            input_features: `[clips, mel bins, frames]` log-mel features of whole encoder windows (Whisper: 30 s,
+                3000 frames), clips in placeholder order, from the processor's feature extractor.
+            input_features_mask: `[clips, frames]`, 1 on each clip's real frames (first) and 0 on the window's
+                padding; `None`: every frame is real.
+            output_hidden_states, return_dict: as for `get_image_features`.
+
+        Returns:
+            The audio tower's output whose `pooler_output` is `[total positions of all clips, text_hidden]`: per clip
+            its encoder frames average-pooled by `audio_pool_stride` and cut to its real duration (the window's
+            padding never reaches the LM), then the audio adapter; clips follow each other.
+        """
+        if getattr(self, "audio_tower", None) is None:
+            raise ValueError("This OmniFusion model has no audio encoder (config.audio_config is None).")
+        tower = self.audio_tower
+        frame_stride = tower.conv1.stride[0] * tower.conv2.stride[0]
+        window = self.config.audio_config.max_source_positions * frame_stride
+        if input_features.dim() != 3 or input_features.shape[-1] != window:
+            raise ValueError(
+                f"input_features must be [clips, mel bins, {window}] (the audio encoder's whole window), got "
+                f"{list(input_features.shape)}; build them with the model's OmniFusionProcessor, whose feature "
+                f"extractor must pad to {window} frames"
+            )
+        if input_features_mask is None:
+            input_features_mask = torch.ones(input_features.shape[::2], dtype=torch.long, device=input_features.device)
+        outputs = tower(input_features.to(tower.conv1.weight.dtype), return_dict=True, **kwargs)
+        pool = self.config.audio_pool_stride
+        frames = outputs.last_hidden_state.transpose(1, 2)
+        pooled = nn.functional.avg_pool1d(frames, pool, pool).transpose(1, 2)
+        real = audio_position_mask(input_features_mask.to(pooled.device), frame_stride, pool)
+        adapter_dtype = next(self.audio_adapter.parameters()).dtype
+        outputs.pooler_output = self.audio_adapter(pooled[real].to(adapter_dtype))
+        return outputs
+
+    def _placeholders_in(self, input_ids, inputs_embeds, token_id: int) -> torch.BoolTensor:
+        """`[batch, seq]` mask of the positions holding placeholder `token_id` (from the ids, else the embeddings)."""
         if input_ids is not None:
-            return not (input_ids == self.config.image_token_id).any()
-        placeholder = self.embed_ids(torch.tensor(self.config.image_token_id, device=inputs_embeds.device))
-        return not (inputs_embeds == placeholder.to(inputs_embeds.dtype)).all(-1).any()
+            return input_ids == token_id
+        placeholder = self.embed_ids(torch.tensor(token_id, device=inputs_embeds.device))
+        return (inputs_embeds == placeholder.to(inputs_embeds.dtype)).all(-1)
 
     def get_placeholder_mask(
-        self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor, image_features: torch.Tensor
+        self,
+        input_ids: torch.LongTensor | None,
+        inputs_embeds: torch.Tensor,
+        image_features: torch.Tensor,
+        modality: str = "image",
     ) -> torch.BoolTensor:
-        """`[batch, seq, 1]` mask of the image placeholder positions; checks it matches the number of features."""
-        if input_ids is None:
-            placeholder = self.embed_ids(torch.tensor(self.config.image_token_id, device=inputs_embeds.device))
-            mask = (inputs_embeds == placeholder.to(inputs_embeds.dtype)).all(-1)
-        else:
-            mask = input_ids == self.config.image_token_id
+        """`[batch, seq, 1]` mask of the `modality` ("image" or "audio") placeholder positions; a `ValueError` naming
+        both counts unless it matches the number of feature vectors."""
+        mask = self._placeholders_in(input_ids, inputs_embeds, getattr(self.config, f"{modality}_token_id"))
         n_positions = mask.sum()
+        if modality == "image":
+            per_item = (
+                f"({self.config.num_image_tokens} per image); the processor's num_image_tokens must equal this "
+                f"model's config.num_image_tokens ({self.config.num_image_tokens})."
+            )
+        else:
+            per_item = (
+                "(each clip's count follows from its duration: the processor's audio_pool_stride must equal this "
+                f"model's config.audio_pool_stride ({self.config.audio_pool_stride}))."
+            )
         torch_compilable_check(
             n_positions == image_features.shape[0],
             lambda: (
-                f"Image features and image placeholder tokens do not match: {int(n_positions)} placeholder "
-                f"positions in the input but {image_features.shape[0]} image feature vectors "
-                f"({self.config.num_image_tokens} per image); the processor's num_image_tokens must equal this "
-                f"model's config.num_image_tokens ({self.config.num_image_tokens})."
+                f"{modality.capitalize()} features and {modality} placeholder tokens do not match: {int(n_positions)} "
+                f"placeholder positions in the input but {image_features.shape[0]} {modality} feature vectors "
+                + per_item
             ),
         )
         return mask.unsqueeze(-1).to(inputs_embeds.device)
+
+    def _encode_media(self, input_ids, inputs_embeds, cache, encoded: dict, raw: dict, **encoder_kwargs) -> dict:
+        """
+        `{modality: encoder output}` for every modality with inputs: pre-encoded (`encoded`, e.g. from `generate`)
+        or raw (`raw[modality]`: the keyword arguments of its `get_<modality>_features`). A modality whose placeholders
+        are all in `cache` already (continuing a prompt) is skipped: its features were merged into that prefix.
+        """
+        outputs = {}
+        for modality, inputs in raw.items():
+            if inputs is not None and encoded.get(modality) is not None:
+                raise ValueError(f"Pass either raw {modality} inputs or pre-encoded `mm_encoder_outputs`, not both.")
+            output = encoded.get(modality)
+            if output is None and inputs is None:
+                continue
+            if cache is not None and cache.get_seq_length() > 0:
+                token_id = getattr(self.config, f"{modality}_token_id")
+                if not self._placeholders_in(input_ids, inputs_embeds, token_id).any():
+                    continue
+            if output is None:
+                encode = getattr(self, f"get_{modality}_features")
+                output = encode(**inputs, **encoder_kwargs.get(modality, {}), return_dict=True)
+            outputs[modality] = output
+        return outputs
+
+    def merge_features(self, input_ids, inputs_embeds: torch.Tensor, media_outputs: dict) -> torch.Tensor:
+        """`inputs_embeds` with each modality's `pooler_output` scattered, in order, into its placeholder positions."""
+        for modality, output in media_outputs.items():
+            features = torch.cat(list(output.pooler_output), dim=0) if modality == "image" else output.pooler_output
+            features = features.to(inputs_embeds.device, inputs_embeds.dtype)
+            mask = self.get_placeholder_mask(input_ids, inputs_embeds, features, modality=modality)
+            inputs_embeds = inputs_embeds.masked_scatter(mask, features)
+        return inputs_embeds
 
     @can_return_tuple
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
@@ -325,12 +431,20 @@ class OmniFusionModel(OmniFusionPreTrainedModel):
         vision_feature_layer: int | None = None,
         vision_feature_select_strategy: str | None = None,
         mm_encoder_outputs: dict | None = None,
+        input_features: torch.FloatTensor | None = None,
+        input_features_mask: torch.Tensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> MultimodalBaseModelOutputWithPast:
+        """
+        Args:
+            pixel_values: `[num_views, 3, height, width]` (see `get_image_features`), views in placeholder order.
+            input_features, input_features_mask: `[clips, mel bins, frames]` and `[clips, frames]`, clips in
+                placeholder order (see `get_audio_features`).
+            mm_encoder_outputs: `{"image": ..., "audio": ...}` outputs of `get_image_features` /
+                `get_audio_features`, instead of the raw inputs.
+        """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("OmniFusionModel.forward needs exactly one of `input_ids` or `inputs_embeds`.")
-        if pixel_values is not None and mm_encoder_outputs:
-            raise ValueError("Pass either `pixel_values` or pre-encoded `mm_encoder_outputs`, not both.")
         check_prompt(
             input_ids,
             inputs_embeds,
@@ -342,22 +456,17 @@ class OmniFusionModel(OmniFusionPreTrainedModel):
         if inputs_embeds is None:
             inputs_embeds = self.embed_ids(input_ids)
 
-        image_outputs = (mm_encoder_outputs or {}).get("image")
-        if (image_outputs is not None or pixel_values is not None) and self._images_are_in_the_cache(
-            input_ids, inputs_embeds, cache
-        ):
-            # Continuing from a cache that already holds the prompt (e.g. `generate(..., cache=previous.cache)` with
-            # the same inputs): the images were merged into that prefix, and the new tokens have no placeholder.
-            image_outputs = pixel_values = None
-        if image_outputs is None and pixel_values is not None:
-            image_outputs = self.get_image_features(
-                pixel_values, vision_feature_layer, vision_feature_select_strategy, return_dict=True
-            )
-        if image_outputs is not None:
-            image_features = torch.cat(list(image_outputs.pooler_output), dim=0)
-            image_features = image_features.to(inputs_embeds.device, inputs_embeds.dtype)
-            mask = self.get_placeholder_mask(input_ids, inputs_embeds, image_features)
-            inputs_embeds = inputs_embeds.masked_scatter(mask, image_features)
+        raw = {"image": None if pixel_values is None else {"pixel_values": pixel_values}}
+        if input_features is not None:
+            raw["audio"] = {"input_features": input_features, "input_features_mask": input_features_mask}
+        image_options = {
+            "vision_feature_layer": vision_feature_layer,
+            "vision_feature_select_strategy": vision_feature_select_strategy,
+        }
+        media_outputs = self._encode_media(
+            input_ids, inputs_embeds, cache, dict(mm_encoder_outputs or {}), raw, image=image_options
+        )
+        inputs_embeds = self.merge_features(input_ids, inputs_embeds, media_outputs)
 
         # The decoder takes the cache as `cache` on transformers 5.24+, as `past_key_values` on older releases.
         kwargs[self._language_model_cache_argument] = cache
@@ -372,7 +481,7 @@ class OmniFusionModel(OmniFusionPreTrainedModel):
             **{OUTPUT_CACHE_FIELD: output_cache(outputs)},
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
-            image_outputs=image_outputs,
+            image_outputs=media_outputs.get("image"),
         )
 
 
@@ -401,6 +510,38 @@ class OmniFusionForCausalLM(OmniFusionPreTrainedModel, GenerationMixin):
     def get_image_features(self, pixel_values: torch.FloatTensor, **kwargs) -> BaseModelOutputWithPooling:
         return self.model.get_image_features(pixel_values, **kwargs)
 
+    def get_audio_features(
+        self, input_features: torch.FloatTensor, input_features_mask: torch.Tensor | None = None, **kwargs
+    ) -> BaseModelOutputWithPooling:
+        return self.model.get_audio_features(input_features, input_features_mask, **kwargs)
+
+    def _expand_inputs_for_generation(self, expand_size: int = 1, is_encoder_decoder=False, input_ids=None, **kwargs):
+        """
+        `GenerationMixin`'s expansion for beam search and `num_return_sequences`, keeping every prompt's clips in
+        order: the per-clip tensors (`input_features`, `input_features_mask`) and pre-encoded audio positions are
+        repeated as whole groups per prompt ([a, b] -> [a, b, a, b]) instead of clip by clip ([a, a, b, b]).
+        """
+        per_row = {}
+        if expand_size > 1 and getattr(self.config, "audio_config", None) is not None:
+            embeds = kwargs.get("inputs_embeds")
+            per_row = {
+                name: (kwargs.pop(name), self.config.audio_start_token_id)
+                for name in ("input_features", "input_features_mask")
+                if isinstance(kwargs.get(name), torch.Tensor)
+            }
+            audio_outputs = (kwargs.get("mm_encoder_outputs") or {}).get("audio")
+            if audio_outputs is not None:
+                counts = self.model._placeholders_in(input_ids, embeds, self.config.audio_token_id).sum(-1)
+                audio_outputs.pooler_output = expand_groups(audio_outputs.pooler_output, counts, expand_size)
+            for name, (tensor, start_id) in per_row.items():
+                counts = self.model._placeholders_in(input_ids, embeds, start_id).sum(-1)
+                per_row[name] = expand_groups(tensor, counts, expand_size, name)
+        input_ids, kwargs = super()._expand_inputs_for_generation(
+            expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **kwargs
+        )
+        kwargs.update(per_row)
+        return input_ids, kwargs
+
     def generate(self, *args, **kwargs):
         """`GenerationMixin.generate`, after a `TypeError` check of the generation settings' types (a mistyped
         `generation_config.json` value such as `"do_sample": "false"` would otherwise sample, or fail deep inside)."""
@@ -424,12 +565,16 @@ class OmniFusionForCausalLM(OmniFusionPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         mm_encoder_outputs: dict | None = None,
+        input_features: torch.FloatTensor | None = None,
+        input_features_mask: torch.Tensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> MultimodalCausalLMOutputWithPast:
         """
         Args:
-            input_ids: `[batch, seq]` ids from `OmniFusionProcessor`, image blocks already expanded.
+            input_ids: `[batch, seq]` ids from `OmniFusionProcessor`, image and audio blocks already expanded.
             pixel_values: `[num_images, 3, height, width]`, images in the order their placeholders appear.
+            input_features, input_features_mask: `[clips, mel bins, frames]`, `[clips, frames]`, clips in the order
+                their placeholders appear (see `OmniFusionModel.get_audio_features`).
             labels: `[batch, seq]` target ids, -100 where no loss is taken; shifted inside the loss.
         """
         outputs = self.model(
@@ -442,6 +587,8 @@ class OmniFusionForCausalLM(OmniFusionPreTrainedModel, GenerationMixin):
             vision_feature_layer=vision_feature_layer,
             vision_feature_select_strategy=vision_feature_select_strategy,
             mm_encoder_outputs=mm_encoder_outputs,
+            input_features=input_features,
+            input_features_mask=input_features_mask,
             **kwargs,
         )
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)

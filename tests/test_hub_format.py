@@ -114,11 +114,13 @@ def test_remote_code_imports_only_torch_transformers_and_siblings(saved):
         "configuration_omnifusion.py",
         "modeling_omnifusion.py",
         "adapters_omnifusion.py",
+        "audio_omnifusion.py",
         "processing_omnifusion.py",
         "input_checks_omnifusion.py",
         "compat_omnifusion.py",  # the version shim travels with its importers
         "hub_omnifusion.py",
         "processor_checks_omnifusion.py",
+        "audio_inputs_omnifusion.py",
         "tokenizer_setup_omnifusion.py",
     ]
     assert sorted(path.name for path in folder.glob("*.py")) == sorted(names)

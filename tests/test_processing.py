@@ -142,7 +142,7 @@ def test_image_block_expansion():
     assert (ids == processor.image_start_token_id).sum() == 2 and (ids == processor.image_end_token_id).sum() == 2
     assert processor.replace_image_token({}, 0) == "<image_start>" + "<image>" * 16 + "<image_end>"
     counts = processor._get_num_multimodal_tokens(image_sizes=[[40, 50], [32, 32]])
-    assert counts.num_image_tokens == [18, 18] and counts.num_image_patches == [1, 1]
+    assert counts.num_image_tokens == [16, 16] and counts.num_image_patches == [1, 1]
 
 
 def test_text_replacement_offsets_for_serving_engines():

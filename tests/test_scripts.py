@@ -13,6 +13,7 @@ from pathlib import Path
 import huggingface_hub
 import pytest
 import yaml
+from transformers import AutoModelForImageTextToText
 
 import modeling_omnifusion.training.trainer as trainer_module
 from modeling_omnifusion.testing.training import (
@@ -64,6 +65,26 @@ def test_console_commands_print_their_help(command, tmp_path):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.startswith(f"usage: {command}") and COMMANDS[command] in result.stdout
+
+
+def test_stage1_console_command_trains_outside_the_checkout(tmp_path):
+    """`omnifusion-train-stage1` from a folder with no checkout: a tiny local LM and encoder, two steps, a Hub
+    folder that loads."""
+    save_vision_model(tmp_path / "vision")
+    save_language_model(tmp_path / "lm")
+    write_dataset(tmp_path / "data", colour_records(4))
+    executable = shutil.which("omnifusion-train-stage1") or os.path.join(
+        os.path.dirname(sys.executable), "omnifusion-train-stage1"
+    )
+    flags = ["--vision_model_name_or_path", "vision", "--language_model_name_or_path", "lm"]
+    flags += [str(flag) for flag in training_flags(Path("out"), Path("data/data.json"), max_steps=2)]
+    result = subprocess.run(
+        [executable, *flags], cwd=tmp_path, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path / "out", trust_remote_code=True)
+    assert model.config.model_type == "omnifusion" and model.config.text_config.model_type == "mistral"
 
 
 def _help(script: str) -> subprocess.CompletedProcess:

@@ -19,6 +19,8 @@ from transformers import MistralConfig
 
 from modeling_omnifusion import OmniFusionForCausalLM  # noqa: E402
 from modeling_omnifusion.testing.tiny import (  # noqa: E402
+    make_audio_model_and_processor,
+    make_clip,
     make_config,
     make_image,
     make_model_and_processor,
@@ -176,6 +178,50 @@ def record(model, processor, messages_by_name: dict, folder: Path) -> dict:
     return reference
 
 
+AUDIO_VARIANTS = {"audio_mlp": lambda: make_audio_model_and_processor(seed=8)}
+
+
+def audio_chats() -> dict[str, list[dict]]:
+    """Chats with clips named by `.npy` file (the reader loads them as arrays: no audio decoder needed there)."""
+
+    def ask(*clips, image=False):
+        content = [{"type": "image", "path": "image_0.png"}] if image else []
+        content += [{"type": "audio", "audio": clip} for clip in clips]
+        return [{"role": "user", "content": [*content, {"type": "text", "text": "What is said?"}]}]
+
+    return {"one_clip": ask("clip_0.npy"), "image_and_two_clips": ask("clip_1.npy", "clip_0.npy", image=True)}
+
+
+def resolve_audio(messages: list[dict], folder: Path) -> list[dict]:
+    """`resolve`, and each clip loaded from its `.npy` file under `folder`."""
+    out = resolve(messages, folder)
+    for message in out:
+        if not isinstance(message["content"], str):
+            message["content"] = [
+                dict(item, audio=np.load(folder / item["audio"])) if item["type"] == "audio" else item
+                for item in message["content"]
+            ]
+    return out
+
+
+@torch.no_grad()
+def record_audio(model, processor, folder: Path) -> dict:
+    """Inputs, logits, greedy and beam-search tokens for each audio chat and for all of them as one batch."""
+    reference = {}
+    chats = {name: resolve_audio(messages, folder) for name, messages in audio_chats().items()}
+    for name, messages in [*chats.items(), ("batch", list(chats.values()))]:
+        inputs = processor.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+        )
+        reference[name] = {
+            "inputs": dict(inputs),
+            "logits": model(**inputs).logits,
+            "tokens": model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False),
+            "beams": model.generate(**inputs, max_new_tokens=4, num_beams=2, do_sample=False),
+        }
+    return reference
+
+
 def save_vision_images(output: Path) -> list[str]:
     rng = np.random.default_rng(7)
     Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(output / "image_big.png")
@@ -194,7 +240,10 @@ def main(output_dir: str, names: list[str] | None = None):
     extra_messages = vision_chats(save_vision_images(output))
     (output / "vision_chats.json").write_text(json.dumps(extra_messages, indent=1))
     vision = vision_variants()
-    builders = {**variants(output / "work"), **vision}
+    builders = {**variants(output / "work"), **vision, **AUDIO_VARIANTS}
+    np.save(output / "clip_0.npy", make_clip(0, 0.6))
+    np.save(output / "clip_1.npy", make_clip(1, 0.9))
+    (output / "audio_chats.json").write_text(json.dumps(audio_chats(), indent=1))
     unknown = sorted(set(names or []) - set(builders))
     if unknown:
         raise SystemExit(f"unknown variant(s) {unknown}; choose from {sorted(builders)}")
@@ -204,10 +253,18 @@ def main(output_dir: str, names: list[str] | None = None):
         folder = output / name
         model.save_pretrained(folder)
         processor.save_pretrained(folder)
+        if name in AUDIO_VARIANTS:
+            torch.save(record_audio(model, processor, output), output / f"{name}.audio_reference.pt")
+            continue
         torch.save(record(model, processor, messages, output), output / f"{name}.reference.pt")
         if name in vision:
             torch.save(record(model, processor, extra_messages, output), output / f"{name}.vision_reference.pt")
-    (output / "manifest.json").write_text(json.dumps({"transformers": transformers.__version__, "folders": names}))
+    manifest = {
+        "transformers": transformers.__version__,
+        "folders": [name for name in names if name not in AUDIO_VARIANTS],
+        "audio_folders": [name for name in names if name in AUDIO_VARIANTS],
+    }
+    (output / "manifest.json").write_text(json.dumps(manifest))
     print(f"saved {len(names)} folders with transformers {transformers.__version__} in {output}")
 
 

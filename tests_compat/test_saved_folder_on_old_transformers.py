@@ -11,6 +11,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import transformers
@@ -127,3 +128,48 @@ def test_image_count_mismatch_is_a_clear_value_error(loaded, text, n_images, cou
     for build in (lambda: processor(text=text, images=images), lambda: processor.vllm_inputs(text, images)):
         with pytest.raises(ValueError, match=rf"{counts}.*expected exactly one image per '<image>' placeholder"):
             build()
+
+
+AUDIO_FOLDERS = MANIFEST.get("audio_folders", [])
+
+
+def resolve_audio(messages):
+    """`resolve`, and each clip loaded from its `.npy` file (arrays: no audio decoder is installed here)."""
+    out = resolve(messages)
+    for message in out:
+        if not isinstance(message["content"], str):
+            message["content"] = [
+                dict(item, audio=np.load(REFERENCE / item["audio"])) if item["type"] == "audio" else item
+                for item in message["content"]
+            ]
+    return out
+
+
+@pytest.fixture(scope="module", params=AUDIO_FOLDERS)
+def loaded_audio(request):
+    folder = REFERENCE / request.param
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    reference = torch.load(REFERENCE / f"{request.param}.audio_reference.pt", weights_only=True)
+    chats = {name: resolve_audio(m) for name, m in json.loads((REFERENCE / "audio_chats.json").read_text()).items()}
+    return model, processor, reference, {**chats, "batch": list(chats.values())}
+
+
+@pytest.mark.parametrize("name", ["one_clip", "image_and_two_clips", "batch"])
+@torch.no_grad()
+def test_audio_folder_gives_the_recorded_inputs_logits_and_tokens(loaded_audio, name):
+    """A folder with sound: the same inputs, logits, greedy and beam-search tokens on the older transformers."""
+    model, processor, reference, chats = loaded_audio
+    expected = reference[name]
+    inputs = processor.apply_chat_template(
+        chats[name], add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
+    assert sorted(inputs) == sorted(expected["inputs"])
+    for key, value in expected["inputs"].items():
+        assert torch.equal(inputs[key], value), key
+    assert torch.equal(model(**inputs).logits, expected["logits"])
+    new_tokens = expected["tokens"].shape[1] - inputs["input_ids"].shape[1]
+    assert torch.equal(model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False), expected["tokens"])
+    assert torch.equal(model.generate(**inputs, max_new_tokens=4, num_beams=2, do_sample=False), expected["beams"])
+    uncached = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False, use_cache=False)
+    assert torch.equal(uncached, expected["tokens"])

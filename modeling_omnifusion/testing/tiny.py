@@ -4,7 +4,8 @@ benchmarks.
 
 `make_tokenizer` is the one byte-level BPE builder: with no arguments it trains on `CORPUS` (the tests' tokenizer);
 demos and benchmarks pass their own corpus, vocabulary size, padding and extra special tokens.
-`make_model_and_processor` gives a random 2-layer OmniFusion in eval mode with its processor.
+`make_model_and_processor` gives a random 2-layer OmniFusion in eval mode with its processor;
+`make_audio_model_and_processor` the same with a tiny random Whisper encoder (1 s window) and `make_clip` sound.
 """
 
 from collections.abc import Iterable
@@ -21,6 +22,8 @@ from transformers import (
     MistralConfig,
     PreTrainedTokenizerFast,
     SiglipVisionConfig,
+    WhisperConfig,
+    WhisperFeatureExtractor,
 )
 
 from modeling_omnifusion import OmniFusionConfig, OmniFusionForCausalLM, OmniFusionProcessor
@@ -117,7 +120,7 @@ def make_processor(config: OmniFusionConfig | None = None, tokenizer=None, **kwa
 def make_config(processor: OmniFusionProcessor, vision="clip", adapter_type: str = "transformer", **kwargs):
     """A tiny OmniFusion config (2-layer Mistral LM) whose marker ids are `processor`'s; `kwargs` go to the config."""
     text_config = MistralConfig(
-        vocab_size=len(processor.tokenizer) - 5,
+        vocab_size=len(processor.tokenizer) - len(processor.special_token_ids),
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
@@ -159,6 +162,70 @@ def make_model_and_processor(
     model = OmniFusionForCausalLM(config).eval()
     model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
     return model, processor
+
+
+AUDIO_WINDOW_SECONDS = 1
+
+
+def audio_config(hidden: int = 32):
+    """A tiny Whisper config whose encoder takes `AUDIO_WINDOW_SECONDS` (100 mel frames per second: 50 positions after
+    its convolutions)."""
+    return WhisperConfig(
+        d_model=hidden,
+        encoder_layers=1,
+        encoder_attention_heads=2,
+        encoder_ffn_dim=64,
+        decoder_layers=1,
+        decoder_attention_heads=2,
+        decoder_ffn_dim=64,
+        num_mel_bins=80,
+        max_source_positions=50 * AUDIO_WINDOW_SECONDS,
+    )
+
+
+def make_audio_model_and_processor(
+    audio_adapter_type: str = "mlp", audio_pool_stride: int = 2, seed: int = 0, tokenizer=None, **kwargs
+):
+    """
+    A random tiny OmniFusion with sound (the 2-layer image model of `make_model_and_processor` plus a 1-layer Whisper
+    encoder over a 1 s window) in eval mode, with its processor (a `WhisperFeatureExtractor(chunk_length=1)`).
+    `kwargs` go to the config.
+    """
+    torch.manual_seed(seed)
+    processor = make_processor(
+        tokenizer=tokenizer,
+        audio_preprocessor=WhisperFeatureExtractor(chunk_length=AUDIO_WINDOW_SECONDS),
+        audio_pool_stride=audio_pool_stride,
+    )
+    config = make_config(
+        processor,
+        audio_config=audio_config(),
+        audio_adapter_type=audio_adapter_type,
+        audio_pool_stride=audio_pool_stride,
+        **kwargs,
+    )
+    for name, value in config.processor_kwargs.items():
+        setattr(processor, name, value)
+    model = OmniFusionForCausalLM(config).eval()
+    model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
+    return model, processor
+
+
+def make_clip(seed: int = 0, seconds: float = 0.5, sampling_rate: int = 16000) -> np.ndarray:
+    """`seconds` of float32 sound from `seed`: a random chord of three tones plus a little noise, in [-1, 1]."""
+    rng = np.random.default_rng(seed)
+    times = np.arange(int(round(seconds * sampling_rate))) / sampling_rate
+    tones = sum(np.sin(2 * np.pi * rng.uniform(100, 2000) * times + rng.uniform(0, 6)) for _ in range(3))
+    return (0.25 * tones + 0.05 * rng.standard_normal(times.size)).astype(np.float32)
+
+
+def audio_chat(text: str, clips=(), images=()) -> list[dict]:
+    """A one-turn user message with its images, then its clips (arrays or paths), then `text`."""
+    content = [{"type": "image", "image": image} for image in images]
+    content += [
+        {"type": "audio", "path": clip} if isinstance(clip, str) else {"type": "audio", "audio": clip} for clip in clips
+    ]
+    return [{"role": "user", "content": content + [{"type": "text", "text": text}]}]
 
 
 def make_image(seed: int = 0, size: int = IMAGE_SIZE, mode: str = "RGB") -> Image.Image:
