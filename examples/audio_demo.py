@@ -47,6 +47,7 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from modeling_omnifusion.conversion.whisper_ctranslate2 import converted_whisper_base, load_whisper_base, transcribe
 from modeling_omnifusion.evaluation.speech import digit_accuracy, word_error_rate
+from modeling_omnifusion.processing.audio_inputs_omnifusion import extract_audio_features, num_mel_frames
 from modeling_omnifusion.training.smollm2 import converted_smollm2
 
 FINAL_FOLDER = "omnifusion-audio"
@@ -161,21 +162,36 @@ class EncoderCache:
         self.outputs: dict[str, torch.Tensor] = {}
         self.hits = self.misses = 0
 
-    def add(self, encoder, feature_extractor, clips: list[np.ndarray], batch_size: int = 4) -> None:
-        for start in range(0, len(clips), batch_size):
-            batch = feature_extractor(
-                clips[start : start + batch_size],
-                sampling_rate=SAMPLING_RATE,
-                return_attention_mask=True,
-                return_tensors="pt",
-            )
-            keys = [features_key(row) for row in batch.input_features]
-            if all(key in self.outputs for key in keys):
-                continue
+    def add(
+        self,
+        encoder,
+        feature_extractor,
+        clips: list[np.ndarray],
+        batch_size: int = 4,
+        save_to=None,
+        save_every: int = 10,
+    ) -> None:
+        """Encode the clips not in the cache yet, `batch_size` windows per encoder call. Each clip's features come
+        from `extract_audio_features` on that clip alone, as the processor and the training records compute them, so
+        their keys match; with `save_to`, the cache is saved every `save_every` calls and at the end (an interrupted run
+        keeps most of its work)."""
+        pending = {}
+        for clip in clips:
+            features = torch.from_numpy(extract_audio_features(feature_extractor, [clip])["input_features"][0])
+            key = features_key(features)
+            if key not in self.outputs:
+                pending[key] = (features, num_mel_frames(len(clip), feature_extractor.hop_length))
+        items = list(pending.items())
+        for start in range(0, len(items), batch_size):
+            batch = items[start : start + batch_size]
             with torch.inference_mode():
-                hidden = encoder(batch.input_features).last_hidden_state
-            for key, row, frames in zip(keys, hidden, batch.attention_mask.sum(-1).tolist()):
+                hidden = encoder(torch.stack([features for _, (features, _) in batch])).last_hidden_state
+            for (key, (_, frames)), row in zip(batch, hidden):
                 self.outputs[key] = row[: (frames - 1) // 2 + 1].clone()
+            if save_to is not None and (start // batch_size + 1) % save_every == 0:
+                self.save(save_to)
+        if save_to is not None and items:
+            self.save(save_to)
 
     @contextlib.contextmanager
     def patched(self, tower):
@@ -202,9 +218,12 @@ class EncoderCache:
             del tower.forward
 
     def save(self, path: Path) -> None:
+        """One safetensors file, replaced atomically."""
         from safetensors.torch import save_file
 
-        save_file(self.outputs, str(path))
+        partial = Path(f"{path}.partial")
+        save_file(self.outputs, str(partial))
+        partial.replace(path)
 
     def load(self, path: Path) -> None:
         from safetensors.torch import load_file
@@ -221,7 +240,7 @@ def cache_encoder_outputs(data: DemoData, whisper_folder: Path, cache_path: Path
     model, processor = load_whisper_base(whisper_folder)
     start = time.perf_counter()
     clips = [speech_data.read_clip(clip.path) for clip in data.digits + data.phrases + data.train]
-    cache.add(model.model.encoder, processor.feature_extractor, clips)
+    cache.add(model.model.encoder, processor.feature_extractor, clips, save_to=cache_path)
     seconds = time.perf_counter() - start
     cache.save(cache_path)
     return cache, seconds
