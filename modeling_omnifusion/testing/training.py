@@ -1,5 +1,6 @@
-"""Tiny pretrained-looking vision and LM folders and conversation datasets on disk, for the training tests, and a
-stage-1 run in a fresh process that can be killed mid-checkpoint or given a full disk."""
+"""Tiny pretrained-looking vision, Whisper and LM folders and conversation datasets (images, clips, WebDataset shards)
+on disk, for the training tests, and a stage-1 run in a fresh process that can be killed mid-checkpoint or given a
+full disk."""
 
 import io
 import json
@@ -7,15 +8,25 @@ import os
 import struct
 import subprocess
 import sys
+import tarfile
 import tempfile
 import zlib
 from pathlib import Path
 
 import torch
 from PIL import Image
-from transformers import CLIPVisionModel, MistralForCausalLM
+from transformers import CLIPVisionModel, MistralForCausalLM, WhisperFeatureExtractor, WhisperForConditionalGeneration
 
-from modeling_omnifusion.testing.tiny import make_config, make_image, make_processor, make_tokenizer, vision_config
+from modeling_omnifusion.testing.tiny import (
+    AUDIO_WINDOW_SECONDS,
+    audio_config,
+    make_clip,
+    make_config,
+    make_image,
+    make_processor,
+    make_tokenizer,
+    vision_config,
+)
 
 COLOURS = ["red", "blue", "green", "yellow"]
 
@@ -34,6 +45,77 @@ def save_language_model(folder: Path, seed: int = 0) -> Path:
     MistralForCausalLM(make_config(make_processor()).text_config).save_pretrained(folder)
     make_tokenizer().save_pretrained(folder)
     return folder
+
+
+def save_whisper_model(folder: Path, seed: int = 0, encoder_only: bool = False) -> Path:
+    """A random tiny Whisper (`audio_config()`, a 1 s window) with its `WhisperFeatureExtractor(chunk_length=1)`, as a
+    local 'pretrained' folder: the whole `WhisperForConditionalGeneration`, or its `WhisperEncoder` alone."""
+    torch.manual_seed(seed)
+    model = WhisperForConditionalGeneration(audio_config())
+    (model.get_encoder() if encoder_only else model).save_pretrained(folder)
+    WhisperFeatureExtractor(chunk_length=AUDIO_WINDOW_SECONDS).save_pretrained(folder)
+    return folder
+
+
+def write_clip(path: Path, seed: int = 0, seconds: float = 0.5, sampling_rate: int = 16000, **soundfile_kwargs):
+    """`make_clip(seed, seconds, sampling_rate)` written with soundfile, in the format `path`'s extension names (.wav,
+    .flac, .mp3, ...); `soundfile_kwargs` (e.g. `subtype="FLOAT"`) go to `soundfile.write`."""
+    import soundfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    soundfile.write(path, make_clip(seed, seconds, sampling_rate), sampling_rate, **soundfile_kwargs)
+    return path
+
+
+def clip_bytes(extension: str, seed: int = 0, seconds: float = 0.5) -> bytes:
+    """`make_clip(seed, seconds)` as the bytes of a .`extension` file (wav, flac, mp3, ogg)."""
+    import soundfile
+
+    buffer = io.BytesIO()
+    soundfile.write(buffer, make_clip(seed, seconds), 16000, format=extension.upper())
+    return buffer.getvalue()
+
+
+def speech_records(num_records: int, extension: str = "wav", with_images: bool = False) -> list[dict]:
+    """Records with one clip each (`clips/<i>.<extension>`, an `<audio>` in the question) asking what is said (the
+    answers cycle through `COLOURS`); with `with_images` every other record also shows an image."""
+    records = []
+    for index in range(num_records):
+        record = {
+            "id": f"speech-{index}",
+            "audio": f"clips/{index}.{extension}",
+            "conversations": [
+                {"from": "human", "value": "<audio>\nWhat is said?"},
+                {"from": "gpt", "value": f"It is {COLOURS[index % len(COLOURS)]}."},
+            ],
+        }
+        if with_images and index % 2:
+            record["image"] = f"images/{index}.png"
+            record["conversations"][0]["value"] = "<image>\n" + record["conversations"][0]["value"]
+        records.append(record)
+    return records
+
+
+def write_audio_shards(folder: Path, num_shards: int, per_shard: int, extensions=("wav", "flac"), bad=None) -> list:
+    """WebDataset shards `00000.tar`...: `key.<extension>` (cycling through `extensions`) + `key.txt` with the
+    transcript. `bad` maps a key to a replacement for its clip's bytes."""
+    bad = bad or {}
+    folder.mkdir(parents=True, exist_ok=True)
+    shards = []
+    for shard in range(num_shards):
+        path = folder / f"{shard:05d}.tar"
+        with tarfile.open(path, "w") as archive:
+            for index in range(per_shard):
+                key = f"{shard:05d}{index:04d}"
+                extension = extensions[index % len(extensions)]
+                clip = bad.get(key, clip_bytes(extension, seed=shard * 100 + index))
+                fields = {extension: clip, "txt": f"It is {COLOURS[index % len(COLOURS)]}.".encode()}
+                for name, data in fields.items():
+                    info = tarfile.TarInfo(f"{key}.{name}")
+                    info.size = len(data)
+                    archive.addfile(info, io.BytesIO(data))
+        shards.append(path)
+    return shards
 
 
 def colour_records(num_records: int, with_images: bool = True) -> list[dict]:
@@ -55,13 +137,18 @@ def colour_records(num_records: int, with_images: bool = True) -> list[dict]:
 
 
 def write_dataset(folder: Path, records: list[dict], jsonl: bool = False) -> Path:
-    """Writes `records` as JSON (or JSONL) and a random image for every `image` path that does not exist yet."""
+    """Writes `records` as JSON (or JSONL), a random image for every `image` path and a 0.5 s clip for every `audio`
+    path that does not exist yet."""
     folder.mkdir(parents=True, exist_ok=True)
     for index, record in enumerate(records):
         image = record.get("image")
         if isinstance(image, str) and not (folder / image).exists():
             (folder / image).parent.mkdir(parents=True, exist_ok=True)
             make_image(seed=index).save(folder / image)
+        audio = record.get("audio")
+        for number, clip in enumerate([audio] if isinstance(audio, str) else audio or []):
+            if isinstance(clip, str) and not (folder / clip).exists():
+                write_clip(folder / clip, seed=100 * index + number)
     path = folder / ("data.jsonl" if jsonl else "data.json")
     with open(path, "w") as file:
         if jsonl:

@@ -11,19 +11,30 @@ from transformers import TrainingArguments
 
 @dataclass
 class DataArguments:
-    data_path: str = field(metadata={"help": "Conversation records: a JSON list or a JSONL file (LLaVA format)."})
+    data_path: str = field(
+        metadata={
+            "help": "Conversation records: a JSON list or a JSONL file (LLaVA format, with `image` and/or `audio`), "
+            "or WebDataset .tar shards (a folder, a .tar or a {00000..00099} pattern)."
+        }
+    )
     image_folder: str | None = field(
         default=None,
         metadata={"help": "Folder the records' `image` paths are relative to (default: the data file's folder)."},
     )
+    audio_folder: str | None = field(
+        default=None,
+        metadata={"help": "Folder the records' `audio` paths are relative to (default: the data file's folder)."},
+    )
     model_max_length: int = field(
-        default=2048, metadata={"help": "Longest sequence in tokens, image positions included (released: 2048)."}
+        default=2048,
+        metadata={"help": "Longest sequence in tokens, image and audio positions included (released: 2048)."},
     )
     skip_bad_records: bool = field(
         default=False,
         metadata={
-            "help": "Skip (and count in the log) records with a missing or unreadable image or malformed "
-            "conversations, instead of stopping with an error that names the record."
+            "help": "Skip (and count in the log) records with a missing or unreadable image or audio clip (also NaN, "
+            "empty or too long sound) or malformed conversations, instead of stopping with an error that names the "
+            "record."
         },
     )
     preprocessing_num_workers: int | None = field(

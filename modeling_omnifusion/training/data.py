@@ -12,24 +12,26 @@ truncation is left out of training, and how many were is logged.
 
 WebDataset shards (what `img2dataset` writes): `--data_path` is a folder of `*.tar` files or a brace pattern such as
 `shards/{00000..00099}.tar`; each tar holds `key.jpg` (or `.png`/`.webp`/...) next to `key.txt` (the caption) and/or
-`key.json` (its `caption` field). They are read as a streaming `datasets.IterableDataset` made with
+`key.json` (its `caption` field). For a model with sound a sample may hold a clip instead of (or with) the image:
+`key.wav`, `.flac`, `.mp3` or `.ogg`, read with soundfile; its caption (e.g. the transcript) answers a request about
+the recording. They are read as a streaming `datasets.IterableDataset` made with
 `IterableDataset.from_generator` over the shard list, so that `datasets` and accelerate give every process (and
 every dataloader worker) its own shards; nothing but the shuffle buffer (`--shuffle_buffer_size`) is held in
 memory. (`datasets`' own `webdataset` builder is not used: its decoders run inside the stream and one malformed
 `.json` or non-UTF-8 `.txt` ends it without naming the sample, and it infers the columns from the first five
 samples, refusing shards where some sample lacks a caption.) Each caption becomes the same conversation a caption
-record of the JSON format gives (an image, a caption request, the caption as the answer). A bad sample (image
-missing or unreadable, caption missing or empty) is skipped and counted in the log; past `--max_bad_samples` per
-process, training stops with a `ValueError` naming the shard and the key.
+record of the JSON format gives (an image or clip, a caption request, the caption as the answer). A bad sample (image
+or clip missing or unreadable, a clip with NaN samples or too long, caption missing or empty) is skipped and counted
+in the log; past `--max_bad_samples` per process, training stops with a `ValueError` naming the shard and the key.
 
 Packing (`--packing`): the collator concatenates a batch's conversations into one row without padding, with
 `position_ids` restarting at 0 at each conversation and no `attention_mask`, the convention of transformers'
 `DataCollatorWithFlattening`: transformers' masking utilities then build a block-diagonal causal mask for SDPA and
 eager attention (and flash-attention reads the boundaries from the position ids), so no token attends across
 conversations. That needs `use_cache=False` in the batch: transformers' Llama/Mistral create a cache when
-`use_cache` is on, even in training, and then ignore the packed position ids. Images keep their order, so each
-lands where it would in the padded batch, and the loss (a mean over the same answer tokens) equals the padded
-batch's.
+`use_cache` is on, even in training, and then ignore the packed position ids. Images and clips keep their order,
+so each lands where it would in the padded batch, and the loss (a mean over the same answer tokens) equals the
+padded batch's.
 
 Length grouping (`--group_by_length`): the lengths are the token counts the up-front check computes anyway (no image
 is decoded for them), kept as a `length` column and handed to the Trainer's `LengthGroupedSampler`.
@@ -53,18 +55,32 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 from modeling_omnifusion import OmniFusionProcessor
 
 from .arguments import DataArguments
-from .conversation import ConversationEncoder, assistant_labels, record_to_messages
+from .conversation import (
+    ConversationEncoder,
+    assistant_labels,
+    audio_items,
+    decode_sound,
+    record_to_messages,
+    stack_media,
+)
 
 # The names the log lines show: records log as "omnifusion_training", shards as its child; `setup_run` sets the level.
 logger = logging.getLogger("omnifusion_training")
 stream_logger = logging.getLogger("omnifusion_training.data")
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+AUDIO_EXTENSIONS = ("wav", "flac", "mp3", "ogg")
 CAPTION_PROMPTS = (
     "Describe the image briefly.",
     "Give a short description of the image.",
     "What is in the picture?",
     "Write a caption for this image.",
+)
+AUDIO_CAPTION_PROMPTS = (
+    "Transcribe the audio.",
+    "What is said in the recording?",
+    "Write down what you hear.",
+    "What does the speaker say?",
 )
 BRACE_RANGE = re.compile(r"\{(\d+)\.\.(\d+)\}")
 
@@ -103,8 +119,14 @@ def read_records(data_path: str) -> datasets.Dataset:
 
 def load_training_dataset(data_args: DataArguments, processor: OmniFusionProcessor) -> datasets.Dataset:
     """The checked records of `data_args.data_path`, turned into model inputs lazily by a `ConversationEncoder`."""
-    image_folder = data_args.image_folder or os.path.dirname(os.path.abspath(data_args.data_path))
-    encoder = ConversationEncoder(processor, image_folder, data_args.model_max_length, data_args.skip_bad_records)
+    data_folder = os.path.dirname(os.path.abspath(data_args.data_path))
+    encoder = ConversationEncoder(
+        processor,
+        data_args.image_folder or data_folder,
+        data_args.model_max_length,
+        data_args.skip_bad_records,
+        audio_folder=data_args.audio_folder or data_folder,
+    )
     encoder.check_images = data_args.check_images
     records = read_records(data_args.data_path)
     checks = records.map(
@@ -252,16 +274,49 @@ def sample_image(fields: dict[str, bytes]) -> Image.Image:
         raise ValueError(f"cannot read the .{extension} image ({type(error).__name__}: {error})") from None
 
 
-def caption_conversation(key: str, caption: str) -> str:
-    """The record (JSON text) a caption becomes: the same shape as a stage-1 caption record of the JSON format."""
-    prompt = CAPTION_PROMPTS[int(hashlib.md5(key.encode()).hexdigest(), 16) % len(CAPTION_PROMPTS)]
-    return json.dumps(
-        {
-            "id": key,
-            "image": key,
-            "conversations": [{"from": "human", "value": "<image>\n" + prompt}, {"from": "gpt", "value": caption}],
-        }
+def caption_conversation(key: str, caption: str, image: bool = True, audio: bool = False) -> str:
+    """The record (JSON text) a caption becomes: the same shape as a stage-1 caption record of the JSON format, with
+    an image, a clip or both (an image caption request then)."""
+    prompts = CAPTION_PROMPTS if image else AUDIO_CAPTION_PROMPTS
+    prompt = prompts[int(hashlib.md5(key.encode()).hexdigest(), 16) % len(prompts)]
+    record = {"id": key} | ({"image": key} if image else {}) | ({"audio": key} if audio else {})
+    placeholders = ("<image>\n" if image else "") + ("<audio>\n" if audio else "")
+    record["conversations"] = [{"from": "human", "value": placeholders + prompt}, {"from": "gpt", "value": caption}]
+    return json.dumps(record)
+
+
+def sample_example(key: str, fields: dict[str, bytes], encoder: ConversationEncoder) -> dict:
+    """
+    The model inputs of one sample: its caption (`sample_caption`) as the answer to a caption request about its image
+    and, for a model with sound, its clip (`.wav`, `.flac`, `.mp3`, `.ogg`); a `ValueError` saying what is wrong.
+    """
+    caption = sample_caption(fields)
+    audio = next((ext for ext in AUDIO_EXTENSIONS if ext in fields), None) if encoder.with_audio else None
+    has_image = any(ext in fields for ext in IMAGE_EXTENSIONS)
+    if encoder.with_audio and not has_image and audio is None:
+        raise ValueError(f"no image or clip (one of .{', .'.join(IMAGE_EXTENSIONS + AUDIO_EXTENSIONS)})")
+    image = sample_image(fields) if has_image or audio is None else None  # no image, no clip: `sample_image` says so
+    has_image = image is not None
+    messages, _ = record_to_messages(
+        key, caption_conversation(key, caption, has_image, audio is not None), encoder.with_audio
     )
+    waveforms = []
+    if audio is not None:
+        (item,) = audio_items(messages)
+        del item["path"]
+        item["audio"] = decode_sound(io.BytesIO(fields[audio]), encoder.processor, f"the .{audio} clip")
+        waveforms.append(item["audio"])
+    tiled = getattr(encoder.processor, "image_grid_pinpoints", None) is not None
+    input_ids = encoder.tokenize_record(key, messages, (image.height, image.width) if tiled and image else None)
+    pixel_values = None
+    if image is not None and (input_ids == encoder.processor.image_end_token_id).any():
+        try:
+            pixel_values = encoder.processor.prepare_images([image], return_tensors="pt")["pixel_values"]
+        except TypeError as error:
+            raise ValueError(str(error)) from None
+    labels = assistant_labels(input_ids, encoder.processor)
+    example = {"input_ids": input_ids, "labels": labels, "pixel_values": pixel_values}
+    return example | encoder.audio_features(input_ids, waveforms)
 
 
 class BadSampleCount:
@@ -280,17 +335,7 @@ def generate_examples(shards: list[str], encoder: ConversationEncoder, bad_sampl
         stream_logger.info("Reading shard %s (process %s)", shard, os.environ.get("RANK", "0"))
         for key, fields in iter_shard(shard):
             try:
-                record = caption_conversation(key, sample_caption(fields))
-                image = sample_image(fields)
-                messages, _ = record_to_messages(key, record)
-                tiled = getattr(encoder.processor, "image_grid_pinpoints", None) is not None
-                input_ids = encoder.tokenize_record(key, messages, (image.height, image.width) if tiled else None)
-                pixel_values = None
-                if (input_ids == encoder.processor.image_end_token_id).any():
-                    try:
-                        pixel_values = encoder.processor.prepare_images([image], return_tensors="pt")["pixel_values"]
-                    except TypeError as error:
-                        raise ValueError(str(error)) from None
+                example = sample_example(key, fields, encoder)
             except ValueError as error:
                 bad_samples.count += 1
                 bad = bad_samples.count
@@ -301,13 +346,12 @@ def generate_examples(shards: list[str], encoder: ConversationEncoder, bad_sampl
                         f"--max_bad_samples {bad_samples.limit}: stopping."
                     ) from None
                 continue
-            labels = assistant_labels(input_ids, encoder.processor)
-            if not (labels != -100).any():
+            if not (example["labels"] != -100).any():
                 stream_logger.warning(
                     "Skipped sample %s in shard %s: no caption token within model_max_length", key, shard
                 )
                 continue
-            yield {"input_ids": input_ids, "labels": labels, "pixel_values": pixel_values}
+            yield example
 
 
 def load_streaming_dataset(data_args, processor, training_args) -> datasets.IterableDataset:
@@ -361,7 +405,8 @@ class PackedDataCollator:
     """
     All of a batch's conversations in one row, no padding: `input_ids` and `labels` concatenated (the first label of
     each conversation set to -100, so no token learns to predict the next conversation), `position_ids` restarting
-    at 0 at each conversation, no `attention_mask` (transformers' flattening convention), images stacked in order.
+    at 0 at each conversation, no `attention_mask` (transformers' flattening convention), images and clips stacked in
+    order.
     """
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
@@ -379,7 +424,4 @@ class PackedDataCollator:
             # training): without this, every conversation would attend to the ones before it in the row.
             "use_cache": False,
         }
-        images = [example["pixel_values"] for example in examples if example["pixel_values"] is not None]
-        if images:
-            batch["pixel_values"] = torch.cat(images)
-        return batch
+        return batch | stack_media(examples)

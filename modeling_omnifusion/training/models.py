@@ -1,17 +1,28 @@
 """
-The models the two stages train: a new OmniFusion built from a pretrained vision encoder (or several) and a
-pretrained LM (stage 1), replacement encoders and tiles for an existing one (stage 2), and which parameters train.
-Everything is float32 (the Trainer's `--bf16`/`--fp16` run autocast over float32 weights).
+The models the two stages train: a new OmniFusion built from a pretrained vision encoder (or several), a pretrained
+LM and optionally a pretrained Whisper encoder (stage 1), an existing image model extended with sound (stage 1),
+replacement encoders and tiles for an existing one (stage 2), and which parameters train. Everything is float32 (the
+Trainer's `--bf16`/`--fp16` run autocast over float32 weights).
 """
 
 import json
 import logging
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
-from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForCausalLM, AutoTokenizer
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    WhisperFeatureExtractor,
+)
+from transformers.models.whisper.modeling_whisper import WhisperEncoder
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_NAME, cached_file
 
-from modeling_omnifusion import OmniFusionConfig, OmniFusionForCausalLM, OmniFusionProcessor
+from modeling_omnifusion import OmniFusionConfig, OmniFusionForCausalLM, OmniFusionProcessor, add_sound
 from modeling_omnifusion.conversion.convert_omnifusion_to_hf import vision_state_at_input_size
 from modeling_omnifusion.hub_omnifusion import hub_model_id
 from modeling_omnifusion.modeling_omnifusion import build_vision_tower
@@ -78,13 +89,147 @@ def load_vision_towers(
     return configs, image_processors, states
 
 
-def build_model_from_pretrained_parts(
-    vision_model_name_or_path: str, language_model_name_or_path: str, **config_kwargs
+# Where a Whisper folder keeps its encoder's weights: WhisperForConditionalGeneration, WhisperModel, or the
+# encoder saved alone.
+WHISPER_ENCODER_PREFIXES = ("model.encoder.", "encoder.", "")
+
+
+def _checkpoint_state(name_or_path: str, flag: str) -> dict[str, torch.Tensor]:
+    """Every tensor of the weights a model folder or Hub id holds: safetensors (sharded or not), else a
+    `pytorch_model.bin` read with `weights_only=True`."""
+    found = {
+        name: cached_file(name_or_path, name, _raise_exceptions_for_missing_entries=False)
+        for name in (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME)
+    }
+    if found[SAFE_WEIGHTS_NAME]:
+        return load_file(found[SAFE_WEIGHTS_NAME])
+    if found[SAFE_WEIGHTS_INDEX_NAME]:
+        with open(found[SAFE_WEIGHTS_INDEX_NAME], encoding="utf-8") as file:
+            shards = sorted(set(json.load(file)["weight_map"].values()))
+        state = {}
+        for shard in shards:
+            state.update(load_file(cached_file(name_or_path, shard)))
+        return state
+    if found[WEIGHTS_NAME]:
+        return torch.load(found[WEIGHTS_NAME], map_location="cpu", weights_only=True)
+    raise FileNotFoundError(
+        f"{flag} {name_or_path}: no weights ({SAFE_WEIGHTS_NAME}, {SAFE_WEIGHTS_INDEX_NAME} or {WEIGHTS_NAME})."
+    )
+
+
+def whisper_feature_extractor(name_or_path: str, audio_config) -> WhisperFeatureExtractor:
+    """
+    The feature extractor of a Whisper folder (its `preprocessor_config.json`), or, for a folder without one, Whisper's
+    own for `audio_config` (`num_mel_bins` bins over the encoder's window, 100 frames per second). A `ValueError` if a
+    saved one does not fit the encoder (mel bins, window frames).
+    """
+    window_frames = audio_config.max_source_positions * 2  # the encoder's convolutions halve the mel frames
+    try:
+        feature_extractor = WhisperFeatureExtractor.from_pretrained(name_or_path)
+    except OSError:  # no preprocessor_config.json
+        logger.info("%s has no feature extractor: using Whisper's for a %d-frame window.", name_or_path, window_frames)
+        return WhisperFeatureExtractor(feature_size=audio_config.num_mel_bins, chunk_length=window_frames // 100)
+    if feature_extractor.feature_size != audio_config.num_mel_bins or feature_extractor.nb_max_frames != window_frames:
+        raise ValueError(
+            f"--audio_model_name_or_path {name_or_path}: its feature extractor gives {feature_extractor.feature_size} "
+            f"mel bins x {feature_extractor.nb_max_frames} frames, but its encoder takes {audio_config.num_mel_bins} x "
+            f"{window_frames}."
+        )
+    return feature_extractor
+
+
+def load_audio_encoder(name_or_path: str, flag: str = "--audio_model_name_or_path"):
+    """
+    A pretrained Whisper encoder: its config (the folder's `WhisperConfig`), its feature extractor
+    (`whisper_feature_extractor`) and the encoder's weights, from a folder or Hub id holding a
+    `WhisperForConditionalGeneration`, a `WhisperModel` or a `WhisperEncoder` alone. A `ValueError` names the folder
+    if it is not a Whisper model or its encoder weights are incomplete.
+    """
+    config = AutoConfig.from_pretrained(name_or_path)
+    if config.model_type != "whisper":
+        raise ValueError(f"{flag} {name_or_path}: expected a Whisper model, found model_type {config.model_type!r}.")
+    state = _checkpoint_state(name_or_path, flag)
+    with torch.device("meta"):  # only the names of its weights
+        expected = WhisperEncoder(config).state_dict().keys()
+    for prefix in WHISPER_ENCODER_PREFIXES:
+        if f"{prefix}conv1.weight" in state:
+            encoder_state = {key: state[prefix + key] for key in expected if prefix + key in state}
+            missing = sorted(set(expected) - set(encoder_state))
+            if missing:
+                raise ValueError(f"{flag} {name_or_path}: the Whisper encoder's weights lack {missing[:5]}.")
+            break
+    else:
+        raise ValueError(
+            f"{flag} {name_or_path}: no Whisper encoder weights (no conv1.weight under any of "
+            f"{[prefix or '(none)' for prefix in WHISPER_ENCODER_PREFIXES]})."
+        )
+    config._name_or_path = hub_model_id(name_or_path) or ""
+    return config, whisper_feature_extractor(name_or_path, config), encoder_state
+
+
+def processor_with_sound(
+    processor: OmniFusionProcessor, feature_extractor, audio_pool_stride: int
+) -> OmniFusionProcessor:
+    """An OmniFusion processor like `processor` (image preprocessing, tokenizer, markers, image layout) that also takes
+    sound through `feature_extractor`; the three audio markers are added to the tokenizer after the image ones."""
+    image_layout = {
+        name: getattr(processor, name)
+        for name in ("num_image_tokens", "image_grid_pinpoints", "image_global_view_position")
+    }
+    markers = {
+        name: getattr(processor, name)
+        for name in ("image_token", "image_start_token", "image_end_token", "user_token", "assistant_token")
+    }
+    return OmniFusionProcessor(
+        processor.image_processor,
+        processor.tokenizer,
+        **image_layout,
+        **markers,
+        end_assistant_turns_with_eos=processor.end_assistant_turns_with_eos,
+        extra_encoder_preprocessors=processor.extra_encoder_preprocessors,
+        audio_preprocessor=feature_extractor,
+        audio_pool_stride=audio_pool_stride,
+    )
+
+
+def extend_with_sound(
+    model: OmniFusionForCausalLM,
+    processor: OmniFusionProcessor,
+    audio_model_name_or_path: str,
+    audio_adapter_type: str = "mlp",
+    audio_pool_stride: int = 2,
 ) -> tuple[OmniFusionForCausalLM, OmniFusionProcessor]:
     """
-    A new OmniFusion around pretrained vision encoder(s) (comma-separated for several) and a pretrained decoder LM
-    (whose tokenizer it takes), with a freshly initialised adapter and markers, and its processor. `config_kwargs`
-    go to `OmniFusionConfig` (`adapter_type`, `image_grid_pinpoints`, ...). All of it is float32 (the Trainer's
+    The image model `model` with sound (`add_sound`): its weights unchanged, the pretrained Whisper encoder of
+    `audio_model_name_or_path` as its audio tower, a fresh audio adapter and three fresh audio marker rows; and its
+    processor with the Whisper feature extractor. Image inputs give bit-identical outputs until the audio side trains.
+    """
+    audio_config, feature_extractor, encoder_state = load_audio_encoder(audio_model_name_or_path)
+    processor = processor_with_sound(processor, feature_extractor, audio_pool_stride)
+    audio_ids = {name: value for name, value in processor.special_token_ids.items() if name.startswith("audio_")}
+    model = add_sound(
+        model,
+        audio_config,
+        audio_adapter_type=audio_adapter_type,
+        audio_pool_stride=audio_pool_stride,
+        **audio_ids,
+    )
+    model.model.audio_tower.load_state_dict(encoder_state)
+    return model, processor
+
+
+def build_model_from_pretrained_parts(
+    vision_model_name_or_path: str,
+    language_model_name_or_path: str,
+    audio_model_name_or_path: str | None = None,
+    **config_kwargs,
+) -> tuple[OmniFusionForCausalLM, OmniFusionProcessor]:
+    """
+    A new OmniFusion around pretrained vision encoder(s) (comma-separated for several), a pretrained decoder LM
+    (whose tokenizer it takes) and, with `audio_model_name_or_path`, a pretrained Whisper encoder (`load_audio_encoder`:
+    its feature extractor joins the processor), with freshly initialised adapters and markers, and its processor.
+    `config_kwargs` go to `OmniFusionConfig` (`adapter_type`, `image_grid_pinpoints`, `audio_adapter_type`,
+    `audio_pool_stride`, ...). All of it is float32 (the Trainer's
     `--bf16`/`--fp16` run autocast over float32 weights), whatever dtype the parts were saved in: loading a bfloat16
     LM as saved would give a model of mixed dtypes.
     """
@@ -97,15 +242,21 @@ def build_model_from_pretrained_parts(
     tokenizer = AutoTokenizer.from_pretrained(language_model_name_or_path)
     if sentencepiece_model is not None:
         rank_merges_by_sentencepiece_scores(tokenizer, sentencepiece_model)
+    audio_config = feature_extractor = encoder_state = None
+    if audio_model_name_or_path is not None:
+        audio_config, feature_extractor, encoder_state = load_audio_encoder(audio_model_name_or_path)
     processor = OmniFusionProcessor(
         image_processors[0],
         tokenizer,
         end_assistant_turns_with_eos=True,
         extra_encoder_preprocessors=image_processors[1:],
+        audio_preprocessor=feature_extractor,
+        audio_pool_stride=config_kwargs.get("audio_pool_stride", 2),
     )
     config = OmniFusionConfig(
         vision_config=vision_configs if len(names) > 1 else vision_configs[0],
         text_config=language_model.config,
+        audio_config=audio_config,
         **processor.special_token_ids,
         **config_kwargs,
     )
@@ -120,6 +271,8 @@ def build_model_from_pretrained_parts(
     towers = model.model.vision_tower if len(names) > 1 else [model.model.vision_tower]
     for tower, state in zip(towers, vision_states):
         tower.load_state_dict(state)
+    if encoder_state is not None:
+        model.model.audio_tower.load_state_dict(encoder_state)
     missing, unexpected = model.model.language_model.load_state_dict(
         language_model.base_model.state_dict(), strict=False
     )
@@ -250,6 +403,33 @@ def train_only(model: nn.Module, modules: list[nn.Module]):
     for module in modules:
         module.requires_grad_(True)
     log_trainable_parameters(model)
+
+
+def adapters(model: OmniFusionForCausalLM) -> list[nn.Module]:
+    """The model's adapters: the image adapter and, with sound, the audio adapter."""
+    audio_adapter = getattr(model.model, "audio_adapter", None)
+    return [model.model.adapter] + ([audio_adapter] if audio_adapter is not None else [])
+
+
+def fine_tuned_modules(model: OmniFusionForCausalLM) -> list[nn.Module]:
+    """What stage 2 trains fully: the adapters, the LM (the marker table included) and the LM head; never an
+    encoder."""
+    return adapters(model) + [model.model.language_model, model.lm_head]
+
+
+def train_sound_side(model: OmniFusionForCausalLM) -> list[str]:
+    """
+    Freeze `model` except its audio adapter and the three audio rows of the marker table (the other rows' gradients
+    are zeroed by `restrict_marker_gradient`), and log what is trained. Returns the marker table's parameter name,
+    which must get no weight decay: with zero gradients the optimizer's step leaves the image and turn markers
+    bit-identical only then.
+    """
+    config = model.config
+    embeddings = model.get_input_embeddings()
+    train_only(model, [model.model.audio_adapter, embeddings.special_embeddings])
+    embeddings.restrict_marker_gradient([config.audio_token_id, config.audio_start_token_id, config.audio_end_token_id])
+    table = embeddings.special_embeddings.weight
+    return [name for name, parameter in model.named_parameters() if parameter is table]
 
 
 def log_trainable_parameters(model: nn.Module):

@@ -11,6 +11,17 @@ DINOv2 with `--adapter_type mix_sum`: the mix adapter's per-layer maps and coeff
         --data_path blip_laion_cc_sbu_558k.json --image_folder images/ \
         --output_dir omnifusion-stage1 --bf16
 
+Sound: `--audio_model_name_or_path` (a Whisper folder or Hub id: its encoder, frozen, and its feature extractor) adds
+an audio encoder, a fresh audio adapter (`--audio_adapter_type`, `--audio_pool_stride`) and the audio markers, for
+records with `audio` clips. With the vision and language flags it builds a new model with both encoders and trains
+both adapters and every marker. With `--model_name_or_path` (an OmniFusion folder without sound) instead, it extends
+that model with sound and trains only the audio adapter and the three audio markers: everything the image path uses
+stays bit-identical, so the folder's image answers are unchanged. A `--model_name_or_path` folder that already has
+sound trains its audio adapter and markers the same way, without `--audio_model_name_or_path`.
+
+    omnifusion-train-stage1 --model_name_or_path omnifusion-sft --audio_model_name_or_path openai/whisper-base \
+        --data_path speech.jsonl --audio_folder clips/ --output_dir omnifusion-audio-stage1
+
 Defaults follow the released training code: Adafactor at lr 1e-2, cosine schedule with 1% warmup, 4 sequences per
 device with 8 accumulation steps (x 8 GPUs = 256 per step), 2048 tokens. Every `TrainingArguments` flag works
 (`--max_steps`, `--activation_checkpointing`, `--resume_from_checkpoint`, `--report_to`, ...); see docs/training.md
@@ -21,24 +32,41 @@ processor, remote code), the input of stage 2 (`omnifusion-train-stage2`, `stage
 from dataclasses import dataclass, field
 from typing import Literal
 
+import torch
 from transformers import HfArgumentParser, Trainer
 from transformers.integrations import is_deepspeed_zero3_enabled
 
+from modeling_omnifusion import OmniFusionForCausalLM, OmniFusionProcessor
+from modeling_omnifusion.hub_omnifusion import hub_model_id
+
 from .arguments import DataArguments, OmniFusionTrainingArguments
 from .checkpoints import save_final_output, train_or_resume
-from .models import build_model_from_pretrained_parts, parse_grid_pinpoints, train_only
+from .models import (
+    adapters,
+    build_model_from_pretrained_parts,
+    extend_with_sound,
+    parse_grid_pinpoints,
+    train_only,
+    train_sound_side,
+)
 from .trainer import check_path_arguments, make_trainer, setup_run
 
 
 @dataclass
 class ModelArguments:
-    vision_model_name_or_path: str = field(
+    vision_model_name_or_path: str | None = field(
+        default=None,
         metadata={
             "help": "Vision encoder (a CLIP/SigLIP/DINOv2 folder or Hub id, full CLIP models included), or several "
-            "comma-separated (clip_dir,dinov2_dir) for a mix adapter."
-        }
+            "comma-separated (clip_dir,dinov2_dir) for a mix adapter. Required unless --model_name_or_path is given."
+        },
     )
-    language_model_name_or_path: str = field(metadata={"help": "Decoder LM with its tokenizer (folder or Hub id)."})
+    language_model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Decoder LM with its tokenizer (folder or Hub id). Required with --vision_model_name_or_path."
+        },
+    )
     adapter_type: Literal["transformer", "mlp", "linear", "mix_sum", "mix_concat"] = field(
         default="transformer",
         metadata={"help": "Adapter between the two (released: transformer; two encoders: mix_sum or mix_concat)."},
@@ -46,6 +74,31 @@ class ModelArguments:
     image_grid_pinpoints: str | None = field(
         default=None,
         metadata={"help": "Tiles: JSON list of [height, width] canvases, e.g. '[[672, 336], [336, 672], [672, 672]]'."},
+    )
+    audio_model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Whisper folder or Hub id (WhisperForConditionalGeneration, WhisperModel or a WhisperEncoder "
+            "alone, with its feature extractor): adds sound; its encoder stays frozen."
+        },
+    )
+    audio_adapter_type: Literal["mlp", "linear"] | None = field(
+        default=None, metadata={"help": "Audio adapter with --audio_model_name_or_path (default: mlp)."}
+    )
+    audio_pool_stride: int | None = field(
+        default=None,
+        metadata={
+            "help": "Average-pool this many Whisper frames into one position with --audio_model_name_or_path "
+            "(default: 2, 25 positions per second)."
+        },
+    )
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "An OmniFusion folder (or Hub id) to train the sound side of, instead of building a new model: "
+            "with --audio_model_name_or_path a folder without sound is extended with it; only the audio adapter and "
+            "the audio markers train."
+        },
     )
 
 
@@ -56,14 +109,80 @@ class Stage1TrainingArguments(OmniFusionTrainingArguments):
     gradient_accumulation_steps: int = field(default=8, metadata={"help": "Accumulation steps (released: 8)."})
 
 
+def check_model_arguments(parser: HfArgumentParser, model_args: ModelArguments):
+    """Which model stage 1 trains: new (vision + language [+ audio] flags) or a folder's sound side; a parser error
+    for any other combination."""
+    building = model_args.vision_model_name_or_path is not None or model_args.language_model_name_or_path is not None
+    if model_args.model_name_or_path is not None:
+        if building:
+            parser.error(
+                "--model_name_or_path trains the sound side of an existing model: give it without "
+                "--vision_model_name_or_path and --language_model_name_or_path (those build a new model)."
+            )
+    elif model_args.vision_model_name_or_path is None or model_args.language_model_name_or_path is None:
+        parser.error(
+            "stage 1 needs --vision_model_name_or_path and --language_model_name_or_path (a new model, with "
+            "--audio_model_name_or_path for sound), or --model_name_or_path with --audio_model_name_or_path (an "
+            "existing image model extended with sound)."
+        )
+    if model_args.audio_model_name_or_path is None:
+        audio_options = [
+            flag for flag in ("audio_adapter_type", "audio_pool_stride") if getattr(model_args, flag) is not None
+        ]
+        if audio_options:
+            parser.error(f"--{audio_options[0]} needs --audio_model_name_or_path.")
+
+
+def audio_settings(model_args: ModelArguments) -> dict:
+    """The config's audio adapter and pooling from the flags (default: mlp, stride 2)."""
+    return {
+        "audio_adapter_type": model_args.audio_adapter_type or "mlp",
+        "audio_pool_stride": 2 if model_args.audio_pool_stride is None else model_args.audio_pool_stride,
+    }
+
+
+def load_model_for_sound(model_args: ModelArguments) -> tuple[OmniFusionForCausalLM, OmniFusionProcessor]:
+    """The `--model_name_or_path` model in float32 with its processor, extended with the `--audio_model_name_or_path`
+    encoder when it has no sound yet; a `ValueError` if it has none and no encoder is given, or already has one."""
+    name = model_args.model_name_or_path
+    model = OmniFusionForCausalLM.from_pretrained(name, dtype=torch.float32)
+    processor = OmniFusionProcessor.from_pretrained(name)
+    processor.end_assistant_turns_with_eos = True
+    has_sound = model.config.audio_config is not None
+    if has_sound and model_args.audio_model_name_or_path is not None:
+        raise ValueError(
+            f"--model_name_or_path {name} already has an audio encoder: drop --audio_model_name_or_path (its audio "
+            "adapter and markers train on)."
+        )
+    if not has_sound and model_args.audio_model_name_or_path is None:
+        raise ValueError(
+            f"--model_name_or_path {name} has no audio encoder: give --audio_model_name_or_path (a Whisper folder) "
+            "to extend it with sound."
+        )
+    if not has_sound:
+        model, processor = extend_with_sound(
+            model, processor, model_args.audio_model_name_or_path, **audio_settings(model_args)
+        )
+    # What the saved folder names as its base model: a Hub id, never a local path.
+    model.config._name_or_path = hub_model_id(name) or ""
+    return model, processor
+
+
 def train(args: list[str] | None = None) -> Trainer:
     parser = HfArgumentParser((ModelArguments, DataArguments, Stage1TrainingArguments))
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args)
-    check_path_arguments(
-        data_args,
-        vision_model_name_or_path=model_args.vision_model_name_or_path,
-        language_model_name_or_path=model_args.language_model_name_or_path,
-    )
+    check_model_arguments(parser, model_args)
+    paths = {
+        flag: getattr(model_args, flag)
+        for flag in (
+            "vision_model_name_or_path",
+            "language_model_name_or_path",
+            "model_name_or_path",
+            "audio_model_name_or_path",
+        )
+        if getattr(model_args, flag) is not None
+    }
+    check_path_arguments(data_args, **paths)
     if is_deepspeed_zero3_enabled():
         parser.error(
             "Stage 1 copies two checkpoints' weights into a new model, which ZeRO-3 partitions as they load. It trains "
@@ -71,15 +190,24 @@ def train(args: list[str] | None = None) -> Trainer:
         )
     setup_run(training_args)
 
-    model, processor = build_model_from_pretrained_parts(
-        model_args.vision_model_name_or_path,
-        model_args.language_model_name_or_path,
-        adapter_type=model_args.adapter_type,
-        image_grid_pinpoints=parse_grid_pinpoints(model_args.image_grid_pinpoints),
-    )
-    train_only(model, [model.model.adapter, model.get_input_embeddings().special_embeddings])
+    no_decay = []
+    if model_args.model_name_or_path is not None:
+        model, processor = load_model_for_sound(model_args)
+        no_decay = train_sound_side(model)
+    else:
+        sound = {}
+        if model_args.audio_model_name_or_path is not None:
+            sound = {"audio_model_name_or_path": model_args.audio_model_name_or_path, **audio_settings(model_args)}
+        model, processor = build_model_from_pretrained_parts(
+            model_args.vision_model_name_or_path,
+            model_args.language_model_name_or_path,
+            adapter_type=model_args.adapter_type,
+            image_grid_pinpoints=parse_grid_pinpoints(model_args.image_grid_pinpoints),
+            **sound,
+        )
+        train_only(model, adapters(model) + [model.get_input_embeddings().special_embeddings])
 
-    trainer = make_trainer(model, processor, data_args, training_args)
+    trainer = make_trainer(model, processor, data_args, training_args, no_decay_parameters=no_decay)
     train_or_resume(trainer)
     save_final_output(trainer, training_args.output_dir)
     return trainer

@@ -1,7 +1,8 @@
 """
 OmniFusion stage 2 (supervised fine-tuning): starting from a stage-1 folder, train the adapter, the learned marker
 embeddings and the language model on image-text dialogs. The LM is trained fully, or with `--lora_r N` through LoRA
-on its attention and MLP projections; the vision encoder(s) are never trained.
+on its attention and MLP projections; the vision encoder(s) are never trained. A folder with sound trains its audio
+adapter too, on records that mix images, clips, both or neither; its audio encoder is never trained.
 
     omnifusion-train-stage2 \
         --model_name_or_path omnifusion-stage1 \
@@ -39,6 +40,7 @@ from modeling_omnifusion.hub_omnifusion import hub_model_id
 from .arguments import DataArguments, OmniFusionTrainingArguments
 from .checkpoints import save_final_output, train_or_resume
 from .models import (
+    fine_tuned_modules,
     install_vision_towers,
     load_replacement_vision_towers,
     log_trainable_parameters,
@@ -129,13 +131,14 @@ def train(args: list[str] | None = None) -> Trainer:
             lora_alpha=model_args.lora_alpha,
             lora_dropout=model_args.lora_dropout,
             target_modules=LANGUAGE_MODEL_PROJECTIONS,
-            modules_to_save=["adapter", "special_embeddings"],
+            modules_to_save=["adapter", "special_embeddings"]
+            + (["audio_adapter"] if model.config.audio_config is not None else []),
             task_type="CAUSAL_LM",
         )
         model = get_peft_model(model, lora_config)
         log_trainable_parameters(model)
     else:
-        train_only(model, [model.model.adapter, model.model.language_model, model.lm_head])
+        train_only(model, fine_tuned_modules(model))
 
     trainer = make_trainer(model, processor, data_args, training_args)
     train_or_resume(trainer)

@@ -62,7 +62,7 @@ def check_path_arguments(data_args: DataArguments, **pretrained: str):
     """
     Check the path arguments before anything is loaded, naming a bad one: each `pretrained` argument (name -> value,
     e.g. `language_model_name_or_path`) must be a local folder or a Hub model id (a value written like a local path,
-    or whose first folder exists here, must exist), `--data_path` a file and `--image_folder` a folder.
+    or whose first folder exists here, must exist), `--data_path` a file and `--image_folder`/`--audio_folder` folders.
     """
     for argument, value in pretrained.items():
         # several vision encoders are comma-separated (`clip_dir,dinov2_dir`): each is checked
@@ -75,8 +75,10 @@ def check_path_arguments(data_args: DataArguments, **pretrained: str):
             f"--data_path {data_args.data_path}: no such file (expected a JSON/JSONL file, a folder of .tar "
             "shards or a shard pattern)."
         )
-    if data_args.image_folder is not None and not os.path.isdir(data_args.image_folder):
-        raise FileNotFoundError(f"--image_folder {data_args.image_folder}: no such folder.")
+    for flag in ("image_folder", "audio_folder"):
+        folder = getattr(data_args, flag)
+        if folder is not None and not os.path.isdir(folder):
+            raise FileNotFoundError(f"--{flag} {folder}: no such folder.")
 
 
 def setup_run(training_args: TrainingArguments):
@@ -127,6 +129,11 @@ class OmniFusionTrainer(AtomicCheckpointTrainer):
         if self.args.fsdp and not self.is_fsdp_enabled:  # accelerate leaves FSDP off on CPU
             enable_fsdp_on_cpu(self)
 
+    no_decay_parameters: list[str] = []  # names that get no weight decay (`make_trainer`)
+
+    def get_decay_parameter_names(self, model) -> list[str]:
+        return [name for name in super().get_decay_parameter_names(model) if name not in self.no_decay_parameters]
+
     def create_optimizer(self, model=None):
         optimizer = super().create_optimizer(model)
         if self.is_fsdp_enabled:
@@ -169,11 +176,12 @@ def make_trainer(
     processor: OmniFusionProcessor,
     data_args: DataArguments,
     training_args: TrainingArguments,
+    no_decay_parameters: list[str] = (),
 ) -> OmniFusionTrainer:
     """
     A Trainer over the checked, lazily encoded records (or the streamed WebDataset shards); it saves the processor
     with every checkpoint, writes whole checkpoints only, and knows what to resume from (`--output_dir` is checked
-    first: one run per folder).
+    first: one run per folder). `no_decay_parameters` (names) get no weight decay whatever `--weight_decay` says.
     """
     resume_checkpoint = resolve_resume_checkpoint(training_args)
     check_output_dir(training_args, resume_checkpoint)
@@ -199,4 +207,5 @@ def make_trainer(
         processing_class=processor,
     )
     trainer.resume_checkpoint = resume_checkpoint
+    trainer.no_decay_parameters = list(no_decay_parameters)
     return trainer
