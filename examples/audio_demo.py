@@ -30,9 +30,12 @@ steps of everything (a smoke test).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import gc
 import hashlib
 import json
 import random
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +47,7 @@ import torch
 from speech_data import SAMPLING_RATE, Clip
 from transformers import HfArgumentParser
 from transformers.modeling_outputs import BaseModelOutput
+from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from modeling_omnifusion.conversion.whisper_ctranslate2 import converted_whisper_base, load_whisper_base, transcribe
 from modeling_omnifusion.evaluation.speech import digit_accuracy, word_error_rate
@@ -62,9 +66,22 @@ class DemoArguments:
     train_digits: int = field(default=160, metadata={"help": "Synthetic single-digit training clips."})
     train_digit_strings: int = field(default=80, metadata={"help": "Synthetic 2-4 digit training clips."})
     train_phrases: int = field(default=240, metadata={"help": "Synthetic phrase training clips."})
-    steps: int = field(default=300, metadata={"help": "Optimizer steps of each training run."})
+    stage1_steps: int = field(default=300, metadata={"help": "Optimizer steps of stage 1."})
+    stage2_steps: int = field(default=100, metadata={"help": "Optimizer steps of the stage-2 variant (LoRA)."})
     batch_size: int = field(default=8, metadata={"help": "Clips per step."})
+    stage1_learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate of stage 1 (AdamW)."})
+    stage2_learning_rate: float = field(default=2e-4, metadata={"help": "Peak learning rate of stage 2 (AdamW)."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank of the stage-2 variant (alpha = 2 x rank)."})
     threads: int = field(default=2, metadata={"help": "torch compute threads."})
+
+
+def effective(args: DemoArguments) -> DemoArguments:
+    """The arguments a run uses: `--quick` caps the training steps (4 and 2) and the batch (2 clips)."""
+    if not args.quick:
+        return args
+    return dataclasses.replace(
+        args, stage1_steps=min(args.stage1_steps, 4), stage2_steps=min(args.stage2_steps, 2), batch_size=2
+    )
 
 
 def step(title: str):
@@ -194,28 +211,30 @@ class EncoderCache:
             self.save(save_to)
 
     @contextlib.contextmanager
-    def patched(self, tower):
-        """Within the block, `tower(input_features, ...)` answers from the cache (see the class docstring)."""
-        original = tower.forward
+    def patched(self, encoder_class=WhisperEncoder):
+        """Within the block, every `encoder_class` module (the audio tower of any OmniFusion model built or loaded
+        meanwhile, e.g. inside the library's stage commands) answers from the cache (see the class docstring)."""
+        original = encoder_class.forward
+        cache = self
 
-        def forward(input_features, *args, **kwargs):
+        def forward(tower, input_features, *args, **kwargs):
             keys = [features_key(row) for row in input_features]
-            if args or kwargs.get("output_hidden_states") or not all(key in self.outputs for key in keys):
-                self.misses += len(keys)
-                return original(input_features, *args, **kwargs)
-            self.hits += len(keys)
+            if args or kwargs.get("output_hidden_states") or not all(key in cache.outputs for key in keys):
+                cache.misses += len(keys)
+                return original(tower, input_features, *args, **kwargs)
+            cache.hits += len(keys)
             hidden = input_features.new_zeros(
                 len(keys), tower.config.max_source_positions, tower.config.d_model, dtype=torch.float32
             )
             for index, key in enumerate(keys):
-                hidden[index, : len(self.outputs[key])] = self.outputs[key]
+                hidden[index, : len(cache.outputs[key])] = cache.outputs[key]
             return BaseModelOutput(last_hidden_state=hidden.to(tower.conv1.weight.dtype))
 
-        tower.forward = forward
+        encoder_class.forward = forward
         try:
             yield self
         finally:
-            del tower.forward
+            encoder_class.forward = original
 
     def save(self, path: Path) -> None:
         """One safetensors file, replaced atomically."""
@@ -250,30 +269,163 @@ def cache_encoder_outputs(data: DemoData, whisper_folder: Path, cache_path: Path
 # 5. OmniFusion: where stage 1, stage 2 and their evaluation plug in
 # --------------------------------------------------------------------------------------------------------------------
 
-NOT_YET = (
-    "The OmniFusion audio model (OmniFusionConfig(audio_config=...), the processor's audio input and audio training "
-    "records) is not part of this installation yet; the demo stops before training. Whisper-base's reference row is "
-    "in {path}."
-)
+
+def save_image_side(folder: Path, seed: int) -> Path:
+    """
+    The image side every OmniFusion model has, here a placeholder: a random one-layer CLIP vision tower at 32 x 32
+    pixels with its image processor, saved as a 'pretrained' folder for stage 1's `--vision_model_name_or_path`. This
+    demo trains and measures sound only (no record has an image), so the image side stays untrained.
+    """
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(seed)
+    config = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, image_size=32, patch_size=8
+    )
+    CLIPVisionModel(config).save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
 
 
-def build_omnifusion(whisper_folder: Path, language_folder: Path, output_dir: Path, seed: int) -> Path:
-    """A new OmniFusion folder: Whisper-base's encoder as `audio_tower`, SmolLM2 as the LM, a fresh audio adapter
-    and markers (the untrained floor). Returns the saved folder."""
-    raise NotImplementedError
+@dataclass
+class Parts:
+    """The pretrained parts a new OmniFusion is built from: the placeholder image side, SmolLM2, Whisper-base."""
+
+    vision: Path
+    language: Path
+    whisper: Path
+
+    def model_flags(self) -> list[str]:
+        """Stage 1's flags that build the model (`modeling_omnifusion.training.stage1`)."""
+        return [
+            *("--vision_model_name_or_path", str(self.vision), "--adapter_type", "mlp"),
+            *("--language_model_name_or_path", str(self.language)),
+            *("--audio_model_name_or_path", str(self.whisper)),
+            *("--audio_adapter_type", "mlp", "--audio_pool_stride", "2"),
+        ]
 
 
-def train_stage(stage: int, model_folder: Path, data: DemoData, output_dir: Path, args, cache: EncoderCache) -> Path:
-    """Stage `stage` (1: audio adapter and markers; 2: the stage-2 variant) from `model_folder` on the synthetic
-    records, with the encoder answered from `cache`. Returns the trained folder: stage 1's is the final Hub folder
-    `<output_dir>/omnifusion-audio` (`FINAL_FOLDER`)."""
-    raise NotImplementedError
+def build_untrained(parts: Parts, seed: int):
+    """The model stage 1 starts from (same parts, same seed, so the same fresh audio adapter and markers) and its
+    processor: the floor of the table."""
+    import transformers
+
+    from modeling_omnifusion.training.models import build_model_from_pretrained_parts
+
+    transformers.set_seed(seed)
+    model, processor = build_model_from_pretrained_parts(
+        str(parts.vision),
+        str(parts.language),
+        str(parts.whisper),
+        adapter_type="mlp",
+        audio_adapter_type="mlp",
+        audio_pool_stride=2,
+    )
+    return model.eval(), processor
 
 
-def transcribe_with_omnifusion(model_folder: Path, clips: list[Clip], cache: EncoderCache) -> list[str]:
-    """The model's greedy answer to `speech_data.TRANSCRIBE_PROMPT` for each clip, the encoder answered from
-    `cache`."""
-    raise NotImplementedError
+def stage_flags(stage: int, args: DemoArguments, output_dir: Path, records: Path, audio_folder: Path) -> list[str]:
+    """
+    The training flags of stage `stage` (the model flags aside), the same for the full run and `--quick` except the
+    sizes: stage 1 trains the audio adapter and markers with AdamW at `--stage1_learning_rate`; the stage-2 variant
+    adds LoRA (rank `--lora_r`) on every attention and MLP projection of the LM at `--stage2_learning_rate`. Cosine
+    schedule, 5% warmup, no intermediate checkpoints, records checked up front.
+    """
+    steps = args.stage1_steps if stage == 1 else args.stage2_steps
+    learning_rate = args.stage1_learning_rate if stage == 1 else args.stage2_learning_rate
+    flags = [
+        *("--data_path", str(records), "--audio_folder", str(audio_folder), "--output_dir", str(output_dir)),
+        *("--max_steps", str(steps), "--per_device_train_batch_size", str(args.batch_size)),
+        *("--gradient_accumulation_steps", "1", "--learning_rate", str(learning_rate), "--weight_decay", "0"),
+        *("--optim", "adamw_torch", "--lr_scheduler_type", "cosine", "--warmup_steps", "0.05"),
+        *("--logging_steps", str(max(1, steps // 10)), "--save_strategy", "no", "--report_to", "none"),
+        *("--seed", str(args.seed), "--data_seed", str(args.seed), "--dataloader_num_workers", "0"),
+        *("--model_max_length", "512", "--use_cpu", "--disable_tqdm", "true", "--overwrite_output_dir"),
+    ]
+    if stage == 2:
+        flags += ["--lora_r", str(args.lora_r), "--lora_alpha", str(2 * args.lora_r)]
+    return flags
+
+
+def train_stage(stage: int, start: Parts | Path, data: DemoData, output_dir: Path, args, cache: EncoderCache) -> Path:
+    """
+    Stage `stage` through the library's stage commands (`modeling_omnifusion.training.stage1` / `stage2`, in this
+    process): stage 1 builds the model from `start` (the parts) and trains its audio adapter and markers, the LM and
+    both encoders frozen; the stage-2 variant starts from the stage-1 folder `start`. The Whisper encoder answers from
+    `cache` throughout. Returns the trained Hub folder `<output_dir>/stage<stage>`.
+    """
+    from modeling_omnifusion.training import stage1, stage2
+
+    folder = output_dir / f"stage{stage}"
+    flags = stage_flags(stage, args, folder, data.records, data.records.parent / "train")
+    if stage == 1:
+        flags = start.model_flags() + flags
+    else:
+        flags = ["--model_name_or_path", str(start)] + flags
+    with cache.patched():
+        trainer = (stage1 if stage == 1 else stage2).train(flags)
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    print(
+        f"stage {stage}: {trainer.state.global_step} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}" if losses else ""
+    )
+    del trainer
+    gc.collect()
+    return folder
+
+
+def load_omnifusion(folder: Path):
+    """A saved OmniFusion folder in float32, eval mode, with its processor."""
+    from modeling_omnifusion import OmniFusionForCausalLM, OmniFusionProcessor
+
+    model = OmniFusionForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    return model, OmniFusionProcessor.from_pretrained(folder)
+
+
+def transcription_chat(waveform: np.ndarray) -> list[dict]:
+    """The chat of one clip with the training records' request (`speech_data.TRANSCRIBE_PROMPT`): the clip, then the
+    request's text, in one user turn."""
+    text = speech_data.TRANSCRIBE_PROMPT.replace("<audio>", "").strip()
+    return [{"role": "user", "content": [{"type": "audio", "audio": waveform}, {"type": "text", "text": text}]}]
+
+
+@torch.inference_mode()
+def transcribe_with_omnifusion(model, processor, clips: list[Clip], cache: EncoderCache, max_new_tokens: int = 48):
+    """The model's greedy answer to the transcription request for each clip, the encoder answered from `cache`."""
+    texts = []
+    with cache.patched():
+        for clip in clips:
+            inputs = processor.apply_chat_template(
+                transcription_chat(speech_data.read_clip(clip.path)),
+                add_generation_prompt=True,
+                tokenize=True,
+                return_dict=True,
+                return_tensors="pt",
+            )
+            tokens = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+            texts.append(processor.decode(tokens[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip())
+    return texts
+
+
+def evaluate(name: str, model, processor, data: DemoData, cache: EncoderCache) -> dict:
+    """`score` of an OmniFusion model on the held-out clips."""
+    start = time.perf_counter()
+    digit_texts = transcribe_with_omnifusion(model, processor, data.digits, cache)
+    phrase_texts = transcribe_with_omnifusion(model, processor, data.phrases, cache)
+    return score(name, digit_texts, phrase_texts, data, time.perf_counter() - start)
+
+
+def best_row(rows: list[dict]) -> dict:
+    """The trained OmniFusion row with the highest digit accuracy, then the lowest WER (stage 1 on a tie)."""
+    trained = [row for row in rows if row.get("folder")]
+    return min(trained, key=lambda row: (-row["digit_accuracy"], row["wer"], row["model"]))
+
+
+def publish(folder: Path, final: Path) -> Path:
+    """Move the chosen model's folder to `final` (replacing an earlier run's)."""
+    if final.exists():
+        shutil.rmtree(final)
+    shutil.move(str(folder), str(final))
+    return final
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -329,6 +481,7 @@ def write_report(rows: list[dict], output_dir: Path, timings: dict) -> None:
 
 def main(args: list[str] | None = None) -> dict:
     (args,) = HfArgumentParser(DemoArguments).parse_args_into_dataclasses(args)
+    args = effective(args)
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
@@ -365,27 +518,31 @@ def main(args: list[str] | None = None) -> dict:
     )
     print(f"{len(cache.outputs)} clips encoded or loaded ({timings['encoder_cache_s']:.1f} s)")
 
-    step("5/6 OmniFusion: the untrained adapter, stage 1, stage 2")
-    try:
-        floor = build_omnifusion(whisper_folder, language_folder, output_dir, args.seed)
-        stage1 = train_stage(1, floor, data, output_dir, args, cache)
-        stage2 = train_stage(2, stage1, data, output_dir, args, cache)
-        for name, folder in (
-            ("OmniFusion, untrained audio adapter", floor),
-            ("OmniFusion stage 1", stage1),
-            ("OmniFusion stage 2", stage2),
-        ):
-            start = time.perf_counter()
-            digit_texts = transcribe_with_omnifusion(folder, data.digits, cache)
-            phrase_texts = transcribe_with_omnifusion(folder, data.phrases, cache)
-            rows.append(score(name, digit_texts, phrase_texts, data, time.perf_counter() - start))
-    except NotImplementedError:
-        raise SystemExit(NOT_YET.format(path=output_dir / "audio_results.md")) from None
+    step("5/6 OmniFusion: the untrained audio adapter (floor), stage 1, the stage-2 variant")
+    parts = Parts(save_image_side(output_dir / "image-side", args.seed), language_folder, whisper_folder)
+    model, processor = build_untrained(parts, args.seed)
+    rows.append(evaluate("OmniFusion, untrained audio adapter (floor)", model, processor, data, cache))
+    del model
+    start = time.perf_counter()
+    stage1 = train_stage(1, parts, data, output_dir, args, cache)
+    timings["stage1_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    stage2 = train_stage(2, stage1, data, output_dir, args, cache)
+    timings["stage2_s"] = time.perf_counter() - start
+    for name, folder in (("OmniFusion stage 1", stage1), ("OmniFusion stage 2 (LoRA)", stage2)):
+        model, processor = load_omnifusion(folder)
+        rows.append(evaluate(name, model, processor, data, cache) | {"folder": folder.name})
+        del model
+        print(markdown_table(rows))
+    timings["encoder_cache_hits"], timings["encoder_cache_misses"] = cache.hits, cache.misses
 
-    step("6/6 table and chart")
+    step("6/6 the final Hub folder, table and chart")
+    final = best_row(rows)
+    publish(output_dir / final["folder"], output_dir / FINAL_FOLDER)
+    final["model"] += f" = {FINAL_FOLDER}"
     write_report(rows, output_dir, timings)
     print(markdown_table(rows))
-    final = next(row for row in rows if row["model"] == "OmniFusion stage 1")
+    print(f"encoder cache: {cache.hits} hits, {cache.misses} misses; timings (s): {json.dumps(timings)}")
     print(f"digit_accuracy={final['digit_accuracy']:.3f} wer={final['wer']:.3f}")
     return {"rows": rows, "timings": timings, "final": output_dir / FINAL_FOLDER}
 
