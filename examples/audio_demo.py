@@ -71,6 +71,9 @@ class DemoArguments:
     batch_size: int = field(default=8, metadata={"help": "Clips per step."})
     stage1_learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate of stage 1 (AdamW)."})
     stage2_learning_rate: float = field(default=2e-4, metadata={"help": "Peak learning rate of stage 2 (AdamW)."})
+    bf16: bool = field(
+        default=True, metadata={"help": "Train under bfloat16 autocast (float32 weights); --bf16 false for float32."}
+    )
     lora_r: int = field(default=16, metadata={"help": "LoRA rank of the stage-2 variant (alpha = 2 x rank)."})
     threads: int = field(default=2, metadata={"help": "torch compute threads."})
 
@@ -329,7 +332,8 @@ def stage_flags(stage: int, args: DemoArguments, output_dir: Path, records: Path
     The training flags of stage `stage` (the model flags aside), the same for the full run and `--quick` except the
     sizes: stage 1 trains the audio adapter and markers with AdamW at `--stage1_learning_rate`; the stage-2 variant
     adds LoRA (rank `--lora_r`) on every attention and MLP projection of the LM at `--stage2_learning_rate`. Cosine
-    schedule, 5% warmup, no intermediate checkpoints, records checked up front.
+    schedule, 5% warmup, batches of similar lengths, bfloat16 autocast unless `--bf16 false`, no intermediate
+    checkpoints.
     """
     steps = args.stage1_steps if stage == 1 else args.stage2_steps
     learning_rate = args.stage1_learning_rate if stage == 1 else args.stage2_learning_rate
@@ -341,6 +345,7 @@ def stage_flags(stage: int, args: DemoArguments, output_dir: Path, records: Path
         *("--logging_steps", str(max(1, steps // 10)), "--save_strategy", "no", "--report_to", "none"),
         *("--seed", str(args.seed), "--data_seed", str(args.seed), "--dataloader_num_workers", "0"),
         *("--model_max_length", "512", "--use_cpu", "--disable_tqdm", "true", "--overwrite_output_dir"),
+        *("--group_by_length", "--bf16", str(args.bf16).lower()),
     ]
     if stage == 2:
         flags += ["--lora_r", str(args.lora_r), "--lora_alpha", str(2 * args.lora_r)]
