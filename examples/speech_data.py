@@ -1,0 +1,229 @@
+"""
+The audio demo's speech data (`audio_demo.py`): real human recordings to evaluate on, synthetic speech to train on.
+
+Real speech (held out, never trained on) is Debian's `asterisk-core-sounds-en-wav` (CC-BY-SA-3.0: 568 prompts recorded
+by one female speaker, 16-bit mono 8 kHz WAV) with `asterisk-core-sounds-en`, whose `core-sounds-en.txt` index says
+what each file says:
+
+    apt-get install -y --no-install-recommends asterisk-core-sounds-en-wav asterisk-core-sounds-en espeak-ng
+
+- `real_digit_clips()`: the spoken digits `digits/0` ... `digits/9` (digit accuracy);
+- `real_phrase_clips(count, seed)`: English prompts of at least `min_words` words and at most `max_seconds`, with
+  their transcripts from the index (word error rate); a seeded sample of them when `count` is given.
+
+Synthetic speech (training) is spoken by espeak-ng (GPL-3, Debian's `espeak-ng`) in several English voices, speeds
+and pitches (`VOICES`, `SPEEDS`, `PITCHES`): single digits, digit strings, and the index's phrases minus every phrase
+held out for evaluation (`training_phrases`, compared after normalisation, so no held-out sentence is ever spoken in
+training). `write_synthetic_clips` writes them as 16 kHz mono 16-bit WAV files; the same seed gives the same texts,
+voices and files. `write_records` writes LLaVA-style JSON records with an `"audio"` field.
+
+Every clip read for a model is 16 kHz mono float32 (`read_clip`: soundfile + soxr, the `[audio]` extra).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import random
+import re
+import shutil
+import subprocess
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from modeling_omnifusion.evaluation.speech import UNITS, normalize_words
+
+SAMPLING_RATE = 16000
+ASTERISK_SOUNDS = Path("/usr/share/asterisk/sounds/en")
+ASTERISK_INDEX = Path("/usr/share/doc/asterisk-core-sounds-en/core-sounds-en.txt.gz")
+APT_HINT = "apt-get install -y --no-install-recommends asterisk-core-sounds-en-wav asterisk-core-sounds-en espeak-ng"
+# Index sections that are not prompts: single words and letters read for spelling, and silences.
+NOT_PHRASES = ("digits/", "letters/", "phonetic/", "silence/")
+
+# A transcript of speech only: words, numbers and punctuation, no sound description (`[beep]`, `<beep ascending>`),
+# index note (`IAX (note: does not say "2")`) or key symbol (`*`, `#`) whose reading is ambiguous.
+SPOKEN_TEXT = re.compile(r"[A-Za-z0-9 .,?!'\-:;\"]+")
+
+VOICES = ("en-us", "en-us+f3", "en-gb", "en-gb+f2", "en-gb-scotland", "en-us+m3", "en-029+f4", "en-gb-x-rp+m7")
+SPEEDS = (130, 150, 170, 190)
+PITCHES = (35, 50, 65)
+TRANSCRIBE_PROMPT = "<audio>\nTranscribe the audio."
+
+
+@dataclass(frozen=True)
+class Clip:
+    """One recording: `name` (unique, e.g. `digits/7`), its WAV `path` and the `text` it says."""
+
+    name: str
+    path: str
+    text: str
+
+
+def _require(path: Path, package: str) -> Path:
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: it comes with Debian's {package} package. Install: {APT_HINT}")
+    return path
+
+
+def asterisk_index() -> dict[str, str]:
+    """Every entry of `core-sounds-en.txt`: sound name (`digits/7`, `conf-onlyperson`) -> what it says."""
+    lines = gzip.open(_require(ASTERISK_INDEX, "asterisk-core-sounds-en"), "rt", encoding="utf-8").read().splitlines()
+    index = {}
+    for line in lines:
+        if line.startswith(";") or ":" not in line:
+            continue
+        name, text = line.split(":", 1)
+        index[name.strip()] = " ".join(text.split())
+    return index
+
+
+def _recording(name: str) -> Path:
+    return _require(ASTERISK_SOUNDS, "asterisk-core-sounds-en-wav") / f"{name}.wav"
+
+
+def real_digit_clips() -> list[Clip]:
+    """The ten spoken digits `digits/0` ... `digits/9`; `text` is the digit's word (`seven`)."""
+    index = asterisk_index()
+    clips = []
+    for digit in range(10):
+        name = f"digits/{digit}"
+        if not _recording(name).is_file():
+            raise FileNotFoundError(f"{_recording(name)} is missing; reinstall: {APT_HINT}")
+        clips.append(Clip(name, str(_recording(name)), index.get(name, UNITS[digit])))
+    return clips
+
+
+def real_phrase_clips(
+    count: int | None = None, seed: int = 0, min_words: int = 3, max_seconds: float = 8.0
+) -> list[Clip]:
+    """
+    English prompts whose index text is speech only (`SPOKEN_TEXT`) of at least `min_words` words, whose recording
+    exists and lasts at most `max_seconds`, one per distinct normalised text, in name order; `count` of them drawn
+    with `seed` when given.
+    """
+    import soundfile
+
+    clips, seen = [], set()
+    for name, text in sorted(asterisk_index().items()):
+        if name.startswith(NOT_PHRASES) or not SPOKEN_TEXT.fullmatch(text) or len(normalize_words(text)) < min_words:
+            continue
+        path = _recording(name)
+        key = " ".join(normalize_words(text))
+        if key in seen or not path.is_file() or soundfile.info(str(path)).duration > max_seconds:
+            continue
+        seen.add(key)
+        clips.append(Clip(name, str(path), text))
+    if count is not None:
+        if count > len(clips):
+            raise ValueError(f"Asked for {count} phrases, only {len(clips)} qualify")
+        clips = sorted(random.Random(seed).sample(clips, count), key=lambda clip: clip.name)
+    return clips
+
+
+def training_phrases(held_out: list[Clip], max_words: int = 30) -> list[str]:
+    """The index's speech prompts (as `real_phrase_clips` picks them, any duration, at most `max_words` words) whose
+    normalised text is not that of any held-out clip; leading and trailing ellipses removed."""
+    excluded = {" ".join(normalize_words(clip.text)) for clip in held_out}
+    phrases = {}
+    for clip in real_phrase_clips(min_words=2, max_seconds=float("inf")):
+        key = " ".join(normalize_words(clip.text))
+        if key not in excluded and len(key.split()) <= max_words:
+            phrases.setdefault(key, clip.text.strip(". ") + ("." if clip.text.rstrip().endswith(".") else ""))
+    return sorted(phrases.values())
+
+
+def read_clip(path: str | os.PathLike) -> np.ndarray:
+    """A sound file as 16 kHz mono float32 in [-1, 1] (channels averaged, resampled with soxr)."""
+    import soundfile
+    import soxr
+
+    audio, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
+    audio = audio.mean(axis=1)
+    if rate != SAMPLING_RATE:
+        audio = soxr.resample(audio, rate, SAMPLING_RATE).astype(np.float32)
+    return audio
+
+
+def synthesize(text: str, path: str | os.PathLike, voice: str, speed: int, pitch: int) -> Path:
+    """`text` spoken by espeak-ng with `voice` (e.g. `en-gb+f2`), `speed` (words per minute) and `pitch` (0-99),
+    written to `path` as 16 kHz mono 16-bit WAV."""
+    import soundfile
+
+    espeak = shutil.which("espeak-ng")
+    if espeak is None:
+        raise FileNotFoundError(f"espeak-ng is not installed (Debian's espeak-ng package). Install: {APT_HINT}")
+    path = Path(path)
+    raw = path.with_suffix(".espeak.wav")
+    command = [espeak, "-v", voice, "-s", str(speed), "-p", str(pitch), "-w", str(raw), "--", text]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    if result.returncode != 0 or not raw.is_file():
+        raise RuntimeError(f"espeak-ng failed on {text!r} with voice {voice}: {result.stderr.strip()[-500:]}")
+    try:
+        soundfile.write(str(path), read_clip(raw), SAMPLING_RATE, subtype="PCM_16")
+    finally:
+        raw.unlink(missing_ok=True)
+    return path
+
+
+def digit_string(rng: random.Random, min_digits: int = 2, max_digits: int = 4) -> str:
+    """A few digit words, e.g. `four seven two`."""
+    return " ".join(UNITS[rng.randrange(10)] for _ in range(rng.randint(min_digits, max_digits)))
+
+
+def synthetic_texts(phrases: list[str], num_digits: int, num_digit_strings: int, num_phrases: int, seed: int):
+    """The (kind, text) of the synthetic clips: every digit word in turn, then digit strings, then `phrases` in a
+    seeded order, cycling through them when more are asked for than there are."""
+    rng = random.Random(seed)
+    texts = [("digit", UNITS[index % 10]) for index in range(num_digits)]
+    texts += [("digits", digit_string(rng)) for _ in range(num_digit_strings)]
+    order = rng.sample(phrases, len(phrases)) if phrases else []
+    texts += [("phrase", order[index % len(order)]) for index in range(num_phrases if order else 0)]
+    return texts
+
+
+def write_synthetic_clips(
+    folder: str | os.PathLike,
+    phrases: list[str],
+    num_digits: int,
+    num_digit_strings: int,
+    num_phrases: int,
+    seed: int,
+) -> list[Clip]:
+    """
+    Speak `synthetic_texts(...)` with espeak-ng, each clip with a seeded voice, speed and pitch, into
+    `<folder>/espeak-NNNNN.wav`; returns the clips (`name` is the file name without `.wav`). An existing file is
+    rewritten.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed + 1)
+    clips = []
+    for index, (_, text) in enumerate(synthetic_texts(phrases, num_digits, num_digit_strings, num_phrases, seed)):
+        name = f"espeak-{index:05d}"
+        voice, speed, pitch = rng.choice(VOICES), rng.choice(SPEEDS), rng.choice(PITCHES)
+        clips.append(Clip(name, str(synthesize(text, folder / f"{name}.wav", voice, speed, pitch)), text))
+    return clips
+
+
+def write_records(path: str | os.PathLike, clips: list[Clip], audio_folder: str | os.PathLike) -> Path:
+    """LLaVA-style JSON records, one per clip: `"audio"` (path relative to `audio_folder`) and a two-turn
+    conversation (`TRANSCRIBE_PROMPT`, then the clip's text)."""
+    records = [
+        {
+            "id": clip.name,
+            "audio": os.path.relpath(clip.path, audio_folder),
+            "conversations": [{"from": "human", "value": TRANSCRIBE_PROMPT}, {"from": "gpt", "value": clip.text}],
+        }
+        for clip in clips
+    ]
+    Path(path).write_text(json.dumps(records, indent=1))
+    return Path(path)
+
+
+def write_clip_list(path: str | os.PathLike, clips: list[Clip]) -> Path:
+    """The clips as JSON (name, path, text), e.g. to record which files a run held out."""
+    Path(path).write_text(json.dumps([asdict(clip) for clip in clips], indent=1))
+    return Path(path)

@@ -1,0 +1,173 @@
+"""The audio demo's own parts (`examples/audio_demo.py`, `examples/speech_data.py`, loaded from their files) on tiny
+inputs, without Debian's recordings, espeak-ng or the real weights: the encoder cache answers exactly what the
+encoder would and is hit by the features the training records and the processor compute; the evaluation prompt is
+the training records' prompt; the stage flags parse as the library's stage commands; the table, chart and choice of
+the final model."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+from transformers import HfArgumentParser
+
+from modeling_omnifusion.testing.tiny import make_audio_model_and_processor, make_clip
+from modeling_omnifusion.training import stage1, stage2
+from modeling_omnifusion.training.arguments import DataArguments
+from modeling_omnifusion.training.conversation import ConversationEncoder
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def load_example(name: str):
+    """An example module loaded from its file (registered under its name, as its sibling scripts import it)."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def demo():
+    load_example("speech_data")
+    return load_example("audio_demo")
+
+
+@pytest.fixture(scope="module")
+def speech_data(demo):
+    return sys.modules["speech_data"]
+
+
+def test_cached_audio_features_equal_the_encoders(demo):
+    """Through the cache, `get_audio_features` gives what the encoder gives on each clip's real positions."""
+    model, processor = make_audio_model_and_processor(seed=0)
+    clips = [make_clip(seed=1, seconds=0.5), make_clip(seed=2, seconds=0.9)]
+    cache = demo.EncoderCache()
+    cache.add(model.model.audio_tower, processor.feature_extractor, clips, batch_size=1)
+    assert len(cache.outputs) == 2
+    inputs = processor(text=["<audio><audio>hi"], audio=clips, return_tensors="pt")
+    with torch.inference_mode():
+        expected = model.get_audio_features(inputs["input_features"], inputs["input_features_mask"]).pooler_output
+        with cache.patched():
+            cached = model.get_audio_features(inputs["input_features"], inputs["input_features_mask"]).pooler_output
+    torch.testing.assert_close(cached, expected, rtol=1e-5, atol=1e-5)
+    assert (cache.hits, cache.misses) == (2, 0)
+
+
+def test_the_cache_runs_the_encoder_for_a_clip_it_lacks(demo):
+    model, processor = make_audio_model_and_processor(seed=0)
+    cache = demo.EncoderCache()
+    cache.add(model.model.audio_tower, processor.feature_extractor, [make_clip(seed=1)])
+    inputs = processor(text=["<audio>hi"], audio=[make_clip(seed=3)], return_tensors="pt")
+    with torch.inference_mode():
+        expected = model.get_audio_features(inputs["input_features"], inputs["input_features_mask"]).pooler_output
+        with cache.patched():
+            result = model.get_audio_features(inputs["input_features"], inputs["input_features_mask"]).pooler_output
+    torch.testing.assert_close(result, expected)
+    assert (cache.hits, cache.misses) == (0, 1)
+
+
+def test_training_records_hit_the_cache(demo, speech_data, tmp_path):
+    """A clip written as the demo writes it (16 kHz 16-bit WAV) and read back by the training records' encoder has
+    the features the cache was filled with, read with `speech_data.read_clip`."""
+    model, processor = make_audio_model_and_processor(seed=0)
+    path = tmp_path / "train" / "espeak-00000.wav"
+    path.parent.mkdir()
+    soundfile.write(str(path), make_clip(seed=4, seconds=0.7), 16000, subtype="PCM_16")
+    clip = speech_data.Clip("espeak-00000", str(path), "four")
+    records = speech_data.write_records(tmp_path / "train.json", [clip], tmp_path / "train")
+    cache = demo.EncoderCache()
+    cache.add(model.model.audio_tower, processor.feature_extractor, [speech_data.read_clip(path)])
+    processor.end_assistant_turns_with_eos = True
+    (record,) = json.loads(records.read_text())
+    encoded = ConversationEncoder(processor, str(tmp_path), 512, audio_folder=str(tmp_path / "train")).encode(
+        record["id"], json.dumps(record)
+    )
+    assert demo.features_key(encoded["input_features"][0]) in cache.outputs
+
+
+def test_the_evaluation_prompt_is_the_training_prompt(demo, speech_data, tmp_path):
+    """The chat the demo evaluates with renders as the training record's human turn."""
+    _, processor = make_audio_model_and_processor(seed=0)
+    processor.end_assistant_turns_with_eos = True
+    clip = make_clip(seed=5)
+    path = tmp_path / "clip.wav"
+    soundfile.write(str(path), clip, 16000, subtype="PCM_16")
+    records = speech_data.write_records(
+        tmp_path / "train.json", [speech_data.Clip("clip", str(path), "seven")], tmp_path
+    )
+    (record,) = json.loads(records.read_text())
+    encoder = ConversationEncoder(processor, str(tmp_path), 512)
+    trained = encoder.encode(record["id"], json.dumps(record))["input_ids"].tolist()
+    asked = processor.apply_chat_template(
+        demo.transcription_chat(speech_data.read_clip(path)), add_generation_prompt=True, tokenize=True
+    )
+    asked = asked["input_ids"] if isinstance(asked, dict) else asked
+    asked = list(np.asarray(asked).reshape(-1))
+    assert trained[: len(asked)] == asked
+
+
+def test_the_stage_flags_parse_as_the_library_commands(demo, tmp_path):
+    args = demo.DemoArguments(output_dir=str(tmp_path))
+    parts = demo.Parts(tmp_path / "vision", tmp_path / "lm", tmp_path / "whisper")
+    flags = parts.model_flags() + demo.stage_flags(1, args, tmp_path / "stage1", tmp_path / "r.json", tmp_path)
+    model_args, data_args, training_args = HfArgumentParser(
+        (stage1.ModelArguments, DataArguments, stage1.Stage1TrainingArguments)
+    ).parse_args_into_dataclasses(flags)
+    assert model_args.audio_model_name_or_path == str(tmp_path / "whisper")
+    assert (training_args.max_steps, training_args.per_device_train_batch_size) == (300, 8)
+    assert data_args.audio_folder == str(tmp_path)
+    flags = ["--model_name_or_path", "stage1"] + demo.stage_flags(
+        2, args, tmp_path / "s2", tmp_path / "r.json", tmp_path
+    )
+    model_args, _, training_args = HfArgumentParser(
+        (stage2.ModelArguments, DataArguments, stage2.Stage2TrainingArguments)
+    ).parse_args_into_dataclasses(flags)
+    assert (model_args.lora_r, training_args.max_steps) == (16, 100)
+
+
+def test_quick_caps_the_steps_and_the_batch(demo):
+    quick = demo.effective(demo.DemoArguments(quick=True))
+    assert (quick.stage1_steps, quick.stage2_steps, quick.batch_size) == (4, 2, 2)
+    assert demo.effective(demo.DemoArguments()) == demo.DemoArguments()
+
+
+def rows():
+    return [
+        {"model": "Whisper-base", "digit_accuracy": 1.0, "wer": 0.05, "seconds_per_clip": 0.5},
+        {"model": "floor", "digit_accuracy": 0.0, "wer": 1.0, "seconds_per_clip": 0.4},
+        {"model": "stage 1", "digit_accuracy": 0.9, "wer": 0.30, "seconds_per_clip": 0.4, "folder": "stage1"},
+        {"model": "stage 2", "digit_accuracy": 0.9, "wer": 0.20, "seconds_per_clip": 0.4, "folder": "stage2"},
+    ]
+
+
+def test_the_final_model_is_the_best_trained_row(demo):
+    assert demo.best_row(rows())["folder"] == "stage2"
+    worse = rows()
+    worse[3]["digit_accuracy"] = 0.8
+    assert demo.best_row(worse)["folder"] == "stage1"
+
+
+def test_the_report_holds_the_table_json_and_chart(demo, tmp_path):
+    demo.write_report(rows(), tmp_path, {"stage1_s": 1.0})
+    table = (tmp_path / "audio_results.md").read_text().splitlines()
+    assert len(table) == 2 + len(rows()) and "| stage 2 | 0.900 | 0.200 | 0.40 |" in table
+    assert json.loads((tmp_path / "audio_results.json").read_text())["timings"] == {"stage1_s": 1.0}
+    assert (tmp_path / "audio_results.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_synthetic_texts_of_a_smaller_run_are_a_prefix(speech_data):
+    """A smaller run speaks the first clips of a larger one (same texts, same order), so an encoder cache filled by
+    the larger run serves it."""
+    phrases = [f"phrase number {index}" for index in range(7)]
+    large = speech_data.synthetic_texts(phrases, 20, 10, 30, seed=0)
+    small = speech_data.synthetic_texts(phrases, 20, 10, 12, seed=0)
+    assert large[: len(small)] == small
+    assert [kind for kind, _ in large].count("phrase") == 30 and len({text for _, text in large[30:]}) == 7
