@@ -274,6 +274,14 @@ class OmniFusionConfig(PreTrainedConfig):
         output = super().to_dict()
         if self.additional_vision_configs:
             output["additional_vision_configs"] = [vision.to_dict() for vision in self.additional_vision_configs]
+        if self.audio_config is None:  # no audio settings without sound; `audio_config` stays, as every sub-config
+            for name in AUDIO_FIELDS:
+                if name != "audio_config":
+                    output.pop(name, None)
+        return output
+
+    def to_diff_dict(self) -> dict:
+        output = super().to_diff_dict()
         if self.audio_config is None:  # a model without sound saves exactly the fields it always had
             for name in AUDIO_FIELDS:
                 output.pop(name, None)

@@ -136,6 +136,40 @@ class OmniFusionModelTester:
         return config, inputs_dict
 
 
+AUDIO_IDS = dict(audio_token_id=VOCAB_SIZE + 5, audio_start_token_id=VOCAB_SIZE + 6, audio_end_token_id=VOCAB_SIZE + 7)
+
+
+class OmniFusionAudioModelTester:
+    """Inputs of `get_audio_features`: a tiny Whisper encoder over a 0.2 s window (20 mel frames: 10 positions after
+    its convolutions), a batch of clips of which the last is half silence padding."""
+
+    def __init__(self, batch_size=3):
+        self.batch_size = batch_size
+        self.num_hidden_layers = 1
+        self.audio_config = {
+            "model_type": "whisper",
+            "d_model": 16,
+            "encoder_layers": self.num_hidden_layers,
+            "encoder_attention_heads": 2,
+            "encoder_ffn_dim": 32,
+            "decoder_layers": 1,
+            "decoder_attention_heads": 2,
+            "decoder_ffn_dim": 32,
+            "num_mel_bins": 80,
+            "max_source_positions": 10,
+        }
+
+    def config_with_sound(self, config: OmniFusionConfig) -> OmniFusionConfig:
+        return OmniFusionConfig(**{**config.to_dict(), "audio_config": dict(self.audio_config), **AUDIO_IDS})
+
+    def prepare_config_and_inputs_for_common(self):
+        frames = 2 * self.audio_config["max_source_positions"]
+        input_features = floats_tensor([self.batch_size, self.audio_config["num_mel_bins"], frames])
+        input_features_mask = torch.ones(self.batch_size, frames, dtype=torch.long)
+        input_features_mask[-1, frames // 2 :] = 0
+        return None, {"input_features": input_features, "input_features_mask": input_features_mask}
+
+
 MARKERS_OUTSIDE_SHRUNK_VOCAB = (
     "design conflict: the test shrinks the vocabulary and clamps every input id into it, which turns the marker and "
     "image placeholder ids (input-only, above the LM vocabulary by design) into text ids, so the images have no "
@@ -153,6 +187,7 @@ class OmniFusionModelTest(ModelTesterMixin, GenerationTesterMixin, unittest.Test
 
     def setUp(self):
         self.model_tester = OmniFusionModelTester(self)
+        self.model_tester.audio_model_tester = OmniFusionAudioModelTester(self.model_tester.batch_size)
         self.config_tester = ConfigTester(
             self,
             config_class=OmniFusionConfig,
@@ -162,6 +197,13 @@ class OmniFusionModelTest(ModelTesterMixin, GenerationTesterMixin, unittest.Test
 
     def test_config(self):
         self.config_tester.run_common_tests()
+
+    def _audio_features_prepare_config_and_inputs(self):
+        """The tester's config with a tiny Whisper encoder added (the other common tests keep the image-only one)
+        and the audio tester's clips."""
+        config, _ = self.model_tester.prepare_config_and_inputs_for_common()
+        audio = self.model_tester.audio_model_tester
+        return audio.config_with_sound(config), audio.prepare_config_and_inputs_for_common()[1]
 
     @unittest.skip(reason=MARKERS_OUTSIDE_SHRUNK_VOCAB)
     def test_resize_tokens_embeddings(self):
@@ -254,7 +296,7 @@ class OmniFusionProcessorTest(ProcessorTesterMixin, unittest.TestCase):
         flat = processor(**inputs_dict, text_kwargs={}, return_tensors="pt")
         for key, value in flat.items():
             self.assertIsInstance(value, torch.Tensor, msg=f"{key} should be a torch.Tensor")
-        with self.assertRaisesRegex(ValueError, "not videos or audio"):
+        with self.assertRaisesRegex(ValueError, "not videos"):
             processor(**inputs_dict, videos=self.prepare_videos_inputs())
 
     @unittest.skip(reason=AUTO_MAP_ROUND_TRIP)
