@@ -68,10 +68,10 @@ class DemoArguments:
     train_digits: int = field(default=160, metadata={"help": "Synthetic single-digit training clips."})
     train_digit_strings: int = field(default=80, metadata={"help": "Synthetic 2-4 digit training clips."})
     train_phrases: int = field(default=240, metadata={"help": "Synthetic phrase training clips."})
-    stage1_steps: int = field(default=300, metadata={"help": "Optimizer steps of stage 1."})
-    stage2_steps: int = field(default=100, metadata={"help": "Optimizer steps of the stage-2 variant (LoRA)."})
+    stage1_steps: int = field(default=150, metadata={"help": "Optimizer steps of stage 1."})
+    stage2_steps: int = field(default=50, metadata={"help": "Optimizer steps of the stage-2 variant (LoRA)."})
     batch_size: int = field(default=8, metadata={"help": "Clips per step."})
-    stage1_learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate of stage 1 (AdamW)."})
+    stage1_learning_rate: float = field(default=2e-3, metadata={"help": "Peak learning rate of stage 1 (AdamW)."})
     stage2_learning_rate: float = field(default=2e-4, metadata={"help": "Peak learning rate of stage 2 (AdamW)."})
     bf16: bool = field(
         default=True, metadata={"help": "Train under bfloat16 autocast (float32 weights); --bf16 false for float32."}
