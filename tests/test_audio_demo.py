@@ -122,7 +122,7 @@ def test_the_stage_flags_parse_as_the_library_commands(demo, tmp_path):
         (stage1.ModelArguments, DataArguments, stage1.Stage1TrainingArguments)
     ).parse_args_into_dataclasses(flags)
     assert model_args.audio_model_name_or_path == str(tmp_path / "whisper")
-    assert (training_args.max_steps, training_args.per_device_train_batch_size) == (300, 8)
+    assert (training_args.max_steps, training_args.per_device_train_batch_size) == (150, 8)
     assert data_args.audio_folder == str(tmp_path)
     flags = ["--model_name_or_path", "stage1"] + demo.stage_flags(
         2, args, tmp_path / "s2", tmp_path / "r.json", tmp_path
@@ -130,7 +130,7 @@ def test_the_stage_flags_parse_as_the_library_commands(demo, tmp_path):
     model_args, _, training_args = HfArgumentParser(
         (stage2.ModelArguments, DataArguments, stage2.Stage2TrainingArguments)
     ).parse_args_into_dataclasses(flags)
-    assert (model_args.lora_r, training_args.max_steps) == (16, 100)
+    assert (model_args.lora_r, training_args.max_steps) == (16, 50)
 
 
 def test_quick_caps_the_steps_and_the_batch(demo):
