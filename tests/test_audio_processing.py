@@ -5,13 +5,12 @@ import base64
 import io
 import json
 import os
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
 import pytest
 import torch
+from fresh_python import run_fresh_python
 from transformers import AutoProcessor
 
 from modeling_omnifusion import OmniFusionForCausalLM, OmniFusionProcessor
@@ -256,19 +255,7 @@ FRESH_PROCESS_SCRIPT = textwrap.dedent(
 
 def test_audio_folder_loads_in_a_fresh_python_without_this_project(saved, tmp_path):
     folder, reference = saved
-    script = tmp_path / "fresh_load.py"
-    script.write_text(FRESH_PROCESS_SCRIPT)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": ""}
-    result = subprocess.run(
-        [sys.executable, str(script), str(folder), str(reference)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "FRESH-LOAD-OK" in result.stdout
+    assert "FRESH-LOAD-OK" in run_fresh_python(FRESH_PROCESS_SCRIPT, tmp_path, folder, reference)
 
 
 def test_vllm_inputs_carry_checked_clips_at_the_feature_extractor_rate(tiny):

@@ -9,6 +9,7 @@ import textwrap
 import pytest
 import torch
 import yaml
+from fresh_python import run_fresh_python
 from transformers import (
     AutoConfig,
     AutoModel,
@@ -231,19 +232,7 @@ FRESH_PROCESS_SCRIPT = textwrap.dedent(
 @pytest.mark.parametrize("variant", ["saved", "saved_mixed_tiled"])
 def test_folder_loads_in_a_fresh_python_without_this_project(variant, request, tmp_path):
     folder, reference = request.getfixturevalue(variant)
-    script = tmp_path / "fresh_load.py"
-    script.write_text(FRESH_PROCESS_SCRIPT)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": ""}
-    result = subprocess.run(
-        [sys.executable, str(script), str(folder), str(reference)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "FRESH-LOAD-OK" in result.stdout
+    assert "FRESH-LOAD-OK" in run_fresh_python(FRESH_PROCESS_SCRIPT, tmp_path, folder, reference)
 
 
 def test_serving_engine_contract(saved):
