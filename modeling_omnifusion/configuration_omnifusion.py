@@ -7,6 +7,7 @@ from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
 
 from .compat_omnifusion import NATIVE_SUB_CONFIG_SPEC, SubConfigSpec, legacy_sub_configs, resolve_sub_configs
+from .config_checks_omnifusion import check_image_positions, check_sub_config_sizes, config_file_named
 
 # Order of the rows of the learned marker table (`OmniFusionTokenEmbedding.special_embeddings`).
 SPECIAL_TOKEN_FIELDS = (
@@ -191,6 +192,7 @@ class OmniFusionConfig(PreTrainedConfig):
     audio_end_token_id: int = 32007
 
     def __post_init__(self, **kwargs):
+        saved_num_image_tokens = kwargs.pop("num_image_tokens", None)  # computed (a property); a saved value is checked
         if isinstance(self.vision_config, (list, tuple)):
             if not self.vision_config:
                 raise ValueError("OmniFusionConfig vision_config is an empty list; give at least one vision config")
@@ -211,9 +213,23 @@ class OmniFusionConfig(PreTrainedConfig):
             raise ValueError(
                 f"OmniFusionConfig special token ids must be distinct, got {dict(zip(self.special_token_fields, ids))}"
             )
+        check_sub_config_sizes(self)
         self._check_audio()
         self._check_encoders_combine()
+        if saved_num_image_tokens is not None and saved_num_image_tokens != self.num_image_tokens:
+            raise ValueError(
+                f"num_image_tokens={saved_num_image_tokens!r} disagrees with the {self.num_image_tokens} image "
+                "positions per view the vision config(s) give (image_size / patch_size, vision_feature_select_strategy"
+                "); it is computed from them: remove the field"
+            )
         self.check_image_grid_pinpoints()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """`PreTrainedConfig.from_pretrained`; an invalid value in a local folder's `config.json` is a
+        `ValueError`/`TypeError` naming the file and the field."""
+        with config_file_named(pretrained_model_name_or_path, kwargs.get("subfolder")):
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     def _check_encoders_combine(self):
         encoders = self.vision_configs
@@ -269,6 +285,7 @@ class OmniFusionConfig(PreTrainedConfig):
         if bad:
             raise ValueError(f"image_grid_pinpoints {bad} are not multiples of the tile size {tile}px")
         self.image_grid_pinpoints = [list(p) for p in pinpoints]
+        check_image_positions(self.image_grid_pinpoints, tile, self.num_image_tokens, self.text_config)
 
     def to_dict(self) -> dict:
         output = super().to_dict()

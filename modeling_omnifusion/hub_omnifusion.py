@@ -5,7 +5,10 @@ Hub and folder helpers of OmniFusion, shared by the model, the converter and tra
   `missing_offline`);
 - writing a folder whole or not at all: build it in a staging folder beside the target, then rename it into place
   (`atomic_folder`, built on `make_staging`, `replace_folder` and `clean_stale_staging`; `staging_path` for writers
-  in several processes that must agree on one staging folder);
+  in several processes that must agree on one staging folder; `staged_save` for `save_pretrained`, which may add
+  files to a folder that already holds others);
+- the permissions of written files: those of any new file under the user's umask (`apply_default_permissions`:
+  safetensors writes weight files with mode 0600);
 - the model card of a saved folder (`build_model_card`).
 """
 
@@ -13,6 +16,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -171,6 +175,82 @@ def clean_stale_staging(parent, prefix: str, writer: str = "a process") -> list[
     return removed
 
 
+def default_modes() -> tuple[int, int]:
+    """`(file mode, folder mode)` a new file and a new folder get under this process's umask (0644/0755 for 022)."""
+    umask = None
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        with open("/proc/self/status", encoding="ascii") as status:
+            umask = next((int(line.split()[1], 8) for line in status if line.startswith("Umask:")), None)
+    if umask is None:  # no procfs: read it by setting it (and back)
+        umask = os.umask(0o022)
+        os.umask(umask)
+    return 0o666 & ~umask, 0o777 & ~umask
+
+
+def apply_default_permissions(folder) -> None:
+    """Give every file and folder under `folder` (itself included) the mode a new one gets under the umask, as a
+    plain `open`/`mkdir` would: another user of a shared model folder can read the weights as the other files."""
+    file_mode, folder_mode = default_modes()
+    os.chmod(folder, folder_mode)
+    for root, folders, files in os.walk(folder):
+        for name in folders:
+            os.chmod(os.path.join(root, name), folder_mode)
+        for name in files:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                os.chmod(path, file_mode)
+
+
+# `save_pretrained` weight files; a new save into a folder deletes an earlier save's that it does not rewrite.
+SAVED_WEIGHTS = re.compile(r"^(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?$")
+
+
+def _move_into(staged: Path, target: Path, last: tuple[str, ...]) -> None:
+    """Move every entry of `staged` into the existing folder `target` (replacing same-named ones), `last` at the end;
+    earlier weight files the new save does not have are deleted first."""
+    names = sorted(os.listdir(staged), key=lambda name: name in last)
+    if any(SAVED_WEIGHTS.match(name) for name in names):
+        for name in os.listdir(target):
+            if SAVED_WEIGHTS.match(name) and name not in names:
+                os.remove(target / name)
+    for name in names:
+        destination = target / name
+        if destination.is_dir() and not destination.is_symlink():
+            shutil.rmtree(destination)
+        os.replace(staged / name, destination)
+
+
+@contextlib.contextmanager
+def staged_save(target, last: tuple[str, ...] = ("config.json",)) -> Iterator[Path]:
+    """
+    A `save_pretrained` that leaves nothing half-written:
+
+        with staged_save(save_directory) as folder:
+            super().save_pretrained(folder)
+
+    Yields an empty folder in a staging folder beside `target` (`make_staging`, after deleting the ones a killed
+    save left: `clean_stale_staging`). When the block ends normally its files get the default permissions
+    (`apply_default_permissions`) and go into place: renamed to `target` when that does not exist or is empty,
+    else moved into it one by one (`last` at the end, earlier weight files the new save does not have deleted).
+    When the block raises (a full disk, a failed write), `target` is as before. The staging folder is deleted
+    either way.
+    """
+    target = Path(target).absolute()
+    prefix = f".{target.name}.saving-"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_staging(target.parent, prefix, writer="a save_pretrained")
+    staging = make_staging(target, prefix)
+    try:
+        yield staging / STAGING_FOLDER
+        apply_default_permissions(staging / STAGING_FOLDER)
+        if target.is_dir() and not target.is_symlink() and any(target.iterdir()):
+            _move_into(staging / STAGING_FOLDER, target, last)
+        else:
+            replace_folder(staging / STAGING_FOLDER, target, aside=staging / STAGING_REPLACED)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_folder(target, prefix: str, writer: str = "a process") -> Iterator[Path]:
     """
@@ -190,6 +270,7 @@ def atomic_folder(target, prefix: str, writer: str = "a process") -> Iterator[Pa
     staging = make_staging(target, prefix)
     try:
         yield staging / STAGING_FOLDER
+        apply_default_permissions(staging / STAGING_FOLDER)
         replace_folder(staging / STAGING_FOLDER, target, aside=staging / STAGING_REPLACED)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -276,13 +357,16 @@ chat messages as `{{"type": "audio", "audio": <waveform> | "path": <file> | "url
 
 
 __all__ = [
+    "apply_default_permissions",
     "atomic_folder",
     "build_model_card",
     "clean_stale_staging",
+    "default_modes",
     "hub_model_id",
     "is_hub_repo_id",
     "make_staging",
     "missing_offline",
     "replace_folder",
+    "staged_save",
     "staging_path",
 ]

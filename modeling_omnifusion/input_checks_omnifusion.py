@@ -43,6 +43,41 @@ def check_prompt(input_ids, inputs_embeds, past_length: int, max_position_embedd
         )
 
 
+def check_prompt_ids(input_ids, num_embeddings: int | None, config) -> None:
+    """
+    A `ValueError` if a prompt (more than one token: decoding steps are not checked) holds an id that is neither in
+    the LM's vocabulary (`0..num_embeddings - 1`) nor one of the config's marker ids: a processor whose marker ids
+    disagree with `config.json`'s (`image_token_id`, ...) would otherwise end in an `IndexError` in the embedding.
+    """
+    if input_ids is None or num_embeddings is None or input_ids.ndim != 2 or input_ids.shape[1] <= 1:
+        return
+    outside = (input_ids < 0) | (input_ids >= num_embeddings)
+    if not bool(outside.any()):
+        return
+    markers = dict(zip(config.special_token_fields, config.special_token_ids))
+    unknown = sorted(set(input_ids[outside].tolist()) - set(markers.values()))
+    if unknown:
+        raise ValueError(
+            f"input_ids hold ids {unknown[:8]} that are neither in the language model's vocabulary "
+            f"(0..{num_embeddings - 1}) nor marker ids of this model's config {markers}: the processor's marker ids "
+            "must equal the config's (save the processor and the model to the same folder, or fix config.json)."
+        )
+
+
+def check_finite_pixels(pixel_values) -> None:
+    """A `ValueError` if `pixel_values` hold NaN or infinite values (the encoders would turn them into NaN features
+    and the LM into meaningless tokens, without an error). Checked once per encoding, never per decoding step."""
+    if pixel_values is None or not pixel_values.is_floating_point():
+        return
+    finite = torch.isfinite(pixel_values)
+    if not bool(finite.all()):
+        views = (~finite).flatten(1).any(-1).nonzero().flatten().tolist() if pixel_values.ndim > 1 else []
+        raise ValueError(
+            f"pixel_values hold {int((~finite).sum())} NaN or infinite values (views {views[:8]} of "
+            f"{tuple(pixel_values.shape)}); build them with the model's OmniFusionProcessor from finite images."
+        )
+
+
 INT_FIELDS = (
     "max_length", "max_new_tokens", "min_length", "min_new_tokens", "num_beams", "num_beam_groups", "top_k",
     "no_repeat_ngram_size", "encoder_no_repeat_ngram_size", "num_return_sequences", "num_assistant_tokens",
@@ -125,4 +160,11 @@ def non_finite_weights(model: torch.nn.Module, names: tuple[str, ...]) -> dict[s
     return found
 
 
-__all__ = ["check_generation_config_file", "check_generation_settings", "check_prompt", "non_finite_weights"]
+__all__ = [
+    "check_finite_pixels",
+    "check_generation_config_file",
+    "check_generation_settings",
+    "check_prompt",
+    "check_prompt_ids",
+    "non_finite_weights",
+]

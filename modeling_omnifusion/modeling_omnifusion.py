@@ -29,17 +29,20 @@ from .compat_omnifusion import (
     output_cache,
     slice_logits_to_keep,
 )
+from .config_checks_omnifusion import check_config_against_weights
 from .configuration_omnifusion import (
     MIX_ADAPTER_TYPES,
     OmniFusionConfig,
     check_vision_feature_layer,
     num_vision_prefix_tokens,
 )
-from .hub_omnifusion import build_model_card, hub_model_id
+from .hub_omnifusion import build_model_card, hub_model_id, staged_save
 from .input_checks_omnifusion import (
+    check_finite_pixels,
     check_generation_config_file,
     check_generation_settings,
     check_prompt,
+    check_prompt_ids,
     non_finite_weights,
 )
 
@@ -124,9 +127,16 @@ class OmniFusionPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        """`PreTrainedModel.from_pretrained`, after checking the folder's generation settings and before returning,
-        a `ValueError` if the LM head, the token embeddings, the markers or the adapter hold NaN or Inf values."""
+        """`PreTrainedModel.from_pretrained`, after checking the folder's generation settings and its config against
+        its weights file (`check_config_against_weights`) and before returning, a `ValueError` if the LM head, the
+        token embeddings, the markers or the adapter hold NaN or Inf values."""
         check_generation_config_file(pretrained_model_name_or_path, kwargs.get("subfolder", ""))
+        folder = os.path.join(os.fspath(pretrained_model_name_or_path), kwargs.get("subfolder") or "")
+        if os.path.isdir(folder):
+            config = kwargs.get("config")
+            if not isinstance(config, OmniFusionConfig):
+                config = cls.config_class.from_pretrained(folder)
+            check_config_against_weights(config, folder)
         loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded
         broken = non_finite_weights(model, cls._finite_check_prefixes)
@@ -143,7 +153,9 @@ class OmniFusionPreTrainedModel(PreTrainedModel):
         card (`build_model_card`, unless the folder already has a `README.md`).
 
         The sub-configs' `_name_or_path` is saved as the Hub id it stands for, or empty (`hub_model_id`): a saved
-        folder names no local path.
+        folder names no local path. The main process writes into a staging folder beside `save_directory` and moves
+        the files into place when all are written (`staged_save`: a full disk leaves `save_directory` as it was),
+        every file with the mode a new file gets under the umask.
         """
         for sub_config in _sub_configs(self.config):
             sub_config._name_or_path = hub_model_id(sub_config._name_or_path) or ""
@@ -155,10 +167,15 @@ class OmniFusionPreTrainedModel(PreTrainedModel):
                 "AutoModelForCausalLM": f"{module}.OmniFusionForCausalLM",
                 "AutoModelForImageTextToText": f"{module}.OmniFusionForCausalLM",
             }
-        super().save_pretrained(save_directory, *args, **kwargs)
-        card_path = os.path.join(save_directory, "README.md")
-        if kwargs.get("is_main_process", True) and not os.path.exists(card_path):
-            build_model_card(self.config).save(card_path)
+        if not kwargs.get("is_main_process", True) or os.path.isfile(save_directory):
+            return super().save_pretrained(save_directory, *args, **kwargs)  # only the main process writes a folder
+        if kwargs.get("push_to_hub"):
+            kwargs.setdefault("repo_id", os.path.basename(os.path.abspath(save_directory)))
+        has_card = os.path.exists(os.path.join(save_directory, "README.md"))
+        with staged_save(save_directory) as folder:
+            super().save_pretrained(folder, *args, **kwargs)
+            if not has_card:
+                build_model_card(self.config).save(os.path.join(folder, "README.md"))
 
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -250,6 +267,7 @@ class OmniFusionModel(OmniFusionPreTrainedModel):
             a list per view: vLLM's Transformers backend takes a list as one entry per image, but splits a tensor
             into images by the processor's `num_image_patches` (views per image), which is what tiles need.
         """
+        check_finite_pixels(pixel_values)
         layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
         if self.config.adapter_type != "mix_sum":  # mix_sum reads every hidden state
             for vision_config in self.config.vision_configs:
@@ -458,6 +476,7 @@ class OmniFusionModel(OmniFusionPreTrainedModel):
         )
 
         if inputs_embeds is None:
+            check_prompt_ids(input_ids, getattr(self.get_input_embeddings(), "num_embeddings", None), self.config)
             inputs_embeds = self.embed_ids(input_ids)
 
         raw = {

@@ -25,6 +25,7 @@ from .audio_inputs_omnifusion import (
     num_audio_positions,
     num_audio_tokens,
 )
+from .folder_checks_omnifusion import check_folder, check_loaded, check_pinpoints, staged_save, template_errors_named
 from .processor_checks_omnifusion import (
     check_conversation,
     check_images,
@@ -34,12 +35,7 @@ from .processor_checks_omnifusion import (
     check_text,
     flat_images,
 )
-from .tokenizer_setup_omnifusion import (
-    check_tokenizer_folder,
-    load_tokenizer_json_as_saved,
-    rank_merges_by_sentencepiece_scores,
-    set_up_tokenizer,
-)
+from .tokenizer_setup_omnifusion import load_tokenizer_json_as_saved, set_up_tokenizer
 
 DEFAULT_SYSTEM_PROMPT = "This is a dialog with AI assistant.\n"
 
@@ -209,7 +205,7 @@ class OmniFusionProcessor(ProcessorMixin):
     ):
         self.num_image_tokens = check_num_image_tokens(num_image_tokens)
         self.extra_encoder_preprocessors = [_image_processor_from_dict(p) for p in extra_encoder_preprocessors or []]
-        self.image_grid_pinpoints = [list(p) for p in image_grid_pinpoints] if image_grid_pinpoints else None
+        self.image_grid_pinpoints = check_pinpoints(image_grid_pinpoints or None)
         if image_global_view_position not in ("first", "last"):
             raise ValueError(
                 f"image_global_view_position must be 'first' or 'last', got {image_global_view_position!r}"
@@ -401,21 +397,21 @@ class OmniFusionProcessor(ProcessorMixin):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        """`ProcessorMixin.from_pretrained`, with `check_tokenizer_folder` first on a local folder (and SentencePiece's
-        merge order for a tokenizer built from its `tokenizer.model`)."""
+        """`ProcessorMixin.from_pretrained` between `check_folder` and `check_loaded` (the folder's files, their
+        agreement with `config.json`, the chat template; SentencePiece's merge order)."""
         folder = os.path.join(pretrained_model_name_or_path, kwargs.get("subfolder") or "")
-        sentencepiece_model = check_tokenizer_folder(folder)
+        sentencepiece_model = check_folder(folder)
         processor = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-        if sentencepiece_model is not None:
-            rank_merges_by_sentencepiece_scores(processor.tokenizer, sentencepiece_model)
-        return processor
+        return check_loaded(processor, folder, sentencepiece_model)
 
     def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
         """Also writes a standalone `preprocessor_config.json` and keeps the tokenizer loading as saved, for tools that
-        read the image processor or the tokenizer alone."""
-        saved = super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
-        self.image_processor.save_pretrained(save_directory)
-        load_tokenizer_json_as_saved(save_directory)
+        read the image processor or the tokenizer alone; written beside `save_directory`, then moved in (`staged_save`).
+        """
+        with staged_save(save_directory, kwargs if push_to_hub else None) as folder:
+            saved = super().save_pretrained(folder, push_to_hub=push_to_hub, **kwargs)
+            self.image_processor.save_pretrained(folder)
+            load_tokenizer_json_as_saved(folder)
         return saved
 
     def apply_chat_template(self, conversation, chat_template=None, **kwargs):
@@ -435,7 +431,8 @@ class OmniFusionProcessor(ProcessorMixin):
         if self.audio_preprocessor is not None:
             rate = kwargs.get("sampling_rate") or self.audio_preprocessor.sampling_rate
             conversation = load_chat_audio(conversation, rate)
-        return super().apply_chat_template(conversation, chat_template, **kwargs)
+        with template_errors_named(self):
+            return super().apply_chat_template(conversation, chat_template, **kwargs)
 
 
 __all__ = [

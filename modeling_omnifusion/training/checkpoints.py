@@ -11,6 +11,7 @@ Checkpoints and final outputs that are whole or absent, and resuming from them (
   warns, naming them, when state files needed to reproduce the uninterrupted run are missing (`--save_only_model`).
 """
 
+import contextlib
 import errno
 import json
 import logging
@@ -18,21 +19,25 @@ import os
 import re
 import resource
 import shutil
+import signal
 import struct
+import threading
 import zipfile
 from collections.abc import Callable
 
 from transformers import Trainer, TrainerState, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
-from modeling_omnifusion.hub_omnifusion import replace_folder, staging_path
+from modeling_omnifusion.hub_omnifusion import apply_default_permissions, replace_folder, staging_path
 
 logger = logging.getLogger("omnifusion_checkpoints")  # the name the log lines show
 
 TRAINER_STATE = "trainer_state.json"
 CHECKPOINT_PATTERN = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
-STAGING_PATTERN = re.compile(r"^\..+\.partial$")
+# Staging folders: checkpoints' and the final output's (`.<name>.partial`), `save_pretrained`'s (`.<name>.saving-*`).
+STAGING_PATTERN = re.compile(r"^\..+(\.partial|\.saving-.+)$")
 FINAL_OUTPUT_STAGING = ".final-output.partial"
+FINAL_OUTPUT_COMMITTING = ".final-output.committing"  # a final output being moved into --output_dir (the journal)
 # Written last into a final output: a folder holding one of them is complete.
 COMMIT_FILES = ("config.json", "adapter_config.json")
 WEIGHT_FILES = re.compile(r"^(model|pytorch_model|adapter_model)([-.].*)?\.(safetensors|bin)(\.index\.json)?$")
@@ -83,10 +88,24 @@ def write_error(target: str, staging: str, error: BaseException) -> OSError:
 def commit_files(staging: str, target: str):
     """
     Moves every entry of `staging` into the folder `target` (created if needed), `COMMIT_FILES` last and removed from
-    `target` first, and deletes weight files of an earlier save that the new one does not have (other shards).
+    `target` first, and deletes weight files of an earlier save that the new one does not have (other shards). Every
+    file gets the mode a new file gets under the umask (`apply_default_permissions`).
+
+    The move is journalled: `staging` is first renamed to `target/FINAL_OUTPUT_COMMITTING`, so a process killed
+    while moving leaves the rest there, and `finish_interrupted_commit` (run when training starts) moves it in.
+    SIGINT and SIGTERM wait until the move is done.
     """
     os.makedirs(target, exist_ok=True)
-    names = os.listdir(staging)
+    apply_default_permissions(staging)
+    committing = os.path.join(target, FINAL_OUTPUT_COMMITTING)
+    shutil.rmtree(committing, ignore_errors=True)
+    with signals_deferred():
+        os.rename(staging, committing)
+        _move_committed(committing, target)
+
+
+def _move_committed(committing: str, target: str):
+    names = os.listdir(committing)
     commits = [name for name in COMMIT_FILES if name in names]
     for name in os.listdir(target):
         if name in COMMIT_FILES or (WEIGHT_FILES.match(name) and name not in names):
@@ -95,8 +114,43 @@ def commit_files(staging: str, target: str):
         destination = os.path.join(target, name)
         if os.path.isdir(destination) and not os.path.islink(destination):
             shutil.rmtree(destination)
-        os.replace(os.path.join(staging, name), destination)
-    os.rmdir(staging)
+        os.replace(os.path.join(committing, name), destination)
+    os.rmdir(committing)
+
+
+def finish_interrupted_commit(output_dir: str) -> bool:
+    """
+    Finish moving a final output into `output_dir` that a killed process left half-moved (`commit_files`'s journal,
+    `FINAL_OUTPUT_COMMITTING`): the files it still holds are moved in, `config.json` last, and a warning names the
+    folder. Returns whether there was one.
+    """
+    committing = os.path.join(output_dir, FINAL_OUTPUT_COMMITTING)
+    if not os.path.isdir(committing):
+        return False
+    with signals_deferred():
+        _move_committed(committing, output_dir)
+    logger.warning(
+        "Finished moving the final output into %s: the process writing it was killed while moving it.", output_dir
+    )
+    return True
+
+
+@contextlib.contextmanager
+def signals_deferred(signals=(signal.SIGINT, signal.SIGTERM)):
+    """SIGINT and SIGTERM that arrive while the block runs are sent again, to the previous handlers, when it ends
+    (in the main thread, where Python runs signal handlers; elsewhere the block runs as is)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = {number: signal.signal(number, lambda number, frame: received.append(number)) for number in signals}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        for number in dict.fromkeys(received):
+            os.kill(os.getpid(), number)
 
 
 class AtomicCheckpointTrainer(Trainer):
@@ -130,6 +184,7 @@ class AtomicCheckpointTrainer(Trainer):
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
             self._point_best_checkpoint_into(run_dir, os.path.join(staging, name))
+            apply_default_permissions(os.path.join(staging, name))
             replace_folder(os.path.join(staging, name), target)
             os.rmdir(staging)
             rotate_checkpoints(
@@ -192,11 +247,14 @@ def _is_inside(path: str, folder: str) -> bool:
 
 def check_output_dir(args: TrainingArguments, resume_checkpoint: str | None):
     """
-    Refuses a non-empty `--output_dir` unless this run resumes from a checkpoint inside it; with
+    Finishes moving a final output that a killed run left half-moved (`finish_interrupted_commit`), then refuses a
+    non-empty `--output_dir` unless this run resumes from a checkpoint inside it; with
     `--overwrite_output_dir`, first deletes the earlier run's checkpoints and model files (the main process, before
     the others look).
     """
     output_dir = args.output_dir
+    if args.should_save:
+        finish_interrupted_commit(output_dir)
     if resume_checkpoint is not None and _is_inside(resume_checkpoint, output_dir):
         return
     # Every process enters (one barrier each) whatever it finds: a process that returned on a missing folder while
