@@ -412,7 +412,7 @@ class OmniFusionProcessor(ProcessorMixin):
             saved = super().save_pretrained(folder, push_to_hub=push_to_hub, **kwargs)
             self.image_processor.save_pretrained(folder)
             load_tokenizer_json_as_saved(folder)
-        return saved
+        return [os.path.join(save_directory, os.path.basename(path)) for path in saved or []]
 
     def apply_chat_template(self, conversation, chat_template=None, **kwargs):
         """

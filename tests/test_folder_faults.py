@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
@@ -23,9 +22,12 @@ from modeling_omnifusion.hub_omnifusion import atomic_folder, default_modes
 from modeling_omnifusion.testing.folder_faults import (
     FOLDER_FAULTS,
     FRESH_RUNNER,
+    KILL_AT_MOVE,
     case_list,
+    files_of,
     judge,
     make_fault_folders,
+    staged_output,
 )
 from modeling_omnifusion.testing.tiny import chat, make_image, make_model_and_processor, vision_config
 from modeling_omnifusion.training.checkpoints import FINAL_OUTPUT_COMMITTING, commit_files, finish_interrupted_commit
@@ -165,37 +167,6 @@ def test_saves_into_one_folder_keep_each_other_and_drop_stale_shards(tiny, tmp_p
 # A kill while the final training output is moved into --output_dir
 # --------------------------------------------------------------------------------------------------------------------
 
-KILL_AT_MOVE = textwrap.dedent(
-    """
-    import os, signal, sys
-    from modeling_omnifusion.training import checkpoints
-
-    staging, output_dir, kill_signal = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    replace, moved = os.replace, []
-
-    def replace_then_kill(source, destination):
-        replace(source, destination)
-        moved.append(destination)
-        if len(moved) == 2:
-            os.kill(os.getpid(), kill_signal)
-
-    checkpoints.os.replace = replace_then_kill
-    checkpoints.commit_files(staging, output_dir)
-    print("RETURNED")
-    """
-)
-
-
-def staged_output(root):
-    """An output dir with a checkpoint and a staged final output of 4 files (config.json among them)."""
-    output_dir, staging = root / "run", root / "run" / ".final-output.partial"
-    (output_dir / "checkpoint-2").mkdir(parents=True)
-    staging.mkdir()
-    files = {"config.json": b"{}", "model.safetensors": b"w" * 100, "tokenizer.json": b"{}", "README.md": b"card"}
-    for name, data in files.items():
-        (staging / name).write_bytes(data)
-    return output_dir, staging, files
-
 
 def test_a_kill_while_the_final_output_moves_in_leaves_it_whole_or_finishable(tmp_path):
     runs = {}
@@ -212,13 +183,9 @@ def test_a_kill_while_the_final_output_moves_in_leaves_it_whole_or_finishable(tm
         else:  # killed mid-move: the journal holds the rest, config.json among it, and the next start moves it in
             assert FINAL_OUTPUT_COMMITTING in loose and "config.json" not in loose
             assert finish_interrupted_commit(str(output_dir))
-        assert read_all(output_dir) == files
+        assert files_of(output_dir) == files
         assert set(os.listdir(output_dir)) == set(files) | {"checkpoint-2"}
         assert not finish_interrupted_commit(str(output_dir))
-
-
-def read_all(folder):
-    return {name: (folder / name).read_bytes() for name in os.listdir(folder) if (folder / name).is_file()}
 
 
 # --------------------------------------------------------------------------------------------------------------------

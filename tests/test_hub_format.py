@@ -123,6 +123,8 @@ def test_remote_code_imports_only_torch_transformers_and_siblings(saved):
         "processor_checks_omnifusion.py",
         "audio_inputs_omnifusion.py",
         "tokenizer_setup_omnifusion.py",
+        "config_checks_omnifusion.py",
+        "folder_checks_omnifusion.py",
     ]
     assert sorted(path.name for path in folder.glob("*.py")) == sorted(names)
     for name in names:

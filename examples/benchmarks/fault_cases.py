@@ -1,6 +1,7 @@
 """
-The training and conversion fault cases of `fault_injection.py`'s `training` and `converter` classes:
-`training_cases(workdir)` and `converter_cases(workdir)` give `{name: case}` in that script's form,
+The training, conversion, saved-folder and save fault cases of `fault_injection.py`'s `training`, `converter`,
+`folders` and `saves` classes: `training_cases(workdir)`, `converter_cases(workdir)`, `folder_cases(folder, workdir)`
+and `save_cases(model, processor, workdir)` give `{name: case}` in that script's form,
 `("refused", call, regexes the message must hold)` or `("equal", call, reference)`.
 
 Each case builds its hostile input under `workdir` when called. The training cases need the `[train]` extra
@@ -163,4 +164,130 @@ def training_cases(workdir: str | Path) -> dict[str, tuple]:
         ),
         "truncated JPEG": check_image("truncated.jpg", jpeg_truncated, "JPEG"),
         "PNG with corrupt pixel data": check_image("corrupt.png", png_with_corrupt_pixel_data, "PNG"),
+    }
+
+
+def folder_cases(folder: str | Path, workdir: str | Path) -> dict[str, tuple]:
+    """
+    Damaged and inconsistent copies of the saved `folder` (`modeling_omnifusion.testing.folder_faults`), each
+    loaded with `trust_remote_code` in one Python process that has not imported this project (the folder's own code
+    runs, as for a user of the folder), started when the first case is judged. Each must be refused naming the file
+    and the field, or (no chat template file) load with a warning. A case's call raises the error that process saw
+    (`ValueError`/`TypeError` as they were, anything else as a `RuntimeError` naming its type: a crash).
+    """
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from modeling_omnifusion.testing.folder_faults import FOLDER_FAULTS, FRESH_RUNNER, case_list, make_fault_folders
+
+    root = Path(workdir)
+    folders = make_fault_folders(Path(folder), root)
+    make_image(0).save(root / "image.png")
+    (root / "cases.json").write_text(json.dumps(case_list(folders, Path(folder), root / "image.png")))
+    (root / "runner.py").write_text(FRESH_RUNNER)
+    results = {}
+
+    def outcome(name: str):
+        if not results:
+            env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(root / "modules"), "PYTHONPATH": ""}
+            command = [sys.executable, str(root / "runner.py"), str(root / "cases.json"), "120"]
+            run = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=3600)
+            results.update((r["name"], r) for r in map(json.loads, run.stdout.splitlines()) if r)
+        result = results.get(name) or {"outcome": "error", "type": "missing", "message": "the loading process died"}
+        if result["outcome"] == "ok":
+            return result["warnings"]
+        if result["type"] in ("ValueError", "TypeError"):
+            raise {"ValueError": ValueError, "TypeError": TypeError}[result["type"]](result["message"])
+        raise RuntimeError(f"{result['type']}: {result['message']}")
+
+    def warned(name: str, words) -> bool:
+        return any(all(re.search(word, text) for word in words) for text in outcome(name))
+
+    cases = {}
+    for name in folders:
+        expected = FOLDER_FAULTS[name][2]
+        if expected[0] == "warns":
+            cases[name] = equal(lambda name=name, words=expected[1]: warned(name, words), lambda: True)
+        else:
+            cases[name] = ("refused", lambda name=name: outcome(name), expected)
+    return cases
+
+
+def save_cases(model, processor, workdir: str | Path) -> dict[str, tuple]:
+    """
+    Saves that fail half-way (a write raising `ENOSPC`), a kill while a final training output is moved into
+    `--output_dir`, and the modes of saved files: each must leave nothing half-written, and every saved file the mode
+    a new file gets under the umask.
+    """
+    import errno
+    import os
+    import signal
+    import subprocess
+    import sys
+    from unittest import mock
+
+    from modeling_omnifusion.hub_omnifusion import atomic_folder, default_modes
+    from modeling_omnifusion.testing.folder_faults import KILL_AT_MOVE, files_of, staged_output
+    from modeling_omnifusion.training.checkpoints import commit_files, finish_interrupted_commit
+
+    root = Path(workdir)
+    root.mkdir(parents=True, exist_ok=True)
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def failed_save(name: str, target: str, save: Callable[[Path], None]):
+        def call():
+            parent = root / name
+            parent.mkdir()
+            with mock.patch(target, full_disk):
+                try:
+                    save(parent / "folder")
+                except OSError:
+                    pass
+            return sorted(os.listdir(parent))
+
+        return equal(call, lambda: [])
+
+    def kill_at_move():
+        output_dir, staging, files = staged_output(root / "kill")
+        command = [sys.executable, "-c", KILL_AT_MOVE, str(staging), str(output_dir), str(int(signal.SIGKILL))]
+        subprocess.run(command, capture_output=True, timeout=300)
+        finish_interrupted_commit(str(output_dir))  # what the next training start does
+        return files_of(output_dir) == files and "checkpoint-2" in os.listdir(output_dir)
+
+    def modes(save: Callable[[Path], None], name: str):
+        def call():
+            save(root / name)
+            return {os.stat(path).st_mode & 0o777 for path in (root / name).iterdir()}
+
+        return equal(call, lambda: {default_modes()[0]})
+
+    def converted(path: Path):
+        with atomic_folder(path, ".convert-") as folder:
+            save_file({"weight": torch.zeros(2)}, folder / "model.safetensors")
+
+    def trained(path: Path):
+        (path / "staging").mkdir(parents=True)
+        save_file({"weight": torch.zeros(2)}, path / "staging" / "adapter_model.safetensors")
+        commit_files(str(path / "staging"), str(path))
+
+    image_processor = type(processor.image_processor)
+    return {
+        "model.save_pretrained on a full disk": failed_save(
+            "model-full", "transformers.modeling_utils.safe_save_file", model.save_pretrained
+        ),
+        "processor.save_pretrained on a full disk": failed_save(
+            "processor-full",
+            f"{image_processor.__module__}.{image_processor.__name__}.save_pretrained",
+            processor.save_pretrained,
+        ),  # fmt: skip
+        "kill while the final output moves into --output_dir": equal(kill_at_move, lambda: True),
+        "modes of a model + processor save": modes(
+            lambda p: (model.save_pretrained(p), processor.save_pretrained(p)), "saved"
+        ),
+        "modes of a converted folder (atomic_folder)": modes(converted, "converted"),
+        "modes of a final training output": modes(trained, "trained"),
     }

@@ -9,10 +9,13 @@ Each case feeds one hostile-but-fair input to a tiny OmniFusion built here (no d
 - a case that must work is `ok` when its result equals the reference (the same image in 8 bits, the ids of the text
   as plain characters), `silently wrong` when it differs, `crash` when it raises.
 
-    python examples/benchmarks/fault_injection.py [--classes images text chat model loading training converter]
+    python examples/benchmarks/fault_injection.py [--classes images text chat model loading training converter
+                                                   folders saves]
 
 `training` (damaged checkpoints, `--resume_from_checkpoint latest`, odd data files, images only decoding catches;
-needs the `[train]` extra) and `converter` (hostile archives for the released-checkpoint reader) come from
+needs the `[train]` extra), `converter` (hostile archives for the released-checkpoint reader), `folders` (damaged
+or inconsistent saved folders loaded with `trust_remote_code`, NaN `pixel_values`) and `saves` (saves failing
+half-way, a kill while the final training output moves in, file modes; needs the `[train]` extra) come from
 `fault_cases.py` beside this script.
 
 The last line is `cases=<n> ok=<n> unclear=<n> silently_wrong=<n> crash=<n>`.
@@ -275,11 +278,19 @@ def converter_cases(model, processor, folder):
     return fault_cases.converter_cases(os.path.join(os.path.dirname(folder), "converter"))
 
 
+def folder_cases(model, processor, folder):
+    return fault_cases.folder_cases(folder, os.path.join(os.path.dirname(folder), "folders"))
+
+
+def save_cases(model, processor, folder):
+    return fault_cases.save_cases(model, processor, os.path.join(os.path.dirname(folder), "saves"))
+
+
 CLASSES = {
     "images": image_cases, "text": text_cases, "chat": chat_cases, "model": model_cases, "loading": loading_cases,
-    "training": training_cases, "converter": converter_cases,
+    "training": training_cases, "converter": converter_cases, "folders": folder_cases, "saves": save_cases,
 }  # fmt: skip
-WITH_FOLDER = {"loading", "training", "converter"}  # builders that also take the work folder
+WITH_FOLDER = {"loading", "training", "converter", "folders", "saves"}  # builders that also take the work folder
 
 
 def main():

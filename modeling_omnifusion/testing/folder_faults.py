@@ -15,6 +15,7 @@ that must load with a warning, `("warns", regexes)`.
 """
 
 import json
+import os
 import shutil
 import textwrap
 from pathlib import Path
@@ -226,4 +227,54 @@ FRESH_RUNNER = textwrap.dedent(
 )
 
 
-__all__ = ["FOLDER_FAULTS", "FRESH_RUNNER", "case_list", "edit_json", "judge", "make_fault_folders"]
+# `python -c KILL_AT_MOVE staging output_dir signal`: `commit_files(staging, output_dir)` with the process sending
+# itself `signal` right after the second file is moved into `output_dir`.
+KILL_AT_MOVE = textwrap.dedent(
+    """
+    import os, signal, sys
+    from modeling_omnifusion.training import checkpoints
+
+    staging, output_dir, kill_signal = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    replace, moved = os.replace, []
+
+    def replace_then_kill(source, destination):
+        replace(source, destination)
+        moved.append(destination)
+        if len(moved) == 2:
+            os.kill(os.getpid(), kill_signal)
+
+    checkpoints.os.replace = replace_then_kill
+    checkpoints.commit_files(staging, output_dir)
+    print("RETURNED")
+    """
+)
+
+
+def staged_output(root: Path) -> tuple[Path, Path, dict[str, bytes]]:
+    """`(output dir, staged final output, {file: bytes})`: an output dir holding `checkpoint-2` and a staged final
+    output of 4 files, `config.json` among them, for `KILL_AT_MOVE`."""
+    output_dir, staging = root / "run", root / "run" / ".final-output.partial"
+    (output_dir / "checkpoint-2").mkdir(parents=True)
+    staging.mkdir()
+    files = {"config.json": b"{}", "model.safetensors": b"w" * 100, "tokenizer.json": b"{}", "README.md": b"card"}
+    for name, data in files.items():
+        (staging / name).write_bytes(data)
+    return output_dir, staging, files
+
+
+def files_of(folder: Path) -> dict[str, bytes]:
+    """`{name: bytes}` of the files directly in `folder`."""
+    return {name: (folder / name).read_bytes() for name in os.listdir(folder) if (folder / name).is_file()}
+
+
+__all__ = [
+    "FOLDER_FAULTS",
+    "FRESH_RUNNER",
+    "KILL_AT_MOVE",
+    "case_list",
+    "edit_json",
+    "files_of",
+    "judge",
+    "make_fault_folders",
+    "staged_output",
+]

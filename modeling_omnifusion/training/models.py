@@ -26,9 +26,9 @@ from modeling_omnifusion import OmniFusionConfig, OmniFusionForCausalLM, OmniFus
 from modeling_omnifusion.conversion.convert_omnifusion_to_hf import vision_state_at_input_size
 from modeling_omnifusion.hub_omnifusion import hub_model_id
 from modeling_omnifusion.modeling_omnifusion import build_vision_tower
-from modeling_omnifusion.processing.processing_omnifusion import (
+from modeling_omnifusion.processing.processing_omnifusion import image_processor_output_size
+from modeling_omnifusion.processing.tokenizer_setup_omnifusion import (
     check_tokenizer_folder,
-    image_processor_output_size,
     rank_merges_by_sentencepiece_scores,
 )
 
