@@ -49,13 +49,16 @@ def good_folder(tiny, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def fresh_results(good_folder, tmp_path_factory):
-    """Every `FOLDER_FAULTS` case, loaded in one Python process that has not imported this project."""
+    """Every `FOLDER_FAULTS` case, and the good folder's processor load and generate, in one Python process that has
+    not imported this project."""
     root = tmp_path_factory.mktemp("faults")
-    make_image(0).save(root / "image.png")
-    folders = make_fault_folders(good_folder, root)
-    cases = root / "cases.json"
-    cases.write_text(json.dumps(case_list(folders, good_folder, root / "image.png")))
-    output = run_fresh_python(FRESH_RUNNER, root, cases, 60)
+    image = root / "image.png"
+    make_image(0).save(image)
+    cases = case_list(make_fault_folders(good_folder, root), good_folder, image)
+    good = {"folder": str(good_folder), "good": str(good_folder), "image": str(image)}
+    cases += [{**good, "name": f"good folder ({action})", "action": action} for action in ("processor", "generate")]
+    (root / "cases.json").write_text(json.dumps(cases))
+    output = run_fresh_python(FRESH_RUNNER, root, root / "cases.json", 60)
     return {result["name"]: result for result in map(json.loads, output.splitlines()) if result}
 
 
@@ -66,15 +69,11 @@ def test_a_damaged_folder_is_refused_naming_the_file_and_field(name, fresh_resul
     assert result["seconds"] < 30, result
 
 
-def test_the_good_folder_loads_without_warnings_or_errors(good_folder, tmp_path):
-    cases = tmp_path / "cases.json"
-    make_image(0).save(tmp_path / "image.png")
-    entry = {"name": "good", "folder": str(good_folder), "good": str(good_folder), "image": str(tmp_path / "image.png")}
-    cases.write_text(json.dumps([{**entry, "action": "processor"}, {**entry, "action": "generate"}]))
-    for line in run_fresh_python(FRESH_RUNNER, tmp_path, cases).splitlines():
-        result = json.loads(line)
-        assert result["outcome"] == "ok", result
-        assert not [w for w in result["warnings"] if "chat_template" in w], result
+@pytest.mark.parametrize("action", ["processor", "generate"])
+def test_the_good_folder_loads_and_generates_without_a_chat_template_warning(action, fresh_results):
+    result = fresh_results[f"good folder ({action})"]
+    assert result["outcome"] == "ok", result
+    assert not [warning for warning in result["warnings"] if "chat_template" in warning], result
 
 
 def test_sizes_in_a_config_are_checked_without_a_folder():
