@@ -230,10 +230,10 @@ def staged_save(target, last: tuple[str, ...] = ("config.json",)) -> Iterator[Pa
 
     Yields an empty folder in a staging folder beside `target` (`make_staging`, after deleting the ones a killed
     save left: `clean_stale_staging`). When the block ends normally its files get the default permissions
-    (`apply_default_permissions`) and go into place: renamed to `target` when that does not exist or is empty,
-    else moved into it one by one (`last` at the end, earlier weight files the new save does not have deleted).
-    When the block raises (a full disk, a failed write), `target` is as before. The staging folder is deleted
-    either way.
+    (`apply_default_permissions`) and go into place: renamed to `target` when that does not exist or is an empty
+    folder, else (a folder with files, or a link to a folder) moved into it one by one (`last` at the end, earlier
+    weight files the new save does not have deleted). When the block raises (a full disk, a failed write), `target`
+    is as before. The staging folder is deleted either way.
     """
     target = Path(target).absolute()
     prefix = f".{target.name}.saving-"
@@ -243,7 +243,7 @@ def staged_save(target, last: tuple[str, ...] = ("config.json",)) -> Iterator[Pa
     try:
         yield staging / STAGING_FOLDER
         apply_default_permissions(staging / STAGING_FOLDER)
-        if target.is_dir() and not target.is_symlink() and any(target.iterdir()):
+        if target.is_symlink() or (target.is_dir() and any(target.iterdir())):  # a link is kept: its folder filled
             _move_into(staging / STAGING_FOLDER, target, last)
         else:
             replace_folder(staging / STAGING_FOLDER, target, aside=staging / STAGING_REPLACED)

@@ -169,7 +169,7 @@ def staged_save(target, push_kwargs: dict | None = None):
     os.mkdir(folder)  # the permissions of any new folder (not mkdtemp's 0700)
     try:
         yield folder
-        if not os.path.isdir(target) or not os.listdir(target):
+        if not os.path.islink(target) and (not os.path.isdir(target) or not os.listdir(target)):
             with contextlib.suppress(FileNotFoundError):
                 os.rmdir(target)
             os.rename(folder, target)

@@ -160,6 +160,13 @@ def test_saves_into_one_folder_keep_each_other_and_drop_stale_shards(tiny, tmp_p
     assert {"model.safetensors", "config.json", "processor_config.json", "tokenizer.json", "README.md"} <= names
     assert not [name for name in names if name.startswith("model-") or name.endswith(".index.json")]
     assert os.listdir(tmp_path) == ["model"]
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")  # a link to an empty folder stays a link, its folder filled
+    model.save_pretrained(tmp_path / "link")
+    processor.save_pretrained(tmp_path / "link")
+    assert (tmp_path / "link").is_symlink() and {"config.json", "processor_config.json"} <= set(
+        os.listdir(tmp_path / "real")
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------------
