@@ -7,6 +7,7 @@ from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
 
 from .compat_omnifusion import NATIVE_SUB_CONFIG_SPEC, SubConfigSpec, legacy_sub_configs, resolve_sub_configs
+from .video_omnifusion import VIDEO_FIELDS, VIDEO_TOKEN_FIELDS, check_video_config, video_frame_positions
 
 # Order of the rows of the learned marker table (`OmniFusionTokenEmbedding.special_embeddings`).
 SPECIAL_TOKEN_FIELDS = (
@@ -137,6 +138,21 @@ class OmniFusionConfig(PreTrainedConfig):
     audio_token_id, audio_start_token_id, audio_end_token_id (`int`):
         Ids of the `<audio>` placeholder and the `<audio_start>`/`<audio_end>` markers, input-only like the image
         ones; their learned rows follow the five image rows in the marker table.
+    video_num_frames (`int`, *optional*):
+        Frames the processor samples from a video by default (evenly spread), or `None` (default): a model without
+        video, whose saved `config.json` holds none of the video fields below. Frames go through the vision
+        tower(s) like untiled image views. docs/video.md has the options and the prompt layout.
+    video_pool_size (`int`):
+        Each frame's adapter output, a square grid of patches, is average-pooled by `video_pool_size` x
+        `video_pool_size` windows (2, as LLaVA-NeXT-Video): a frame takes `(sqrt(num_image_tokens) //
+        video_pool_size) ** 2` positions (`num_video_frame_tokens`), a video of F frames F times that.
+    video_adapter (`str`):
+        `"shared"` (default): frames go through the image adapter (no new weights; stage 1 trains the video markers
+        only). `"separate"`: a `video_adapter` of the image adapter's type, initialised from its weights by
+        `add_video`, trained on video while the image adapter (and so every image output) stays as it was.
+    video_token_id, video_start_token_id, video_end_token_id (`int`):
+        Ids of the `<video>` placeholder and the `<video_start>`/`<video_end>` markers; their learned rows follow the
+        image rows (and the audio rows, with sound) in the marker table.
     """
 
     model_type = "omnifusion"
@@ -189,6 +205,12 @@ class OmniFusionConfig(PreTrainedConfig):
     audio_token_id: int = 32005
     audio_start_token_id: int = 32006
     audio_end_token_id: int = 32007
+    video_num_frames: int | None = None
+    video_pool_size: int = 2
+    video_adapter: Literal["shared", "separate"] = "shared"
+    video_token_id: int = 32008
+    video_start_token_id: int = 32009
+    video_end_token_id: int = 32010
 
     def __post_init__(self, **kwargs):
         if isinstance(self.vision_config, (list, tuple)):
@@ -214,6 +236,7 @@ class OmniFusionConfig(PreTrainedConfig):
         self._check_audio()
         self._check_encoders_combine()
         self.check_image_grid_pinpoints()
+        check_video_config(self)
 
     def _check_encoders_combine(self):
         encoders = self.vision_configs
@@ -278,6 +301,8 @@ class OmniFusionConfig(PreTrainedConfig):
             for name in AUDIO_FIELDS:
                 if name != "audio_config":
                     output.pop(name, None)
+        for name in VIDEO_FIELDS if self.video_num_frames is None else ():  # nor video settings without video
+            output.pop(name, None)
         return output
 
     def to_diff_dict(self) -> dict:
@@ -285,6 +310,8 @@ class OmniFusionConfig(PreTrainedConfig):
         if self.audio_config is None:  # a model without sound saves exactly the fields it always had
             for name in AUDIO_FIELDS:
                 output.pop(name, None)
+        for name in VIDEO_FIELDS if self.video_num_frames is None else ():
+            output.pop(name, None)
         return output
 
     @property
@@ -298,7 +325,14 @@ class OmniFusionConfig(PreTrainedConfig):
         }
         if self.audio_config is not None:
             kwargs["audio_pool_stride"] = self.audio_pool_stride
+        if self.video_num_frames is not None:
+            kwargs.update(num_video_frame_tokens=self.num_video_frame_tokens, video_num_frames=self.video_num_frames)
         return kwargs
+
+    @property
+    def num_video_frame_tokens(self) -> int:
+        """Positions per video frame (`video_frame_positions`); a video of F frames takes F times this many."""
+        return video_frame_positions(self.num_image_tokens, self.video_pool_size)
 
     @property
     def vision_configs(self) -> list:
@@ -327,12 +361,13 @@ class OmniFusionConfig(PreTrainedConfig):
     def special_token_fields(self) -> tuple[str, ...]:
         """The names of the marker ids, in marker-table row order: the five image ones, then the audio ones when the
         config has an audio encoder."""
-        return SPECIAL_TOKEN_FIELDS + (AUDIO_TOKEN_FIELDS if self.audio_config is not None else ())
+        audio = AUDIO_TOKEN_FIELDS if self.audio_config is not None else ()
+        return SPECIAL_TOKEN_FIELDS + audio + (VIDEO_TOKEN_FIELDS if self.video_num_frames is not None else ())
 
     @property
     def special_token_ids(self) -> list[int]:
-        """The ids of [image, image_start, image_end, user, assistant] (+ [audio, audio_start, audio_end] with sound),
-        in marker-table row order."""
+        """The ids of [image, image_start, image_end, user, assistant] (+ [audio, audio_start, audio_end] with sound,
+        + [video, video_start, video_end] with video), in marker-table row order."""
         return [getattr(self, name) for name in self.special_token_fields]
 
     @property
