@@ -93,13 +93,16 @@ def _frame_array(frame, name: str) -> np.ndarray:
 
 
 def decode_video(source: str, name: str, num_frames=None, fps=None) -> np.ndarray:
-    """The sampled frames of a video file or URL, decoded with PyAV (`[frames, H, W, 3]` uint8 RGB)."""
+    """The sampled frames of a video file, URL or open binary file, decoded with PyAV (`[frames, H, W, 3]` uint8
+    RGB)."""
     try:
         import av
     except ImportError:
         raise ImportError(f"{name}: reading video files needs PyAV: pip install av") from None
 
     def open_stream():
+        if hasattr(source, "seek"):
+            source.seek(0)
         try:
             container = av.open(source)
         except Exception as error:  # FFmpeg and the OS raise their own types: all mean "not a readable video"
@@ -142,7 +145,7 @@ def decode_video(source: str, name: str, num_frames=None, fps=None) -> np.ndarra
 
 def load_video(video, name: str, num_frames=None, fps=None, video_fps=None) -> np.ndarray:
     """One video (path, URL, frames array/tensor or list of frames) as its sampled `[frames, H, W, 3]` uint8 RGB."""
-    if isinstance(video, str):
+    if isinstance(video, str) or hasattr(video, "read"):  # a path, a URL or an open file
         frames = decode_video(video, name, num_frames, fps)
     else:
         if type(video).__module__.startswith("torch") and hasattr(video, "detach"):
@@ -164,7 +167,7 @@ def load_video(video, name: str, num_frames=None, fps=None, video_fps=None) -> n
 
 
 def _is_one_video(item) -> bool:
-    if isinstance(item, str) or getattr(item, "ndim", 0) == 4:
+    if isinstance(item, str) or getattr(item, "ndim", 0) == 4 or hasattr(item, "read"):
         return True
     return isinstance(item, (list, tuple)) and bool(item) and all(_is_frame(frame) for frame in item)
 
