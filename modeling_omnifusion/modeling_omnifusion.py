@@ -42,7 +42,7 @@ from .input_checks_omnifusion import (
     check_prompt,
     non_finite_weights,
 )
-from .video_omnifusion import build_video_adapter, video_features
+from .video_omnifusion import build_video_adapter, expand_video_frames, video_features
 
 
 def embed_with_markers(
@@ -553,7 +553,8 @@ class OmniFusionForCausalLM(OmniFusionPreTrainedModel, GenerationMixin):
         """
         `GenerationMixin`'s expansion for beam search and `num_return_sequences`, keeping every prompt's clips in
         order: the per-clip tensors (`input_features`, `input_features_mask`) and pre-encoded audio positions are
-        repeated as whole groups per prompt ([a, b] -> [a, b, a, b]) instead of clip by clip ([a, a, b, b]).
+        repeated as whole groups per prompt ([a, b] -> [a, b, a, b]) instead of clip by clip ([a, a, b, b]); so are
+        raw video frames (`pixel_values_videos`, when `generate` has not encoded them up front).
         """
         per_clip = {}
         if expand_size > 1 and getattr(self.config, "audio_config", None) is not None:
@@ -572,6 +573,7 @@ class OmniFusionForCausalLM(OmniFusionPreTrainedModel, GenerationMixin):
                 expanded = expand_groups(audio_outputs.pooler_output, positions, expand_size)
                 audio_outputs = type(audio_outputs)(**{**audio_outputs, "pooler_output": expanded})
                 kwargs["mm_encoder_outputs"] = {**kwargs["mm_encoder_outputs"], "audio": audio_outputs}
+        per_clip.update(expand_video_frames(self, input_ids, kwargs, expand_size))
         input_ids, kwargs = super()._expand_inputs_for_generation(
             expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **kwargs
         )

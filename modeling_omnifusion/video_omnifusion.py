@@ -108,6 +108,26 @@ def video_features(model, pixel_values_videos: torch.Tensor, **kwargs) -> BaseMo
     return outputs
 
 
+def expand_video_frames(model, input_ids, kwargs: dict, expand_size: int) -> dict:
+    """
+    For beam search and `num_return_sequences` when `generate` passes raw frames on (transformers releases that do
+    not encode videos before the prefill): `pixel_values_videos` popped from `kwargs` with every prompt's frames
+    repeated as a whole group (`expand_groups`), its frame count read from its `<video>` positions. `{}` otherwise.
+    """
+    from .audio_omnifusion import expand_groups
+
+    frames = kwargs.get("pixel_values_videos")
+    if expand_size == 1 or not isinstance(frames, torch.Tensor) or model.config.video_num_frames is None:
+        return {}
+    ids = input_ids if input_ids is not None and input_ids.numel() else None
+    positions = model.model._placeholders_in(ids, kwargs.get("inputs_embeds"), model.config.video_token_id).sum(-1)
+    counts = positions // model.config.num_video_frame_tokens
+    frame_dims = 5 if model.config.additional_vision_configs else 4
+    flat = kwargs.pop("pixel_values_videos")
+    flat = flat.flatten(0, 1) if flat.dim() == frame_dims + 1 else flat
+    return {"pixel_values_videos": expand_groups(flat, counts, expand_size, "pixel_values_videos")}
+
+
 def add_video(model, **video_settings):
     """
     A copy of the model `model` (images, maybe sound) with video: the same weights, the video marker rows appended to
@@ -143,6 +163,7 @@ __all__ = [
     "VIDEO_TOKEN_FIELDS",
     "add_video",
     "build_video_adapter",
+    "expand_video_frames",
     "check_video_config",
     "pool_frames",
     "video_features",

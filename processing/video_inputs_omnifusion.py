@@ -191,7 +191,7 @@ class OmniFusionVideoProcessor(PushToHubMixin):
     Decodes and samples videos (`num_frames` per video by default, or `fps` frames per second of video) and runs every
     frame through the frame processors: the encoders' own image processors, which `OmniFusionProcessor` gives it
     (`frame_processors`, not saved). `__call__` returns `pixel_values_videos` (`[total frames, 3, H, W]`, with
-    several encoders `[total frames, encoders, 3, H, W]`) and `video_num_frames` (frames per video).
+    several encoders `[total frames, encoders, 3, H, W]`).
     """
 
     model_input_names = ["pixel_values_videos"]
@@ -235,16 +235,19 @@ class OmniFusionVideoProcessor(PushToHubMixin):
         ]
 
     def __call__(self, videos, return_tensors=None, **kwargs) -> BatchFeature:
-        """`pixel_values_videos` and `video_num_frames` of `videos` (decoded here unless already `load`ed)."""
-        if not (isinstance(videos, list) and all(isinstance(v, np.ndarray) and v.dtype == np.uint8 for v in videos)):
+        """`pixel_values_videos` of `videos` (decoded and sampled here unless already `load`ed)."""
+        if not _all_loaded(videos):
             videos = self.load(videos, kwargs.get("num_frames"), kwargs.get("fps"), kwargs.get("video_metadata"))
         frames = [frame for video in videos for frame in video]
         encoder_pixels = [np.asarray(p(frames, return_tensors="np")["pixel_values"]) for p in self.frame_processors]
-        data = {
-            "pixel_values_videos": stack_encoder_pixels(encoder_pixels),
-            "video_num_frames": [len(video) for video in videos],
-        }
-        return BatchFeature(data, tensor_type=return_tensors, skip_tensor_conversion=["video_num_frames"])
+        return BatchFeature({"pixel_values_videos": stack_encoder_pixels(encoder_pixels)}, tensor_type=return_tensors)
+
+
+def _all_loaded(videos) -> bool:
+    """Whether `videos` is already a list of sampled `[frames, H, W, 3]` uint8 arrays (`load`'s output)."""
+    return isinstance(videos, list) and all(
+        isinstance(video, np.ndarray) and video.dtype == np.uint8 and video.ndim == 4 for video in videos
+    )
 
 
 def stack_encoder_pixels(encoder_pixels: list[np.ndarray]) -> np.ndarray:
@@ -327,9 +330,9 @@ class VideoProcessingMixin:
 
     def _process_videos(self, videos, **kwargs):
         self.video_preprocessor.frame_processors = self.image_processors_for_frames
+        videos = videos if _all_loaded(videos) else self.video_preprocessor.load(videos)
         processed = dict(self.video_preprocessor(videos))
-        counts = processed.pop("video_num_frames")
-        return processed, [self.video_block(count) for count in counts]
+        return processed, [self.video_block(len(video)) for video in videos]
 
     def video_block(self, num_frames: int) -> str:
         """The text a video of `num_frames` sampled frames becomes: `<video_start>`, `num_frames *
