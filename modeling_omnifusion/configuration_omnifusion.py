@@ -8,6 +8,7 @@ from transformers import AutoConfig, PreTrainedConfig
 
 from .compat_omnifusion import NATIVE_SUB_CONFIG_SPEC, SubConfigSpec, legacy_sub_configs, resolve_sub_configs
 from .config_checks_omnifusion import check_image_positions, check_sub_config_sizes, config_file_named
+from .video_omnifusion import VIDEO_FIELDS, VIDEO_TOKEN_FIELDS, check_video_config, video_frame_positions
 
 # Order of the rows of the learned marker table (`OmniFusionTokenEmbedding.special_embeddings`).
 SPECIAL_TOKEN_FIELDS = (
@@ -138,6 +139,21 @@ class OmniFusionConfig(PreTrainedConfig):
     audio_token_id, audio_start_token_id, audio_end_token_id (`int`):
         Ids of the `<audio>` placeholder and the `<audio_start>`/`<audio_end>` markers, input-only like the image
         ones; their learned rows follow the five image rows in the marker table.
+    video_num_frames (`int`, *optional*):
+        Frames the processor samples from a video by default (evenly spread), or `None` (default): a model without
+        video, whose saved `config.json` holds none of the video fields below. Frames go through the vision
+        tower(s) like untiled image views. docs/video.md has the options and the prompt layout.
+    video_pool_size (`int`):
+        Each frame's adapter output, a square grid of patches, is average-pooled by `video_pool_size` x
+        `video_pool_size` windows (2, as LLaVA-NeXT-Video): a frame takes `(sqrt(num_image_tokens) //
+        video_pool_size) ** 2` positions (`num_video_frame_tokens`), a video of F frames F times that.
+    video_adapter (`str`):
+        `"shared"` (default): frames go through the image adapter (no new weights; stage 1 trains the video markers
+        only). `"separate"`: a `video_adapter` of the image adapter's type, initialised from its weights by
+        `add_video`, trained on video while the image adapter (and so every image output) stays as it was.
+    video_token_id, video_start_token_id, video_end_token_id (`int`):
+        Ids of the `<video>` placeholder and the `<video_start>`/`<video_end>` markers; their learned rows follow the
+        image rows (and the audio rows, with sound) in the marker table.
     """
 
     model_type = "omnifusion"
@@ -190,6 +206,12 @@ class OmniFusionConfig(PreTrainedConfig):
     audio_token_id: int = 32005
     audio_start_token_id: int = 32006
     audio_end_token_id: int = 32007
+    video_num_frames: int | None = None
+    video_pool_size: int = 2
+    video_adapter: Literal["shared", "separate"] = "shared"
+    video_token_id: int = 32008
+    video_start_token_id: int = 32009
+    video_end_token_id: int = 32010
 
     def __post_init__(self, **kwargs):
         saved_num_image_tokens = kwargs.pop("num_image_tokens", None)  # computed (a property); a saved value is checked
@@ -223,6 +245,7 @@ class OmniFusionConfig(PreTrainedConfig):
                 "); it is computed from them: remove the field"
             )
         self.check_image_grid_pinpoints()
+        check_video_config(self)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
@@ -295,6 +318,8 @@ class OmniFusionConfig(PreTrainedConfig):
             for name in AUDIO_FIELDS:
                 if name != "audio_config":
                     output.pop(name, None)
+        for name in VIDEO_FIELDS if self.video_num_frames is None else ():  # nor video settings without video
+            output.pop(name, None)
         return output
 
     def to_diff_dict(self) -> dict:
@@ -302,6 +327,8 @@ class OmniFusionConfig(PreTrainedConfig):
         if self.audio_config is None:  # a model without sound saves exactly the fields it always had
             for name in AUDIO_FIELDS:
                 output.pop(name, None)
+        for name in VIDEO_FIELDS if self.video_num_frames is None else ():
+            output.pop(name, None)
         return output
 
     @property
@@ -315,7 +342,14 @@ class OmniFusionConfig(PreTrainedConfig):
         }
         if self.audio_config is not None:
             kwargs["audio_pool_stride"] = self.audio_pool_stride
+        if self.video_num_frames is not None:
+            kwargs.update(num_video_frame_tokens=self.num_video_frame_tokens, video_num_frames=self.video_num_frames)
         return kwargs
+
+    @property
+    def num_video_frame_tokens(self) -> int:
+        """Positions per video frame (`video_frame_positions`); a video of F frames takes F times this many."""
+        return video_frame_positions(self.num_image_tokens, self.video_pool_size)
 
     @property
     def vision_configs(self) -> list:
@@ -344,12 +378,13 @@ class OmniFusionConfig(PreTrainedConfig):
     def special_token_fields(self) -> tuple[str, ...]:
         """The names of the marker ids, in marker-table row order: the five image ones, then the audio ones when the
         config has an audio encoder."""
-        return SPECIAL_TOKEN_FIELDS + (AUDIO_TOKEN_FIELDS if self.audio_config is not None else ())
+        audio = AUDIO_TOKEN_FIELDS if self.audio_config is not None else ()
+        return SPECIAL_TOKEN_FIELDS + audio + (VIDEO_TOKEN_FIELDS if self.video_num_frames is not None else ())
 
     @property
     def special_token_ids(self) -> list[int]:
-        """The ids of [image, image_start, image_end, user, assistant] (+ [audio, audio_start, audio_end] with sound),
-        in marker-table row order."""
+        """The ids of [image, image_start, image_end, user, assistant] (+ [audio, audio_start, audio_end] with sound,
+        + [video, video_start, video_end] with video), in marker-table row order."""
         return [getattr(self, name) for name in self.special_token_fields]
 
     @property

@@ -45,6 +45,7 @@ from .input_checks_omnifusion import (
     check_prompt_ids,
     non_finite_weights,
 )
+from .video_omnifusion import build_video_adapter, expand_video_frames, video_features
 
 
 def embed_with_markers(
@@ -120,9 +121,11 @@ class OmniFusionPreTrainedModel(PreTrainedModel):
         "model.language_model.embed_tokens.",
         "model.adapter.",
         "model.audio_adapter.",
+        "model.video_adapter.",
         "language_model.embed_tokens.",
         "adapter.",
         "audio_adapter.",
+        "video_adapter.",
     )
 
     @classmethod
@@ -207,6 +210,9 @@ class OmniFusionModel(OmniFusionPreTrainedModel):
             self.audio_tower = build_audio_tower(config)
             self.audio_adapter = build_audio_adapter(config)
             self.input_modalities = ("image", "audio", "text")
+        if config.video_num_frames is not None:  # frames share the vision tower; a separate adapter if configured
+            self.video_adapter = build_video_adapter(config)
+            self.input_modalities = ("image", "video", *self.input_modalities[1:])
         self.language_model = AutoModel.from_config(config.text_config)
         text_embeddings = self.language_model.get_input_embeddings()
         self.language_model.set_input_embeddings(
@@ -268,6 +274,7 @@ class OmniFusionModel(OmniFusionPreTrainedModel):
             into images by the processor's `num_image_patches` (views per image), which is what tiles need.
         """
         check_finite_pixels(pixel_values)
+        adapter = kwargs.pop("adapter", None) or self.adapter  # `get_video_features` passes the video adapter
         layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
         if self.config.adapter_type != "mix_sum":  # mix_sum reads every hidden state
             for vision_config in self.config.vision_configs:
@@ -293,12 +300,12 @@ class OmniFusionModel(OmniFusionPreTrainedModel):
             encoder_features.append([outputs.hidden_states[i][:, prefix:] for i in layers])
             if image_outputs is None:
                 image_outputs = outputs
-        adapter_dtype = next(self.adapter.parameters()).dtype
+        adapter_dtype = next(adapter.parameters()).dtype
         encoder_features = [[states.to(adapter_dtype) for states in layers] for layers in encoder_features]
         if self.config.adapter_type in MIX_ADAPTER_TYPES:
-            image_embeds = self.adapter(encoder_features)
+            image_embeds = adapter(encoder_features)
         else:
-            image_embeds = self.adapter(encoder_features[0][0])
+            image_embeds = adapter(encoder_features[0][0])
         if vision_feature_select_strategy is None and image_embeds.shape[1] != self.config.num_image_tokens:
             raise ValueError(
                 f"The {self.config.adapter_type} adapter returned {image_embeds.shape[1]} positions per view but the "
@@ -324,6 +331,12 @@ class OmniFusionModel(OmniFusionPreTrainedModel):
                 f"{list(pixel_values.shape)}; build the inputs with the model's OmniFusionProcessor"
             )
         return pixel_values[:, index, :, :size, :size]
+
+    @can_return_tuple
+    def get_video_features(self, pixel_values_videos: torch.FloatTensor, **kwargs) -> BaseModelOutputWithPooling:
+        """Encode video frames and project them into the LM's embedding space; see `video_omnifusion.video_features`
+        (`pooler_output`: `[total frames, num_video_frame_tokens, text hidden]`)."""
+        return video_features(self, pixel_values_videos, **kwargs)
 
     @can_return_tuple
     def get_audio_features(
@@ -393,6 +406,11 @@ class OmniFusionModel(OmniFusionPreTrainedModel):
                 f"({self.config.num_image_tokens} per image); the processor's num_image_tokens must equal this "
                 f"model's config.num_image_tokens ({self.config.num_image_tokens})."
             )
+        elif modality == "video":
+            per_item = (
+                f"({self.config.num_video_frame_tokens} per frame); the processor's num_video_frame_tokens must equal "
+                f"this model's config.num_video_frame_tokens ({self.config.num_video_frame_tokens})."
+            )
         else:
             per_item = (
                 "(each clip's count follows from its duration: the processor's audio_pool_stride must equal this "
@@ -434,7 +452,8 @@ class OmniFusionModel(OmniFusionPreTrainedModel):
     def merge_features(self, input_ids, inputs_embeds: torch.Tensor, media_outputs: dict) -> torch.Tensor:
         """`inputs_embeds` with each modality's `pooler_output` scattered, in order, into its placeholder positions."""
         for modality, output in media_outputs.items():
-            features = torch.cat(list(output.pooler_output), dim=0) if modality == "image" else output.pooler_output
+            features = output.pooler_output
+            features = torch.cat(list(features), dim=0) if modality != "audio" else features
             features = features.to(inputs_embeds.device, inputs_embeds.dtype)
             mask = self.get_placeholder_mask(input_ids, inputs_embeds, features, modality=modality)
             inputs_embeds = inputs_embeds.masked_scatter(mask, features)
@@ -455,6 +474,7 @@ class OmniFusionModel(OmniFusionPreTrainedModel):
         mm_encoder_outputs: dict | None = None,
         input_features: torch.FloatTensor | None = None,
         input_features_mask: torch.Tensor | None = None,
+        pixel_values_videos: torch.FloatTensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> MultimodalBaseModelOutputWithPast:
         """
@@ -462,8 +482,10 @@ class OmniFusionModel(OmniFusionPreTrainedModel):
             pixel_values: `[num_views, 3, height, width]` (see `get_image_features`), views in placeholder order.
             input_features, input_features_mask: `[clips, mel bins, frames]` and `[clips, frames]`, clips in
                 placeholder order (see `get_audio_features`).
-            mm_encoder_outputs: `{"image": ..., "audio": ...}` outputs of `get_image_features` /
-                `get_audio_features`, instead of the raw inputs.
+            mm_encoder_outputs: `{"image": ..., "audio": ..., "video": ...}` outputs of `get_image_features` /
+                `get_audio_features` / `get_video_features`, instead of the raw inputs.
+            pixel_values_videos: `[total frames, 3, height, width]`, frames of videos in placeholder order (see
+                `get_video_features`).
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("OmniFusionModel.forward needs exactly one of `input_ids` or `inputs_embeds`.")
@@ -484,6 +506,7 @@ class OmniFusionModel(OmniFusionPreTrainedModel):
             "audio": None
             if input_features is None
             else {"input_features": input_features, "input_features_mask": input_features_mask},
+            "video": None if pixel_values_videos is None else {"pixel_values_videos": pixel_values_videos},
         }
         image_options = {
             "vision_feature_layer": vision_feature_layer,
@@ -521,6 +544,7 @@ class OmniFusionForCausalLM(OmniFusionPreTrainedModel, GenerationMixin):
     def __init__(self, config: OmniFusionConfig):
         super().__init__(config)
         self.model = OmniFusionModel(config)
+        self.input_modalities = self.model.input_modalities  # `generate` encodes images and videos once, up front
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
 
@@ -541,11 +565,15 @@ class OmniFusionForCausalLM(OmniFusionPreTrainedModel, GenerationMixin):
     ) -> BaseModelOutputWithPooling:
         return self.model.get_audio_features(input_features, input_features_mask, **kwargs)
 
+    def get_video_features(self, pixel_values_videos: torch.FloatTensor, **kwargs) -> BaseModelOutputWithPooling:
+        return self.model.get_video_features(pixel_values_videos, **kwargs)
+
     def _expand_inputs_for_generation(self, expand_size: int = 1, is_encoder_decoder=False, input_ids=None, **kwargs):
         """
         `GenerationMixin`'s expansion for beam search and `num_return_sequences`, keeping every prompt's clips in
         order: the per-clip tensors (`input_features`, `input_features_mask`) and pre-encoded audio positions are
-        repeated as whole groups per prompt ([a, b] -> [a, b, a, b]) instead of clip by clip ([a, a, b, b]).
+        repeated as whole groups per prompt ([a, b] -> [a, b, a, b]) instead of clip by clip ([a, a, b, b]); so are
+        raw video frames (`pixel_values_videos`, when `generate` has not encoded them up front).
         """
         per_clip = {}
         if expand_size > 1 and getattr(self.config, "audio_config", None) is not None:
@@ -564,6 +592,7 @@ class OmniFusionForCausalLM(OmniFusionPreTrainedModel, GenerationMixin):
                 expanded = expand_groups(audio_outputs.pooler_output, positions, expand_size)
                 audio_outputs = type(audio_outputs)(**{**audio_outputs, "pooler_output": expanded})
                 kwargs["mm_encoder_outputs"] = {**kwargs["mm_encoder_outputs"], "audio": audio_outputs}
+        per_clip.update(expand_video_frames(self, input_ids, kwargs, expand_size))
         input_ids, kwargs = super()._expand_inputs_for_generation(
             expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **kwargs
         )
@@ -595,6 +624,7 @@ class OmniFusionForCausalLM(OmniFusionPreTrainedModel, GenerationMixin):
         mm_encoder_outputs: dict | None = None,
         input_features: torch.FloatTensor | None = None,
         input_features_mask: torch.Tensor | None = None,
+        pixel_values_videos: torch.FloatTensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> MultimodalCausalLMOutputWithPast:
         """
@@ -617,6 +647,7 @@ class OmniFusionForCausalLM(OmniFusionPreTrainedModel, GenerationMixin):
             mm_encoder_outputs=mm_encoder_outputs,
             input_features=input_features,
             input_features_mask=input_features_mask,
+            pixel_values_videos=pixel_values_videos,
             **kwargs,
         )
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)

@@ -7,9 +7,7 @@ import os
 import numpy as np
 import transformers
 from transformers.feature_extraction_utils import BatchFeature
-from transformers.image_processing_utils import select_best_resolution
-from transformers.image_transforms import to_pil_image
-from transformers.image_utils import PILImageResampling, make_flat_list_of_images
+from transformers.image_utils import make_flat_list_of_images
 from transformers.processing_utils import (
     MultiModalData,
     ProcessingKwargs,
@@ -35,7 +33,9 @@ from .processor_checks_omnifusion import (
     check_text,
     flat_images,
 )
+from .tiles_omnifusion import image_processor_output_size, num_tile_views, tile_views
 from .tokenizer_setup_omnifusion import load_tokenizer_json_as_saved, set_up_tokenizer
+from .video_inputs_omnifusion import VideoProcessingMixin, stack_encoder_pixels
 
 DEFAULT_SYSTEM_PROMPT = "This is a dialog with AI assistant.\n"
 
@@ -78,48 +78,6 @@ AUDIO_CHAT_TEMPLATE = DEFAULT_CHAT_TEMPLATE.replace(
 )
 
 
-def fit_to_canvas(image, canvas_height: int, canvas_width: int) -> np.ndarray:
-    """A PIL `image` resized (aspect kept, bicubic) to fit the canvas, centred on black padding: `[H, W, 3]` uint8."""
-    scale = min(canvas_height / image.height, canvas_width / image.width)
-    height = min(canvas_height, max(1, int(np.ceil(image.height * scale))))
-    width = min(canvas_width, max(1, int(np.ceil(image.width * scale))))
-    canvas = np.zeros((canvas_height, canvas_width, 3), dtype=np.uint8)
-    top, left = (canvas_height - height) // 2, (canvas_width - width) // 2
-    resized = image.resize((width, height), PILImageResampling.BICUBIC)
-    canvas[top : top + height, left : left + width] = np.asarray(resized)
-    return canvas
-
-
-def tile_views(image, pinpoints: list[list[int]], tile: int, global_view_position: str) -> list[np.ndarray]:
-    """
-    The views of one tiled image (`[tile, tile, 3]` uint8 each): its best-fit canvas cut into `tile` x `tile` tiles in
-    row-major order, and the whole image resized to one tile (the global view) first or last.
-    """
-    image = to_pil_image(image).convert("RGB")
-    canvas_height, canvas_width = select_best_resolution((image.height, image.width), pinpoints)
-    canvas = fit_to_canvas(image, canvas_height, canvas_width)
-    tiles = [
-        canvas[top : top + tile, left : left + tile]
-        for top in range(0, canvas_height, tile)
-        for left in range(0, canvas_width, tile)
-    ]
-    global_view = np.asarray(image.resize((tile, tile), PILImageResampling.BICUBIC))
-    return [global_view, *tiles] if global_view_position == "first" else [*tiles, global_view]
-
-
-def num_tile_views(height: int, width: int, pinpoints: list[list[int]], tile: int) -> int:
-    """How many views `tile_views` makes of a `height` x `width` image: the canvas's tiles plus the global view."""
-    canvas_height, canvas_width = select_best_resolution((height, width), pinpoints)
-    return (canvas_height // tile) * (canvas_width // tile) + 1
-
-
-def image_processor_output_size(image_processor) -> int:
-    """The square side an image processor outputs (its crop size when it crops, else its resize size)."""
-    size = image_processor.crop_size if getattr(image_processor, "do_center_crop", False) else image_processor.size
-    size = dict(size or {})
-    return size.get("height") or size.get("shortest_edge") or size.get("longest_edge")
-
-
 def _image_processor_from_dict(entry):
     """An image processor saved in `processor_config.json` by `OmniFusionProcessor.to_dict`."""
     if not isinstance(entry, dict):
@@ -141,7 +99,7 @@ class OmniFusionProcessorKwargs(ProcessingKwargs, total=False):
     _defaults = {"text_kwargs": TEXT_DEFAULTS}
 
 
-class OmniFusionProcessor(ProcessorMixin):
+class OmniFusionProcessor(VideoProcessingMixin, ProcessorMixin):
     r"""
     Builds OmniFusion inputs: `pixel_values` from the image processor and `input_ids` in which every `<image>`
     placeholder becomes `<image_start>` + `num_image_tokens` x `<image>` + `<image_end>`.
@@ -164,6 +122,10 @@ class OmniFusionProcessor(ProcessorMixin):
             `None` (default): no sound, and the processor saves exactly the files it always did.
         audio_pool_stride (`int`): `OmniFusionConfig.audio_pool_stride`; a clip becomes `<audio_start>` +
             `num_audio_positions(mel frames, audio_pool_stride)` x `<audio>` + `<audio_end>`.
+        video_preprocessor (*optional*): an `OmniFusionVideoProcessor` (sampling settings; frames go through the
+            image processors above), for a model with video; also reachable as `video_processor`. `None`: no video.
+        num_video_frame_tokens (`int`): `OmniFusionConfig.num_video_frame_tokens`; a video of F sampled frames becomes
+            `<video_start>` + `F * num_video_frame_tokens` x `<video>` + `<video_end>`.
         end_assistant_turns_with_eos (`bool`, defaults to `False`): whether the chat template closes every
             assistant turn with the tokenizer's EOS. The released model never saw EOS after a reply (so it does not
             stop by itself); models trained with this project's scripts set it to `True` so generation stops.
@@ -201,6 +163,11 @@ class OmniFusionProcessor(ProcessorMixin):
         audio_token: str = "<audio>",
         audio_start_token: str = "<audio_start>",
         audio_end_token: str = "<audio_end>",
+        video_preprocessor=None,
+        num_video_frame_tokens: int | None = None,
+        video_token: str = "<video>",
+        video_start_token: str = "<video_start>",
+        video_end_token: str = "<video_end>",
         **kwargs,
     ):
         self.num_image_tokens = check_num_image_tokens(num_image_tokens)
@@ -224,12 +191,18 @@ class OmniFusionProcessor(ProcessorMixin):
         has_audio = self.audio_preprocessor is not None
         audio_markers = [audio_token, audio_start_token, audio_end_token] if has_audio else []
         self.audio_token, self.audio_start_token, self.audio_end_token = audio_markers or [None] * 3
-        marker_ids = set_up_tokenizer(tokenizer, markers + audio_markers)
+        video_markers = self._init_video(
+            video_preprocessor, num_video_frame_tokens, [video_token, video_start_token, video_end_token]
+        )
+        marker_ids = set_up_tokenizer(tokenizer, markers + audio_markers + video_markers)
         self.image_token_id, self.image_start_token_id, self.image_end_token_id = marker_ids[:3]
         self.user_token_id, self.assistant_token_id = marker_ids[3:5]
         self.image_token_ids = [self.image_token_id, self.image_start_token_id, self.image_end_token_id]
-        self.audio_token_id, self.audio_start_token_id, self.audio_end_token_id = marker_ids[5:] or (None,) * 3
+        end = 5 + len(audio_markers)  # the video ids follow the audio ones
+        self.audio_token_id, self.audio_start_token_id, self.audio_end_token_id = marker_ids[5:end] or (None,) * 3
+        self.video_token_id, self.video_start_token_id, self.video_end_token_id = marker_ids[end:] or (None,) * 3
         default_template = AUDIO_CHAT_TEMPLATE if has_audio else DEFAULT_CHAT_TEMPLATE
+        default_template = self.video_chat_template(default_template)
         super().__init__(image_processor, tokenizer, chat_template=chat_template or default_template)
 
     @property
@@ -243,20 +216,22 @@ class OmniFusionProcessor(ProcessorMixin):
         names = ["image_token", "image_start_token", "image_end_token", "user_token", "assistant_token"]
         if self.audio_preprocessor is not None:
             names += ["audio_token", "audio_start_token", "audio_end_token"]
+        if self.video_preprocessor is not None:
+            names += ["video_token", "video_start_token", "video_end_token"]
         return {f"{name}_id": getattr(self, f"{name}_id") for name in names}
 
     def prepare_inputs_layout(self, images=None, text=None, videos=None, audio=None, **kwargs):
-        """Images become 8-bit RGB, clips mono at the feature extractor's rate, text is checked (or a clear error)."""
-        if videos is not None:
-            raise ValueError("OmniFusionProcessor takes images, sound and text, not videos.")
+        """Images become 8-bit RGB, clips mono at the feature extractor's rate, videos their sampled uint8 frames
+        (`load_videos`), text is checked (or a clear error)."""
+        videos = self.load_videos(videos, kwargs)
         if audio is not None and self.audio_preprocessor is None:
             raise ValueError("This OmniFusion model has no audio encoder: it takes images and text, not audio.")
         images = check_images(images)
         if audio is not None:
             rate = kwargs.get("sampling_rate", (kwargs.get("audio_kwargs") or {}).get("sampling_rate"))
             audio = check_audio(audio, rate, self.audio_preprocessor, self.audio_pool_stride)
-        text = check_text(text, has_images=images is not None or audio is not None)
-        images, text, videos, _ = super().prepare_inputs_layout(images=images, text=text, **kwargs)
+        text = check_text(text, has_images=images is not None or audio is not None or videos is not None)
+        images, text, _, _ = super().prepare_inputs_layout(images=images, text=text, **kwargs)
         return images, text, videos, audio
 
     def validate_inputs(self, images=None, text=None, videos=None, audio=None, **kwargs):
@@ -357,27 +332,17 @@ class OmniFusionProcessor(ProcessorMixin):
             views, counts = [view for image_views in per_image for view in image_views], [len(v) for v in per_image]
         kwargs = {**kwargs, "return_tensors": "np"}
         encoder_pixels = [np.asarray(p(views, **kwargs)["pixel_values"]) for p in self.image_processors]
-        processed = {"pixel_values": self._stack_encoder_pixels(encoder_pixels)}
+        processed = {"pixel_values": stack_encoder_pixels(encoder_pixels)}
         return processed, [self.image_block(count) for count in counts]
-
-    def _stack_encoder_pixels(self, encoder_pixels: list[np.ndarray]) -> np.ndarray:
-        if len(encoder_pixels) == 1:
-            return encoder_pixels[0]
-        height = max(pixels.shape[-2] for pixels in encoder_pixels)
-        width = max(pixels.shape[-1] for pixels in encoder_pixels)
-        shape = (len(encoder_pixels[0]), len(encoder_pixels), 3, height, width)
-        stacked = np.zeros(shape, dtype=encoder_pixels[0].dtype)
-        for index, pixels in enumerate(encoder_pixels):
-            stacked[:, index, :, : pixels.shape[-2], : pixels.shape[-1]] = pixels
-        return stacked
 
     def _get_num_multimodal_tokens(self, image_sizes=None, audio_lengths=None, **kwargs) -> MultiModalData:
         """Per image of `image_sizes` (`[height, width]` each): the `<image>` positions its features fill
         (`num_image_tokens`: views x positions per view; the markers around a block are not counted, as serving
         engines count the positions holding embeddings) and its views (`num_image_patches`: 1 without tiles); per
-        clip of `audio_lengths` (samples at the feature extractor's rate) its `<audio>` positions (`num_audio_tokens`).
+        clip of `audio_lengths` (samples at the feature extractor's rate) its `<audio>` positions (`num_audio_tokens`);
+        for `video_sizes`, `VideoProcessingMixin.video_token_counts`.
         """
-        data = {}
+        data = self.video_token_counts(kwargs.get("video_sizes"))
         if image_sizes is not None:
             views = [self.num_image_views(int(height), int(width)) for height, width in image_sizes]
             data.update(num_image_tokens=[count * self.num_image_tokens for count in views], num_image_patches=views)
@@ -426,7 +391,7 @@ class OmniFusionProcessor(ProcessorMixin):
             chats = normalize(self, copy.deepcopy(conversation))[0]
         else:  # transformers < 5.24 (vLLM's pin): one chat or a batch of chats, as given
             chats = list(conversation) if isinstance(conversation[0], (list, tuple)) else [list(conversation)]
-        check_conversation(chats, with_audio=self.audio_preprocessor is not None)
+        check_conversation(chats, self.audio_preprocessor is not None, self.video_preprocessor is not None)
         kwargs.setdefault("end_assistant_turns_with_eos", self.end_assistant_turns_with_eos)
         if self.audio_preprocessor is not None:
             rate = kwargs.get("sampling_rate") or self.audio_preprocessor.sampling_rate

@@ -292,14 +292,14 @@ def check_placeholder_count(text, images, image_token: str, item: str = "image")
         )
 
 
-def check_conversation(conversation, with_audio: bool = False):
+def check_conversation(conversation, with_audio: bool = False, with_video: bool = False):
     """
     A `ValueError`/`TypeError` naming the message if `conversation` (one chat or a batch of chats, after
     transformers' normalisation) is not a non-empty list of messages with a known role (one system message at most,
     first) and content that is a string or a list of `{"type": "text" | "image", ...}` items (and `"audio"` items
-    when `with_audio`).
+    when `with_audio`, `"video"` items when `with_video`).
     """
-    content_types = CONTENT_TYPES + (("audio",) if with_audio else ())
+    content_types = CONTENT_TYPES + (("audio",) if with_audio else ()) + (("video",) if with_video else ())
     for chat_index, chat in enumerate(conversation):
         prefix = f"conversation {chat_index}: " if len(conversation) > 1 else ""
         if not isinstance(chat, (list, tuple)) or not chat:
@@ -333,9 +333,9 @@ def check_conversation(conversation, with_audio: bool = False):
                 if item["type"] == "text":
                     check_string(item.get("text"), f"{item_name} 'text'")
                 elif role != "user":
-                    kind = "an image" if item["type"] == "image" else "audio"
+                    kind = {"image": "an image", "video": "a video"}.get(item["type"], "audio")
                     raise ValueError(
-                        f"{item_name} is {kind} in a {role} message; images and audio go in user messages."
+                        f"{item_name} is {kind} in a {role} message; images, audio and video go in user messages."
                     )
 
 

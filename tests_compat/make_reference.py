@@ -26,6 +26,8 @@ from modeling_omnifusion.testing.tiny import (  # noqa: E402
     make_model_and_processor,
     make_processor,
     make_sentencepiece_tokenizer,
+    make_video,
+    make_video_model_and_processor,
 )
 
 MAX_NEW_TOKENS = 8
@@ -232,6 +234,51 @@ def record_audio(model, processor, folder: Path) -> dict:
     return reference
 
 
+# Folders with video: checked on older transformers (`tests_compat`), frames given as arrays (no PyAV there).
+VIDEO_VARIANTS = {"video_separate": lambda: make_video_model_and_processor(video_adapter="separate", seed=9)}
+
+
+def video_chats() -> dict[str, list[dict]]:
+    """Chats with videos named by `.npy` file (`[frames, H, W, 3]` uint8, loaded as arrays by the reader)."""
+
+    def ask(*videos, image=False):
+        content = [{"type": "image", "path": "image_0.png"}] if image else []
+        content += [{"type": "video", "video": video} for video in videos]
+        return [{"role": "user", "content": [*content, {"type": "text", "text": "What moves?"}]}]
+
+    return {"one_video": ask("video_0.npy"), "image_and_two_videos": ask("video_1.npy", "video_0.npy", image=True)}
+
+
+def resolve_video(messages: list[dict], folder: Path) -> list[dict]:
+    """`resolve`, and each video loaded from its `.npy` file under `folder`."""
+    out = resolve(messages, folder)
+    for message in out:
+        if not isinstance(message["content"], str):
+            message["content"] = [
+                dict(item, video=np.load(folder / item["video"])) if item["type"] == "video" else item
+                for item in message["content"]
+            ]
+    return out
+
+
+@torch.no_grad()
+def record_video(model, processor, folder: Path) -> dict:
+    """Inputs, logits, greedy and beam-search tokens for each video chat and for all of them as one batch."""
+    reference = {}
+    chats = {name: resolve_video(messages, folder) for name, messages in video_chats().items()}
+    for name, messages in [*chats.items(), ("batch", list(chats.values()))]:
+        inputs = processor.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+        )
+        reference[name] = {
+            "inputs": dict(inputs),
+            "logits": model(**inputs).logits,
+            "tokens": model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False),
+            "beams": model.generate(**inputs, max_new_tokens=4, num_beams=2, do_sample=False),
+        }
+    return reference
+
+
 def save_vision_images(output: Path) -> list[str]:
     rng = np.random.default_rng(7)
     Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(output / "image_big.png")
@@ -250,10 +297,13 @@ def main(output_dir: str, names: list[str] | None = None):
     extra_messages = vision_chats(save_vision_images(output))
     (output / "vision_chats.json").write_text(json.dumps(extra_messages, indent=1))
     vision = vision_variants()
-    builders = {**variants(output / "work"), **vision, **AUDIO_VARIANTS}
+    builders = {**variants(output / "work"), **vision, **AUDIO_VARIANTS, **VIDEO_VARIANTS}
     np.save(output / "clip_0.npy", make_clip(0, 0.6))
     np.save(output / "clip_1.npy", make_clip(1, 0.9))
     (output / "audio_chats.json").write_text(json.dumps(audio_chats(), indent=1))
+    np.save(output / "video_0.npy", make_video(0, 5))
+    np.save(output / "video_1.npy", make_video(1, 9))
+    (output / "video_chats.json").write_text(json.dumps(video_chats(), indent=1))
     unknown = sorted(set(names or []) - set(builders))
     if unknown:
         raise SystemExit(f"unknown variant(s) {unknown}; choose from {sorted(builders)}")
@@ -266,13 +316,17 @@ def main(output_dir: str, names: list[str] | None = None):
         if name in AUDIO_VARIANTS:
             torch.save(record_audio(model, processor, output), output / f"{name}.audio_reference.pt")
             continue
+        if name in VIDEO_VARIANTS:
+            torch.save(record_video(model, processor, output), output / f"{name}.video_reference.pt")
+            continue
         torch.save(record(model, processor, messages, output), output / f"{name}.reference.pt")
         if name in vision:
             torch.save(record(model, processor, extra_messages, output), output / f"{name}.vision_reference.pt")
     manifest = {
         "transformers": transformers.__version__,
-        "folders": [name for name in names if name not in AUDIO_VARIANTS],
+        "folders": [name for name in names if name not in AUDIO_VARIANTS and name not in VIDEO_VARIANTS],
         "audio_folders": [name for name in names if name in AUDIO_VARIANTS],
+        "video_folders": [name for name in names if name in VIDEO_VARIANTS],
     }
     (output / "manifest.json").write_text(json.dumps(manifest))
     print(f"saved {len(names)} folders with transformers {transformers.__version__} in {output}")

@@ -173,3 +173,46 @@ def test_audio_folder_gives_the_recorded_inputs_logits_and_tokens(loaded_audio, 
     assert torch.equal(model.generate(**inputs, max_new_tokens=4, num_beams=2, do_sample=False), expected["beams"])
     uncached = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False, use_cache=False)
     assert torch.equal(uncached, expected["tokens"])
+
+
+VIDEO_FOLDERS = MANIFEST.get("video_folders", [])
+
+
+def resolve_video(messages):
+    """`resolve`, and each video loaded from its `.npy` file (frames as arrays: no video decoder is installed here)."""
+    out = resolve(messages)
+    for message in out:
+        if not isinstance(message["content"], str):
+            message["content"] = [
+                dict(item, video=np.load(REFERENCE / item["video"])) if item["type"] == "video" else item
+                for item in message["content"]
+            ]
+    return out
+
+
+@pytest.fixture(scope="module", params=VIDEO_FOLDERS)
+def loaded_video(request):
+    folder = REFERENCE / request.param
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    reference = torch.load(REFERENCE / f"{request.param}.video_reference.pt", weights_only=True)
+    chats = {name: resolve_video(m) for name, m in json.loads((REFERENCE / "video_chats.json").read_text()).items()}
+    return model, processor, reference, {**chats, "batch": list(chats.values())}
+
+
+@pytest.mark.parametrize("name", ["one_video", "image_and_two_videos", "batch"])
+@torch.no_grad()
+def test_video_folder_gives_the_recorded_inputs_logits_and_tokens(loaded_video, name):
+    """A folder with video: the same inputs, logits, greedy and beam-search tokens on the older transformers."""
+    model, processor, reference, chats = loaded_video
+    expected = reference[name]
+    inputs = processor.apply_chat_template(
+        chats[name], add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
+    assert sorted(inputs) == sorted(expected["inputs"])
+    for key, value in expected["inputs"].items():
+        assert torch.equal(inputs[key], value), key
+    assert torch.equal(model(**inputs).logits, expected["logits"])
+    new_tokens = expected["tokens"].shape[1] - inputs["input_ids"].shape[1]
+    assert torch.equal(model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False), expected["tokens"])
+    assert torch.equal(model.generate(**inputs, max_new_tokens=4, num_beams=2, do_sample=False), expected["beams"])

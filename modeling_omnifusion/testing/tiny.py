@@ -254,3 +254,49 @@ def make_sentencepiece_tokenizer(folder):
     folder = write_tokenizer_folder(folder)
     sentencepiece_processor = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
     return LlamaTokenizer.from_pretrained(folder), sentencepiece_processor
+
+
+def make_video_model_and_processor(
+    video_num_frames: int = 4, video_pool_size: int = 2, video_adapter: str = "shared", seed: int = 0, **kwargs
+):
+    """
+    A random tiny OmniFusion with video (the image model of `make_model_and_processor`; 16 positions per view, 4 per
+    frame after 2x2 pooling) in eval mode, with its processor (an `OmniFusionVideoProcessor` sampling
+    `video_num_frames`). With `audio=True` the sound model of `make_audio_model_and_processor` gets video too.
+    `kwargs` go to the config.
+    """
+    from modeling_omnifusion.processing.video_inputs_omnifusion import OmniFusionVideoProcessor
+
+    torch.manual_seed(seed)
+    audio = kwargs.pop("audio", False)
+    sound = dict(audio_preprocessor=WhisperFeatureExtractor(chunk_length=AUDIO_WINDOW_SECONDS)) if audio else {}
+    processor = make_processor(video_preprocessor=OmniFusionVideoProcessor(num_frames=video_num_frames), **sound)
+    config = make_config(
+        processor,
+        video_num_frames=video_num_frames,
+        video_pool_size=video_pool_size,
+        video_adapter=video_adapter,
+        **({"audio_config": audio_config()} if audio else {}),
+        **kwargs,
+    )
+    for name, value in config.processor_kwargs.items():
+        setattr(processor, name, value)
+    model = OmniFusionForCausalLM(config).eval()
+    model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
+    return model, processor
+
+
+def make_video(seed: int = 0, frames: int = 6, size: int = IMAGE_SIZE) -> np.ndarray:
+    """`frames` frames of uniform random pixels from `seed`: `[frames, size, size, 3]` uint8."""
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (frames, size, size, 3), dtype=np.uint8)
+
+
+def video_chat(text: str, videos=(), images=()) -> list[dict]:
+    """A one-turn user message with its images, then its videos (arrays or paths), then `text`."""
+    content = [{"type": "image", "image": image} for image in images]
+    content += [
+        {"type": "video", "path": video} if isinstance(video, str) else {"type": "video", "video": video}
+        for video in videos
+    ]
+    return [{"role": "user", "content": content + [{"type": "text", "text": text}]}]

@@ -45,6 +45,8 @@ from modeling_omnifusion.processing.audio_inputs_omnifusion import (
     num_mel_frames,
 )
 
+from .video_records import add_video_items, read_videos, video_blocks, video_features
+
 logger = logging.getLogger("omnifusion_training")  # the name the log lines show; `setup_run` sets its level
 
 ROLES = {"human": "user", "gpt": "assistant"}
@@ -66,12 +68,14 @@ def record_audio(name: str, record: dict) -> list[str]:
     return clips
 
 
-def record_to_messages(name: str, record_json: str, with_audio: bool = False) -> tuple[list[dict], str | None]:
+def record_to_messages(
+    name: str, record_json: str, with_audio: bool = False, with_video: bool = False
+) -> tuple[list[dict], str | None]:
     """
     Chat messages (processor format) and the image path of one record; `ValueError` naming the record if it is
     malformed. `with_audio` (a model with sound): the record's clips become `{"type": "audio", "path": ...}` items
     (paths as in the record) at the human turns of their `<audio>` placeholders, one per clip; without it an `audio`
-    field is refused and `<audio>` is text.
+    field is refused and `<audio>` is text. `with_video`: the record's videos (`video_records.add_video_items`).
     """
     try:
         record = json.loads(record_json)
@@ -124,7 +128,7 @@ def record_to_messages(name: str, record_json: str, with_audio: bool = False) ->
         if first_user is None:
             raise ValueError(f"Record {name}: has an image but no 'human' turn to show it at.")
         first_user["content"].insert(0, {"type": "image"})
-    return messages, image
+    return add_video_items(name, record, messages, with_video), image
 
 
 def assistant_labels(input_ids: torch.LongTensor, processor: OmniFusionProcessor) -> torch.LongTensor:
@@ -134,7 +138,7 @@ def assistant_labels(input_ids: torch.LongTensor, processor: OmniFusionProcessor
     special token.
     """
     special = torch.tensor(list(processor.special_token_ids.values()))
-    block_starts = [processor.image_start_token_id, processor.audio_start_token_id]
+    block_starts = [processor.image_start_token_id, processor.audio_start_token_id, processor.video_start_token_id]
     boundaries = torch.tensor([processor.user_token_id, processor.assistant_token_id, *filter(None, block_starts)])
     positions = torch.arange(input_ids.shape[-1]).expand_as(input_ids)
     last_boundary = torch.where(torch.isin(input_ids, boundaries), positions, -1).cummax(-1).values
@@ -149,8 +153,8 @@ def truncate(input_ids: torch.LongTensor, max_length: int, processor: OmniFusion
     if input_ids.shape[0] <= max_length:
         return input_ids
     head = input_ids[:max_length]
-    block_starts = [processor.image_start_token_id, processor.audio_start_token_id]
-    block_ends = [processor.image_end_token_id, processor.audio_end_token_id]
+    block_starts = [processor.image_start_token_id, processor.audio_start_token_id, processor.video_start_token_id]
+    block_ends = [processor.image_end_token_id, processor.audio_end_token_id, processor.video_end_token_id]
     starts = torch.isin(head, torch.tensor([i for i in block_starts if i is not None])).nonzero().flatten()
     if len(starts) > int(torch.isin(head, torch.tensor([i for i in block_ends if i is not None])).sum()):
         return input_ids[: int(starts[-1])]
@@ -209,6 +213,7 @@ class ConversationEncoder:
         self.image_folder = image_folder
         self.audio_folder = image_folder if audio_folder is None else audio_folder
         self.with_audio = processor.audio_preprocessor is not None
+        self.with_video = processor.video_preprocessor is not None  # videos are read from the image folder
         self.max_length = max_length
         self.skip_bad_records = skip_bad_records
         self.records: datasets.Dataset | None = None  # the checked rows, where a skipped record's stand-in comes from
@@ -228,7 +233,10 @@ class ConversationEncoder:
             processor.audio_block(num_mel_frames(len(item["audio"]), hop)) for item in audio_items(messages)
         ]
         (text,), _ = processor.get_text_with_replacements(
-            [chat], images_replacements=blocks, audio_replacements=audio_blocks
+            [chat],
+            images_replacements=blocks,
+            videos_replacements=video_blocks(processor, messages),
+            audio_replacements=audio_blocks,
         )
         input_ids = processor.tokenizer(text, add_special_tokens=False)["input_ids"]
         return truncate(torch.tensor(input_ids, dtype=torch.long), self.max_length, processor)
@@ -292,8 +300,9 @@ class ConversationEncoder:
     def check(self, row: dict) -> dict:
         """`error` (message, empty if fine), `error_type` and `has_answer` for one stored row."""
         try:
-            messages, image = record_to_messages(row["name"], row["record"], self.with_audio)
+            messages, image = record_to_messages(row["name"], row["record"], self.with_audio, self.with_video)
             self.read_audio(row["name"], messages)
+            read_videos(self.processor, self.image_folder, row["name"], messages)
             if image is not None and self.check_images != "none":
                 self.read_image(row["name"], image, decode=self.check_images == "full")
             image_size = self.image_size(row["name"], image)
@@ -304,8 +313,9 @@ class ConversationEncoder:
         return {"error": "", "error_type": "", "has_answer": bool((labels != -100).any()), "length": len(input_ids)}
 
     def encode(self, name: str, record: str) -> dict:
-        messages, image = record_to_messages(name, record, self.with_audio)
+        messages, image = record_to_messages(name, record, self.with_audio, self.with_video)
         waveforms = self.read_audio(name, messages)
+        frames = read_videos(self.processor, self.image_folder, name, messages)
         input_ids = self.tokenize_record(name, messages, self.image_size(name, image))
         pixel_values = None
         if image is not None and (input_ids == self.processor.image_end_token_id).any():
@@ -319,6 +329,7 @@ class ConversationEncoder:
             "labels": assistant_labels(input_ids, self.processor),
             "pixel_values": pixel_values,
             **self.audio_features(input_ids, waveforms),
+            **video_features(self.processor, input_ids, frames),
         }
 
     def audio_features(self, input_ids: torch.LongTensor, waveforms: list[np.ndarray]) -> dict:
@@ -360,14 +371,14 @@ class ConversationEncoder:
 
 
 # What one encoded record holds: `pixel_values` and the audio features are None for a record without them.
-EXAMPLE_KEYS = ("input_ids", "labels", "pixel_values", "input_features", "input_features_mask")
+EXAMPLE_KEYS = ("input_ids", "labels", "pixel_values", "input_features", "input_features_mask", "pixel_values_videos")
 
 
 def stack_media(examples: list[dict]) -> dict[str, torch.Tensor]:
     """The images (`pixel_values`) and clips (`input_features`, `input_features_mask`) of `examples`, concatenated in
     order; records without them contribute none, and a batch without any has no such key."""
     stacked = {}
-    for key in ("pixel_values", "input_features", "input_features_mask"):
+    for key in ("pixel_values", "input_features", "input_features_mask", "pixel_values_videos"):
         values = [example[key] for example in examples if example.get(key) is not None]
         if values:
             stacked[key] = torch.cat(values)

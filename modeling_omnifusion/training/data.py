@@ -63,6 +63,7 @@ from .conversation import (
     record_to_messages,
     stack_media,
 )
+from .video_records import video_sample_example
 
 # The names the log lines show: records log as "omnifusion_training", shards as its child; `setup_run` sets the level.
 logger = logging.getLogger("omnifusion_training")
@@ -288,9 +289,12 @@ def caption_conversation(key: str, caption: str, image: bool = True, audio: bool
 def sample_example(key: str, fields: dict[str, bytes], encoder: ConversationEncoder) -> dict:
     """
     The model inputs of one sample: its caption (`sample_caption`) as the answer to a caption request about its image
-    and, for a model with sound, its clip (`.wav`, `.flac`, `.mp3`, `.ogg`); a `ValueError` saying what is wrong.
+    and, for a model with sound, its clip (`.wav`, `.flac`, `.mp3`, `.ogg`), for a model with video about its `.mp4`
+    (`video_sample_example`); a `ValueError` saying what is wrong.
     """
     caption = sample_caption(fields)
+    if encoder.with_video and "mp4" in fields:
+        return video_sample_example(key, caption, fields["mp4"], encoder)
     audio = next((ext for ext in AUDIO_EXTENSIONS if ext in fields), None) if encoder.with_audio else None
     has_image = any(ext in fields for ext in IMAGE_EXTENSIONS)
     if encoder.with_audio and not has_image and audio is None:

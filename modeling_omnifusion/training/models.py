@@ -406,9 +406,10 @@ def train_only(model: nn.Module, modules: list[nn.Module]):
 
 
 def adapters(model: OmniFusionForCausalLM) -> list[nn.Module]:
-    """The model's adapters: the image adapter and, with sound, the audio adapter."""
-    audio_adapter = getattr(model.model, "audio_adapter", None)
-    return [model.model.adapter] + ([audio_adapter] if audio_adapter is not None else [])
+    """The model's adapters: the image adapter and, with sound, the audio adapter, with a separate one, the video
+    adapter."""
+    extra = [getattr(model.model, name, None) for name in ("audio_adapter", "video_adapter")]
+    return [model.model.adapter] + [adapter for adapter in extra if adapter is not None]
 
 
 def fine_tuned_modules(model: OmniFusionForCausalLM) -> list[nn.Module]:

@@ -52,6 +52,7 @@ from .models import (
     train_sound_side,
 )
 from .trainer import check_path_arguments, make_trainer, setup_run
+from .video_records import extend_with_video, load_model_for_video, train_video_side, video_settings
 
 
 @dataclass
@@ -94,6 +95,21 @@ class ModelArguments:
             "(default: 2, 25 positions per second)."
         },
     )
+    video_num_frames: int | None = field(
+        default=None,
+        metadata={
+            "help": "Adds video (frames sampled per video; frames share the vision tower): with the vision and "
+            "language flags a new model with video, with --model_name_or_path that model extended with video, whose "
+            "video markers (and separate video adapter) alone train."
+        },
+    )
+    video_pool_size: int | None = field(
+        default=None, metadata={"help": "Per-frame average pooling with --video_num_frames (default: 2, i.e. 2x2)."}
+    )
+    video_adapter: Literal["shared", "separate"] | None = field(
+        default=None,
+        metadata={"help": "With --video_num_frames: the image adapter for frames (shared, default) or a copy of it."},
+    )
     model_name_or_path: str | None = field(
         default=None,
         metadata={
@@ -134,6 +150,12 @@ def check_model_arguments(parser: HfArgumentParser, model_args: ModelArguments):
         ]
         if audio_options:
             parser.error(f"--{audio_options[0]} needs --audio_model_name_or_path.")
+    if model_args.video_num_frames is None:
+        video_options = [flag for flag in ("video_pool_size", "video_adapter") if getattr(model_args, flag) is not None]
+        if video_options:
+            parser.error(f"--{video_options[0]} needs --video_num_frames.")
+    elif model_args.model_name_or_path is not None and model_args.audio_model_name_or_path is not None:
+        parser.error("--model_name_or_path extends a model with sound or with video in one run, not both.")
 
 
 def audio_settings(model_args: ModelArguments) -> dict:
@@ -201,7 +223,10 @@ def train(args: list[str] | None = None) -> Trainer:
     setup_run(training_args)
 
     no_decay = []
-    if model_args.model_name_or_path is not None:
+    if model_args.model_name_or_path is not None and model_args.video_num_frames is not None:
+        model, processor = load_model_for_video(model_args.model_name_or_path, **video_settings(model_args))
+        no_decay = train_video_side(model)
+    elif model_args.model_name_or_path is not None:
         model, processor = load_model_for_sound(model_args)
         no_decay = train_sound_side(model)
     else:
@@ -215,6 +240,8 @@ def train(args: list[str] | None = None) -> Trainer:
             image_grid_pinpoints=parse_grid_pinpoints(model_args.image_grid_pinpoints),
             **sound,
         )
+        if model_args.video_num_frames is not None:
+            model, processor = extend_with_video(model, processor, **video_settings(model_args))
         train_only(model, adapters(model) + [model.get_input_embeddings().special_embeddings])
 
     trainer = make_trainer(model, processor, data_args, training_args, no_decay_parameters=no_decay)

@@ -132,7 +132,8 @@ def train(args: list[str] | None = None) -> Trainer:
             lora_dropout=model_args.lora_dropout,
             target_modules=LANGUAGE_MODEL_PROJECTIONS,
             modules_to_save=["adapter", "special_embeddings"]
-            + (["audio_adapter"] if model.config.audio_config is not None else []),
+            + (["audio_adapter"] if model.config.audio_config is not None else [])
+            + (["video_adapter"] if getattr(model.model, "video_adapter", None) is not None else []),
             task_type="CAUSAL_LM",
         )
         model = get_peft_model(model, lora_config)
