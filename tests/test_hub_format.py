@@ -125,6 +125,9 @@ def test_remote_code_imports_only_torch_transformers_and_siblings(saved):
         "tokenizer_setup_omnifusion.py",
         "config_checks_omnifusion.py",
         "folder_checks_omnifusion.py",
+        "tiles_omnifusion.py",
+        "video_omnifusion.py",
+        "video_inputs_omnifusion.py",
     ]
     assert sorted(path.name for path in folder.glob("*.py")) == sorted(names)
     for name in names:
