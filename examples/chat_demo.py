@@ -44,12 +44,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not 0 < args.port < 65536:
         parser.error(f"--port must be in 1..65535, got {args.port}")
+    if args.model == DEFAULT_MODEL and not os.path.isdir(args.model):
+        parser.error(
+            f"no model folder at {DEFAULT_MODEL}: make it with `python examples/quickstart.py` (about 2 minutes on "
+            "CPU), or name a saved OmniFusion folder or Hub repo id with --model"
+        )
     if not os.path.isdir(args.model) and not is_hub_repo_id(args.model):
-        if args.model == DEFAULT_MODEL:
-            parser.error(
-                f"no model folder at {DEFAULT_MODEL}: make it with `python examples/quickstart.py` (about 2 minutes "
-                "on CPU), or name a saved OmniFusion folder or Hub repo id with --model"
-            )
         parser.error(f"--model {args.model!r} is neither a folder nor a Hub repo id")
     return args
 

@@ -39,7 +39,7 @@ BEAM_NOTE = (
 
 
 def media_kind(path: str | os.PathLike) -> str:
-    """"image", "audio" or "video" for a file, by its MIME type or suffix; a `ValueError` naming it otherwise."""
+    """ "image", "audio" or "video" for a file, by its MIME type or suffix; a `ValueError` naming it otherwise."""
     mime, _ = mimetypes.guess_type(os.fspath(path))
     kind = (mime or "").split("/", 1)[0]
     if kind in MEDIA_KINDS:
@@ -174,10 +174,12 @@ class _StopOnEvent(StoppingCriteria):
 def stream_reply(model, processor, messages: list[dict], **settings) -> Iterator[str]:
     """
     The reply to `messages` as it grows: yields the whole text so far after each new piece, and at least once.
-    `settings` are `generation_settings`' arguments. `generate()` runs in a thread feeding a `TextIteratorStreamer`;
-    closing the iterator (gradio's stop button) ends that thread at its next token. An error in `generate()` is
-    raised here.
+    `settings` are `generation_settings`' arguments (checked before anything runs). `generate()` runs in a thread
+    feeding a `TextIteratorStreamer`, which hands on whole words (text up to a space or a line break) and the rest at
+    the end; closing the iterator (gradio's stop button) ends that thread at its next token. An error in
+    `generate()` is raised here.
     """
+    kwargs = generation_settings(**settings)
     inputs = processor.apply_chat_template(
         messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
     ).to(model.device)
@@ -189,7 +191,7 @@ def stream_reply(model, processor, messages: list[dict], **settings) -> Iterator
         try:
             model.generate(
                 **inputs,
-                **generation_settings(**settings),
+                **kwargs,
                 streamer=streamer,
                 stopping_criteria=StoppingCriteriaList([_StopOnEvent(stop)]),
             )
@@ -232,9 +234,9 @@ def build_app(model, processor, title: str = "OmniFusion chat"):
         notes.append(note)
 
     def chat(message, history, max_new_tokens, temperature, top_p):
+        settings = {"max_new_tokens": int(max_new_tokens), "temperature": temperature, "top_p": top_p}
         try:
             messages = history_to_messages(history, message, media)
-            settings = {"max_new_tokens": int(max_new_tokens), "temperature": temperature, "top_p": top_p}
             generation_settings(**settings)
         except (ValueError, TypeError) as error:
             raise gr.Error(str(error)) from error
