@@ -70,7 +70,7 @@ def main(argv=None) -> None:
         args.model, trust_remote_code=True, dtype=resolve_dtype(args.dtype, device)
     ).to(device)
     processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
-    app = build_app(model.eval(), processor, title=f"OmniFusion chat: {os.path.basename(os.path.normpath(args.model))}")
+    app = build_app(model.eval(), processor, model_name=args.model)
     print(f"serving {args.model} ({model.dtype}) at http://{args.host}:{args.port}", flush=True)
     app.launch(server_name=args.host, server_port=args.port, show_error=True)
 

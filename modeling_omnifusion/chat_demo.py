@@ -223,13 +223,15 @@ def beam_note(model) -> str | None:
     return BEAM_NOTE.format(num_beams=num_beams) if num_beams > 1 else None
 
 
-def build_app(model, processor, title: str = "OmniFusion chat"):
+def build_app(model, processor, model_name: str | None = None):
     """The gradio app: a multimodal chat (files of the kinds `supported_media` gives), streamed replies, a stop
-    button and the generation settings. The chat function's API name is `chat`."""
+    button and the generation settings; `model_name` is shown under the title. The chat function's API name is
+    `chat`."""
     import gradio as gr
 
     media = supported_media(processor)
-    notes = [f"Attach {', '.join(media)} files with the paperclip; they stay in the conversation."]
+    notes = [f"Model: `{model_name}` ({model.dtype})."] if model_name else []
+    notes.append(f"Attach {', '.join(media)} files with the paperclip; they stay in the conversation.")
     if note := beam_note(model):
         notes.append(note)
 
@@ -256,7 +258,7 @@ def build_app(model, processor, title: str = "OmniFusion chat"):
             gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p (sampling only)"),
         ],
         additional_inputs_accordion=gr.Accordion("Generation settings", open=False),
-        title=title,
+        title="OmniFusion chat",
         description="\n\n".join(notes),
         api_name="chat",
         concurrency_limit=1,
