@@ -110,11 +110,12 @@ def history_to_messages(
     `{"text": str, "files": [path or {"path"}]}`, or a string).
 
     Every file stays in the turn it was sent in, as `{"type": kind, "path": file}` ahead of that turn's text (the
-    order the chat template renders). Consecutive messages of one role (gradio stores a file sent alone as its own
-    message) become one turn, their texts joined by a newline. Assistant turns keep their text only. A file whose kind
-    is not in `media` is a `ValueError` naming it; an empty new message (no text, no file) is a `ValueError`.
+    order the chat template renders). Consecutive messages of one role (no reply between them) become one turn, their
+    texts joined by a newline. Assistant turns keep their text only. A file whose kind is not in `media` is a
+    `ValueError` naming it and its message; an empty new message (no text, no file) is a `ValueError`.
     """
     entries = list(history)
+    new_index = len(entries)
     if message is not None:
         if isinstance(message, str):
             message = {"text": message, "files": []}
@@ -128,7 +129,8 @@ def history_to_messages(
         role = entry.get("role") if isinstance(entry, dict) else None
         if role not in ROLES:
             raise ValueError(f"history[{index}]: expected a role in {ROLES}, got {role!r}")
-        items, texts = _content_items(entry.get("content"), media, f"history[{index}]")
+        where = "the new message" if index == new_index else f"history[{index}]"
+        items, texts = _content_items(entry.get("content"), media, where)
         if role == "assistant":
             items = []
         if messages and messages[-1]["role"] == role and role != "system":

@@ -103,9 +103,9 @@ def test_new_message_files_come_before_its_text_and_strings_are_text(files):
     ]
 
 
-def test_a_file_sent_alone_joins_the_next_user_message_into_one_turn(tiny, files):
-    """gradio keeps a file sent without text as its own message; the model sees one turn, rendered as if typed
-    together (same prompt ids)."""
+def test_user_messages_with_no_reply_between_them_are_one_turn(tiny, files):
+    """User messages with no reply between them (a file, then text) are one turn, rendered as if sent together
+    (same prompt ids)."""
     _, processor = tiny
     image = files["image"]
     history = [
@@ -128,7 +128,7 @@ def test_a_file_sent_alone_joins_the_next_user_message_into_one_turn(tiny, files
 
 
 def test_files_the_model_does_not_take_and_empty_messages_are_refused(files):
-    with pytest.raises(ValueError, match=r"'question.wav' is an audio file; this model takes image files"):
+    with pytest.raises(ValueError, match=r"the new message: 'question.wav' is an audio file; this model takes image"):
         history_to_messages([], {"text": "Listen", "files": [files["audio"]]})
     with pytest.raises(ValueError, match=r"history\[0\]: 'clip.mp4' is a video file; this model takes image, audio"):
         history_to_messages([{"role": "user", "content": [{"path": files["video"]}]}], "Q", media=("image", "audio"))
