@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # CI tier: the chat demo (examples/chat_demo.py) in a real browser. Debian's chromium and chromium-driver (installed
 # here when missing: CI runs as root) driven by playwright from PyPI, which never downloads a browser of its own
-# (tests_browser/ launches /usr/bin/chromium). The venv (the project's dependencies with its [demo] extra, playwright
-# and pytest) is cached under $CI_CACHE_DIR, keyed by a hash of its requirements; the project itself is installed
-# fresh from this checkout into a folder of its own. The screenshot of the page after a two-turn chat is the tier's
-# artefact, in $CI_CACHE_DIR/artifacts/browser/ (its path is printed last).
+# (tests_browser/ launches /usr/bin/chromium). The venv (the project's dependencies with its [demo] and [audio]
+# extras, playwright and pytest) is cached under $CI_CACHE_DIR, keyed by a hash of its requirements; the project
+# itself is installed fresh from this checkout into a folder of its own. The screenshots of the page (a two-turn
+# chat with an image, and a model with sound answering a clip) are the tier's artefacts, in
+# $CI_CACHE_DIR/artifacts/browser/ (their paths are printed last).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -23,9 +24,9 @@ fi
 /usr/bin/chromium --version
 
 PYTHON=$(command -v python3.11 || command -v python3)
-# the project's own requirements (install_requires and the demo extra) are part of the key
+# the project's own requirements (install_requires, the demo and audio extras) are part of the key
 PROJECT_REQUIREMENTS=$("$PYTHON" -c "import configparser; c = configparser.ConfigParser(); c.read('setup.cfg'); \
-print(c['options']['install_requires'], c['options.extras_require']['demo'])")
+extras = c['options.extras_require']; print(c['options']['install_requires'], extras['demo'], extras['audio'])")
 KEY=$(echo "$("$PYTHON" --version) $BROWSER_REQUIREMENTS $PROJECT_REQUIREMENTS" | sha256sum | cut -c1-16)
 VENV=$CACHE/browser-$KEY
 if [ ! -f "$VENV/.complete" ]; then
@@ -33,7 +34,7 @@ if [ ! -f "$VENV/.complete" ]; then
     "$PYTHON" -m venv "$VENV"
     "$VENV/bin/python" -m pip install -q torch==2.13.0
     # shellcheck disable=SC2086
-    "$VENV/bin/python" -m pip install -q ".[demo]" $BROWSER_REQUIREMENTS
+    "$VENV/bin/python" -m pip install -q ".[demo,audio]" $BROWSER_REQUIREMENTS
     "$VENV/bin/python" -m pip uninstall -q -y omnifusion-transformers
     # PyPI's torchvision/torchaudio/torchcodec are CUDA builds: next to torch+cpu they break `import transformers`.
     "$VENV/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec
@@ -46,8 +47,10 @@ export OMNIFUSION_BROWSER_ARTIFACTS="$CACHE/artifacts/browser"
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 "$VENV/bin/python" -m pip install -q --no-deps --target "$WORK/site" "$ROOT"
-rm -f "$OMNIFUSION_BROWSER_ARTIFACTS/chat_demo.png"
+rm -f "$OMNIFUSION_BROWSER_ARTIFACTS"/chat_demo*.png
 # pytest's own script, not `python -m pytest`: the checkout's folders must not shadow the installed package
 PYTHONPATH="$WORK/site" timeout 900 "$VENV/bin/pytest" -q -p no:cacheprovider "$ROOT/tests_browser"
-test -s "$OMNIFUSION_BROWSER_ARTIFACTS/chat_demo.png"
-echo "tier browser: screenshot $OMNIFUSION_BROWSER_ARTIFACTS/chat_demo.png"
+for screenshot in chat_demo.png chat_demo_sound.png; do
+    test -s "$OMNIFUSION_BROWSER_ARTIFACTS/$screenshot"
+    echo "tier browser: screenshot $OMNIFUSION_BROWSER_ARTIFACTS/$screenshot"
+done

@@ -246,8 +246,9 @@ def build_app(model, processor, model_name: str | None = None):
             raise gr.Error(str(error)) from error
         yield from stream_reply(model, processor, messages, **settings)
 
+    sources = ["upload", "microphone"] if "audio" in media else ["upload"]
     textbox = gr.MultimodalTextbox(
-        file_types=list(media), file_count="multiple", sources=["upload"], placeholder="Ask about an image"
+        file_types=list(media), file_count="multiple", sources=sources, placeholder="Ask about an image"
     )
     return gr.ChatInterface(
         chat,
