@@ -33,6 +33,7 @@ import torch
 from PIL import Image
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, HfArgumentParser
 
+from .visdial_data import check_dense, check_dialogs, check_visdial_file, read_json_file
 from .visdial_scoring import evaluate_dialogs, visdial_metric
 
 TABLE_COLUMNS = (("NDCG", "ndcg"), ("MRR", "mrr"), ("R@1", "r@1"), ("R@5", "r@5"), ("R@10", "r@10"))
@@ -104,45 +105,39 @@ def load_visdial(
     contiguous part `shard = (index, count)` (the whole of them by default).
 
     Returns `(data, split, dense)`: the file's `data` field, its `split` (e.g. "val2018", which names the images)
-    and the dense entries of the kept dialogs (None without a dense file). Raises ValueError on files that do not
-    fit together.
+    and the dense entries of the kept dialogs (None without a dense file). Both files are checked first
+    (`visdial_data`): a malformed one is a ValueError naming the file, the dialog, the round and the field.
     """
-    with open(visdial_json) as f:
-        visdial = json.load(f)
+    visdial = read_json_file(visdial_json, "VisDial dialogs")
+    check_visdial_file(visdial, visdial_json)
     data = dict(visdial["data"])
     data["dialogs"] = data["dialogs"][:max_dialogs]
     index, count = shard
     total = len(data["dialogs"])
-    data["dialogs"] = data["dialogs"][total * index // count : total * (index + 1) // count]
-    for dialog in data["dialogs"]:
-        for round_index, visdial_round in enumerate(dialog["dialog"]):
-            if "gt_index" in visdial_round and (
-                visdial_round["answer_options"][visdial_round["gt_index"]] != visdial_round["answer"]
-            ):
-                raise ValueError(
-                    f"{visdial_json}: image {dialog['image_id']} round {round_index + 1}: answer_options[gt_index] "
-                    "is not the answer"
-                )
+    start = total * index // count
+    data["dialogs"] = data["dialogs"][start : total * (index + 1) // count]
+    if not data["dialogs"]:
+        raise ValueError(f"{visdial_json}: no dialog to evaluate in shard {index} of {count} ({total} dialogs)")
+    check_dialogs(data["dialogs"], data, visdial_json, first=start)
     if dense_json is None:
         return data, visdial["split"], None
-
-    with open(dense_json) as f:
-        dense = json.load(f)
-    rounds_by_image = {dialog["image_id"]: len(dialog["dialog"]) for dialog in data["dialogs"]}
-    dense = [entry for entry in dense if entry["image_id"] in rounds_by_image]
-    for entry in dense:
-        if not 1 <= entry["round_id"] <= rounds_by_image[entry["image_id"]]:
-            raise ValueError(f"{dense_json}: image {entry['image_id']} has no round {entry['round_id']}")
+    dense = check_dense(read_json_file(dense_json, "dense annotations"), data["dialogs"], dense_json)
     return data, visdial["split"], dense
+
+
+def image_path(images_dir, split: str, image_id: int) -> Path:
+    """`<images_dir>/VisualDialog_<split>_<12-digit image_id>.jpg`; `FileNotFoundError` naming it if it is missing."""
+    path = Path(images_dir) / f"VisualDialog_{split}_{image_id:012d}.jpg"
+    if not path.is_file():
+        raise FileNotFoundError(f"No image for VisDial image_id {image_id}: expected {path}")
+    return path
 
 
 def image_loader(images_dir, split: str):
     """`image_id -> RGB PIL image` reading `<images_dir>/VisualDialog_<split>_<12-digit image_id>.jpg`."""
 
     def load(image_id: int) -> Image.Image:
-        path = Path(images_dir) / f"VisualDialog_{split}_{image_id:012d}.jpg"
-        if not path.is_file():
-            raise FileNotFoundError(f"No image for VisDial image_id {image_id}: expected {path}")
+        path = image_path(images_dir, split, image_id)
         with Image.open(path) as image:
             return image.convert("RGB")
 
@@ -172,7 +167,8 @@ def results_table(results: list[dict]) -> str:
     lines = ["| Model | " + " | ".join(title for title, _ in TABLE_COLUMNS) + " |"]
     lines.append("|---" * (len(TABLE_COLUMNS) + 1) + "|")
     for result in results:
-        values = [result["metrics"][key] for _, key in TABLE_COLUMNS]
+        metrics = result["metrics"] or {}  # null: no round with a ground truth (a test split)
+        values = [metrics.get(key) for _, key in TABLE_COLUMNS]
         cells = ["n/a" if value is None else f"{100 * value:.2f}" for value in values]
         lines.append(f"| {result['model']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -203,7 +199,7 @@ def draw_results(results: list[dict]):
     figure, axes = plt.subplots(figsize=(1.6 * len(TABLE_COLUMNS) + 1, 4))
     for index, result in enumerate(results):
         offsets = [column + (index - (len(results) - 1) / 2) * width for column in range(len(TABLE_COLUMNS))]
-        values = [result["metrics"].get(key) for _, key in TABLE_COLUMNS]
+        values = [(result["metrics"] or {}).get(key) for _, key in TABLE_COLUMNS]
         present = [(x, 100 * value) for x, value in zip(offsets, values) if value is not None]
         color = f"C{index}"
         bars = axes.bar(
@@ -248,6 +244,8 @@ def evaluate(args: VisDialArguments) -> dict:
     data, split, dense = load_visdial(
         args.visdial_json, args.dense_json, args.max_dialogs, shard=(args.shard_index, args.num_shards)
     )
+    for dialog in data["dialogs"]:  # every image is there before the model loads
+        image_path(args.images_dir, split, dialog["image_id"])
     processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
     if args.backend == "vllm":
         try:
