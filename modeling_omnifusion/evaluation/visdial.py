@@ -34,7 +34,7 @@ from PIL import Image
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, HfArgumentParser
 
 from .visdial_data import check_dense, check_dialogs, check_visdial_file, read_json_file
-from .visdial_scoring import evaluate_dialogs, visdial_metric
+from .visdial_scoring import HISTORY_POLICY, evaluate_dialogs, visdial_metric
 
 TABLE_COLUMNS = (("NDCG", "ndcg"), ("MRR", "mrr"), ("R@1", "r@1"), ("R@5", "r@5"), ("R@10", "r@10"))
 
@@ -265,8 +265,10 @@ def evaluate(args: VisDialArguments) -> dict:
             enforce_eager=args.enforce_eager,
         )
         model, device = None, "vllm"
-        model_type = AutoConfig.from_pretrained(args.model, trust_remote_code=True).model_type
-        dtype = args.dtype
+        config = AutoConfig.from_pretrained(args.model, trust_remote_code=True)
+        model_type, dtype = config.model_type, args.dtype
+        positions = getattr(config.get_text_config(), "max_position_embeddings", None)
+        max_length = min(args.max_model_len, positions) if positions else args.max_model_len
 
         def scorer_factory(dialog):
             return visdial_vllm.VLLMDialogScorer(llm, processor, args.score, where=f"image {dialog['image_id']}")
@@ -277,6 +279,7 @@ def evaluate(args: VisDialArguments) -> dict:
         model = model.to(device).eval()
         model_type, dtype = model.config.model_type, str(model.dtype).removeprefix("torch.")
         scorer_factory = None
+        max_length = None  # the model's max_position_embeddings
 
     metrics, ranks = evaluate_dialogs(
         model,
@@ -287,6 +290,8 @@ def evaluate(args: VisDialArguments) -> dict:
         args.score,
         args.batch_size,
         scorer_factory=scorer_factory,
+        max_length=max_length,
+        stats=(stats := {}),
     )
     results = {
         "model": args.name or Path(args.model.rstrip("/")).name,
@@ -312,6 +317,8 @@ def evaluate(args: VisDialArguments) -> dict:
             "device": device,
             "dtype": dtype,
             "prompt": "chat template: <image> describe request, caption as reply, Q?/GT-answer turns, question?",
+            "history": f"{HISTORY_POLICY} ({stats['max_length']} positions)",
+            "rounds_with_cut_history": stats["rounds_with_cut_history"],
         },
     }
     write_json_atomic(ranks_path(args), ranks)
@@ -376,6 +383,8 @@ def merge_shards(args: VisDialArguments) -> dict:
     metrics = visdial_metric.visdial_metrics(predictions, references, relevance) if predictions else None
     settings = dict(first, num_dialogs=len(data["dialogs"]), num_rounds=len(ranks), num_dense_rounds=len(dense or []))
     settings.pop("shard_index")
+    if "rounds_with_cut_history" in first:
+        settings["rounds_with_cut_history"] = sum(shard["settings"]["rounds_with_cut_history"] for shard in shards)
     results = {
         "model": args.name or shards[0]["model"],
         "metrics": metrics,
@@ -405,7 +414,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nwrote {args.output} and {ranks_path(args)}")
     if args.model is not None:
         results = evaluate(args)
-        print(f"\nVisDial ({results['settings']['num_rounds']} rounds, score={args.score}):")
+        settings = results["settings"]
+        print(f"\nVisDial ({settings['num_rounds']} rounds, score={args.score}):")
+        if settings["rounds_with_cut_history"]:
+            print(f"History: {settings['history']}; cut in {settings['rounds_with_cut_history']} rounds.")
         print(results_table([results]))
         print(f"\nwrote {args.output} and {ranks_path(args)}")
     if args.plot:
