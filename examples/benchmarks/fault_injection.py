@@ -9,11 +9,14 @@ Each case feeds one hostile-but-fair input to a tiny OmniFusion built here (no d
 - a case that must work is `ok` when its result equals the reference (the same image in 8 bits, the ids of the text
   as plain characters), `silently wrong` when it differs, `crash` when it raises.
 
-    python examples/benchmarks/fault_injection.py [--classes images text chat model loading training converter]
+    python examples/benchmarks/fault_injection.py [--classes images text chat model loading training converter data
+        visdial]
 
 `training` (damaged checkpoints, `--resume_from_checkpoint latest`, odd data files, images only decoding catches;
 needs the `[train]` extra) and `converter` (hostile archives for the released-checkpoint reader) come from
-`fault_cases.py` beside this script.
+`fault_cases.py` beside this script, as do `data` (training data lost or wasted without a word: truncated and empty
+shards, runs of no step, refused records, `--model_max_length` beyond the LM, stage 2 from a plain LM; tiny training
+runs, `[train]` extra) and `visdial` (malformed VisDial files, a real 10-round dialog on a 512-position LM).
 
 The last line is `cases=<n> ok=<n> unclear=<n> silently_wrong=<n> crash=<n>`.
 """
@@ -275,11 +278,20 @@ def converter_cases(model, processor, folder):
     return fault_cases.converter_cases(os.path.join(os.path.dirname(folder), "converter"))
 
 
+def data_cases(model, processor, folder):
+    return fault_cases.data_cases(os.path.join(os.path.dirname(folder), "data"))
+
+
+def visdial_cases(model, processor, folder):
+    return fault_cases.visdial_cases(os.path.join(os.path.dirname(folder), "visdial"), folder)
+
+
 CLASSES = {
     "images": image_cases, "text": text_cases, "chat": chat_cases, "model": model_cases, "loading": loading_cases,
     "training": training_cases, "converter": converter_cases,
+    "data": data_cases, "visdial": visdial_cases,
 }  # fmt: skip
-WITH_FOLDER = {"loading", "training", "converter"}  # builders that also take the work folder
+WITH_FOLDER = {"loading", "training", "converter", "data", "visdial"}  # builders that also take the work folder
 
 
 def main():
