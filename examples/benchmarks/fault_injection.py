@@ -16,7 +16,7 @@ Each case feeds one hostile-but-fair input to a tiny OmniFusion built here (no d
 needs the `[train]` extra) and `converter` (hostile archives for the released-checkpoint reader) come from
 `fault_cases.py` beside this script, as do `data` (training data lost or wasted without a word: truncated and empty
 shards, runs of no step, refused records, `--model_max_length` beyond the LM, stage 2 from a plain LM; tiny training
-runs, `[train]` extra) and `visdial` (malformed VisDial files, a real 10-round dialog on a 512-position LM).
+runs, `[train]` extra) and `visdial` (malformed VisDial files, a real 10-round dialog on a 256-position LM).
 
 The last line is `cases=<n> ok=<n> unclear=<n> silently_wrong=<n> crash=<n>`.
 """
