@@ -74,7 +74,9 @@ def pretrain_language_model(tokenizer, texts: list[str], steps: int, folder: str
         num_hidden_layers=2,
         num_attention_heads=3,  # head_dim 32: one vLLM's CPU attention accepts, so the demo folder serves
         num_key_value_heads=1,
-        max_position_embeddings=256,
+        # room for whole real VisDial dialogs (10 rounds, `examples/evaluate_visdial.py` on this folder); the
+        # rotary positions make it cost nothing here
+        max_position_embeddings=1024,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )

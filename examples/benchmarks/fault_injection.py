@@ -10,13 +10,15 @@ Each case feeds one hostile-but-fair input to a tiny OmniFusion built here (no d
   as plain characters), `silently wrong` when it differs, `crash` when it raises.
 
     python examples/benchmarks/fault_injection.py [--classes images text chat model loading training converter
-                                                   folders saves]
+                                                   folders saves data visdial]
 
 `training` (damaged checkpoints, `--resume_from_checkpoint latest`, odd data files, images only decoding catches;
 needs the `[train]` extra), `converter` (hostile archives for the released-checkpoint reader), `folders` (damaged
-or inconsistent saved folders loaded with `trust_remote_code`, NaN `pixel_values`) and `saves` (saves failing
-half-way, a kill while the final training output moves in, file modes; needs the `[train]` extra) come from
-`fault_cases.py` beside this script.
+or inconsistent saved folders loaded with `trust_remote_code`, NaN `pixel_values`), `saves` (saves failing
+half-way, a kill while the final training output moves in, file modes; needs the `[train]` extra), `data` (training
+data lost or wasted without a word: truncated and empty shards, runs of no step, refused records,
+`--model_max_length` beyond the LM, stage 2 from a plain LM; tiny training runs, `[train]` extra) and `visdial`
+(malformed VisDial files, a real 10-round dialog on a 256-position LM) come from `fault_cases.py` beside this script.
 
 The last line is `cases=<n> ok=<n> unclear=<n> silently_wrong=<n> crash=<n>`.
 """
@@ -286,11 +288,28 @@ def save_cases(model, processor, folder):
     return fault_cases.save_cases(model, processor, os.path.join(os.path.dirname(folder), "saves"))
 
 
+def data_cases(model, processor, folder):
+    return fault_cases.data_cases(os.path.join(os.path.dirname(folder), "data"))
+
+
+def visdial_cases(model, processor, folder):
+    return fault_cases.visdial_cases(os.path.join(os.path.dirname(folder), "visdial"), folder)
+
+
 CLASSES = {
     "images": image_cases, "text": text_cases, "chat": chat_cases, "model": model_cases, "loading": loading_cases,
     "training": training_cases, "converter": converter_cases, "folders": folder_cases, "saves": save_cases,
+    "data": data_cases, "visdial": visdial_cases,
 }  # fmt: skip
-WITH_FOLDER = {"loading", "training", "converter", "folders", "saves"}  # builders that also take the work folder
+WITH_FOLDER = {
+    "loading",
+    "training",
+    "converter",
+    "folders",
+    "saves",
+    "data",
+    "visdial",
+}  # builders that also take the work folder
 
 
 def main():

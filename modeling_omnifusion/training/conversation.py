@@ -9,8 +9,10 @@ A record, as in LLaVA and the released OmniFusion code:
 
 `image` (optional) is a path relative to the image folder; the image is shown at the first human turn. LLaVA's
 literal `<image>` (and the newline next to it) is removed from the text: where the image goes is decided by the chat
-template, never by the text. Any other text is text: a `<user>`, `</s>` or `<s>` typed in a record is trained on as
-those characters (the chat template escapes message text), never as a marker or EOS.
+template, never by the text; an `<image>` in a record without `image` is an error (the picture it asks about is
+missing), as is a conversation whose first turn is not `human`. Any other text is text: a `<user>`, `</s>` or `<s>`
+typed in a record is trained on as those characters (the chat template escapes message text), never as a marker or
+EOS.
 
 For a model with sound, `audio` (optional) is a path relative to the audio folder, or a list of them, read with
 soundfile (WAV, FLAC, MP3, OGG, ...); the conversation holds one `<audio>` per clip, in human turns, and clip i is
@@ -105,6 +107,16 @@ def record_to_messages(
         value = turn.get("value")
         if not isinstance(value, str):
             raise ValueError(f"Record {name}: turn {index} needs a string 'value', got {value!r:.80}.")
+        if index == 0 and turn["from"] != "human":
+            raise ValueError(
+                f"Record {name}: turn 0 is a {turn['from']!r} turn; a conversation starts with a 'human' turn (the "
+                "answer to nothing would be trained on)."
+            )
+        if image is None and LLAVA_IMAGE_PATTERN.search(value):
+            raise ValueError(
+                f"Record {name}: turn {index} has <image> but the record has no 'image' field (the image it asks "
+                "about is missing); add the image path or remove the placeholder."
+            )
         text = LLAVA_IMAGE_PATTERN.sub("", value)
         content = []
         if with_audio:

@@ -84,6 +84,7 @@ AUDIO_CAPTION_PROMPTS = (
     "What does the speaker say?",
 )
 BRACE_RANGE = re.compile(r"\{(\d+)\.\.(\d+)\}")
+DEFAULT_MODEL_MAX_LENGTH = 2048  # the released training code's; `fit_model_max_length` lowers it to the LM's
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -118,13 +119,37 @@ def read_records(data_path: str) -> datasets.Dataset:
     return datasets.Dataset.from_dict({"name": names, "record": records})
 
 
+def fit_model_max_length(data_args: DataArguments, config) -> int:
+    """
+    `--model_max_length` checked against the language model of `config` (its `max_position_embeddings`) before
+    anything trains, and set in `data_args`: unset, it is 2048 (as released) or the LM's positions if fewer; more
+    positions than the LM has are refused with a `ValueError` (a longer record would stop the run at its batch,
+    padded or packed alike).
+    """
+    positions = getattr(config.get_text_config(), "max_position_embeddings", None)
+    length = data_args.model_max_length
+    if length is None:
+        length = min(DEFAULT_MODEL_MAX_LENGTH, positions) if positions else DEFAULT_MODEL_MAX_LENGTH
+    elif length < 1:
+        raise ValueError(f"--model_max_length must be a positive number of tokens, got {length}.")
+    elif positions and length > positions:
+        raise ValueError(
+            f"--model_max_length {length} is longer than the language model takes: its max_position_embeddings is "
+            f"{positions}, so the first record longer than that would stop training at its batch. Give "
+            f"--model_max_length {positions} or less (longer records are then cut to it), or leave it out."
+        )
+    data_args.model_max_length = length
+    return length
+
+
 def load_training_dataset(data_args: DataArguments, processor: OmniFusionProcessor) -> datasets.Dataset:
     """The checked records of `data_args.data_path`, turned into model inputs lazily by a `ConversationEncoder`."""
     data_folder = os.path.dirname(os.path.abspath(data_args.data_path))
+    max_length = data_args.model_max_length or DEFAULT_MODEL_MAX_LENGTH
     encoder = ConversationEncoder(
         processor,
         data_args.image_folder or data_folder,
-        data_args.model_max_length,
+        max_length,
         data_args.skip_bad_records,
         audio_folder=data_args.audio_folder or data_folder,
     )
@@ -154,7 +179,7 @@ def load_training_dataset(data_args: DataArguments, processor: OmniFusionProcess
         logger.warning(
             "Left out %d records with no answer token within model_max_length=%d, for example %s.",
             len(answerless),
-            data_args.model_max_length,
+            max_length,
             records[answerless[0]]["name"],
         )
     kept = [index for index, error in enumerate(errors) if not error and has_answer[index]]
@@ -221,12 +246,21 @@ def split_member(name: str) -> tuple[str, str] | None:
     return (f"{folder}/{stem}" if folder else stem), extension.lower()
 
 
+class TruncatedShardError(ValueError):
+    """A shard whose tar archive stops early: its samples up to the cut were read, the rest is lost."""
+
+
 def iter_shard(shard: str):
-    """(key, {extension: bytes}) for every sample of one tar shard, in order; a tar that cannot be read is a
-    `ValueError` naming the shard."""
-    key, fields = None, {}
+    """
+    (key, {extension: bytes}) for every sample of one tar shard, in order. A tar that cannot be read is a
+    `ValueError` naming the shard; one that stops early (cut inside a member, or no end-of-archive marker after its
+    last member: what a partial download or a full disk leaves) is a `TruncatedShardError` naming the shard, the
+    byte where it stops and how many samples were read before.
+    """
+    key, fields, samples, last = None, {}, 0, None
+    where = ""
     try:
-        with tarfile.open(shard, mode="r|*") as archive:
+        with tarfile.open(shard, mode="r:*") as archive:
             for member in archive:
                 if not member.isfile():
                     continue
@@ -234,11 +268,26 @@ def iter_shard(shard: str):
                 if parts is None:
                     continue
                 if parts[0] != key and key is not None:
+                    samples, last = samples + 1, key
                     yield key, fields
                     fields = {}
                 key = parts[0]
                 fields[parts[1]] = archive.extractfile(member).read()
+            # a complete archive ends with zero blocks; a cut at a member boundary ends the member loop silently
+            archive.fileobj.seek(archive.offset)
+            end = archive.fileobj.read(tarfile.BLOCKSIZE)
+            if len(end) < tarfile.BLOCKSIZE or end.count(0) != tarfile.BLOCKSIZE:
+                where = f"at byte {archive.offset} with no end-of-archive marker"
+                raise tarfile.ReadError("unexpected end of data")
     except (tarfile.TarError, OSError, EOFError) as error:
+        if isinstance(error, tarfile.ReadError) and "unexpected end of data" in str(error):
+            where = where or f"inside the data of sample {key!r}"
+            raise TruncatedShardError(
+                f"Shard {shard}: truncated ({where}): only {samples} samples were read before the cut"
+                + (f" (the last one {last!r})" if last is not None else "")
+                + (f", sample {key!r} at the cut is left out" if key is not None else "")
+                + " and the rest of the shard is lost (re-create or re-download it)."
+            ) from error
         raise ValueError(f"Shard {shard}: not a readable tar archive after key {key!r} ({error}).") from error
     if key is not None:
         yield key, fields
@@ -324,38 +373,56 @@ def sample_example(key: str, fields: dict[str, bytes], encoder: ConversationEnco
 
 
 class BadSampleCount:
-    """The bad samples met so far by one process (or dataloader worker): `datasets` calls the generator once per
-    shard, with the same object."""
+    """The bad samples (and truncated shards) met so far by one process (or dataloader worker): `datasets` calls the
+    generator once per shard, with the same object. `skip_truncated` (`--skip_bad_records`): a truncated shard's
+    samples up to the cut are used and the shard is counted, instead of stopping the run."""
 
-    def __init__(self, limit: int):
+    def __init__(self, limit: int, skip_truncated: bool = False):
         self.limit = limit
         self.count = 0
+        self.skip_truncated = skip_truncated
+        self.truncated_shards = 0
 
 
 def generate_examples(shards: list[str], encoder: ConversationEncoder, bad_samples: BadSampleCount):
     """Model inputs of every good sample of `shards` (this process's and worker's share); bad ones skipped and
-    counted, with a `ValueError` naming the shard and key once more than `bad_samples.limit` were bad."""
+    counted, with a `ValueError` naming the shard and key once more than `bad_samples.limit` were bad. A truncated
+    shard (`iter_shard`) stops the run with its `TruncatedShardError`, or with `bad_samples.skip_truncated` is
+    logged as a warning naming it and how much of it was read, and counted."""
     for shard in shards:
         stream_logger.info("Reading shard %s (process %s)", shard, os.environ.get("RANK", "0"))
-        for key, fields in iter_shard(shard):
-            try:
-                example = sample_example(key, fields, encoder)
-            except ValueError as error:
-                bad_samples.count += 1
-                bad = bad_samples.count
-                stream_logger.warning("Skipped bad sample %s in shard %s: %s (%d bad so far)", key, shard, error, bad)
-                if bad > bad_samples.limit:
-                    raise ValueError(
-                        f"Shard {shard}, key {key}: {error}. That is {bad} bad samples in this process, more than "
-                        f"--max_bad_samples {bad_samples.limit}: stopping."
-                    ) from None
-                continue
-            if not (example["labels"] != -100).any():
-                stream_logger.warning(
-                    "Skipped sample %s in shard %s: no caption token within model_max_length", key, shard
-                )
-                continue
-            yield example
+        try:
+            yield from shard_examples(shard, encoder, bad_samples)
+        except TruncatedShardError as error:
+            if not bad_samples.skip_truncated:
+                raise ValueError(f"{error} --skip_bad_records trains on the part that was read.") from None
+            bad_samples.truncated_shards += 1
+            stream_logger.warning(
+                "%s Its samples up to the cut were used (--skip_bad_records); %d truncated shards so far.",
+                error,
+                bad_samples.truncated_shards,
+            )
+
+
+def shard_examples(shard: str, encoder: ConversationEncoder, bad_samples: BadSampleCount):
+    """`generate_examples` for one shard."""
+    for key, fields in iter_shard(shard):
+        try:
+            example = sample_example(key, fields, encoder)
+        except ValueError as error:
+            bad_samples.count += 1
+            bad = bad_samples.count
+            stream_logger.warning("Skipped bad sample %s in shard %s: %s (%d bad so far)", key, shard, error, bad)
+            if bad > bad_samples.limit:
+                raise ValueError(
+                    f"Shard {shard}, key {key}: {error}. That is {bad} bad samples in this process, more than "
+                    f"--max_bad_samples {bad_samples.limit}: stopping."
+                ) from None
+            continue
+        if not (example["labels"] != -100).any():
+            stream_logger.warning("Skipped sample %s in shard %s: no caption token within model_max_length", key, shard)
+            continue
+        yield example
 
 
 def load_streaming_dataset(data_args, processor, training_args) -> datasets.IterableDataset:
@@ -375,10 +442,14 @@ def load_streaming_dataset(data_args, processor, training_args) -> datasets.Iter
     # Every process reads its own shards: accelerate shards a `datasets.IterableDataset` by node when it does not
     # dispatch batches from process 0.
     training_args.accelerator_config.dispatch_batches = False
-    encoder = ConversationEncoder(processor, "", data_args.model_max_length)
+    encoder = ConversationEncoder(processor, "", data_args.model_max_length or DEFAULT_MODEL_MAX_LENGTH)
     stream = datasets.IterableDataset.from_generator(
         generate_examples,
-        gen_kwargs={"shards": shards, "encoder": encoder, "bad_samples": BadSampleCount(data_args.max_bad_samples)},
+        gen_kwargs={
+            "shards": shards,
+            "encoder": encoder,
+            "bad_samples": BadSampleCount(data_args.max_bad_samples, data_args.skip_bad_records),
+        },
     )
     stream_logger.info("Streaming %d shards from %s.", len(shards), data_args.data_path)
     return stream.shuffle(seed=training_args.seed, buffer_size=data_args.shuffle_buffer_size)

@@ -51,7 +51,7 @@ from .models import (
     train_only,
     train_sound_side,
 )
-from .trainer import check_path_arguments, make_trainer, setup_run
+from .trainer import check_omnifusion_folder, check_path_arguments, check_trained, make_trainer, setup_run
 from .video_records import extend_with_video, load_model_for_video, train_video_side, video_settings
 
 
@@ -215,6 +215,8 @@ def train(args: list[str] | None = None) -> Trainer:
         if getattr(model_args, flag) is not None
     }
     check_path_arguments(data_args, **paths)
+    if model_args.model_name_or_path is not None:
+        check_omnifusion_folder("model_name_or_path", model_args.model_name_or_path, "Training the sound side")
     if is_deepspeed_zero3_enabled():
         parser.error(
             "Stage 1 copies two checkpoints' weights into a new model, which ZeRO-3 partitions as they load. It trains "
@@ -246,6 +248,7 @@ def train(args: list[str] | None = None) -> Trainer:
 
     trainer = make_trainer(model, processor, data_args, training_args, no_decay_parameters=no_decay)
     train_or_resume(trainer)
+    check_trained(trainer, data_args)
     save_final_output(trainer, training_args.output_dir)
     return trainer
 

@@ -48,7 +48,7 @@ from .models import (
     set_image_grid_pinpoints,
     train_only,
 )
-from .trainer import check_path_arguments, make_trainer, setup_run
+from .trainer import check_omnifusion_folder, check_path_arguments, check_trained, make_trainer, setup_run
 
 # The LM's attention and MLP projections (Llama/Mistral/Qwen naming); a full match, so the vision tower's own
 # `q_proj`/`k_proj`/`v_proj` are never hit.
@@ -107,6 +107,7 @@ def train(args: list[str] | None = None) -> Trainer:
     if model_args.vision_model_name_or_path is not None:
         paths["vision_model_name_or_path"] = model_args.vision_model_name_or_path
     check_path_arguments(data_args, **paths)
+    check_omnifusion_folder("model_name_or_path", model_args.model_name_or_path, "Stage 2 (supervised fine-tuning)")
     setup_run(training_args)
 
     model = OmniFusionForCausalLM.from_pretrained(model_args.model_name_or_path)
@@ -143,6 +144,7 @@ def train(args: list[str] | None = None) -> Trainer:
 
     trainer = make_trainer(model, processor, data_args, training_args)
     train_or_resume(trainer)
+    check_trained(trainer, data_args)
 
     if not model_args.lora_r or model_args.save_lora_adapter_only:
         save_final_output(trainer, training_args.output_dir)

@@ -9,16 +9,17 @@ name no local path, and with `--fsdp` it runs FSDP2 on GPUs and on CPU (`fsdp.py
 import json
 import logging
 import os
+import shutil
 import sys
 
 import datasets
 import transformers
 from huggingface_hub import ModelCard
 from torch import nn
-from transformers import TrainingArguments
+from transformers import PretrainedConfig, TrainingArguments
 from transformers.trainer import TRAINING_ARGS_NAME
 
-from modeling_omnifusion import OmniFusionProcessor
+from modeling_omnifusion import OmniFusionConfig, OmniFusionProcessor
 from modeling_omnifusion.hub_omnifusion import is_hub_repo_id, missing_offline
 
 from .arguments import DataArguments
@@ -27,6 +28,7 @@ from .conversation import OmniFusionDataCollator
 from .data import (
     PackedDataCollator,
     expand_shards,
+    fit_model_max_length,
     is_webdataset,
     length_grouped,
     load_streaming_dataset,
@@ -55,6 +57,26 @@ def _check_pretrained_argument(argument: str, value: str):
         raise FileNotFoundError(
             f"--{argument} {value}: no such folder, and, offline (HF_HUB_OFFLINE=1), not a Hub model in the local "
             "cache."
+        )
+
+
+def check_omnifusion_folder(argument: str, value: str, purpose: str):
+    """
+    `--<argument> <value>` must be an OmniFusion folder (or Hub id): its `config.json` is read, no weight, and any
+    other `model_type` (a plain language model such as the quickstart's `language-model` folder, a CLIP, ...) is a
+    `ValueError` saying what the folder is and where an OmniFusion folder comes from. `purpose`: what needs it.
+    """
+    try:
+        config, _ = PretrainedConfig.get_config_dict(value)
+    except OSError as error:
+        raise FileNotFoundError(f"--{argument} {value}: no readable config.json ({error}).") from None
+    model_type = config.get("model_type")
+    if model_type != OmniFusionConfig.model_type:
+        raise ValueError(
+            f"--{argument} {value}: is a {model_type!r} model (config.json model_type), not an OmniFusion folder. "
+            f"{purpose} needs an OmniFusion folder: the output of stage 1 (omnifusion-train-stage1 "
+            "--vision_model_name_or_path ... --language_model_name_or_path <this folder>) or of the converter "
+            "(omnifusion-convert)."
         )
 
 
@@ -171,6 +193,26 @@ class OmniFusionTrainer(AtomicCheckpointTrainer):
                 card.save(card_path)
 
 
+def check_trained(trainer: OmniFusionTrainer, data_args: DataArguments):
+    """
+    After `train_or_resume`, before the final output is saved: a run that trained no step (its data gave no usable
+    sample: an empty shard, every sample bad under --max_bad_samples) is a `ValueError`, and an `--output_dir` this
+    run created is removed again if the Trainer left nothing in it but empty folders, so the failed run writes
+    nothing.
+    """
+    if trainer.state.global_step > 0:
+        return
+    output_dir = trainer.args.output_dir
+    if trainer.created_output_dir and trainer.args.should_save and os.path.isdir(output_dir):
+        if not any(files for _, _, files in os.walk(output_dir)):
+            shutil.rmtree(output_dir, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
+    raise ValueError(
+        f"No training step ran: --data_path {data_args.data_path} gave no usable sample (see the warnings above for "
+        f"skipped samples, records and shards), so nothing was saved to --output_dir {output_dir}."
+    )
+
+
 def make_trainer(
     model: nn.Module,
     processor: OmniFusionProcessor,
@@ -185,6 +227,7 @@ def make_trainer(
     """
     resume_checkpoint = resolve_resume_checkpoint(training_args)
     check_output_dir(training_args, resume_checkpoint)
+    fit_model_max_length(data_args, model.config)
     trainer_class = OmniFusionTrainer
     if is_webdataset(data_args.data_path):
         if data_args.group_by_length:
@@ -199,6 +242,7 @@ def make_trainer(
         collator = PackedDataCollator()
     else:
         collator = OmniFusionDataCollator(processor.tokenizer.pad_token_id)
+    created_output_dir = not os.path.exists(training_args.output_dir)
     trainer = trainer_class(
         model=model,
         args=training_args,
@@ -207,5 +251,6 @@ def make_trainer(
         processing_class=processor,
     )
     trainer.resume_checkpoint = resume_checkpoint
+    trainer.created_output_dir = created_output_dir  # `check_trained` removes it again after a run with no step
     trainer.no_decay_parameters = list(no_decay_parameters)
     return trainer
