@@ -53,7 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--methods", default=",".join(METHODS), help="Comma-separated subset of: " + ", ".join(METHODS))
     parser.add_argument("--rounds", type=int, default=3, help="Timed rounds per method and pass.")
-    parser.add_argument("--passes", type=int, default=2, help="Fresh processes per method (methods in turn).")
+    parser.add_argument("--passes", type=int, default=1, help="Fresh processes per method (methods in turn).")
     parser.add_argument("--new-tokens", type=int, default=16, help="Greedy tokens per timed generate.")
     parser.add_argument("--prompt-tokens", type=int, default=128, help="Prompt length to aim at (image included).")
     parser.add_argument("--threads", type=int, default=2, help="torch threads.")
