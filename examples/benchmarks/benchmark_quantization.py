@@ -103,6 +103,7 @@ def build(quick: bool):
     text = LlamaConfig(**lm, max_position_embeddings=2048, tie_word_embeddings=True)
     config = tiny.make_config(processor, vision=vision, adapter_type="mlp")
     config.text_config = text
+    config.tie_word_embeddings = True  # as SmolLM2: `lm_head` is the token embedding table
     for name, value in config.processor_kwargs.items():
         setattr(processor, name, value)
     torch.manual_seed(0)
@@ -135,6 +136,38 @@ def rss_kib() -> dict:
     with open("/proc/self/status") as file:
         status = file.read()
     return {key: int(re.search(key + r":\s+(\d+)", status).group(1)) for key in ("VmRSS", "VmHWM")}
+
+
+def tensor_bytes(tensor) -> int:
+    """Bytes `tensor` holds: a torchao tensor subclass, its inner tensors; a bitsandbytes parameter, its packed data
+    plus its scales (`SCB`, `quant_state`); any other tensor, its storage."""
+    if type(tensor) not in (torch.Tensor, torch.nn.Parameter) and hasattr(tensor, "__tensor_flatten__"):
+        names, _ = tensor.__tensor_flatten__()
+        inner = [getattr(tensor, name) for name in names]
+        if not any(item is tensor for item in inner):
+            return sum(tensor_bytes(item) for item in inner if isinstance(item, torch.Tensor))
+    total = tensor.untyped_storage().nbytes()
+    if isinstance(getattr(tensor, "SCB", None), torch.Tensor):
+        total += tensor.SCB.untyped_storage().nbytes()
+    state = getattr(tensor, "quant_state", None)
+    if state is not None:
+        packed = state.as_dict(packed=True).values()
+        total += sum(value.untyped_storage().nbytes() for value in packed if isinstance(value, torch.Tensor))
+    return total
+
+
+def weights_mib(model) -> float:
+    """What the model's parameters and buffers hold, each storage once (tied weights share one), in MiB."""
+    seen, total = set(), 0
+    for tensor in (*model.parameters(), *model.buffers()):
+        key = (
+            type(tensor).__name__,
+            tensor.data_ptr() if type(tensor) in (torch.Tensor, torch.nn.Parameter) else id(tensor),
+        )
+        if key not in seen:
+            seen.add(key)
+            total += tensor_bytes(tensor)
+    return total / 2**20
 
 
 def load(folder: str, method: str):
@@ -184,6 +217,7 @@ def worker(args) -> dict:
         generate(model, inputs, args.new_tokens)
         decode += [later - earlier for earlier, later in zip(stamps[1:], stamps[2:])]
     result = {
+        "weights_mib": weights_mib(model),
         "loaded_mib": (loaded - before) / 1024,
         "peak_mib": (rss_kib()["VmHWM"] - before) / 1024,
         "load_s": load_s,
@@ -248,6 +282,7 @@ def main(argv=None) -> int:
 
     rows = {
         method: {
+            "weights_mib": median(method, "weights_mib"),
             "loaded_mib": median(method, "loaded_mib"),
             "peak_mib": median(method, "peak_mib"),
             "load_s": median(method, "load_s"),
@@ -275,17 +310,18 @@ def main(argv=None) -> int:
     )
     print("-" * 118)
     header = (
-        f"{'method':18s}{'RSS loaded':>11s}{'peak RSS':>10s}{'load':>7s}{'prefill':>9s}{'decode':>9s}"
+        f"{'method':18s}{'weights':>8s}{'RSS loaded':>11s}{'peak RSS':>10s}{'load':>7s}{'prefill':>9s}{'decode':>9s}"
         f"{'mem/f32':>8s}{'mem/bf16':>9s}{'prefill/f32':>12s}{'decode/f32':>11s}{'max|dlogit|':>12s}{'top1':>7s}"
     )
     print(header)
-    print(f"{'':18s}{'MiB':>11s}{'MiB':>10s}{'s':>7s}{'ms':>9s}{'ms/tok':>9s}")
+    print(f"{'':18s}{'MiB':>8s}{'MiB':>11s}{'MiB':>10s}{'s':>7s}{'ms':>9s}{'ms/tok':>9s}")
     f32, bf16 = rows["float32"], rows.get("bfloat16")
     for method, row in rows.items():
-        bf16_ratio = f"{row['loaded_mib'] / bf16['loaded_mib']:.2f}" if bf16 else "-"
+        bf16_ratio = f"{row['weights_mib'] / bf16['weights_mib']:.2f}" if bf16 else "-"
         print(
-            f"{method:18s}{row['loaded_mib']:11.0f}{row['peak_mib']:10.0f}{row['load_s']:7.1f}{row['prefill_ms']:9.1f}"
-            f"{row['decode_ms']:9.1f}{row['loaded_mib'] / f32['loaded_mib']:8.2f}{bf16_ratio:>9s}"
+            f"{method:18s}{row['weights_mib']:8.0f}{row['loaded_mib']:11.0f}{row['peak_mib']:10.0f}"
+            f"{row['load_s']:7.1f}{row['prefill_ms']:9.1f}{row['decode_ms']:9.1f}"
+            f"{row['weights_mib'] / f32['weights_mib']:8.2f}{bf16_ratio:>9s}"
             f"{row['prefill_ms'] / f32['prefill_ms']:12.2f}{row['decode_ms'] / f32['decode_ms']:11.2f}"
             f"{row['max_diff']:12.4f}{row['top1_agree']:7.3f}"
         )
@@ -296,7 +332,7 @@ def main(argv=None) -> int:
     )
     print(f"(largest spread (max-min)/median of any timed cell: {spread:.0%})")
     quantized = [method for method in args.methods if method in QUANTIZED] or args.methods
-    memory = [rows[method]["loaded_mib"] / f32["loaded_mib"] for method in quantized]
+    memory = [rows[method]["weights_mib"] / f32["weights_mib"] for method in quantized]
     decode = [rows[method]["decode_ms"] / f32["decode_ms"] for method in quantized]
     print(
         f"memory_vs_float32={min(memory):.2f}..{max(memory):.2f} decode_vs_float32={min(decode):.2f}..{max(decode):.2f}"
