@@ -12,16 +12,17 @@ bitsandbytes `bnb-8bit` (LLM.int8) and `bnb-4bit` (its default 4-bit type). Each
 towers, adapters, marker table and `lm_head` stay unquantized), in a fresh process of its own; the methods run in
 turn, `--passes` times (alternating order), and the medians over all rounds are reported. Per method:
 
-- memory: RSS growth over `from_pretrained` (the weights as loaded) and peak RSS growth over loading, the timed
-  forwards and `generate` calls (Linux: /proc/self/status);
+- memory: the bytes the weights hold (torchao's inner tensors, bitsandbytes' packed data and scales), RSS growth
+  over `from_pretrained` and peak RSS growth over loading, the timed forwards and `generate` calls (Linux:
+  /proc/self/status; RSS includes the float32 file's pages the load touched);
 - prefill: one forward over the prompt (an image and a question, ~`--prompt-tokens` positions); decode: the median
   time between the starts of consecutive greedy decoding steps (`--new-tokens`);
 - logits: max and mean |difference| of the prompt's logits to float32's (the logits' own scale is printed), and the
   share of prompt positions whose top-1 token equals float32's.
 
 Ratios are to float32 (bfloat16's own ratios are a row of their own). The last line is
-`memory_vs_float32=<lowest>..<highest> decode_vs_float32=<lowest>..<highest>` over the four quantized methods (RSS
-after loading; decode step time).
+`memory_vs_float32=<lowest>..<highest> decode_vs_float32=<lowest>..<highest>` over the four quantized methods (weight
+bytes; decode step time).
 """
 
 import common  # noqa: I001  (sets the benchmark environment before torch is imported)
