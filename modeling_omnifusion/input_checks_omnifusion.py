@@ -10,6 +10,8 @@ import os
 
 import torch
 
+from .quantization_omnifusion import is_plain_float_tensor
+
 
 def check_prompt(input_ids, inputs_embeds, past_length: int, max_position_embeddings: int | None, position_ids=None):
     """
@@ -149,10 +151,13 @@ def check_generation_config_file(pretrained_model_name_or_path, subfolder: str =
 
 
 def non_finite_weights(model: torch.nn.Module, names: tuple[str, ...]) -> dict[str, int]:
-    """`{parameter name: number of NaN/Inf values}` over the parameters whose name starts with one of `names`."""
+    """
+    `{parameter name: number of NaN/Inf values}` over the parameters whose name starts with one of `names`. Only
+    plain floating-point parameters are scanned: quantized ones (tensor subclasses, integer storage) are skipped.
+    """
     found = {}
     for name, parameter in model.named_parameters():
-        if not name.startswith(names) or parameter.device.type == "meta":
+        if not name.startswith(names) or parameter.device.type == "meta" or not is_plain_float_tensor(parameter):
             continue
         bad = int((~torch.isfinite(parameter.detach())).sum())
         if bad:

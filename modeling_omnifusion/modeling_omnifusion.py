@@ -45,6 +45,7 @@ from .input_checks_omnifusion import (
     check_prompt_ids,
     non_finite_weights,
 )
+from .quantization_omnifusion import compute_dtype, keep_requested_dtype, not_quantized_modules
 from .video_omnifusion import build_video_adapter, expand_video_frames, video_features
 
 
@@ -114,6 +115,8 @@ class OmniFusionPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
     _can_compile_fullgraph = False
+    # Left unquantized by transformers' quantizers (see quantization_omnifusion); `_get_dtype_plan` keeps their dtype.
+    _keep_in_fp32_modules = not_quantized_modules()
 
     # Checked for NaN/Inf when a folder is loaded (a cheap scan: the parts a broken training run or file spoils first).
     _finite_check_prefixes = (
@@ -179,6 +182,10 @@ class OmniFusionPreTrainedModel(PreTrainedModel):
             super().save_pretrained(folder, *args, **kwargs)
             if not has_card:
                 build_model_card(self.config).save(os.path.join(folder, "README.md"))
+
+    def _get_dtype_plan(self, dtype: torch.dtype) -> dict:
+        """transformers' plan without the modules declared only to stay unquantized: they load in `dtype`."""
+        return keep_requested_dtype(super()._get_dtype_plan(dtype))
 
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -290,7 +297,7 @@ class OmniFusionModel(OmniFusionPreTrainedModel):
             if self.config.adapter_type != "mix_sum":
                 layers = [layer]  # the call's `vision_feature_layer` overrides the config's
             outputs = tower(
-                self._encoder_pixel_values(pixel_values, index, vision_config).to(next(tower.parameters()).dtype),
+                self._encoder_pixel_values(pixel_values, index, vision_config).to(compute_dtype(tower, self.dtype)),
                 # Asking for the layers used keeps only those hidden states (transformers 5.24+ output capturing).
                 output_hidden_states=True if output_hidden_states else hidden_states_request(layers),
                 return_dict=True,
@@ -300,7 +307,7 @@ class OmniFusionModel(OmniFusionPreTrainedModel):
             encoder_features.append([outputs.hidden_states[i][:, prefix:] for i in layers])
             if image_outputs is None:
                 image_outputs = outputs
-        adapter_dtype = next(adapter.parameters()).dtype
+        adapter_dtype = compute_dtype(adapter, self.dtype)
         encoder_features = [[states.to(adapter_dtype) for states in layers] for layers in encoder_features]
         if self.config.adapter_type in MIX_ADAPTER_TYPES:
             image_embeds = adapter(encoder_features)
@@ -375,7 +382,7 @@ class OmniFusionModel(OmniFusionPreTrainedModel):
         frames = outputs.last_hidden_state.transpose(1, 2)
         pooled = nn.functional.avg_pool1d(frames, pool, pool).transpose(1, 2)
         real = audio_position_mask(input_features_mask.to(pooled.device), frame_stride, pool)
-        adapter_dtype = next(self.audio_adapter.parameters()).dtype
+        adapter_dtype = compute_dtype(self.audio_adapter, self.dtype)
         return BaseModelOutputWithPooling(
             last_hidden_state=outputs.last_hidden_state,
             pooler_output=self.audio_adapter(pooled[real].to(adapter_dtype)),
@@ -538,6 +545,7 @@ class OmniFusionForCausalLM(OmniFusionPreTrainedModel, GenerationMixin):
     """OmniFusion with the LM head: training loss, logits and `generate()`."""
 
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+    _keep_in_fp32_modules = not_quantized_modules("model.", head="lm_head")
     # The LM's plan shards `embed_tokens` (vocab-parallel); the head tied to it is sharded with it, as in the LMs.
     _tp_plan = {"lm_head": "colwise_gather_output"}
 

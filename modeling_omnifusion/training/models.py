@@ -31,6 +31,7 @@ from modeling_omnifusion.processing.tokenizer_setup_omnifusion import (
     check_tokenizer_folder,
     rank_merges_by_sentencepiece_scores,
 )
+from modeling_omnifusion.quantization_omnifusion import compute_dtype
 
 logger = logging.getLogger("omnifusion_training")  # the name the log lines show; `setup_run` sets its level
 
@@ -379,7 +380,7 @@ def load_replacement_vision_towers(
 def install_vision_towers(model: OmniFusionForCausalLM, configs: list, states: list[dict]):
     """Replace `model`'s vision towers (modules and configs) by encoders built from `configs` holding `states`, in
     the dtype of the towers they replace."""
-    dtype = next(model.model.vision_tower.parameters()).dtype
+    dtype = compute_dtype(model.model.vision_tower, model.dtype)
     model.config.vision_config, *additional = configs
     model.config.additional_vision_configs = additional or None
     vision_tower = build_vision_tower(model.config).to(dtype)  # the model's own layout for one or several encoders
