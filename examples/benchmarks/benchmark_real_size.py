@@ -486,7 +486,7 @@ def main(argv=None) -> dict:
             flops = prefill_flops(shape, length)
             bytes_per_token = decode_bytes(shape, length + new_tokens // 2, itemsize)
             entry = dataclasses.asdict(timing)
-            entry.update(prefill_gflop=sum(flops.values()) / 1e9, decode_gb_per_token=bytes_per_token / GB)
+            entry.update(prefill_flops=flops, decode_bytes_per_token=bytes_per_token)
             entry.update(roofline_ratios(entry, flops, bytes_per_token, results["limits"]))
             results["models"][name] = entry
         omni, llava = results["models"]["OmniFusion"], results["models"]["LLaVA"]
