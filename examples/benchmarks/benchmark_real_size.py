@@ -70,6 +70,7 @@ from modeling_omnifusion.inference import DTYPE_CHOICES, resolve_dtype
 from modeling_omnifusion.testing.released_shapes import SHAPES, Shape, checkpoint_bytes, write_released_checkpoint
 
 GB = 1e9
+DEVICE = torch.device("cpu")
 QUESTION = "Describe the image in detail."
 START = time.perf_counter()
 
@@ -205,28 +206,39 @@ def convert(input_dir: Path, vision_model: Path, output_dir: Path) -> dict:
 # ------------------------------------------------------------------------------------------------- hardware limits
 
 
+def now() -> tuple[float, float]:
+    """`(wall, CPU)` seconds: process CPU time on the CPU; on a CUDA device, wall time after synchronising for both
+    (CPU time does not measure a GPU's work)."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+        wall = time.perf_counter()
+        return wall, wall
+    return time.perf_counter(), time.process_time()
+
+
 def cpu_timed(function, min_cpu_seconds: float) -> tuple[float, float, int]:
     """Run `function()` (once to warm up, then until `min_cpu_seconds` of process CPU time); returns per-call
     `(wall seconds, CPU seconds, calls)` as the medians of 3 equal batches."""
     function()
-    calls, start = 0, time.process_time()
-    while time.process_time() - start < min_cpu_seconds / 3 or calls < 1:
+    calls, start = 0, now()[1]
+    while now()[1] - start < min_cpu_seconds / 3 or calls < 1:
         function()
         calls += 1
     walls, cpus = [], []
     for _ in range(3):
-        wall, cpu = time.perf_counter(), time.process_time()
+        wall, cpu = now()
         for _ in range(calls):
             function()
-        walls.append((time.perf_counter() - wall) / calls)
-        cpus.append((time.process_time() - cpu) / calls)
+        end = now()
+        walls.append((end[0] - wall) / calls)
+        cpus.append((end[1] - cpu) / calls)
     return statistics.median(walls), statistics.median(cpus), calls
 
 
 def matmul_rate(tokens: int, n_in: int, n_out: int, dtype: torch.dtype, min_cpu_seconds: float) -> dict:
     """FLOP per wall and per CPU second of `F.linear(x[tokens, n_in], W[n_out, n_in])` in `dtype`."""
-    x = torch.randn(tokens, n_in).to(dtype)
-    weight = (torch.randn(n_out, n_in) * 0.02).to(dtype)
+    x = torch.randn(tokens, n_in).to(DEVICE, dtype)
+    weight = (torch.randn(n_out, n_in) * 0.02).to(DEVICE, dtype)
     with torch.no_grad():
         wall, cpu, _ = cpu_timed(lambda: torch.nn.functional.linear(x, weight), min_cpu_seconds)
     flops = 2.0 * tokens * n_in * n_out
@@ -235,7 +247,7 @@ def matmul_rate(tokens: int, n_in: int, n_out: int, dtype: torch.dtype, min_cpu_
 
 def bandwidth(nbytes: int, min_cpu_seconds: float) -> dict:
     """Read bandwidth: bytes per wall and per CPU second of `buffer.sum()` over an `nbytes` float32 buffer."""
-    buffer = torch.ones(nbytes // 4, dtype=torch.float32)
+    buffer = torch.ones(nbytes // 4, dtype=torch.float32, device=DEVICE)
     with torch.no_grad():
         wall, cpu, _ = cpu_timed(lambda: buffer.sum(), min_cpu_seconds)
     return {"bytes": buffer.numel() * 4, "bytes_per_s": buffer.numel() * 4 / wall, "bytes_per_cpu_s": nbytes / cpu}
@@ -352,10 +364,12 @@ def llava_config(config) -> LlavaConfig:
 def load(name: str, folder: Path, dtype: torch.dtype):
     """OmniFusion from the converted folder, or LLaVA from the same safetensors (its projector initialised)."""
     if name == "OmniFusion":
-        model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True, dtype=dtype)
+        model = AutoModelForImageTextToText.from_pretrained(
+            folder, trust_remote_code=True, dtype=dtype, device_map=DEVICE
+        )
     else:
         config = llava_config(AutoConfig.from_pretrained(folder, trust_remote_code=True))
-        model = LlavaForConditionalGeneration.from_pretrained(folder, config=config, dtype=dtype)
+        model = LlavaForConditionalGeneration.from_pretrained(folder, config=config, dtype=dtype, device_map=DEVICE)
     return model.eval()
 
 
@@ -374,7 +388,7 @@ def timed_generate(model, inputs: dict, new_tokens: int) -> tuple[float, float, 
     """Greedy `generate` of exactly `new_tokens` tokens with the LM forward starts timestamped; returns (TTFT wall,
     TTFT CPU, decode wall per token, decode CPU per token, tokens made)."""
     stamps = []
-    hook = model.register_forward_pre_hook(lambda *_: stamps.append((time.perf_counter(), time.process_time())))
+    hook = model.register_forward_pre_hook(lambda *_: stamps.append(now()))
     config = GenerationConfig(
         do_sample=False,
         max_new_tokens=new_tokens,
@@ -383,10 +397,10 @@ def timed_generate(model, inputs: dict, new_tokens: int) -> tuple[float, float, 
         eos_token_id=model.config.text_config.eos_token_id,
     )
     try:
-        start = (time.perf_counter(), time.process_time())
+        start = now()
         with torch.no_grad():
             output = model.generate(**inputs, generation_config=config)
-        end = (time.perf_counter(), time.process_time())
+        end = now()
     finally:
         hook.remove()
     made = output.shape[1] - inputs["input_ids"].shape[1]
@@ -409,10 +423,13 @@ def measure(name: str, folder: Path, dtype: torch.dtype, inputs: dict, new_token
     start = time.perf_counter()
     model = load(name, folder, dtype)
     load_s = time.perf_counter() - start
+    inputs = {k: v.to(DEVICE) for k, v in inputs.items()}
     progress(f"{name}: loaded in {load_s:.1f} s; warming up")
     with torch.no_grad():
         model.generate(input_ids=inputs["input_ids"][:, :4], max_new_tokens=2, do_sample=False, pad_token_id=0)
     reset_peak_rss()
+    if DEVICE.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(DEVICE)
     runs = []
     for index in range(repeats):
         progress(
@@ -421,6 +438,8 @@ def measure(name: str, folder: Path, dtype: torch.dtype, inputs: dict, new_token
         runs.append(timed_generate(model, inputs, new_tokens))
         progress(f"{name}: TTFT {runs[-1][0]:.2f} s ({runs[-1][1]:.2f} CPU-s), decode {runs[-1][2]:.3f} s/token")
     peak = proc_status().get("VmHWM", 0) / GB
+    if DEVICE.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(DEVICE) / GB
     medians = [statistics.median(run[i] for run in runs) for i in range(4)]
     del model
     return Timing(*medians, new_tokens=new_tokens, peak_rss_gb=peak, load_s=load_s)
@@ -438,15 +457,18 @@ def parse_args(argv=None):
     parser.add_argument("--new_tokens", type=int, default=None, help="tokens per generate (default: 8, tiny 4)")
     parser.add_argument("--repeats", type=int, default=None, help="timed generate calls per model (7b: 1, else 3)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all CPUs)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (on CUDA the ratios use wall time)")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints after the run")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    global DEVICE
+    DEVICE = torch.device(args.device)
     common.configure(args.threads)
     shape, tiny = SHAPES[args.shape], args.shape == "tiny"
-    dtype = resolve_dtype(args.dtype)
+    dtype = resolve_dtype(args.dtype, DEVICE)
     new_tokens = args.new_tokens or (4 if tiny else 8)
     repeats = args.repeats or (1 if args.shape == "7b" else 3)
     if new_tokens < 2:
@@ -459,6 +481,7 @@ def main(argv=None) -> dict:
             shutil.rmtree(folder)
     results = {"shape": args.shape, "dtype": str(dtype).removeprefix("torch."), "cpu": common.cpu_description()}
     results["threads"], results["new_tokens"], results["repeats"] = args.threads, new_tokens, repeats
+    results["device"] = torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else "cpu"
     try:
         progress(f"writing the released {args.shape} checkpoint under {released}")
         paths = write_released_checkpoint(
