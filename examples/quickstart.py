@@ -53,6 +53,7 @@ from transformers import (
 
 from modeling_omnifusion.evaluation.visdial import results_table
 from modeling_omnifusion.evaluation.visdial_scoring import evaluate_dialogs
+from modeling_omnifusion.inference import resolve_dtype
 from modeling_omnifusion.processing.processing_omnifusion import DEFAULT_SYSTEM_PROMPT
 from modeling_omnifusion.testing.tiny import make_tokenizer
 from modeling_omnifusion.training import stage1, stage2
@@ -190,7 +191,9 @@ def main(args: list[str] | None = None):
     )
 
     step(f"6/6 Reloading {final_dir} with the Auto classes; held-out questions and VisDial-style ranking")
-    model = AutoModelForImageTextToText.from_pretrained(final_dir, trust_remote_code=True).eval()
+    # bfloat16 on a CPU with native bfloat16 (AVX-512 BF16, AMX), float32 elsewhere
+    model = AutoModelForImageTextToText.from_pretrained(final_dir, trust_remote_code=True, dtype=resolve_dtype())
+    model.eval()
     processor = AutoProcessor.from_pretrained(final_dir, trust_remote_code=True)
     results = evaluate(model, processor, data_dir, test, args.seed)
     for item in results[:8]:

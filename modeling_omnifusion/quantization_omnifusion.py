@@ -1,12 +1,11 @@
 """
-What quantization leaves alone, and the dtype a module computes in whatever its weights became.
-
-transformers' quantizers (torchao, bitsandbytes, and the others that call `HfQuantizer.get_modules_to_not_convert`)
-skip the model's `_keep_in_fp32_modules` besides their own defaults (the LM head and the weights tied to it). The
-OmniFusion models declare there the parts that are small, precision-sensitive or not plain decoder layers: the vision
-and audio towers, the adapters (image, sound, video) and the marker table (and `lm_head` on the model with the head). The names are
-prefixes of module names from the declaring model's root, matched at module boundaries by the quantizers. Declaring
-them does not upcast anything: `keep_requested_dtype` removes them from the float16 dtype plan that
+What quantization leaves alone, and the dtype a module computes in whatever its weights became. transformers'
+quantizers (torchao, bitsandbytes, and the others that call `HfQuantizer.get_modules_to_not_convert`) skip the
+model's `_keep_in_fp32_modules` besides their own defaults (the LM head and the weights tied to it). The OmniFusion
+models declare there the parts that are small, precision-sensitive or not plain decoder layers: the vision and audio
+towers, the adapters (image, sound, video) and the marker table (and `lm_head` on the model with the head). The
+names are prefixes of module names from the declaring model's root, matched at module boundaries by the quantizers.
+Declaring them does not upcast anything: `keep_requested_dtype` removes them from the float16 dtype plan that
 `_keep_in_fp32_modules` otherwise makes.
 """
 

@@ -33,6 +33,7 @@ import torch
 from PIL import Image
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, HfArgumentParser
 
+from ..inference import resolve_dtype
 from .visdial_data import check_dense, check_dialogs, check_visdial_file, read_json_file
 from .visdial_scoring import HISTORY_POLICY, evaluate_dialogs, visdial_metric
 
@@ -77,7 +78,12 @@ class VisDialArguments:
     )
     device: str | None = field(default=None, metadata={"help": "Defaults to cuda when available, else cpu."})
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
-        default="auto", metadata={"help": "Weights dtype; log-probabilities are always computed in float32."}
+        default="auto",
+        metadata={
+            "help": "Weights dtype. auto: bfloat16 on a CPU with native bfloat16 (AVX-512 BF16, AMX) or a CUDA device "
+            "that has it, float32 on other CPUs (modeling_omnifusion.inference.resolve_dtype); log-probabilities are "
+            "always computed in float32."
+        },
     )
     num_shards: int = field(
         default=1,
@@ -275,7 +281,8 @@ def evaluate(args: VisDialArguments) -> dict:
 
     else:
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model = AutoModelForImageTextToText.from_pretrained(args.model, trust_remote_code=True, dtype=args.dtype)
+        load_dtype = torch.float16 if args.dtype == "float16" else resolve_dtype(args.dtype, device)
+        model = AutoModelForImageTextToText.from_pretrained(args.model, trust_remote_code=True, dtype=load_dtype)
         model = model.to(device).eval()
         model_type, dtype = model.config.model_type, str(model.dtype).removeprefix("torch.")
         scorer_factory = None
