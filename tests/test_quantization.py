@@ -1,6 +1,6 @@
 """
 Quantized loading on CPU with the model's own skip list: torchao int8 (weight-only and dynamic activations) and
-bitsandbytes 8-bit and 4-bit load a saved folder with sound through `AutoModelForImageTextToText` and generate,
+bitsandbytes 8-bit and 4-bit load a saved folder with sound and video through `AutoModelForImageTextToText` and generate,
 quantizing the decoder's linear layers only; torch's `quantize_dynamic` runs a model whose adapters it emptied.
 """
 
@@ -14,7 +14,13 @@ from transformers import AutoModelForImageTextToText, BitsAndBytesConfig, TorchA
 
 from modeling_omnifusion.input_checks_omnifusion import non_finite_weights
 from modeling_omnifusion.quantization_omnifusion import is_plain_float_tensor, not_quantized_modules
-from modeling_omnifusion.testing.tiny import audio_chat, make_audio_model_and_processor, make_clip, make_image
+from modeling_omnifusion.testing.tiny import (
+    audio_chat,
+    make_audio_model_and_processor,
+    make_clip,
+    make_image,
+    make_video_model_and_processor,
+)
 
 METHODS = {
     "torchao-int8-weight-only": lambda: TorchAoConfig(Int8WeightOnlyConfig()),
@@ -50,8 +56,9 @@ def under(name: str, prefixes) -> bool:
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    """A saved tiny model with sound, a chat with an image and a clip, and float32's logits and greedy tokens."""
-    model, processor = make_audio_model_and_processor()
+    """A saved tiny model with sound and a separate video adapter (every declared module exists), a chat with an image
+    and a clip, and float32's logits and greedy tokens."""
+    model, processor = make_video_model_and_processor(video_adapter="separate", audio=True)
     folder = tmp_path_factory.mktemp("quantization") / "model"
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
