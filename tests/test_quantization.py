@@ -1,7 +1,8 @@
 """
 Quantized loading on CPU with the model's own skip list: torchao int8 (weight-only and dynamic activations) and
 bitsandbytes 8-bit and 4-bit load a saved folder with sound and video through `AutoModelForImageTextToText` and
-generate, quantizing the decoder's linear layers only; torch's `quantize_dynamic` runs a model whose adapters it emptied.
+generate, quantizing the decoder's linear layers only; torch's `quantize_dynamic` runs a model whose adapters it
+emptied.
 """
 
 import bitsandbytes  # noqa: F401  (the `quant` extra; transformers' bitsandbytes quantizer needs it installed)
