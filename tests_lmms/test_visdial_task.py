@@ -17,6 +17,7 @@ from modeling_omnifusion.testing.tiny import make_image
 
 VISDIAL_SAMPLE = Path(__file__).resolve().parents[1] / "tests" / "data" / "visdial"
 METRICS = ("r@1", "r@5", "r@10", "mrr", "mean_rank", "ndcg")
+MAX_DIALOGS = 2  # 20 rounds of 100 candidates, 2 of them with dense relevance
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +49,7 @@ def _project_metrics(model_dir, folder: Path, score: str, output: Path) -> dict:
             "--output", str(output),
             "--score", score,
             "--batch_size", "50",
+            "--max_dialogs", str(MAX_DIALOGS),
             "--dtype", "float32",
             "--device", "cpu",
         ]
@@ -65,7 +67,7 @@ def test_visdial_task_metrics_equal_the_projects_evaluator(
 ):
     monkeypatch.chdir(visdial_folder)
     config = TaskManager(include_path=str(TASKS_DIR))._get_config("visdial_val")
-    config["dataset_kwargs"] = dict(config["dataset_kwargs"], score=score)
+    config["dataset_kwargs"] = dict(config["dataset_kwargs"], score=score, max_dialogs=MAX_DIALOGS)
     model = OmniFusionLMMs(pretrained=str(tiny_model_dir), device="cpu", dtype="float32", candidate_batch_size=50)
     results = simple_evaluate(model=model, tasks=[config], task_manager=TaskManager(include_path=str(TASKS_DIR)))
     lmms = _lmms_metrics(results)

@@ -40,6 +40,7 @@ from ...processing.audio_inputs_omnifusion import to_waveform
 from ..visdial_scoring import SCORE_TYPES, DialogScorer, build_context, tokenize_candidates
 
 DEFAULT_MAX_NEW_TOKENS = 128
+AUDIO_FILES = (".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a")
 
 
 def _same_content(left, right) -> bool:
@@ -282,10 +283,8 @@ class OmniFusionLMMs(lmms):
     def _visual_items(visuals) -> list[dict]:
         items = []
         for visual in visuals:
-            if isinstance(visual, Image.Image) or (isinstance(visual, str) and not visual.endswith((".wav", ".flac"))):
-                items.append({"type": "image", "url": visual})
-            else:
-                items.append({"type": "audio", "url": visual})
+            sound = isinstance(visual, dict) or (isinstance(visual, str) and visual.lower().endswith(AUDIO_FILES))
+            items.append({"type": "audio" if sound else "image", "url": visual})
         return items
 
     def loglikelihood(self, requests: list[Instance]) -> list[GenerationResult]:
