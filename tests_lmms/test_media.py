@@ -1,0 +1,73 @@
+"""What the `omnifusion` lmms-eval model takes from a task's messages: images, sound where the model has an audio
+tower (lmms-eval's HF `Audio` dicts, resampled), and a clear refusal of video."""
+
+import numpy as np
+import pytest
+import torch
+
+from modeling_omnifusion.evaluation.lmms.model import OmniFusionLMMs
+from modeling_omnifusion.testing.tiny import make_audio_model_and_processor, make_clip, make_image
+
+
+@pytest.fixture(scope="module")
+def audio_model_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("model") / "omnifusion-audio-tiny"
+    model, processor = make_audio_model_and_processor(seed=2)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def _load(folder):
+    return OmniFusionLMMs(pretrained=str(folder), device="cpu", dtype="float32")
+
+
+def test_sound_items_become_clips_at_the_processors_rate_and_generate_like_hf(audio_model_dir):
+    lmm = _load(audio_model_dir)
+    clip = make_clip(seed=3, seconds=0.5, sampling_rate=8000)
+    # lmms-eval's auto messages type an HF Audio dict as "video"; "audio" items carry it the same way
+    for kind in ("video", "audio"):
+        messages = [
+            {
+                "role": "user",
+                "content": [
+                    {"type": kind, "url": {"array": clip, "sampling_rate": 8000, "path": None}},
+                    {"type": "text", "text": "What is the colour of the shape?"},
+                ],
+            }
+        ]
+        (turn,) = lmm.to_chat(messages)
+        sound = turn["content"][0]
+        assert sound["type"] == "audio" and sound["audio"].shape == (8000,)  # 0.5 s at 16 kHz
+    answer = lmm._generate([[turn]], {"max_new_tokens": 4})[0]
+
+    inputs = lmm.processor.apply_chat_template(
+        [turn], add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
+    with torch.no_grad():
+        output = lmm.model.generate(**inputs, max_new_tokens=4, do_sample=False, num_beams=1)
+    expected = lmm.processor.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert answer == expected
+
+
+def test_images_by_path_and_object_give_the_same_chat(tiny_model_dir, tmp_path):
+    lmm = _load(tiny_model_dir)
+    image = make_image(seed=4, size=40)
+    image.save(tmp_path / "image.png")
+    by_path = lmm.to_chat([{"role": "user", "content": [{"type": "image", "url": str(tmp_path / "image.png")}]}])
+    by_object = lmm.to_chat([{"role": "user", "content": [{"type": "image", "url": image}]}])
+    assert np.array_equal(np.asarray(by_path[0]["content"][0]["image"]), np.asarray(image))
+    assert np.array_equal(np.asarray(by_object[0]["content"][0]["image"]), np.asarray(image))
+
+
+def test_video_and_sound_without_an_audio_tower_are_refused_by_name(tiny_model_dir):
+    lmm = _load(tiny_model_dir)
+    with pytest.raises(ValueError, match="not video"):
+        lmm.to_chat([{"role": "user", "content": [{"type": "video", "url": "clip.mp4"}]}])
+    with pytest.raises(ValueError, match="no audio tower"):
+        lmm.to_chat([{"role": "user", "content": [{"type": "audio", "url": "clip.wav"}]}])
+
+
+def test_unknown_model_args_are_refused_by_name(tiny_model_dir):
+    with pytest.raises(TypeError, match="temperature"):
+        OmniFusionLMMs(pretrained=str(tiny_model_dir), temperature=0.5)
