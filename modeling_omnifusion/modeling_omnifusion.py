@@ -41,6 +41,7 @@ from .input_checks_omnifusion import (
     check_generation_settings,
     check_prompt,
     non_finite_weights,
+    prompt_positions,
 )
 
 
@@ -449,13 +450,9 @@ class OmniFusionModel(OmniFusionPreTrainedModel):
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("OmniFusionModel.forward needs exactly one of `input_ids` or `inputs_embeds`.")
-        check_prompt(
-            input_ids,
-            inputs_embeds,
-            cache.get_seq_length() if cache is not None else 0,
-            getattr(self.config.text_config, "max_position_embeddings", None),
-            position_ids,
-        )
+        max_positions, limit_name = prompt_positions(self.config.text_config)
+        past_length = cache.get_seq_length() if cache is not None else 0
+        check_prompt(input_ids, inputs_embeds, past_length, max_positions, position_ids, limit_name)
 
         if inputs_embeds is None:
             inputs_embeds = self.embed_ids(input_ids)
