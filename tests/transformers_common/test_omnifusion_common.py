@@ -7,7 +7,7 @@ tower (8px images, patch 2: 16 image tokens), the transformer adapter and a 2-la
 The five marker ids (image placeholder, image start/end, user, assistant) are 99..103, outside the LM vocabulary,
 as in every OmniFusion checkpoint (input-only, never generated).
 
-Every test skipped below is a stated design conflict, with its reason; everything else must pass.
+Every test skipped below contradicts a documented contract, named in its reason; everything else must pass.
 """
 
 import copy
@@ -171,9 +171,9 @@ class OmniFusionAudioModelTester:
 
 
 MARKERS_OUTSIDE_SHRUNK_VOCAB = (
-    "design conflict: the test shrinks the vocabulary and clamps every input id into it, which turns the marker and "
-    "image placeholder ids (input-only, above the LM vocabulary by design) into text ids, so the images have no "
-    "placeholder left; test_resize_keeps_markers covers resizing instead"
+    "contract (docs/architecture.md, Markers): marker and image placeholder ids are input-only and lie after the "
+    "LM's vocabulary; the test shrinks the vocabulary and clamps every input id into it, turning them into text "
+    "ids, so the images have no placeholder left; test_resize_keeps_markers covers resizing instead"
 )
 
 
@@ -214,7 +214,8 @@ class OmniFusionModelTest(ModelTesterMixin, GenerationTesterMixin, unittest.Test
         pass
 
     @unittest.skip(
-        reason="design conflict: OmniFusion ships as remote code, and transformers initializes the missing weights of "
+        reason="contract (docs/usage.md, the saved folder): OmniFusion ships as remote code, and transformers "
+        "initializes the missing weights of "
         "a remote-code model with its custom-code rule, passed down to the library CLIP tower too: a module without "
         "parameters of its own counts as initialized, so CLIP's attention/MLP-level init of q/k/v/out_proj and fc1/fc2 "
         "never runs on that path; with is_custom_code() False both inits are identical"
@@ -249,7 +250,8 @@ class OmniFusionModelTest(ModelTesterMixin, GenerationTesterMixin, unittest.Test
 
 
 AUTO_MAP_ROUND_TRIP = (
-    "design conflict: a remote-code processor saves `auto_map` (AutoProcessor and vLLM find its code through it); "
+    "contract (docs/usage.md, the saved folder): a remote-code processor saves `auto_map` (AutoProcessor and vLLM "
+    "find its code through it); "
     "transformers' save records it on the in-memory processor and from_pretrained drops it again, so to_dict() "
     "differs by exactly `auto_map`; test_round_trip_except_auto_map checks everything else"
 )
