@@ -7,9 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 started=$(date +%s)
 
-# The main tier's venv (the README's install) when it is there, or OMNIFUSION_COMMON_VENV (the oldest_transformers
-# tier's); a fresh one otherwise.
-venv=${OMNIFUSION_COMMON_VENV:-.venv}
+# The main tier's venv (the README's install) when it is there; a fresh one otherwise.
+venv=.venv
 cache="${CI_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/omnifusion-ci}/transformers-sdist"
 if [ ! -x "$venv/bin/python" ]; then
     python3 -m venv "$venv"
