@@ -13,35 +13,79 @@ import torch
 from .quantization_omnifusion import is_plain_float_tensor
 
 
-def check_prompt(input_ids, inputs_embeds, past_length: int, max_position_embeddings: int | None, position_ids=None):
+def prompt_positions(text_config) -> tuple[int | None, str]:
     """
-    A `ValueError` for an empty prompt, or for one that does not fit the LM's positions: checked on every call that
-    feeds more than one token (a prompt, or a chunk of one after cached tokens), before anything is allocated.
-    Single-token decoding steps are not limited, as in transformers. When `position_ids` are given, the positions
-    themselves are checked rather than the length: engines that run several sequences flattened into one row (vLLM,
-    packed training batches) pass positions that restart per sequence.
+    The positions a prompt may reach in the language model, and how that follows from its config: its rotary
+    parameters (`rope_parameters`, or `rope_scaling` on older configs) decide, not `max_position_embeddings` alone.
+    - dynamic NTK scaling (`rope_type` "dynamic") recomputes the rotary frequencies for any length: no limit (`None`);
+    - any other rope type: `factor` (1 when absent) x `original_max_position_embeddings` (defaulting to
+      `max_position_embeddings`), or `max_position_embeddings` when that is larger: linear, YaRN, llama3 and longrope
+      scaling stretch the original context by their factor, and an unscaled (default) rope declares its trained
+      context as `original_max_position_embeddings`;
+    - per-layer-type rope parameters (a dict of dicts): the smallest context over the layer types;
+    - no `max_position_embeddings` and no rope context: no limit.
+    """
+    max_positions = getattr(text_config, "max_position_embeddings", None)
+    rope = getattr(text_config, "rope_parameters", None) or getattr(text_config, "rope_scaling", None) or {}
+    entries = [rope] if not rope or not all(isinstance(v, dict) or v is None for v in rope.values()) else rope.values()
+    limits = []
+    for entry in entries:
+        entry = entry or {}
+        rope_type = entry.get("rope_type", entry.get("type", "default"))
+        if rope_type == "dynamic":
+            return None, f"no position limit (rope_type {rope_type!r})"
+        original = entry.get("original_max_position_embeddings") or max_positions
+        if not original:
+            continue
+        factor = entry.get("factor") or 1.0
+        scaled = int(factor * original)
+        if max_positions and max_positions >= scaled:
+            limits.append((max_positions, f"max_position_embeddings={max_positions}"))
+        else:
+            how = f"factor {factor:g} x " if factor != 1.0 else ""
+            limits.append(
+                (
+                    scaled,
+                    f"{scaled} positions (rope_type {rope_type!r}: {how}original_max_position_embeddings {original})",
+                )
+            )
+    if not limits:
+        return (max_positions, f"max_position_embeddings={max_positions}") if max_positions else (None, "no limit")
+    return min(limits)
+
+
+def check_prompt(
+    input_ids, inputs_embeds, past_length: int, max_positions: int | None, position_ids=None, limit_name: str = ""
+):
+    """
+    A `ValueError` for an empty prompt, or for one that does not fit the LM's positions (`max_positions`, from
+    `prompt_positions`, described by `limit_name`; `None`: no limit): checked on every call that feeds more than one
+    token (a prompt, or a chunk of one after cached tokens), before anything is allocated. Single-token decoding steps
+    are not limited, as in transformers. When `position_ids` are given, the positions themselves are checked rather
+    than the length: engines that run several sequences flattened into one row (vLLM, packed training batches) pass
+    positions that restart per sequence.
     """
     shape = tuple((input_ids if input_ids is not None else inputs_embeds).shape)
     name = "input_ids" if input_ids is not None else "inputs_embeds"
     if len(shape) < 2 or shape[0] == 0 or shape[1] == 0:
         raise ValueError(f"The prompt is empty: {name} has shape {shape}; expected [batch, sequence] with both > 0.")
     length = shape[1]
-    if not max_position_embeddings or length <= 1:
+    if not max_positions or length <= 1:
         return
+    limit_name = limit_name or f"max_position_embeddings={max_positions}"
     if position_ids is not None:
         furthest = int(position_ids.max()) + 1
-        if furthest > max_position_embeddings:
+        if furthest > max_positions:
             raise ValueError(
                 f"The prompt reaches position {furthest} (image and audio positions included), more than the language "
-                f"model's max_position_embeddings={max_position_embeddings}; shorten it."
+                f"model's {limit_name}; shorten it."
             )
         return
-    if past_length + length > max_position_embeddings:
+    if past_length + length > max_positions:
         cached = f" after {past_length} cached tokens" if past_length else ""
         raise ValueError(
             f"The prompt is {length} tokens long{cached} (image and audio positions included), more than the language "
-            f"model's max_position_embeddings={max_position_embeddings}; shorten it to at most "
-            f"{max_position_embeddings - past_length} tokens."
+            f"model's {limit_name}; shorten it to at most {max_positions - past_length} tokens."
         )
 
 

@@ -44,6 +44,7 @@ from .input_checks_omnifusion import (
     check_prompt,
     check_prompt_ids,
     non_finite_weights,
+    prompt_positions,
 )
 from .quantization_omnifusion import compute_dtype, keep_requested_dtype, not_quantized_modules
 from .video_omnifusion import build_video_adapter, expand_video_frames, video_features
@@ -496,13 +497,9 @@ class OmniFusionModel(OmniFusionPreTrainedModel):
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("OmniFusionModel.forward needs exactly one of `input_ids` or `inputs_embeds`.")
-        check_prompt(
-            input_ids,
-            inputs_embeds,
-            cache.get_seq_length() if cache is not None else 0,
-            getattr(self.config.text_config, "max_position_embeddings", None),
-            position_ids,
-        )
+        max_positions, limit_name = prompt_positions(self.config.text_config)
+        past_length = cache.get_seq_length() if cache is not None else 0
+        check_prompt(input_ids, inputs_embeds, past_length, max_positions, position_ids, limit_name)
 
         if inputs_embeds is None:
             check_prompt_ids(input_ids, getattr(self.get_input_embeddings(), "num_embeddings", None), self.config)

@@ -19,6 +19,10 @@ import math
 
 import numpy as np
 import torch
+from transformers.audio_utils import AudioInput
+from transformers.image_utils import ImageInput
+from transformers.processing_utils import ProcessingKwargs, ProcessorMixin, Unpack
+from transformers.tokenization_utils_base import PreTokenizedInput, TextInput
 
 MAX_CHANNELS = 16
 # The processor's `__init__` settings for sound, left out of a saved processor without it.
@@ -261,3 +265,28 @@ __all__ = [
     "resample",
     "to_waveform",
 ]
+
+
+class SoundProcessorMixin(ProcessorMixin):
+    """
+    The processor's face to transformers for images, sound and text. transformers (its processors and their common
+    tests) read the modalities a processor takes from the signature of `__call__`, which names `images`, `text` and
+    `audio` here and leaves out `videos` (a processor with a video preprocessor takes them as a keyword; others refuse
+    them in `prepare_inputs_layout`); and
+    `model_input_names` lists `input_features` and `input_features_mask` when the processor has sound (its
+    `audio_preprocessor`, which is not one of the processor's attributes transformers collect names from).
+    """
+
+    def __call__(
+        self,
+        images: ImageInput | None = None,
+        text: TextInput | PreTokenizedInput | list[TextInput] | list[PreTokenizedInput] | None = None,
+        audio: AudioInput | None = None,
+        **kwargs: Unpack[ProcessingKwargs],
+    ):
+        return super().__call__(images=images, text=text, audio=audio, **kwargs)
+
+    @property
+    def model_input_names(self) -> list[str]:
+        sound = ["input_features", "input_features_mask"] if getattr(self, "audio_preprocessor", None) else []
+        return super().model_input_names + sound

@@ -8,14 +8,11 @@ import numpy as np
 import transformers
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_utils import make_flat_list_of_images
-from transformers.processing_utils import (
-    MultiModalData,
-    ProcessingKwargs,
-    ProcessorMixin,
-)
+from transformers.processing_utils import MultiModalData, ProcessingKwargs, ProcessorMixin
 
 from .audio_inputs_omnifusion import (
     AUDIO_PROCESSOR_FIELDS,
+    SoundProcessorMixin,
     check_audio,
     extract_audio_features,
     feature_extractor_from_dict,
@@ -99,7 +96,7 @@ class OmniFusionProcessorKwargs(ProcessingKwargs, total=False):
     _defaults = {"text_kwargs": TEXT_DEFAULTS}
 
 
-class OmniFusionProcessor(VideoProcessingMixin, ProcessorMixin):
+class OmniFusionProcessor(VideoProcessingMixin, SoundProcessorMixin):
     r"""
     Builds OmniFusion inputs: `pixel_values` from the image processor and `input_ids` in which every `<image>`
     placeholder becomes `<image_start>` + `num_image_tokens` x `<image>` + `<image_end>`.

@@ -297,6 +297,12 @@ class VideoProcessingMixin:
         return markers
 
     @property
+    def model_input_names(self) -> list[str]:
+        """The processor's output names, with `pixel_values_videos` when it has a video preprocessor."""
+        video = ["pixel_values_videos"] if getattr(self, "video_preprocessor", None) is not None else []
+        return super().model_input_names + video
+
+    @property
     def video_processor(self):
         """The video processor (`None` without video): the sub-processor transformers and vLLM look for."""
         return self.video_preprocessor

@@ -391,6 +391,43 @@ def test_a_prompt_longer_than_the_positions_is_refused_before_any_work(model_and
         model(input_ids=torch.ones(1, 600, dtype=torch.long), position_ids=torch.arange(600)[None])
 
 
+@pytest.mark.parametrize(
+    "rope, expected",
+    [
+        ({"rope_type": "default", "rope_theta": 1e4}, 512),
+        ({"rope_type": "default", "original_max_position_embeddings": 16384}, 16384),
+        ({"rope_type": "linear", "factor": 4.0}, 2048),
+        ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256}, 1024),
+        ({"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 128}, 512),
+        ({"rope_type": "dynamic", "factor": 4.0}, None),
+        (
+            {"full_attention": {"rope_type": "linear", "factor": 2.0}, "sliding_attention": {"rope_type": "default"}},
+            512,
+        ),
+    ],
+)
+def test_the_prompt_limit_follows_the_rope_parameters(rope, expected):
+    """Rope scaling stretches the positions a prompt may reach: factor x original context; dynamic has no limit."""
+    from transformers import MistralConfig
+
+    from modeling_omnifusion.input_checks_omnifusion import prompt_positions
+
+    config = MistralConfig(max_position_embeddings=512)
+    config.rope_parameters = rope
+    limit, name = prompt_positions(config)
+    assert limit == expected
+    assert (limit is None) == ("no position limit" in name)
+
+
+def test_a_prompt_that_rope_scaling_makes_valid_runs_and_one_beyond_it_is_refused():
+    model, _ = make_model_and_processor()
+    model.config.text_config.rope_parameters = {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}
+    model.model.language_model.rotary_emb.__init__(model.config.text_config)
+    assert model(input_ids=torch.ones(1, 600, dtype=torch.long)).logits.shape[1] == 600
+    with pytest.raises(ValueError, match="1100 tokens long .*1024 positions \\(rope_type 'linear': factor 2 x"):
+        model(input_ids=torch.ones(1, 1100, dtype=torch.long))
+
+
 def test_a_prompt_that_fits_and_decoding_past_it_still_work(model_and_processor):
     model, processor = model_and_processor
     prompt = torch.ones(1, 510, dtype=torch.long)

@@ -7,17 +7,17 @@ tower (8px images, patch 2: 16 image tokens), the transformer adapter and a 2-la
 The five marker ids (image placeholder, image start/end, user, assistant) are 99..103, outside the LM vocabulary,
 as in every OmniFusion checkpoint (input-only, never generated).
 
-Every test skipped below is a stated design conflict, with its reason; everything else must pass.
+Every test skipped below contradicts a documented contract, named in its reason; everything else must pass.
 """
 
 import copy
+import inspect
 import tempfile
 import unittest
 from unittest import mock
 
 import torch
-from parameterized import parameterized
-from transformers import AutoImageProcessor, CLIPImageProcessorPil
+from transformers import AutoImageProcessor, CLIPImageProcessorPil, WhisperFeatureExtractor
 from transformers.models.auto import modeling_auto
 from transformers_sdist_tests.generation.test_utils import GenerationTesterMixin
 from transformers_sdist_tests.test_configuration_common import ConfigTester
@@ -171,9 +171,9 @@ class OmniFusionAudioModelTester:
 
 
 MARKERS_OUTSIDE_SHRUNK_VOCAB = (
-    "design conflict: the test shrinks the vocabulary and clamps every input id into it, which turns the marker and "
-    "image placeholder ids (input-only, above the LM vocabulary by design) into text ids, so the images have no "
-    "placeholder left; test_resize_keeps_markers covers resizing instead"
+    "contract (docs/architecture.md, Markers): marker and image placeholder ids are input-only and lie after the "
+    "LM's vocabulary; the test shrinks the vocabulary and clamps every input id into it, turning them into text "
+    "ids, so the images have no placeholder left; test_resize_keeps_markers covers resizing instead"
 )
 
 
@@ -214,7 +214,8 @@ class OmniFusionModelTest(ModelTesterMixin, GenerationTesterMixin, unittest.Test
         pass
 
     @unittest.skip(
-        reason="design conflict: OmniFusion ships as remote code, and transformers initializes the missing weights of "
+        reason="contract (docs/usage.md, the saved folder): OmniFusion ships as remote code, and transformers "
+        "initializes the missing weights of "
         "a remote-code model with its custom-code rule, passed down to the library CLIP tower too: a module without "
         "parameters of its own counts as initialized, so CLIP's attention/MLP-level init of q/k/v/out_proj and fc1/fc2 "
         "never runs on that path; with is_custom_code() False both inits are identical"
@@ -227,15 +228,6 @@ class OmniFusionModelTest(ModelTesterMixin, GenerationTesterMixin, unittest.Test
         "this inheritance check would pass without testing anything; generation is covered by tests/test_modeling.py"
     )
     def test_generation_tester_mixin_inheritance(self):
-        pass
-
-    @parameterized.expand([("linear",), ("dynamic",), ("yarn",)])
-    @unittest.skip(
-        reason="design conflict: the test feeds 1.5 x max_position_embeddings tokens to the LM, and OmniFusion "
-        "refuses a prompt longer than text_config.max_position_embeddings with a ValueError before any work (its "
-        "input check); rope scaling itself is the LM's (Mistral's) own code"
-    )
-    def test_model_rope_scaling_from_config(self, scaling_type):
         pass
 
     def test_resize_keeps_markers(self):
@@ -258,7 +250,8 @@ class OmniFusionModelTest(ModelTesterMixin, GenerationTesterMixin, unittest.Test
 
 
 AUTO_MAP_ROUND_TRIP = (
-    "design conflict: a remote-code processor saves `auto_map` (AutoProcessor and vLLM find its code through it); "
+    "contract (docs/usage.md, the saved folder): a remote-code processor saves `auto_map` (AutoProcessor and vLLM "
+    "find its code through it); "
     "transformers' save records it on the in-memory processor and from_pretrained drops it again, so to_dict() "
     "differs by exactly `auto_map`; test_round_trip_except_auto_map checks everything else"
 )
@@ -270,34 +263,50 @@ def _without_auto_map(value):
     return value
 
 
-VIDEOS_AND_AUDIO_REFUSED = (
-    "design conflict: the test passes videos and audio to every processor and expects an image-only one to drop "
-    "them silently; OmniFusionProcessor refuses them with a ValueError (no input is silently lost); "
-    "test_model_input_names_and_return_tensors_for_images_and_text runs the same checks on images and text"
-)
-
-
 class OmniFusionProcessorTest(ProcessorTesterMixin, unittest.TestCase):
     processor_class = OmniFusionProcessor
 
-    @unittest.skip(reason=VIDEOS_AND_AUDIO_REFUSED)
+    def _with_sound(self, test):
+        """
+        Runs upstream's `test` on the tester's processor with sound (a Whisper feature extractor added), the one that
+        takes every modality its `__call__` names (images, text, audio): the test passes each of them, as it does to
+        transformers' own processors. An image-only processor refuses audio instead of dropping it
+        (test_image_only_processor_refuses_audio_and_videos).
+        """
+        processor = self.processor_class(
+            self._setup_image_processor(),
+            self._setup_tokenizer(),
+            audio_preprocessor=WhisperFeatureExtractor(chunk_length=1),
+            **self.prepare_processor_dict(),
+        )
+        with tempfile.TemporaryDirectory() as folder:
+            processor.save_pretrained(folder)
+            with (
+                mock.patch.object(self, "tmpdirname", folder),
+                mock.patch.object(self, "audio_token", "<audio>", create=True),
+            ):
+                test()
+
     def test_model_input_names(self):
-        pass
+        self._with_sound(super().test_model_input_names)
 
-    @unittest.skip(reason=VIDEOS_AND_AUDIO_REFUSED)
     def test_flat_kwarg_applied_when_modality_dict_lacks_it(self):
-        pass
+        self._with_sound(super().test_flat_kwarg_applied_when_modality_dict_lacks_it)
 
-    def test_model_input_names_and_return_tensors_for_images_and_text(self):
+    def test_image_only_processor_refuses_audio_and_videos(self):
+        """transformers' signature rule: no `videos` in `__call__`; passed anyway, videos are refused, and so is
+        audio on a processor without sound; images and text give exactly `model_input_names`, as tensors."""
         processor = self.get_processor()
+        self.assertNotIn("videos", inspect.signature(processor.__call__).parameters)
         inputs_dict = {"text": self.prepare_text_inputs(modalities=["image"]), "images": self.prepare_images_inputs()}
-        inputs = processor(**inputs_dict, return_tensors="pt")
+        inputs = processor(**inputs_dict, text_kwargs={}, return_tensors="pt")
         self.assertSetEqual(set(inputs.keys()), set(processor.model_input_names))
-        flat = processor(**inputs_dict, text_kwargs={}, return_tensors="pt")
-        for key, value in flat.items():
+        for key, value in inputs.items():
             self.assertIsInstance(value, torch.Tensor, msg=f"{key} should be a torch.Tensor")
         with self.assertRaisesRegex(ValueError, "not videos"):
             processor(**inputs_dict, videos=self.prepare_videos_inputs())
+        with self.assertRaisesRegex(ValueError, "no audio encoder"):
+            processor(**inputs_dict, audio=self.prepare_audio_inputs())
 
     @unittest.skip(reason=AUTO_MAP_ROUND_TRIP)
     def test_processor_from_and_save_pretrained(self):
