@@ -26,7 +26,10 @@ from modeling_omnifusion.testing.tiny import (
     make_clip,
     make_image,
     make_model_and_processor,
+    make_video,
+    make_video_model_and_processor,
 )
+from modeling_omnifusion.testing.videos import write_video
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -202,6 +205,16 @@ def test_streamed_reply_with_sound_equals_generate(files):
     model, processor = make_audio_model_and_processor(seed=3)
     messages = history_to_messages([], {"text": "Answer.", "files": [files["audio"]]}, supported_media(processor))
     assert messages[0]["content"][0] == {"type": "audio", "path": files["audio"]}
+    texts = list(stream_reply(model, processor, messages, max_new_tokens=12))
+    assert texts and texts[-1] == greedy(model, processor, messages, max_new_tokens=12)
+
+
+def test_streamed_reply_with_a_video_file_equals_generate(tmp_path):
+    model, processor = make_video_model_and_processor(seed=4)
+    assert supported_media(processor) == ("image", "video")
+    video = write_video(tmp_path / "upload.mp4", make_video(seed=5, frames=6))
+    messages = history_to_messages([], {"text": "What moves?", "files": [video]}, supported_media(processor))
+    assert messages[0]["content"][0] == {"type": "video", "path": video}
     texts = list(stream_reply(model, processor, messages, max_new_tokens=12))
     assert texts and texts[-1] == greedy(model, processor, messages, max_new_tokens=12)
 
