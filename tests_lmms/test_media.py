@@ -1,12 +1,20 @@
 """What the `omnifusion` lmms-eval model takes from a task's messages: images, sound where the model has an audio
-tower (lmms-eval's HF `Audio` dicts, resampled), and a clear refusal of video."""
+tower (lmms-eval's HF `Audio` dicts, resampled), videos where the model has video (a file decoded with PyAV), and a
+clear refusal of video elsewhere."""
 
 import numpy as np
 import pytest
 import torch
 
 from modeling_omnifusion.evaluation.lmms.model import OmniFusionLMMs
-from modeling_omnifusion.testing.tiny import make_audio_model_and_processor, make_clip, make_image
+from modeling_omnifusion.testing.tiny import (
+    make_audio_model_and_processor,
+    make_clip,
+    make_image,
+    make_video,
+    make_video_model_and_processor,
+)
+from modeling_omnifusion.testing.videos import write_video
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +56,26 @@ def test_sound_items_become_clips_at_the_processors_rate_and_generate_like_hf(au
         output = lmm.model.generate(**inputs, max_new_tokens=4, do_sample=False, num_beams=1)
     expected = lmm.processor.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     assert answer == expected
+
+
+def test_a_video_file_becomes_a_video_item_and_generates_like_hf(tmp_path):
+    folder = tmp_path / "omnifusion-video-tiny"
+    model, processor = make_video_model_and_processor(seed=5)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    lmm = _load(folder)
+    video = write_video(tmp_path / "clip.mp4", make_video(seed=6, frames=6))
+    (turn,) = lmm.to_chat(
+        [{"role": "user", "content": [{"type": "video", "url": video}, {"type": "text", "text": "What moves?"}]}]
+    )
+    assert turn["content"][0] == {"type": "video", "path": video}
+    answer = lmm._generate([[turn]], {"max_new_tokens": 4})[0]
+    inputs = lmm.processor.apply_chat_template(
+        [turn], add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
+    with torch.no_grad():
+        output = lmm.model.generate(**inputs, max_new_tokens=4, do_sample=False, num_beams=1)
+    assert answer == lmm.processor.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
 def test_images_by_path_and_object_give_the_same_chat(tiny_model_dir, tmp_path):

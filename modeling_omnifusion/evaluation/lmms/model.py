@@ -21,10 +21,11 @@ every prompt is rendered by the processor's own chat template (the released prom
   (float32). The greedy flag is not computed (`None`): the scorer yields scores only.
 
 Media: images (PIL images or paths); sound for models with an audio tower (HF `Audio` dicts with `array` and
-`sampling_rate`, arrays at the processor's rate, or file paths); videos are refused with a `ValueError` until the
-model has a video path (`video_content` is the one place that turns an lmms-eval video item into chat content).
+`sampling_rate`, arrays at the processor's rate, or file paths); videos (paths, or frames) where the model has video,
+else a `ValueError` (`video_content` is the one place that turns an lmms-eval video item into chat content).
 """
 
+import os
 from collections.abc import Callable
 
 import numpy as np
@@ -114,6 +115,7 @@ class OmniFusionLMMs(lmms):
         self.candidate_batch_size = self._positive("candidate_batch_size", candidate_batch_size)
         self.max_new_tokens = self._positive("max_new_tokens", max_new_tokens)
         self.has_audio = getattr(self.processor, "audio_preprocessor", None) is not None
+        self.has_video = getattr(self.processor, "video_preprocessor", None) is not None
 
     @staticmethod
     def _positive(name: str, value) -> int:
@@ -137,11 +139,19 @@ class OmniFusionLMMs(lmms):
     # ---- lmms-eval messages -> the processor's chat
 
     def video_content(self, item: dict) -> list[dict]:
-        """The chat content for an lmms-eval video item; a model without a video path refuses it."""
-        raise ValueError(
-            f"omnifusion: this model takes images and{'' if self.has_audio else ' no'} sound, not video "
-            f"(got a video item {str(item.get('url'))[:80]!r})"
-        )
+        """The chat content for an lmms-eval video item: a file path or URL (decoded by the processor with PyAV), or
+        decoded frames (an array, a tensor or a list of images); a model without video refuses it."""
+        payload = item.get("url", item.get("video"))
+        if not self.has_video:
+            raise ValueError(
+                f"omnifusion: this model takes images and{'' if self.has_audio else ' no'} sound, not video "
+                f"(got a video item {str(payload)[:80]!r})"
+            )
+        if isinstance(payload, (str, os.PathLike)):
+            return [{"type": "video", "path": os.fspath(payload)}]
+        if payload is None:
+            raise ValueError("omnifusion: a video item holds neither a path nor frames")
+        return [{"type": "video", "video": payload}]
 
     def _sound(self, source) -> dict:
         if not self.has_audio:
