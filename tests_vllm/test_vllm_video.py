@@ -102,20 +102,24 @@ def server(tmp_path_factory):
         yield base, folder
 
 
-def test_server_video_url_chat_completion_equals_hf(server):
-    """An OpenAI `video_url` part (the frames as a data URL) in a chat completion: the prompt ids and greedy tokens
-    of HF."""
+@pytest.mark.parametrize("name", list(CHATS))
+def test_server_video_url_chat_completion_equals_hf(server, name):
+    """OpenAI `video_url` parts (the frames as a data URL; an image as a PNG `image_url`) in a chat completion: the
+    prompt ids and greedy tokens of HF."""
     base, folder = server
     reference = torch.load(REFERENCE / f"{folder.name}.video_reference.pt", weights_only=True)
     content = []
-    for item in CHATS["one_video"][0]["content"]:
+    for item in CHATS[name][0]["content"]:
         if item["type"] == "video":
             url = frames_data_url(np.load(REFERENCE / item["video"]))
             content.append({"type": "video_url", "video_url": {"url": url}})
+        elif item["type"] == "image":
+            data = base64.b64encode((REFERENCE / item["path"]).read_bytes()).decode()
+            content.append({"type": "image_url", "image_url": {"url": "data:image/png;base64," + data}})
         else:
             content.append(item)
-    prompt_ids = reference["one_video"]["inputs"]["input_ids"][0].tolist()
-    expected = reference["one_video"]["tokens"][0, len(prompt_ids) :].tolist()
+    prompt_ids = reference[name]["inputs"]["input_ids"][0].tolist()
+    expected = reference[name]["tokens"][0, len(prompt_ids) :].tolist()
     status, response = post(
         base + "/v1/chat/completions",
         {
