@@ -37,6 +37,8 @@ OMNIFUSION_REFERENCE_DIR="$WORK/reference" timeout 900 "$VLLM_VENV/bin/python" -
     "$ROOT/tests_vllm/test_vllm_vision_variants.py"
 OMNIFUSION_REFERENCE_DIR="$WORK/reference" timeout 900 "$VLLM_VENV/bin/python" -m pytest -q -p no:cacheprovider \
     "$ROOT/tests_vllm/test_vllm_audio.py"
+OMNIFUSION_REFERENCE_DIR="$WORK/reference" timeout 900 "$VLLM_VENV/bin/python" -m pytest -q -p no:cacheprovider \
+    "$ROOT/tests_vllm/test_vllm_video.py"
 # VisDial scored on vLLM against the HF backend (modeling_omnifusion.evaluation.visdial_vllm): the project's wheel
 # (with its evaluation and testing packages) must be importable next to vLLM's transformers, so it is unpacked into
 # a folder of its own (the cached venv stays as it was built).

@@ -103,6 +103,7 @@ def video_features(model, pixel_values_videos: torch.Tensor, **kwargs) -> BaseMo
         pixel_values_videos = pixel_values_videos.flatten(0, 1)
     adapter = model.video_adapter if config.video_adapter == "separate" else model.adapter
     kwargs.pop("vision_feature_select_strategy", None)  # frames always drop the CLS/register tokens
+    kwargs.pop("video_grid_thw", None)  # `[frames, 1, 1]` per video (the processor's, for serving engines): unused
     outputs = model.get_image_features(pixel_values_videos, adapter=adapter, return_dict=True, **kwargs)
     outputs.pooler_output = pool_frames(outputs.pooler_output, config.video_pool_size)
     return outputs

