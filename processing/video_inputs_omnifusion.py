@@ -13,7 +13,11 @@ clear `ValueError`/`TypeError` names the video; the frames then go through the e
 """
 
 import numpy as np
+from transformers.audio_utils import AudioInput
 from transformers.feature_extraction_utils import BatchFeature
+from transformers.image_utils import ImageInput
+from transformers.processing_utils import ProcessingKwargs, Unpack
+from transformers.tokenization_utils_base import PreTokenizedInput, TextInput
 from transformers.utils import PushToHubMixin
 
 from .processor_checks_omnifusion import check_placeholder_count
@@ -364,11 +368,18 @@ class VideoProcessingMixin:
             "num_video_patches": frames,
         }
 
-    def __call__(self, *args, **kwargs):
-        """`ProcessorMixin.__call__`; when the text replacement offsets are asked for (serving engines such as vLLM's
-        Transformers backend ask for them), also `video_grid_thw`: `[frames, 1, 1]` per video, in order, which is how
-        such an engine tells the rows of `pixel_values_videos` (one per frame) of each video apart."""
-        outputs = super().__call__(*args, **kwargs)
+    def __call__(
+        self,
+        images: ImageInput | None = None,
+        text: TextInput | PreTokenizedInput | list[TextInput] | list[PreTokenizedInput] | None = None,
+        audio: AudioInput | None = None,
+        **kwargs: Unpack[ProcessingKwargs],
+    ) -> BatchFeature:
+        """`ProcessorMixin.__call__` (the signature transformers reads the modalities from, as `SoundProcessorMixin`'s;
+        videos come as the `videos` keyword); when the text replacement offsets are asked for (serving engines such
+        as vLLM's Transformers backend ask for them), also `video_grid_thw`: `[frames, 1, 1]` per video, in order,
+        which is how such an engine tells the rows of `pixel_values_videos` (one per frame) of each video apart."""
+        outputs = super().__call__(images=images, text=text, audio=audio, **kwargs)
         offsets = outputs.get("text_replacement_offsets") if kwargs.get("return_text_replacement_offsets") else None
         frames = outputs.get("pixel_values_videos")
         if offsets is None or frames is None or self.video_token is None:
