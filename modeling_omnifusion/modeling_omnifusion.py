@@ -138,8 +138,10 @@ class OmniFusionPreTrainedModel(PreTrainedModel):
         its weights file (`check_config_against_weights`) and before returning, a `ValueError` if the LM head, the
         token embeddings, the markers or the adapter hold NaN or Inf values."""
         check_generation_config_file(pretrained_model_name_or_path, kwargs.get("subfolder", ""))
-        folder = os.path.join(os.fspath(pretrained_model_name_or_path), kwargs.get("subfolder") or "")
-        if os.path.isdir(folder):
+        # None: weights from `state_dict=` with `config=`, no folder to check
+        path = "" if pretrained_model_name_or_path is None else os.fspath(pretrained_model_name_or_path)
+        folder = os.path.join(path, kwargs.get("subfolder") or "")
+        if path and os.path.isdir(folder):
             config = kwargs.get("config")
             if not isinstance(config, OmniFusionConfig):
                 config = cls.config_class.from_pretrained(folder)
