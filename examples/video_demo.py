@@ -31,6 +31,7 @@ from modeling_omnifusion.training import stage1, stage2
 
 QUESTION = "How does the shape move?"
 FRAMES = 4
+DISTANCE = 8  # pixels the square moves in a clip; its first frame is drawn alike for every motion but "appearing"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -47,7 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--stage2_lr", type=float, default=3e-3, help="Stage-2 learning rate.")
     parser.add_argument("--threads", type=int, default=2, help="torch threads.")
     args = parser.parse_args(argv)
-    defaults = (8, 4, 40, 50, 10, 60) if args.quick else (60, 20, 100, 100, 100, 600)
+    defaults = (10, 4, 40, 50, 10, 100) if args.quick else (60, 20, 100, 100, 100, 600)
     names = ("train_per_motion", "test_per_motion", "vision_steps", "lm_steps", "stage1_steps", "stage2_steps")
     for name, value in zip(names, defaults):
         if getattr(args, name) is None:
@@ -90,7 +91,11 @@ def pretrain_vision_model(folder: Path, steps: int, seed_base: int) -> Path:
     torch.manual_seed(0)
     tower = CLIPVisionModel(vision_config("clip", hidden=64, num_layers=3))
     image_processor = make_processor().image_processor
-    clips = [motion_clip(motion, seed=seed_base + seed, frames=FRAMES) for seed in range(50) for motion in MOTIONS]
+    clips = [
+        motion_clip(motion, seed=seed_base + seed, frames=FRAMES, distance=DISTANCE)
+        for seed in range(50)
+        for motion in MOTIONS
+    ]
     frames = np.concatenate(clips)
     pixel_values = image_processor(list(frames), return_tensors="pt")["pixel_values"]
     bright = torch.from_numpy(frames.max(-1) >= 150).float()  # [n, 32, 32]: the square's pixels
@@ -121,7 +126,7 @@ def write_clips(folder: Path, per_motion: int, seed_base: int) -> list[dict]:
         for motion in MOTIONS:
             seed = seed_base + number * len(MOTIONS) + MOTIONS.index(motion)
             name = f"clips/{motion}-{seed}.mp4"
-            write_video(folder / name, motion_clip(motion, seed=seed, frames=FRAMES), fps=FRAMES)
+            write_video(folder / name, motion_clip(motion, seed=seed, frames=FRAMES, distance=DISTANCE), fps=FRAMES)
             conversation = [{"from": "human", "value": f"<video>\n{QUESTION}"}, {"from": "gpt", "value": motion}]
             records.append({"id": f"{motion}-{seed}", "video": name, "conversations": conversation})
     return records
