@@ -9,11 +9,11 @@ frame of each clip only (the first: `num_frames=1` samples frame 0).
     python examples/video_demo.py --output_dir video-demo            # the full run
     python examples/video_demo.py --output_dir video-demo --quick    # a smoke test: fewer clips and steps
 
-Before the stages, two parts stand in for pretrained models: a 3-layer CLIP-architecture tower trained on single frames
-to tell how much of each patch the square covers (no motion labels), and the fixtures' 2-layer LM trained on the
-question followed by each answer (the answer words, all six alike). Clips have 4 frames of 32x32 and the square moves
-`DISTANCE` (8) pixels; its first frame is drawn from one distribution for every motion but "appearing" (no square),
-so from one frame the best any model can do is 1/6 + (5/6) / 5 = 0.333, chance is 1/6.
+Before the stages, two parts stand in for pretrained models: a 3-layer CLIP-architecture tower trained on single
+frames to tell, from each patch token, how much of that patch the square covers (no motion labels), and the fixtures'
+2-layer LM trained on the question followed by each answer (the answer words, all six alike). Clips have 4 frames of
+32x32 and the square moves `DISTANCE` (8) pixels; its first frame is drawn from one distribution for every motion but
+"appearing" (no square), so from one frame the best any model can do is 1/6 + (5/6) / 5 = 0.333, chance is 1/6.
 
 The final Hub folder is `<output_dir>/omnifusion-video` (the stage-2 model). The last line printed is
 `motion_accuracy=<value> single_frame_accuracy=<value>`: the share of held-out clips whose answer ranks first among the
@@ -38,7 +38,6 @@ from modeling_omnifusion.training import stage1, stage2
 
 QUESTION = "How does the shape move?"
 FRAMES = 4
-POOL = 4  # --video_pool_size: a 4x4-patch frame pooled to one position
 DISTANCE = 8  # pixels the square moves in a clip; its first frame is drawn alike for every motion but "appearing"
 
 
@@ -92,8 +91,7 @@ def pretrain_vision_model(folder: Path, steps: int, seed_base: int) -> Path:
     """
     A 3-layer CLIP-architecture tower (`vision_config("clip", hidden=64, num_layers=3)`) trained on single frames so
     that every patch token of the hidden state OmniFusion reads (the second-to-last) tells, through a shared linear
-    probe, whether the frame shows the square and where its centre is: a stand-in for a pretrained encoder that sees
-    where things are (as examples/synthetic_shapes.py's tower tells a scene's attributes from every patch).
+    probe, how much of that patch the square covers: a stand-in for a pretrained encoder that sees where things are.
     Its frames come from clips of seeds `seed_base` onwards (none of the demo's training or held-out clips) and it
     never sees a motion label. Saved with the fixtures' image processor.
     """
@@ -107,28 +105,21 @@ def pretrain_vision_model(folder: Path, steps: int, seed_base: int) -> Path:
     ]
     frames = np.concatenate(clips)
     pixel_values = image_processor(list(frames), return_tensors="pt")["pixel_values"]
-    bright = torch.from_numpy(frames.max(-1) >= 150)  # [n, 32, 32]: the square's pixels
-    present = bright.flatten(1).any(1).float()
-    rows, columns = bright.any(2).float(), bright.any(1).float()  # [n, 32] each
-    grid = torch.arange(bright.shape[1], dtype=torch.float32) / bright.shape[1]
-    centre = torch.stack([rows @ grid, columns @ grid], 1) / rows.sum(1, keepdim=True).clamp(min=1)  # [n, 2]
-    probe = torch.nn.Linear(tower.config.hidden_size, 3)  # present, centre row, centre column
+    bright = torch.from_numpy(frames.max(-1) >= 150).float()  # [n, 32, 32]: the square's pixels
+    patch = tower.config.patch_size
+    coverage = torch.nn.functional.avg_pool2d(bright[:, None], patch).flatten(1)  # [n, patches]
+    probe = torch.nn.Linear(tower.config.hidden_size, 1)
     optimizer = torch.optim.AdamW([*tower.parameters(), *probe.parameters()], lr=3e-3, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps, pct_start=0.1)
     for _ in range(steps):
         index = torch.randint(len(frames), (64,))
         patches = tower(pixel_values[index], output_hidden_states=True).hidden_states[-2][:, 1:]
-        guesses = probe(patches)  # [64, patches, 3]: every patch token tells the whole frame's square
-        loss = torch.nn.functional.mse_loss(guesses[..., 0], present[index, None].expand_as(guesses[..., 0]))
-        shown = present[index].bool()
-        if shown.any():
-            where = centre[index][shown][:, None].expand_as(guesses[shown][..., 1:])
-            loss = loss + torch.nn.functional.mse_loss(guesses[shown][..., 1:], where)
+        loss = torch.nn.functional.mse_loss(probe(patches).squeeze(-1), coverage[index])
         loss.backward()
         optimizer.step()
         schedule.step()
         optimizer.zero_grad()
-    print(f"vision pre-training: {steps} steps, probe loss {loss.item():.4f}")
+    print(f"vision pre-training: {steps} steps, coverage probe loss {loss.item():.4f} (variance {coverage.var():.4f})")
     tower.save_pretrained(folder)
     image_processor.save_pretrained(folder)
     return folder
@@ -224,7 +215,7 @@ def main(argv=None) -> int:
     stage1_dir, final_dir = output_dir / "stage1", output_dir / "omnifusion-video"
     stage1.main(
         ["--vision_model_name_or_path", str(parts["vision"]), "--language_model_name_or_path", str(parts["language"])]
-        + ["--adapter_type", "mlp", "--video_num_frames", str(FRAMES), "--video_pool_size", str(POOL)]
+        + ["--adapter_type", "mlp", "--video_num_frames", str(FRAMES)]
         + common_flags(stage1_dir, train_path, args.stage1_steps, args.stage1_lr)
     )
     stage2.main(
