@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 log="$work/demo.log"
-timeout 1200 "$MAIN_PYTHON" examples/video_demo.py --output_dir "$work/demo" | tee "$log"
+timeout 1800 "$MAIN_PYTHON" examples/video_demo.py --output_dir "$work/demo" | tee "$log"
 last_line="$(tail -n 1 "$log")"
 if ! [[ "$last_line" =~ ^motion_accuracy=[0-9]+\.[0-9]+\ single_frame_accuracy=[0-9]+\.[0-9]+$ ]]; then
     echo "tier video: the demo's last line is not 'motion_accuracy=<value> single_frame_accuracy=<value>': $last_line" >&2

@@ -51,6 +51,25 @@ def test_clips_move_the_square_as_named(motion):
     assert len({box[1 - axis] for box in boxes}) == 1
 
 
+@pytest.mark.parametrize("motion", MOTIONS)
+def test_clips_with_a_distance_start_alike_and_move_that_far(motion):
+    for seed in range(20):
+        boxes = [square_boxes(frame) for frame in motion_clip(motion, seed=seed, frames=4, distance=8)]
+        if motion == "appearing":
+            assert boxes[0] is None and boxes[-1] is not None
+            continue
+        # every first frame but appearing's: the square somewhere in [8, 16] on both axes
+        assert boxes[0][2:] == (8, 8) and 8 <= boxes[0][0] <= 16 and 8 <= boxes[0][1] <= 16
+        if motion == "vanishing":
+            assert boxes[-1] is None
+            continue
+        axis = 1 if motion in ("left", "right") else 0
+        sign = 1 if motion in ("right", "down") else -1
+        assert boxes[-1][axis] - boxes[0][axis] == sign * 8 and boxes[-1][1 - axis] == boxes[0][1 - axis]
+    with pytest.raises(ValueError, match="distance"):
+        motion_clip(motion, distance=13)
+
+
 def test_records_point_at_decodable_mp4s_and_answer_the_motion(demo, tmp_path):
     records = demo.write_clips(tmp_path, 1, seed_base=0)
     assert [record["conversations"][1]["value"] for record in records] == list(MOTIONS)
@@ -61,7 +80,7 @@ def test_records_point_at_decodable_mp4s_and_answer_the_motion(demo, tmp_path):
 
 def test_quick_defaults_and_the_stage_flags_parse_as_the_library_commands(demo, tmp_path):
     args = demo.parse_args(["--output_dir", str(tmp_path), "--quick"])
-    assert (args.train_per_motion, args.test_per_motion, args.stage1_steps, args.stage2_steps) == (8, 4, 10, 60)
+    assert (args.train_per_motion, args.test_per_motion, args.stage1_steps, args.stage2_steps) == (10, 4, 10, 100)
     flags = demo.common_flags(tmp_path / "out", tmp_path / "train.json", 5, 1e-3)
     parser = HfArgumentParser((stage1.ModelArguments, DataArguments, stage1.Stage1TrainingArguments))
     _, data_args, training_args = parser.parse_args_into_dataclasses(

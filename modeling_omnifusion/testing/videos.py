@@ -8,12 +8,19 @@ import numpy as np
 MOTIONS = ("left", "right", "up", "down", "appearing", "vanishing")
 
 
-def motion_clip(motion: str, seed: int = 0, frames: int = 8, size: int = 32, shape_size: int = 8) -> np.ndarray:
+def motion_clip(
+    motion: str, seed: int = 0, frames: int = 8, size: int = 32, shape_size: int = 8, distance: int | None = None
+) -> np.ndarray:
     """
     `[frames, size, size, 3]` uint8: a square of a random colour on a random dark background, moving `motion`
     ("left", "right", "up", "down": from near one edge to near the other, the off-axis position random) or in place
     ("appearing": absent in the first half of the frames, present after; "vanishing": the reverse). Any single frame
     of a moving clip shows the square at a position every direction passes through.
+
+    With `distance`, the square moves `distance` pixels instead, and its first position (both coordinates, and the
+    place where it appears or vanishes) is drawn uniformly from `[distance, size - shape_size - distance]` for every
+    motion: the first frame is then drawn from one distribution for "left", "right", "up", "down" and "vanishing",
+    so it tells only "appearing" (no square) from the rest.
     """
     if motion not in MOTIONS:
         raise ValueError(f"motion must be one of {list(MOTIONS)}, got {motion!r}")
@@ -21,8 +28,14 @@ def motion_clip(motion: str, seed: int = 0, frames: int = 8, size: int = 32, sha
     background = rng.integers(0, 60, 3)
     colour = rng.integers(150, 256, 3)
     travel = size - shape_size
-    start, end = int(rng.integers(0, 3)), travel - int(rng.integers(0, 3))
-    across = int(rng.integers(0, travel + 1))
+    if distance is None:
+        start, end = int(rng.integers(0, 3)), travel - int(rng.integers(0, 3))
+        across = int(rng.integers(0, travel + 1))
+    else:
+        if not 0 < distance <= travel // 2:
+            raise ValueError(f"distance must be in [1, {travel // 2}] for size {size}, got {distance}")
+        first, across = (int(value) for value in rng.integers(distance, travel - distance + 1, 2))
+        start, end = (first, first + distance) if motion in ("right", "down") else (first - distance, first)
     video = np.empty((frames, size, size, 3), dtype=np.uint8)
     video[:] = background
     for index in range(frames):
@@ -33,7 +46,9 @@ def motion_clip(motion: str, seed: int = 0, frames: int = 8, size: int = 32, sha
         elif motion in ("up", "down"):
             top, left = position, across
         else:
-            top, left = across, int(rng.integers(0, travel + 1)) if index == 0 else left
+            if index == 0:
+                left = int(rng.integers(0, travel + 1)) if distance is None else first
+            top = across
             visible = (index >= frames // 2) == (motion == "appearing")
             if not visible:
                 continue
