@@ -46,7 +46,12 @@ from .input_checks_omnifusion import (
     non_finite_weights,
     prompt_positions,
 )
-from .quantization_omnifusion import compute_dtype, keep_requested_dtype, not_quantized_modules
+from .quantization_omnifusion import (
+    compute_dtype,
+    declared_modules_present,
+    keep_requested_dtype,
+    not_quantized_modules,
+)
 from .video_omnifusion import build_video_adapter, expand_video_frames, video_features
 
 
@@ -185,6 +190,10 @@ class OmniFusionPreTrainedModel(PreTrainedModel):
             super().save_pretrained(folder, *args, **kwargs)
             if not has_card:
                 build_model_card(self.config).save(os.path.join(folder, "README.md"))
+
+    def post_init(self):
+        super().post_init()
+        self._keep_in_fp32_modules = declared_modules_present(self, self._keep_in_fp32_modules)
 
     def _get_dtype_plan(self, dtype: torch.dtype) -> dict:
         """transformers' plan without the modules declared only to stay unquantized: they load in `dtype`."""

@@ -9,6 +9,8 @@ Declaring them does not upcast anything: `keep_requested_dtype` removes them fro
 `_keep_in_fp32_modules` otherwise makes.
 """
 
+import re
+
 import torch
 from torch import nn
 
@@ -60,3 +62,10 @@ __all__ = [
     "keep_requested_dtype",
     "not_quantized_modules",
 ]
+
+
+def declared_modules_present(model: nn.Module, declared) -> set[str]:
+    """The names of `declared` that name a module of `model` (matched, as transformers matches them, at dot
+    boundaries of its parameter and buffer names): a model without sound or video declares no audio or video part."""
+    names = [name for name, _ in model.named_parameters()] + [name for name, _ in model.named_buffers()]
+    return {module for module in declared if any(re.search(rf"(?:^|\.){re.escape(module)}(?:\.|$)", n) for n in names)}

@@ -16,7 +16,7 @@ import numpy as np
 from transformers.audio_utils import AudioInput
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_utils import ImageInput
-from transformers.processing_utils import ProcessingKwargs, Unpack
+from transformers.processing_utils import ProcessingKwargs, ProcessorMixin, Unpack
 from transformers.tokenization_utils_base import PreTokenizedInput, TextInput
 from transformers.utils import PushToHubMixin
 
@@ -288,7 +288,7 @@ def add_video_items(template: str) -> str:
     )
 
 
-class VideoProcessingMixin:
+class VideoProcessingMixin(ProcessorMixin):
     """The video methods of `OmniFusionProcessor` (a model with `video_num_frames` set; `video_preprocessor` None:
     no video, and the processor saves exactly the files it always did)."""
 

@@ -137,6 +137,7 @@ class OmniFusionModelTester:
 
 
 AUDIO_IDS = dict(audio_token_id=VOCAB_SIZE + 5, audio_start_token_id=VOCAB_SIZE + 6, audio_end_token_id=VOCAB_SIZE + 7)
+VIDEO_IDS = dict(video_token_id=VOCAB_SIZE + 5, video_start_token_id=VOCAB_SIZE + 6, video_end_token_id=VOCAB_SIZE + 7)
 
 
 class OmniFusionAudioModelTester:
@@ -204,6 +205,21 @@ class OmniFusionModelTest(ModelTesterMixin, GenerationTesterMixin, unittest.Test
         config, _ = self.model_tester.prepare_config_and_inputs_for_common()
         audio = self.model_tester.audio_model_tester
         return audio.config_with_sound(config), audio.prepare_config_and_inputs_for_common()[1]
+
+    def _video_features_prepare_config_and_inputs(self):
+        """The tester's config with video (one frame per video, 2x2 pooling: 4 positions per frame) and the tester's
+        images as the frames, one video per batch row (the other common tests keep the image-only config)."""
+        config, inputs = self.model_tester.prepare_config_and_inputs_for_common()
+        config = OmniFusionConfig(**{**config.to_dict(), "video_num_frames": 1, **VIDEO_IDS})
+        return config, {"pixel_values_videos": inputs["pixel_values"]}
+
+    @unittest.skip(
+        reason="contract (docs/usage.md, Quantized loading): `_keep_in_fp32_modules` declares the parts quantizers "
+        "leave alone (towers, adapters, markers, lm_head), and the declaration upcasts nothing: a float16 load stays "
+        "float16 throughout (tests/test_quantization.py), where this test expects those modules in float32"
+    )
+    def test_keep_in_fp32_modules(self):
+        pass
 
     @unittest.skip(reason=MARKERS_OUTSIDE_SHRUNK_VOCAB)
     def test_resize_tokens_embeddings(self):
