@@ -179,7 +179,9 @@ def test_a_kill_while_the_final_output_moves_in_leaves_it_whole_or_finishable(tm
     for kill_signal in (signal.SIGKILL, signal.SIGTERM):  # both processes at once: each takes the imports' time
         output_dir, staging, files = staged_output(tmp_path / kill_signal.name)
         command = [sys.executable, "-c", KILL_AT_MOVE, str(staging), str(output_dir), str(int(kill_signal))]
-        runs[kill_signal] = output_dir, subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+        # from the temporary folder: a checkout as the working directory would shadow the installed package
+        process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+        runs[kill_signal] = output_dir, process
     for kill_signal, (output_dir, process) in runs.items():
         _, stderr = process.communicate(timeout=120)
         assert process.returncode == -kill_signal, stderr[-2000:]

@@ -255,7 +255,9 @@ def save_cases(model, processor, workdir: str | Path) -> dict[str, tuple]:
     def kill_at_move():
         output_dir, staging, files = staged_output(root / "kill")
         command = [sys.executable, "-c", KILL_AT_MOVE, str(staging), str(output_dir), str(int(signal.SIGKILL))]
-        subprocess.run(command, capture_output=True, timeout=300)
+        subprocess.run(
+            command, capture_output=True, timeout=300, cwd=root
+        )  # a checkout as cwd would shadow the package
         finish_interrupted_commit(str(output_dir))  # what the next training start does
         return files_of(output_dir) == files and "checkpoint-2" in os.listdir(output_dir)
 
