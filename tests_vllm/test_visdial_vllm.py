@@ -106,12 +106,19 @@ def setup(tmp_path_factory):
     del llm
 
 
+def _png_path(root, image_id):
+    path = root / "images" / f"VisualDialog_val2018_{image_id:012d}.png"
+    if not path.is_file():
+        raise FileNotFoundError(f"No image for VisDial image_id {image_id}: expected {path}")
+    return path
+
+
 def _jpeg_free_loader(root):
     """The images as saved (PNG: no JPEG loss, so both backends see the same pixels)."""
     from PIL import Image
 
     def load(image_id):
-        with Image.open(root / "images" / f"VisualDialog_val2018_{image_id:012d}.png") as image:
+        with Image.open(_png_path(root, image_id)) as image:
             return image.convert("RGB")
 
     return load
@@ -161,6 +168,8 @@ def test_script_backend_vllm_writes_the_same_ranks_as_the_hf_backend(setup, monk
     root = setup["root"]
     # JPEG-free images for both runs; the script's engine is the module's (same arguments checked)
     monkeypatch.setattr(evaluate_visdial, "image_loader", lambda directory, split: _jpeg_free_loader(root))
+    # the up-front check that every image is there looks for those PNG files too
+    monkeypatch.setattr(evaluate_visdial, "image_path", lambda directory, split, image_id: _png_path(root, image_id))
     engine_calls = []
 
     def make_engine(model, **kwargs):
