@@ -55,7 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--stage2_lr", type=float, default=3e-3, help="Stage-2 learning rate.")
     parser.add_argument("--threads", type=int, default=2, help="torch threads.")
     args = parser.parse_args(argv)
-    defaults = (10, 4, 40, 50, 10, 100) if args.quick else (60, 20, 100, 100, 100, 600)
+    defaults = (10, 4, 40, 50, 10, 100) if args.quick else (200, 20, 100, 100, 300, 3000)
     names = ("train_per_motion", "test_per_motion", "vision_steps", "lm_steps", "stage1_steps", "stage2_steps")
     for name, value in zip(names, defaults):
         if getattr(args, name) is None:
