@@ -385,17 +385,30 @@ class Timing:
 
 
 def timed_generate(model, inputs: dict, new_tokens: int) -> tuple[float, float, float, float, int]:
-    """Greedy `generate` of exactly `new_tokens` tokens with the LM forward starts timestamped; returns (TTFT wall,
-    TTFT CPU, decode wall per token, decode CPU per token, tokens made)."""
-    stamps = []
-    hook = model.register_forward_pre_hook(lambda *_: stamps.append(now()))
+    """Plain greedy `generate` (one row, one beam) of exactly `new_tokens` tokens with the LM forward starts
+    timestamped; returns (TTFT wall, TTFT CPU, decode wall per token, decode CPU per token, tokens made).
+
+    The folder's own generation config is set aside for the call: transformers fills every field a passed
+    `GenerationConfig` leaves unset from it, and a converted release asks for 3 beams, `no_repeat_ngram_size=4` and
+    bad words, which would triple the prefill's rows and add the beam bookkeeping to every step. A forward with more
+    than one row is an error, so no such setting can slip into the timings."""
+    stamps, rows = [], []
+
+    def stamp(module, args, kwargs):
+        stamps.append(now())
+        batch = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
+        rows.append(batch.shape[0] if batch is not None else args[0].shape[0])
+
+    hook = model.register_forward_pre_hook(stamp, with_kwargs=True)
     config = GenerationConfig(
         do_sample=False,
+        num_beams=1,
         max_new_tokens=new_tokens,
         min_new_tokens=new_tokens,
         pad_token_id=model.config.text_config.eos_token_id,
         eos_token_id=model.config.text_config.eos_token_id,
     )
+    folder_config, model.generation_config = model.generation_config, GenerationConfig()
     try:
         start = now()
         with torch.no_grad():
@@ -403,6 +416,9 @@ def timed_generate(model, inputs: dict, new_tokens: int) -> tuple[float, float, 
         end = now()
     finally:
         hook.remove()
+        model.generation_config = folder_config
+    if set(rows) != {1}:
+        raise RuntimeError(f"generate ran forwards of {sorted(set(rows))} rows, expected 1 (plain greedy)")
     made = output.shape[1] - inputs["input_ids"].shape[1]
     if made != new_tokens or len(stamps) != new_tokens:
         raise RuntimeError(f"generate made {made} tokens in {len(stamps)} forwards, expected {new_tokens}")
