@@ -46,6 +46,7 @@ from .input_checks_omnifusion import (
     non_finite_weights,
     prompt_positions,
 )
+from .kernels_omnifusion import single_position_kernels
 from .quantization_omnifusion import (
     compute_dtype,
     declared_modules_present,
@@ -534,12 +535,13 @@ class OmniFusionModel(OmniFusionPreTrainedModel):
 
         # The decoder takes the cache as `cache` on transformers 5.24+, as `past_key_values` on older releases.
         kwargs[self._language_model_cache_argument] = cache
-        outputs = self.language_model(
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            inputs_embeds=inputs_embeds,
-            **kwargs,
-        )
+        with single_position_kernels(inputs_embeds):
+            outputs = self.language_model(
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                inputs_embeds=inputs_embeds,
+                **kwargs,
+            )
         return MultimodalBaseModelOutputWithPast(
             last_hidden_state=outputs.last_hidden_state,
             **{OUTPUT_CACHE_FIELD: output_cache(outputs)},
@@ -667,7 +669,8 @@ class OmniFusionForCausalLM(OmniFusionPreTrainedModel, GenerationMixin):
             **kwargs,
         )
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
-        logits = self.lm_head(hidden_states)
+        with single_position_kernels(hidden_states):
+            logits = self.lm_head(hidden_states)
 
         loss = None
         if labels is not None:

@@ -119,6 +119,7 @@ def test_remote_code_imports_only_torch_transformers_and_siblings(saved):
         "processing_omnifusion.py",
         "input_checks_omnifusion.py",
         "quantization_omnifusion.py",
+        "kernels_omnifusion.py",
         "compat_omnifusion.py",  # the version shim travels with its importers
         "hub_omnifusion.py",
         "processor_checks_omnifusion.py",
