@@ -1,5 +1,6 @@
 """The OpenAI-compatible vLLM server for the serving tests: started on 127.0.0.1 on a free port, waited for, and
-stopped by its PID; plus a JSON POST that returns the status and the body, errors included."""
+stopped by its PID; plus a JSON POST that returns the status and the body, errors included, and a greedy chat
+completion through it."""
 
 import contextlib
 import json
@@ -70,3 +71,18 @@ def openai_server(folder: Path, limit_mm_per_prompt: dict, log: Path):
             pytest.fail("the server ignored SIGTERM for 60 s")
     with pytest.raises(OSError):
         urllib.request.urlopen(base + "/health", timeout=5)
+
+
+def chat_completion(base: str, content: list[dict], max_tokens: int) -> tuple[int, dict]:
+    """`post` of a greedy chat completion of one user turn `content` to model `omnifusion` at `base`, asking for the
+    prompt and reply token ids."""
+    return post(
+        base + "/v1/chat/completions",
+        {
+            "model": "omnifusion",
+            "messages": [{"role": "user", "content": content}],
+            "temperature": 0.0,
+            "max_tokens": max_tokens,
+            "return_token_ids": True,
+        },
+    )
