@@ -1,7 +1,8 @@
 """
 What the sound and video vLLM tests share: the reference of `tests_compat/make_reference.py` (named by
-`OMNIFUSION_REFERENCE_DIR`), the folders and chats of one modality, the offline engine on a folder, chat items with
-their media loaded, and the checks that vLLM's greedy tokens, offline and served, are HF `generate`'s.
+`OMNIFUSION_REFERENCE_DIR`), the folders and chats of one modality, the offline engine and the server on a folder (as
+fixtures), chat items with their media loaded, and the checks that vLLM's greedy tokens, offline and served, are HF
+`generate`'s.
 """
 
 import json
@@ -9,8 +10,9 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
-from openai_server import chat_completion
+from openai_server import chat_completion, openai_server
 from PIL import Image
 from transformers import AutoProcessor
 
@@ -46,6 +48,32 @@ def load_engine(name: str, modality: str, limits: dict):
     )
     processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
     return llm, processor, torch.load(REFERENCE / f"{name}.{modality}_reference.pt", weights_only=True)
+
+
+def engine_fixture(modality: str, limits: dict):
+    """A module fixture, one per folder with `modality`: `load_engine`'s engine, processor and reference."""
+
+    @pytest.fixture(scope="module", params=folders_and_chats(modality)[0])
+    def engine(request):
+        llm, processor, reference = load_engine(request.param, modality, limits)
+        yield llm, processor, reference
+        del llm
+
+    return engine
+
+
+def server_fixture(modality: str, limits: dict):
+    """A module fixture: the OpenAI-compatible server on 127.0.0.1 serving the first folder with `modality`, as
+    `(base URL, folder)`."""
+
+    @pytest.fixture(scope="module")
+    def server(tmp_path_factory):
+        folder = REFERENCE / folders_and_chats(modality)[0][0]
+        log = tmp_path_factory.mktemp("server") / "server.log"
+        with openai_server(folder, limits, log) as base:
+            yield base, folder
+
+    return server
 
 
 def with_media(item: dict) -> dict:

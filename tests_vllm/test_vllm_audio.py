@@ -17,21 +17,17 @@ from media_reference import (
     REFERENCE,
     assert_greedy_tokens_are_hf,
     assert_served_like_hf,
+    engine_fixture,
     folders_and_chats,
-    load_engine,
+    server_fixture,
     vllm_prompt,
 )
-from openai_server import openai_server
 
-FOLDERS, CHATS = folders_and_chats("audio")
+_, CHATS = folders_and_chats("audio")
 LIMITS = {"image": 1, "audio": 2}
 
 
-@pytest.fixture(scope="module", params=FOLDERS)
-def engine(request):
-    llm, processor, reference = load_engine(request.param, "audio", LIMITS)
-    yield llm, processor, reference
-    del llm
+engine = engine_fixture("audio", LIMITS)
 
 
 @pytest.mark.parametrize("name", list(CHATS))
@@ -49,13 +45,7 @@ def float_wav(samples: np.ndarray, rate: int = 16000) -> bytes:
     return header + b"data" + struct.pack("<I", len(data)) + data
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """The OpenAI-compatible server on 127.0.0.1 serving the first folder with sound."""
-    folder = REFERENCE / FOLDERS[0]
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    with openai_server(folder, LIMITS, log) as base:
-        yield base, folder
+server = server_fixture("audio", LIMITS)
 
 
 def test_server_input_audio_chat_completion_equals_hf(server):

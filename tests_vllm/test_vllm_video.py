@@ -18,22 +18,18 @@ from media_reference import (
     REFERENCE,
     assert_greedy_tokens_are_hf,
     assert_served_like_hf,
+    engine_fixture,
     folders_and_chats,
-    load_engine,
+    server_fixture,
     vllm_prompt,
 )
-from openai_server import openai_server
 from PIL import Image
 
 FOLDERS, CHATS = folders_and_chats("video")
 LIMITS = {"image": 1, "video": 2}
 
 
-@pytest.fixture(scope="module", params=FOLDERS)
-def engine(request):
-    llm, processor, reference = load_engine(request.param, "video", LIMITS)
-    yield llm, processor, reference
-    del llm
+engine = engine_fixture("video", LIMITS)
 
 
 def test_chats_have_videos():
@@ -61,13 +57,7 @@ def frames_data_url(frames: np.ndarray) -> str:
     return "data:video/jpeg;base64," + ",".join(parts)
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """The OpenAI-compatible server on 127.0.0.1 serving the first folder with video."""
-    folder = REFERENCE / FOLDERS[0]
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    with openai_server(folder, LIMITS, log) as base:
-        yield base, folder
+server = server_fixture("video", LIMITS)
 
 
 @pytest.mark.parametrize("name", list(CHATS))
