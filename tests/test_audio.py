@@ -1,10 +1,17 @@
 """Sound: config, the audio path of the model, placeholders per clip, generation with clips, gradients, image-only
 folders unchanged."""
 
-import json
-
 import pytest
 import torch
+from media_checks import (
+    DATA,
+    assert_batch_equals_rows_alone,
+    assert_beams_keep_media_order,
+    assert_cached_equals_uncached,
+    assert_saves_recorded_files,
+    encode,
+    encoder_calls,
+)
 
 from modeling_omnifusion import OmniFusionConfig, OmniFusionForCausalLM
 from modeling_omnifusion.audio_omnifusion import audio_position_mask, expand_groups
@@ -22,12 +29,6 @@ from modeling_omnifusion.testing.tiny import (
 @pytest.fixture(scope="module")
 def tiny():
     return make_audio_model_and_processor()
-
-
-def encode(processor, messages, **kwargs):
-    return processor.apply_chat_template(
-        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt", **kwargs
-    )
 
 
 def test_positions_per_clip_are_the_formula_in_processor_and_model():
@@ -137,58 +138,41 @@ def rows():
     ]
 
 
-@torch.no_grad()
 def test_batch_mixing_images_sound_both_and_neither_equals_its_rows_alone(tiny):
     model, processor = tiny
-    batch = encode(processor, rows())
-    logits = model(**batch).logits[:, -1]
-    tokens = model.generate(**batch, max_new_tokens=5, do_sample=False)[:, -5:]
-    for index, messages in enumerate(rows()):
-        alone = encode(processor, messages)
-        torch.testing.assert_close(logits[index], model(**alone).logits[0, -1], atol=1e-4, rtol=1e-4)
-        assert torch.equal(tokens[index], model.generate(**alone, max_new_tokens=5, do_sample=False)[0, -5:])
+    assert_batch_equals_rows_alone(model, processor, rows(), new_tokens=5)
 
 
-@torch.no_grad()
 def test_cached_generation_equals_uncached(tiny):
     model, processor = tiny
-    inputs = encode(processor, rows()[2])
-    cached = model.generate(**inputs, max_new_tokens=6, do_sample=False)
-    uncached = model.generate(**inputs, max_new_tokens=6, do_sample=False, use_cache=False)
-    assert torch.equal(cached, uncached)
+    assert_cached_equals_uncached(model, encode(processor, rows()[2]))
 
 
 @torch.no_grad()
 def test_every_clip_is_encoded_once_per_generate(tiny, monkeypatch):
     model, processor = tiny
     inputs = encode(processor, rows()[2])
-    calls = []
-    original = model.model.get_audio_features
-
-    def counting(*args, **kwargs):
-        calls.append(args[0].shape[0] if args else kwargs["input_features"].shape[0])
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(model.model, "get_audio_features", counting)
+    calls = encoder_calls(
+        monkeypatch,
+        model,
+        "get_audio_features",
+        lambda *args, **kwargs: args[0].shape[0] if args else kwargs["input_features"].shape[0],
+    )
     model.generate(**inputs, max_new_tokens=4, do_sample=False)
     model.generate(**inputs, max_new_tokens=4, do_sample=True, top_k=5)
     assert calls == [2, 2]
 
 
-@torch.no_grad()
 def test_beams_keep_two_clips_of_one_prompt_in_order(tiny):
     """Every beam starts from the same prompt: with the clips misordered across beams, their first logits differ."""
     model, processor = tiny
-    messages = audio_chat("Which came first?", clips=[make_clip(5, 0.3), make_clip(6, 0.9)])
-    inputs = encode(processor, messages)
-    reference = model(**inputs).logits[0, -1]
-    out = model.generate(
-        **inputs, max_new_tokens=3, num_beams=3, do_sample=False, output_logits=True, return_dict_in_generate=True
+    first, second = make_clip(5, 0.3), make_clip(6, 0.9)
+    assert_beams_keep_media_order(
+        model,
+        processor,
+        audio_chat("Which came first?", clips=[first, second]),
+        audio_chat("Which came first?", clips=[second, first]),
     )
-    for beam_logits in out.logits[0]:
-        torch.testing.assert_close(beam_logits, reference, atol=1e-4, rtol=1e-4)
-    swapped = encode(processor, audio_chat("Which came first?", clips=[make_clip(6, 0.9), make_clip(5, 0.3)]))
-    assert not torch.allclose(model(**swapped).logits[0, -1], reference)
 
 
 @torch.no_grad()
@@ -262,12 +246,6 @@ def test_image_only_model_is_unchanged_and_refuses_sound():
         encode(processor, audio_chat("hi", clips=[make_clip(0)]))
 
 
-def load_recorded(name, kind):
-    return (
-        pytest.importorskip("pathlib").Path(__file__).parent / "data" / "image_only_saves" / name / kind
-    ).read_text()
-
-
 @pytest.mark.parametrize(
     ("name", "kwargs"),
     [
@@ -282,27 +260,8 @@ def load_recorded(name, kind):
 )
 def test_image_only_folders_save_the_files_they_always_did(name, kwargs, tmp_path):
     """config.json, the processor files and the weight names of image-only folders as recorded before sound."""
-    import transformers
-    from safetensors import safe_open
-
     model, processor = make_model_and_processor(**kwargs)
-    model.save_pretrained(tmp_path)
-    processor.save_pretrained(tmp_path)
-    for file in (
-        "config.json",
-        "generation_config.json",
-        "README.md",
-        "chat_template.jinja",
-        "processor_config.json",
-        "preprocessor_config.json",
-        "tokenizer.json",
-        "tokenizer_config.json",
-    ):
-        recorded = load_recorded(name, file).replace('"5.25.0"', json.dumps(transformers.__version__))
-        assert (tmp_path / file).read_text() == recorded, file
-    with safe_open(tmp_path / "model.safetensors", "pt") as weights:
-        shapes = {key: list(weights.get_slice(key).get_shape()) for key in weights.keys()}
-    assert shapes == json.loads(load_recorded(name, "weights.json"))
+    assert_saves_recorded_files(model, processor, tmp_path, DATA / "image_only_saves" / name)
     assert OmniFusionForCausalLM.from_pretrained(tmp_path).config.special_token_ids == list(range(300, 305))
 
 

@@ -5,12 +5,12 @@ import base64
 import io
 import json
 import os
-import textwrap
 
 import numpy as np
 import pytest
 import torch
 from fresh_python import run_fresh_python
+from media_checks import fresh_load_script, save_with_reference
 from transformers import AutoProcessor
 
 from modeling_omnifusion import OmniFusionForCausalLM, OmniFusionProcessor
@@ -192,23 +192,13 @@ def test_audio_processor_saves_and_loads_its_feature_extractor(tiny, tmp_path):
 def saved(tmp_path_factory, tiny):
     model, processor = tiny
     folder = tmp_path_factory.mktemp("omnifusion-audio")
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
     reference = tmp_path_factory.mktemp("reference")
     (reference / "clip0.wav").write_bytes(wav_bytes(make_clip(0, 0.6, sampling_rate=8000), 8000))
     (reference / "clip1.wav").write_bytes(wav_bytes(make_clip(1, 0.9), 16000))
     make_image(0).save(reference / "image0.png")
     messages = audio_chat("What is said?", clips=[str(reference / "clip0.wav"), str(reference / "clip1.wav")])
     messages[0]["content"].insert(0, {"type": "image", "path": str(reference / "image0.png")})
-    (reference / "chat.json").write_text(json.dumps(messages))
-    inputs = processor.apply_chat_template(
-        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
-    )
-    with torch.no_grad():
-        logits = model(**inputs).logits
-    greedy = model.generate(**inputs, max_new_tokens=6, do_sample=False)
-    beams = model.generate(**inputs, max_new_tokens=4, num_beams=2, do_sample=False)
-    torch.save({"inputs": dict(inputs), "logits": logits, "greedy": greedy, "beams": beams}, reference / "ref.pt")
+    save_with_reference(model, processor, folder, reference, messages)
     return folder, reference
 
 
@@ -221,35 +211,9 @@ def test_saved_audio_folder_loads_with_the_same_outputs(saved):
     assert model.config.audio_config.max_source_positions == 50
 
 
-FRESH_PROCESS_SCRIPT = textwrap.dedent(
-    """
-    import json, sys
-    for name in ("modeling_omnifusion", "processing", "conversion"):
-        sys.modules[name] = None  # the project is neither installed nor importable here
-    import torch
-    torch.set_num_threads(1)
-    from transformers import AutoModelForCausalLM, AutoProcessor
-
-    folder, reference = sys.argv[1], sys.argv[2]
-    expected = torch.load(reference + "/ref.pt")
-    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
-    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
-    assert type(model).__module__.startswith("transformers_modules."), type(model).__module__
-    assert type(processor.feature_extractor).__name__ == "WhisperFeatureExtractor"
-    messages = json.load(open(reference + "/chat.json"))
-    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
-                                           return_tensors="pt")
-    assert sorted(inputs) == sorted(expected["inputs"]), sorted(inputs)
-    for key, value in expected["inputs"].items():
-        assert torch.equal(inputs[key], value), key
-    with torch.no_grad():
-        logits = model(**inputs).logits
-    assert torch.equal(logits, expected["logits"]), (logits - expected["logits"]).abs().max()
-    assert torch.equal(model.generate(**inputs, max_new_tokens=6, do_sample=False), expected["greedy"])
-    assert torch.equal(model.generate(**inputs, max_new_tokens=4, num_beams=2, do_sample=False), expected["beams"])
-    assert model.model.get_encoder(modality="audio") is model.model.audio_tower
-    print("FRESH-LOAD-OK")
-    """
+FRESH_PROCESS_SCRIPT = fresh_load_script(
+    'assert type(processor.feature_extractor).__name__ == "WhisperFeatureExtractor"',
+    'assert model.model.get_encoder(modality="audio") is model.model.audio_tower',
 )
 
 

@@ -14,7 +14,6 @@ from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText, AutoProcessor, WhisperModel, set_seed
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
-from modeling_omnifusion import OmniFusionForCausalLM, OmniFusionProcessor
 from modeling_omnifusion.testing.tiny import (
     audio_chat,
     audio_config,
@@ -24,11 +23,13 @@ from modeling_omnifusion.testing.tiny import (
 )
 from modeling_omnifusion.testing.training import (
     colour_records,
+    image_logits,
     run_stage1_subprocess,
     save_language_model,
     save_vision_model,
     save_whisper_model,
     speech_records,
+    train_image_model,
     training_flags,
     write_audio_shards,
     write_clip,
@@ -75,14 +76,8 @@ def speech_data(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def image_model_dir(tmp_path_factory, parts) -> Path:
-    """A trained image-only OmniFusion folder (stage 1 on colour records)."""
-    output_dir = tmp_path_factory.mktemp("image_stage1")
-    data_path = write_dataset(tmp_path_factory.mktemp("images"), colour_records(4))
-    stage1.train(
-        ["--vision_model_name_or_path", str(parts["vision"]), "--language_model_name_or_path", str(parts["language"])]
-        + training_flags(output_dir, data_path, max_steps=1)
-    )
-    return output_dir
+    output_dir, data_dir = tmp_path_factory.mktemp("image_stage1"), tmp_path_factory.mktemp("images")
+    return train_image_model(output_dir, data_dir, parts["vision"], parts["language"])
 
 
 @pytest.fixture(scope="module")
@@ -121,15 +116,6 @@ def load(data_path: Path, processor=None, **kwargs):
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(folder / "model.safetensors")
-
-
-def image_logits(folder: Path) -> torch.Tensor:
-    model = OmniFusionForCausalLM.from_pretrained(folder).eval()
-    processor = OmniFusionProcessor.from_pretrained(folder)
-    chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is the colour?"}]}]
-    text = processor.apply_chat_template(chat, add_generation_prompt=True)
-    with torch.no_grad():
-        return model(**processor(images=[make_image(0)], text=[text], return_tensors="pt")).logits
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -10,12 +10,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from modeling_omnifusion import OmniFusionForCausalLM, OmniFusionProcessor
-from modeling_omnifusion.testing.tiny import make_image
 from modeling_omnifusion.testing.training import (
     colour_records,
+    image_logits,
     save_language_model,
     save_vision_model,
+    train_image_model,
     training_flags,
     write_dataset,
     write_shards,
@@ -54,13 +54,8 @@ def video_data(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def image_model_dir(tmp_path_factory, parts) -> Path:
-    output_dir = tmp_path_factory.mktemp("image_stage1")
-    data_path = write_dataset(tmp_path_factory.mktemp("images"), colour_records(4))
-    stage1.train(
-        ["--vision_model_name_or_path", str(parts["vision"]), "--language_model_name_or_path", str(parts["language"])]
-        + training_flags(output_dir, data_path, max_steps=1)
-    )
-    return output_dir
+    output_dir, data_dir = tmp_path_factory.mktemp("image_stage1"), tmp_path_factory.mktemp("images")
+    return train_image_model(output_dir, data_dir, parts["vision"], parts["language"])
 
 
 @pytest.fixture(scope="module")
@@ -73,15 +68,6 @@ def extended_dir(tmp_path_factory, image_model_dir, video_data) -> Path:
         + training_flags(output_dir, video_data, max_steps=3, warmup_steps=0, learning_rate=0.05)
     )
     return output_dir
-
-
-def image_logits(folder: Path) -> torch.Tensor:
-    model = OmniFusionForCausalLM.from_pretrained(folder).eval()
-    processor = OmniFusionProcessor.from_pretrained(folder)
-    chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is the colour?"}]}]
-    text = processor.apply_chat_template(chat, add_generation_prompt=True)
-    with torch.no_grad():
-        return model(**processor(images=[make_image(0)], text=[text], return_tensors="pt")).logits
 
 
 def test_records_put_videos_at_the_first_human_turn_after_the_image():

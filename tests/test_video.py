@@ -3,13 +3,22 @@ gradients, extending an image model, the video intake (sampling, PyAV decoding, 
 fresh Python without this project), image-only and audio folders unchanged."""
 
 import json
-import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from fresh_python import run_fresh_python
+from media_checks import (
+    DATA,
+    assert_batch_equals_rows_alone,
+    assert_beams_keep_media_order,
+    assert_cached_equals_uncached,
+    assert_saves_recorded_files,
+    encode,
+    encoder_calls,
+    fresh_load_script,
+    save_with_reference,
+)
 
 from modeling_omnifusion import OmniFusionConfig, OmniFusionForCausalLM, OmniFusionProcessor
 from modeling_omnifusion.processing.video_inputs_omnifusion import sample_frame_indices
@@ -31,12 +40,6 @@ av = pytest.importorskip("av")
 @pytest.fixture(scope="module")
 def tiny():
     return make_video_model_and_processor(audio=True, video_adapter="separate")
-
-
-def encode(processor, messages, **kwargs):
-    return processor.apply_chat_template(
-        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt", **kwargs
-    )
 
 
 def rows():
@@ -134,38 +137,22 @@ def test_video_features_are_frames_times_pooled_positions(tiny):
     assert torch.equal(output.pooler_output, pool_frames(image.pooler_output, 2))
 
 
-@torch.no_grad()
 def test_batch_mixing_videos_images_sound_and_text_equals_its_rows_alone(tiny):
     model, processor = tiny
-    batch = encode(processor, rows())
-    logits = model(**batch).logits[:, -1]
-    tokens = model.generate(**batch, max_new_tokens=4, do_sample=False)[:, -4:]
-    for index, messages in enumerate(rows()):
-        alone = encode(processor, messages)
-        torch.testing.assert_close(logits[index], model(**alone).logits[0, -1], atol=1e-4, rtol=1e-4)
-        assert torch.equal(tokens[index], model.generate(**alone, max_new_tokens=4, do_sample=False)[0, -4:])
+    assert_batch_equals_rows_alone(model, processor, rows(), new_tokens=4)
 
 
-@torch.no_grad()
 def test_cached_generation_equals_uncached(tiny):
     model, processor = tiny
-    inputs = encode(processor, rows()[1])
-    cached = model.generate(**inputs, max_new_tokens=6, do_sample=False)
-    assert torch.equal(cached, model.generate(**inputs, max_new_tokens=6, do_sample=False, use_cache=False))
+    assert_cached_equals_uncached(model, encode(processor, rows()[1]))
 
 
 @torch.no_grad()
 def test_every_video_is_encoded_once_per_generate_beams_included(tiny, monkeypatch):
     model, processor = tiny
     inputs = encode(processor, rows()[3])
-    calls = []
-    original = model.model.get_video_features
-
-    def counting(pixel_values_videos, **kwargs):
-        calls.append(pixel_values_videos.shape[0])
-        return original(pixel_values_videos, **kwargs)
-
-    monkeypatch.setattr(model.model, "get_video_features", counting)
+    count = lambda pixel_values_videos, **kwargs: pixel_values_videos.shape[0]  # noqa: E731
+    calls = encoder_calls(monkeypatch, model, "get_video_features", count)
     model.generate(**inputs, max_new_tokens=3, do_sample=False)
     model.generate(**inputs, max_new_tokens=3, num_beams=3, do_sample=False)
     assert calls == [8, 8]
@@ -175,15 +162,12 @@ def test_every_video_is_encoded_once_per_generate_beams_included(tiny, monkeypat
 def test_beams_keep_two_videos_of_one_prompt_in_order(tiny):
     model, processor = tiny
     first, second = make_video(7, 4), make_video(8, 4)
-    inputs = encode(processor, video_chat("Which first?", videos=[first, second]))
-    reference = model(**inputs).logits[0, -1]
-    out = model.generate(
-        **inputs, max_new_tokens=3, num_beams=3, do_sample=False, output_logits=True, return_dict_in_generate=True
+    assert_beams_keep_media_order(
+        model,
+        processor,
+        video_chat("Which first?", videos=[first, second]),
+        video_chat("Which first?", videos=[second, first]),
     )
-    for beam_logits in out.logits[0]:
-        torch.testing.assert_close(beam_logits, reference, atol=1e-4, rtol=1e-4)
-    swapped = encode(processor, video_chat("Which first?", videos=[second, first]))
-    assert not torch.allclose(model(**swapped).logits[0, -1], reference)
     chats = [rows()[3], rows()[0]]
     settings = dict(max_new_tokens=3, num_beams=2, num_return_sequences=2, do_sample=False)
     together = model.generate(**encode(processor, chats), **settings)[:, -3:]
@@ -299,22 +283,6 @@ def test_a_real_mp4_is_decoded_and_sampled_like_its_frames(tiny, tmp_path):
         assert torch.equal(by_path[key], value), key
 
 
-def load_recorded(kind, name, file):
-    return (Path(__file__).parent / "data" / kind / name / file).read_text()
-
-
-FOLDER_FILES = (
-    "config.json",
-    "generation_config.json",
-    "README.md",
-    "chat_template.jinja",
-    "processor_config.json",
-    "preprocessor_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-)
-
-
 @pytest.mark.parametrize(
     ("kind", "name", "build"),
     [
@@ -323,36 +291,17 @@ FOLDER_FILES = (
     ],
 )
 def test_image_only_and_audio_folders_save_the_files_they_did_before_video(kind, name, build, tmp_path):
-    import transformers
-    from safetensors import safe_open
-
     model, processor = build()
-    model.save_pretrained(tmp_path)
-    processor.save_pretrained(tmp_path)
-    for file in FOLDER_FILES:
-        recorded = load_recorded(kind, name, file).replace('"5.25.0"', json.dumps(transformers.__version__))
-        assert (tmp_path / file).read_text() == recorded, file
-    with safe_open(tmp_path / "model.safetensors", "pt") as weights:
-        shapes = {key: list(weights.get_slice(key).get_shape()) for key in weights.keys()}
-    assert shapes == json.loads(load_recorded(kind, name, "weights.json"))
+    assert_saves_recorded_files(model, processor, tmp_path, DATA / kind / name)
 
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory, tiny):
     model, processor = tiny
     folder = tmp_path_factory.mktemp("omnifusion-video")
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
     reference = tmp_path_factory.mktemp("reference")
     path = write_video(reference / "clip.mp4", motion_clip("up", seed=1, frames=8), fps=8)
-    messages = video_chat("What moves?", videos=[path])
-    (reference / "chat.json").write_text(json.dumps(messages))
-    inputs = encode(processor, messages)
-    with torch.no_grad():
-        logits = model(**inputs).logits
-    greedy = model.generate(**inputs, max_new_tokens=6, do_sample=False)
-    beams = model.generate(**inputs, max_new_tokens=4, num_beams=2, do_sample=False)
-    torch.save({"inputs": dict(inputs), "logits": logits, "greedy": greedy, "beams": beams}, reference / "ref.pt")
+    save_with_reference(model, processor, folder, reference, video_chat("What moves?", videos=[path]))
     return folder, reference
 
 
@@ -376,34 +325,8 @@ def test_video_processor_is_saved_and_the_folder_loads_with_the_same_outputs(sav
         assert torch.equal(model(**inputs).logits, expected["logits"])
 
 
-FRESH_PROCESS_SCRIPT = textwrap.dedent(
-    """
-    import json, sys
-    for name in ("modeling_omnifusion", "processing", "conversion"):
-        sys.modules[name] = None  # the project is neither installed nor importable here
-    import torch
-    torch.set_num_threads(1)
-    from transformers import AutoModelForCausalLM, AutoProcessor
-
-    folder, reference = sys.argv[1], sys.argv[2]
-    expected = torch.load(reference + "/ref.pt")
-    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
-    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
-    assert type(model).__module__.startswith("transformers_modules."), type(model).__module__
-    assert type(processor.video_processor).__name__ == "OmniFusionVideoProcessor"
-    messages = json.load(open(reference + "/chat.json"))
-    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
-                                           return_tensors="pt")
-    assert sorted(inputs) == sorted(expected["inputs"]), sorted(inputs)
-    for key, value in expected["inputs"].items():
-        assert torch.equal(inputs[key], value), key
-    with torch.no_grad():
-        logits = model(**inputs).logits
-    assert torch.equal(logits, expected["logits"]), (logits - expected["logits"]).abs().max()
-    assert torch.equal(model.generate(**inputs, max_new_tokens=6, do_sample=False), expected["greedy"])
-    assert torch.equal(model.generate(**inputs, max_new_tokens=4, num_beams=2, do_sample=False), expected["beams"])
-    print("FRESH-LOAD-OK")
-    """
+FRESH_PROCESS_SCRIPT = fresh_load_script(
+    'assert type(processor.video_processor).__name__ == "OmniFusionVideoProcessor"'
 )
 
 

@@ -14,12 +14,8 @@ Run in a venv with the project's `[demo,audio]` extras, pytest and playwright, w
 
 import contextlib
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -28,6 +24,7 @@ import torch
 from playwright.sync_api import sync_playwright
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+from modeling_omnifusion.testing import served
 from modeling_omnifusion.testing.tiny import (
     make_audio_model_and_processor,
     make_clip,
@@ -58,12 +55,6 @@ IDLE_WITH_REPLIES = """(count) => document.querySelectorAll('[data-testid=bot]')
     && document.querySelector('button[data-testid=submit-button]') !== null"""
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory) -> dict:
     """A tiny OmniFusion folder whose generation config asks for 3 beams, and a PNG image."""
@@ -82,43 +73,15 @@ def saved(tmp_path_factory) -> dict:
 def demo_server(folder: Path, root: Path):
     """`examples/chat_demo.py --model folder` on a free port of 127.0.0.1, yielding its URL once it answers; stopped
     by its PID with SIGTERM, after which the port must be closed."""
-    port = free_port()
+    port = served.free_port()
     log = root / f"server-{folder.name}.log"
     command = [sys.executable, str(ROOT / "examples" / "chat_demo.py"), "--model", str(folder)]
     command += ["--port", str(port), "--dtype", "float32"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "OMP_NUM_THREADS": "1"}
-    with open(log, "w") as log_file:
-        process = subprocess.Popen(
-            command, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-            start_new_session=True, cwd=root,
-        )  # fmt: skip
     url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + SERVER_START_SECONDS
-    while True:
-        if process.poll() is not None:
-            pytest.fail(f"the demo exited with {process.returncode}:\n{log.read_text()[-4000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=5) as response:
-                if response.status == 200:
-                    break
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            os.killpg(process.pid, signal.SIGKILL)
-            pytest.fail(f"the demo did not answer in {SERVER_START_SECONDS} s:\n{log.read_text()[-4000:]}")
-        time.sleep(1)
-    try:
+    timing = dict(start_seconds=SERVER_START_SECONDS, poll_seconds=1, stop_seconds=30)
+    with served.serving(command, log, url, "demo", "answer", **timing, stdin=subprocess.DEVNULL, env=env, cwd=root):
         yield url
-    finally:
-        os.kill(process.pid, signal.SIGTERM)  # stopped by its PID
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=30)
-            pytest.fail("the demo ignored SIGTERM for 30 s")
-    with pytest.raises(OSError):
-        urllib.request.urlopen(url, timeout=5)
 
 
 @contextlib.contextmanager

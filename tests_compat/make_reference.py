@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import transformers
 from PIL import Image
+from reference_chats import media_chats, resolve, resolve_media
 from transformers import MistralConfig
 
 from modeling_omnifusion import OmniFusionForCausalLM  # noqa: E402
@@ -65,19 +66,6 @@ def chats(image_names: list[str]) -> dict[str, list[dict]]:
     }
 
 
-def resolve(messages: list[dict], folder: Path) -> list[dict]:
-    """The messages with each image path made absolute under `folder`."""
-    out = []
-    for message in messages:
-        content = message["content"]
-        if not isinstance(content, str):
-            content = [
-                dict(item, path=str(folder / item["path"])) if item["type"] == "image" else item for item in content
-            ]
-        out.append({**message, "content": content})
-    return out
-
-
 def with_head_dim_32(config):
     """The same tiny LM with 2 heads of 32 (vLLM's CPU attention takes head_dim 32, 64, 80, ... only)."""
     text = config.text_config
@@ -105,13 +93,19 @@ def build(processor, seed: int, head_dim_32: bool = False, **config_kwargs):
     return model, processor
 
 
-def build_vision(seed: int, **kwargs):
-    """`make_model_and_processor(**kwargs)` (several encoders, tiles) with the LM of `with_head_dim_32`."""
-    model, processor = make_model_and_processor(seed=seed, **kwargs)
+def build_head_dim_32(make, seed: int, **kwargs):
+    """`make(seed=seed, **kwargs)` (a `make_*model_and_processor` of `modeling_omnifusion.testing.tiny`: several
+    encoders, tiles, sound, video) with the LM of `with_head_dim_32`."""
+    model, processor = make(seed=seed, **kwargs)
     torch.manual_seed(seed)
     model = OmniFusionForCausalLM(with_head_dim_32(model.config)).eval()
     model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
     return model, processor
+
+
+def build_vision(seed: int, **kwargs):
+    """`make_model_and_processor(**kwargs)` (several encoders, tiles) with the LM of `with_head_dim_32`."""
+    return build_head_dim_32(make_model_and_processor, seed, **kwargs)
 
 
 # Tiles of the 32 px encoder: a 32 x 32 image fits [32, 64] (2 tiles + global view = 3 views), a 64 x 64 one [64, 64]
@@ -180,102 +174,22 @@ def record(model, processor, messages_by_name: dict, folder: Path) -> dict:
     return reference
 
 
-def build_audio(seed: int):
-    """`make_audio_model_and_processor` with the LM of `with_head_dim_32`."""
-    model, processor = make_audio_model_and_processor(seed=seed)
-    torch.manual_seed(seed)
-    model = OmniFusionForCausalLM(with_head_dim_32(model.config)).eval()
-    model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
-    return model, processor
-
-
-# Folders with sound: checked on older transformers (`tests_compat`) and served by vLLM (`tests_vllm`).
-AUDIO_VARIANTS = {"audio_mlp_hd32": lambda: build_audio(8)}
-
-
-def audio_chats() -> dict[str, list[dict]]:
-    """Chats with clips named by `.npy` file (the reader loads them as arrays: no audio decoder needed there)."""
-
-    def ask(*clips, image=False):
-        content = [{"type": "image", "path": "image_0.png"}] if image else []
-        content += [{"type": "audio", "audio": clip} for clip in clips]
-        return [{"role": "user", "content": [*content, {"type": "text", "text": "What is said?"}]}]
-
-    return {"one_clip": ask("clip_0.npy"), "image_and_two_clips": ask("clip_1.npy", "clip_0.npy", image=True)}
-
-
-def resolve_audio(messages: list[dict], folder: Path) -> list[dict]:
-    """`resolve`, and each clip loaded from its `.npy` file under `folder`."""
-    out = resolve(messages, folder)
-    for message in out:
-        if not isinstance(message["content"], str):
-            message["content"] = [
-                dict(item, audio=np.load(folder / item["audio"])) if item["type"] == "audio" else item
-                for item in message["content"]
-            ]
-    return out
+# Folders with sound or video: checked on older transformers (`tests_compat`) and served by vLLM (`tests_vllm`), clips
+# and frames given as arrays (no audio decoder or PyAV there).
+MEDIA_VARIANTS = {
+    "audio": {"audio_mlp_hd32": lambda: build_head_dim_32(make_audio_model_and_processor, 8)},
+    "video": {
+        "video_separate_hd32": lambda: build_head_dim_32(make_video_model_and_processor, 9, video_adapter="separate")
+    },
+}
 
 
 @torch.no_grad()
-def record_audio(model, processor, folder: Path) -> dict:
-    """Inputs, logits, greedy and beam-search tokens for each audio chat and for all of them as one batch."""
+def record_media(model, processor, modality: str, folder: Path) -> dict:
+    """Inputs, logits, greedy and beam-search tokens for each chat of `media_chats(modality)` and for all of them as
+    one batch."""
     reference = {}
-    chats = {name: resolve_audio(messages, folder) for name, messages in audio_chats().items()}
-    for name, messages in [*chats.items(), ("batch", list(chats.values()))]:
-        inputs = processor.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
-        )
-        reference[name] = {
-            "inputs": dict(inputs),
-            "logits": model(**inputs).logits,
-            "tokens": model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False),
-            "beams": model.generate(**inputs, max_new_tokens=4, num_beams=2, do_sample=False),
-        }
-    return reference
-
-
-def build_video(seed: int):
-    """`make_video_model_and_processor` (a separate video adapter) with the LM of `with_head_dim_32`."""
-    model, processor = make_video_model_and_processor(video_adapter="separate", seed=seed)
-    torch.manual_seed(seed)
-    model = OmniFusionForCausalLM(with_head_dim_32(model.config)).eval()
-    model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
-    return model, processor
-
-
-# Folders with video: checked on older transformers (`tests_compat`) and served by vLLM (`tests_vllm`), frames given
-# as arrays (no PyAV there).
-VIDEO_VARIANTS = {"video_separate_hd32": lambda: build_video(9)}
-
-
-def video_chats() -> dict[str, list[dict]]:
-    """Chats with videos named by `.npy` file (`[frames, H, W, 3]` uint8, loaded as arrays by the reader)."""
-
-    def ask(*videos, image=False):
-        content = [{"type": "image", "path": "image_0.png"}] if image else []
-        content += [{"type": "video", "video": video} for video in videos]
-        return [{"role": "user", "content": [*content, {"type": "text", "text": "What moves?"}]}]
-
-    return {"one_video": ask("video_0.npy"), "image_and_two_videos": ask("video_1.npy", "video_0.npy", image=True)}
-
-
-def resolve_video(messages: list[dict], folder: Path) -> list[dict]:
-    """`resolve`, and each video loaded from its `.npy` file under `folder`."""
-    out = resolve(messages, folder)
-    for message in out:
-        if not isinstance(message["content"], str):
-            message["content"] = [
-                dict(item, video=np.load(folder / item["video"])) if item["type"] == "video" else item
-                for item in message["content"]
-            ]
-    return out
-
-
-@torch.no_grad()
-def record_video(model, processor, folder: Path) -> dict:
-    """Inputs, logits, greedy and beam-search tokens for each video chat and for all of them as one batch."""
-    reference = {}
-    chats = {name: resolve_video(messages, folder) for name, messages in video_chats().items()}
+    chats = {name: resolve_media(messages, folder) for name, messages in media_chats(modality).items()}
     for name, messages in [*chats.items(), ("batch", list(chats.values()))]:
         inputs = processor.apply_chat_template(
             messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
@@ -307,13 +221,14 @@ def main(output_dir: str, names: list[str] | None = None):
     extra_messages = vision_chats(save_vision_images(output))
     (output / "vision_chats.json").write_text(json.dumps(extra_messages, indent=1))
     vision = vision_variants()
-    builders = {**variants(output / "work"), **vision, **AUDIO_VARIANTS, **VIDEO_VARIANTS}
+    media_of = {name: modality for modality, builders in MEDIA_VARIANTS.items() for name in builders}
+    builders = {**variants(output / "work"), **vision, **MEDIA_VARIANTS["audio"], **MEDIA_VARIANTS["video"]}
     np.save(output / "clip_0.npy", make_clip(0, 0.6))
     np.save(output / "clip_1.npy", make_clip(1, 0.9))
-    (output / "audio_chats.json").write_text(json.dumps(audio_chats(), indent=1))
     np.save(output / "video_0.npy", make_video(0, 5))
     np.save(output / "video_1.npy", make_video(1, 9))
-    (output / "video_chats.json").write_text(json.dumps(video_chats(), indent=1))
+    for modality in MEDIA_VARIANTS:
+        (output / f"{modality}_chats.json").write_text(json.dumps(media_chats(modality), indent=1))
     unknown = sorted(set(names or []) - set(builders))
     if unknown:
         raise SystemExit(f"unknown variant(s) {unknown}; choose from {sorted(builders)}")
@@ -323,20 +238,21 @@ def main(output_dir: str, names: list[str] | None = None):
         folder = output / name
         model.save_pretrained(folder)
         processor.save_pretrained(folder)
-        if name in AUDIO_VARIANTS:
-            torch.save(record_audio(model, processor, output), output / f"{name}.audio_reference.pt")
-            continue
-        if name in VIDEO_VARIANTS:
-            torch.save(record_video(model, processor, output), output / f"{name}.video_reference.pt")
+        if name in media_of:
+            modality = media_of[name]
+            reference = record_media(model, processor, modality, output)
+            torch.save(reference, output / f"{name}.{modality}_reference.pt")
             continue
         torch.save(record(model, processor, messages, output), output / f"{name}.reference.pt")
         if name in vision:
             torch.save(record(model, processor, extra_messages, output), output / f"{name}.vision_reference.pt")
     manifest = {
         "transformers": transformers.__version__,
-        "folders": [name for name in names if name not in AUDIO_VARIANTS and name not in VIDEO_VARIANTS],
-        "audio_folders": [name for name in names if name in AUDIO_VARIANTS],
-        "video_folders": [name for name in names if name in VIDEO_VARIANTS],
+        "folders": [name for name in names if name not in media_of],
+        **{
+            f"{modality}_folders": [name for name in names if media_of.get(name) == modality]
+            for modality in MEDIA_VARIANTS
+        },
     }
     (output / "manifest.json").write_text(json.dumps(manifest))
     print(f"saved {len(names)} folders with transformers {transformers.__version__} in {output}")

@@ -12,11 +12,12 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import transformers
 from PIL import Image
+from reference_chats import resolve as resolve_in
+from reference_chats import resolve_media
 from transformers import AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
 REFERENCE = Path(os.environ.get("OMNIFUSION_REFERENCE_DIR", "")).resolve()
@@ -30,15 +31,7 @@ CHATS = json.loads((REFERENCE / "chats.json").read_text())
 
 
 def resolve(messages):
-    out = []
-    for message in messages:
-        content = message["content"]
-        if not isinstance(content, str):
-            content = [
-                dict(item, path=str(REFERENCE / item["path"])) if item["type"] == "image" else item for item in content
-            ]
-        out.append({**message, "content": content})
-    return out
+    return resolve_in(messages, REFERENCE)
 
 
 @pytest.fixture(scope="module", params=MANIFEST["folders"])
@@ -137,89 +130,58 @@ def test_image_count_mismatch_is_a_clear_value_error(loaded, text, n_images, cou
             build()
 
 
-AUDIO_FOLDERS = MANIFEST.get("audio_folders", [])
-
-
-def resolve_audio(messages):
-    """`resolve`, and each clip loaded from its `.npy` file (arrays: no audio decoder is installed here)."""
-    out = resolve(messages)
-    for message in out:
-        if not isinstance(message["content"], str):
-            message["content"] = [
-                dict(item, audio=np.load(REFERENCE / item["audio"])) if item["type"] == "audio" else item
-                for item in message["content"]
-            ]
-    return out
-
-
-@pytest.fixture(scope="module", params=AUDIO_FOLDERS)
-def loaded_audio(request):
-    folder = REFERENCE / request.param
+def load_media(modality: str, name: str):
+    """The model and processor of folder `name`, its `{modality}_reference.pt`, and the chats of
+    `{modality}_chats.json` (clips or videos loaded as arrays: no audio or video decoder is installed here) with all
+    of them as one `batch`."""
+    folder = REFERENCE / name
     model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
     processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
-    reference = torch.load(REFERENCE / f"{request.param}.audio_reference.pt", weights_only=True)
-    chats = {name: resolve_audio(m) for name, m in json.loads((REFERENCE / "audio_chats.json").read_text()).items()}
+    reference = torch.load(REFERENCE / f"{name}.{modality}_reference.pt", weights_only=True)
+    recorded = json.loads((REFERENCE / f"{modality}_chats.json").read_text())
+    chats = {chat: resolve_media(messages, REFERENCE) for chat, messages in recorded.items()}
     return model, processor, reference, {**chats, "batch": list(chats.values())}
+
+
+@torch.no_grad()
+def check_recorded(loaded, name: str, without_cache: bool):
+    """The chat `name` of a folder from `load_media` gives the recorded inputs, logits, greedy and beam-search tokens
+    (and, with `without_cache`, the greedy tokens again without the KV cache)."""
+    model, processor, reference, chats = loaded
+    expected = reference[name]
+    inputs = processor.apply_chat_template(
+        chats[name], add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
+    assert sorted(inputs) == sorted(expected["inputs"])
+    for key, value in expected["inputs"].items():
+        assert torch.equal(inputs[key], value), key
+    assert torch.equal(model(**inputs).logits, expected["logits"])
+    new_tokens = expected["tokens"].shape[1] - inputs["input_ids"].shape[1]
+    assert torch.equal(model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False), expected["tokens"])
+    assert torch.equal(model.generate(**inputs, max_new_tokens=4, num_beams=2, do_sample=False), expected["beams"])
+    if without_cache:
+        uncached = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False, use_cache=False)
+        assert torch.equal(uncached, expected["tokens"])
+
+
+@pytest.fixture(scope="module", params=MANIFEST.get("audio_folders", []))
+def loaded_audio(request):
+    return load_media("audio", request.param)
 
 
 @pytest.mark.parametrize("name", ["one_clip", "image_and_two_clips", "batch"])
-@torch.no_grad()
 def test_audio_folder_gives_the_recorded_inputs_logits_and_tokens(loaded_audio, name):
-    """A folder with sound: the same inputs, logits, greedy and beam-search tokens on the older transformers."""
-    model, processor, reference, chats = loaded_audio
-    expected = reference[name]
-    inputs = processor.apply_chat_template(
-        chats[name], add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
-    )
-    assert sorted(inputs) == sorted(expected["inputs"])
-    for key, value in expected["inputs"].items():
-        assert torch.equal(inputs[key], value), key
-    assert torch.equal(model(**inputs).logits, expected["logits"])
-    new_tokens = expected["tokens"].shape[1] - inputs["input_ids"].shape[1]
-    assert torch.equal(model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False), expected["tokens"])
-    assert torch.equal(model.generate(**inputs, max_new_tokens=4, num_beams=2, do_sample=False), expected["beams"])
-    uncached = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False, use_cache=False)
-    assert torch.equal(uncached, expected["tokens"])
+    """A folder with sound: the same inputs, logits, greedy (with and without the cache) and beam-search tokens on
+    the older transformers."""
+    check_recorded(loaded_audio, name, without_cache=True)
 
 
-VIDEO_FOLDERS = MANIFEST.get("video_folders", [])
-
-
-def resolve_video(messages):
-    """`resolve`, and each video loaded from its `.npy` file (frames as arrays: no video decoder is installed here)."""
-    out = resolve(messages)
-    for message in out:
-        if not isinstance(message["content"], str):
-            message["content"] = [
-                dict(item, video=np.load(REFERENCE / item["video"])) if item["type"] == "video" else item
-                for item in message["content"]
-            ]
-    return out
-
-
-@pytest.fixture(scope="module", params=VIDEO_FOLDERS)
+@pytest.fixture(scope="module", params=MANIFEST.get("video_folders", []))
 def loaded_video(request):
-    folder = REFERENCE / request.param
-    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
-    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
-    reference = torch.load(REFERENCE / f"{request.param}.video_reference.pt", weights_only=True)
-    chats = {name: resolve_video(m) for name, m in json.loads((REFERENCE / "video_chats.json").read_text()).items()}
-    return model, processor, reference, {**chats, "batch": list(chats.values())}
+    return load_media("video", request.param)
 
 
 @pytest.mark.parametrize("name", ["one_video", "image_and_two_videos", "batch"])
-@torch.no_grad()
 def test_video_folder_gives_the_recorded_inputs_logits_and_tokens(loaded_video, name):
     """A folder with video: the same inputs, logits, greedy and beam-search tokens on the older transformers."""
-    model, processor, reference, chats = loaded_video
-    expected = reference[name]
-    inputs = processor.apply_chat_template(
-        chats[name], add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
-    )
-    assert sorted(inputs) == sorted(expected["inputs"])
-    for key, value in expected["inputs"].items():
-        assert torch.equal(inputs[key], value), key
-    assert torch.equal(model(**inputs).logits, expected["logits"])
-    new_tokens = expected["tokens"].shape[1] - inputs["input_ids"].shape[1]
-    assert torch.equal(model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False), expected["tokens"])
-    assert torch.equal(model.generate(**inputs, max_new_tokens=4, num_beams=2, do_sample=False), expected["beams"])
+    check_recorded(loaded_video, name, without_cache=False)

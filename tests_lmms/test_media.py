@@ -18,12 +18,8 @@ from modeling_omnifusion.testing.videos import write_video
 
 
 @pytest.fixture(scope="module")
-def audio_model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("model") / "omnifusion-audio-tiny"
-    model, processor = make_audio_model_and_processor(seed=2)
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder
+def audio_model_dir(save_tiny):
+    return save_tiny("omnifusion-audio-tiny", make_audio_model_and_processor, seed=2)
 
 
 def _load(folder):

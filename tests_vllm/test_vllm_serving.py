@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from openai_server import openai_server, post
+from openai_server import chat_completion, openai_server, post
 from PIL import Image
 from transformers import AutoProcessor
 
@@ -172,16 +172,7 @@ def test_server_chat_completion_with_base64_image_equals_hf(server):
     [message] = CHATS["single_image"]
     content = [image_url(REFERENCE / item["path"]) if item["type"] == "image" else item for item in message["content"]]
     expected = hf_new_tokens(reference, "single_image")
-    status, response = post(
-        base + "/v1/chat/completions",
-        {
-            "model": "omnifusion",
-            "messages": [{"role": "user", "content": content}],
-            "temperature": 0.0,
-            "max_tokens": len(expected),
-            "return_token_ids": True,
-        },
-    )
+    status, response = chat_completion(base, content, max_tokens=len(expected))
     assert status == 200, response
     assert response["prompt_token_ids"] == reference["single_image"]["inputs"]["input_ids"][0].tolist()
     assert response["choices"][0]["token_ids"] == expected

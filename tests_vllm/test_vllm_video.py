@@ -10,54 +10,26 @@ video_separate` (`.ci/tier_vllm.sh` does it): `OMNIFUSION_REFERENCE_DIR=DIR VLLM
 
 import base64
 import io
-import json
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from openai_server import openai_server, post
+from media_reference import (
+    REFERENCE,
+    assert_greedy_tokens_are_hf,
+    assert_served_like_hf,
+    engine_fixture,
+    folders_and_chats,
+    server_fixture,
+    vllm_prompt,
+)
 from PIL import Image
-from transformers import AutoProcessor
 
-REFERENCE = Path(os.environ.get("OMNIFUSION_REFERENCE_DIR", "")).resolve()
-if not os.environ.get("OMNIFUSION_REFERENCE_DIR") or not (REFERENCE / "manifest.json").is_file():
-    raise RuntimeError(f"set OMNIFUSION_REFERENCE_DIR to a tests_compat/make_reference.py output (got {REFERENCE})")
-FOLDERS = json.loads((REFERENCE / "manifest.json").read_text()).get("video_folders", [])
-CHATS_FILE = REFERENCE / "video_chats.json"
-CHATS = json.loads(CHATS_FILE.read_text()) if CHATS_FILE.is_file() else {}
+FOLDERS, CHATS = folders_and_chats("video")
 LIMITS = {"image": 1, "video": 2}
 
 
-@pytest.fixture(scope="module", params=FOLDERS)
-def engine(request):
-    from vllm import LLM
-
-    folder = REFERENCE / request.param
-    llm = LLM(
-        model=str(folder),
-        model_impl="transformers",
-        trust_remote_code=True,
-        dtype="float32",
-        enforce_eager=True,
-        max_model_len=512,
-        limit_mm_per_prompt=LIMITS,
-        seed=0,
-    )
-    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
-    reference = torch.load(REFERENCE / f"{request.param}.video_reference.pt", weights_only=True)
-    yield llm, processor, reference
-    del llm
-
-
-def with_media(item: dict) -> dict:
-    """A chat item with its image or video (`[frames, H, W, 3]` uint8) loaded from the reference folder."""
-    if item["type"] == "image":
-        return {"type": "image", "image": Image.open(REFERENCE / item["path"]).convert("RGB")}
-    if item["type"] == "video":
-        return {"type": "video", "video": np.load(REFERENCE / item["video"])}
-    return item
+engine = engine_fixture("video", LIMITS)
 
 
 def test_chats_have_videos():
@@ -67,20 +39,12 @@ def test_chats_have_videos():
 
 @pytest.mark.parametrize("name", list(CHATS))
 def test_greedy_tokens_match_hf_generate(engine, name):
-    from vllm import SamplingParams
-
     llm, processor, reference = engine
-    content = [with_media(item) for item in CHATS[name][0]["content"]]
-    images = [item["image"] for item in content if item["type"] == "image"]
-    videos = [item["video"] for item in content if item["type"] == "video"]
-    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-    prompt = processor.vllm_inputs(text, images=images or None, videos=videos)
+    prompt, videos = vllm_prompt(processor, CHATS[name], "video")
     assert [len(video) for video in prompt["multi_modal_data"]["video"]] == [
         min(len(video), processor.video_num_frames) for video in videos
     ]
-    output = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=8))[0].outputs[0].token_ids
-    prompt_length = reference[name]["inputs"]["input_ids"].shape[1]
-    assert list(output) == reference[name]["tokens"][0, prompt_length:].tolist()
+    assert_greedy_tokens_are_hf(llm, prompt, reference[name])
 
 
 def frames_data_url(frames: np.ndarray) -> str:
@@ -93,13 +57,7 @@ def frames_data_url(frames: np.ndarray) -> str:
     return "data:video/jpeg;base64," + ",".join(parts)
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """The OpenAI-compatible server on 127.0.0.1 serving the first folder with video."""
-    folder = REFERENCE / FOLDERS[0]
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    with openai_server(folder, LIMITS, log) as base:
-        yield base, folder
+server = server_fixture("video", LIMITS)
 
 
 @pytest.mark.parametrize("name", list(CHATS))
@@ -118,18 +76,4 @@ def test_server_video_url_chat_completion_equals_hf(server, name):
             content.append({"type": "image_url", "image_url": {"url": "data:image/png;base64," + data}})
         else:
             content.append(item)
-    prompt_ids = reference[name]["inputs"]["input_ids"][0].tolist()
-    expected = reference[name]["tokens"][0, len(prompt_ids) :].tolist()
-    status, response = post(
-        base + "/v1/chat/completions",
-        {
-            "model": "omnifusion",
-            "messages": [{"role": "user", "content": content}],
-            "temperature": 0.0,
-            "max_tokens": len(expected),
-            "return_token_ids": True,
-        },
-    )
-    assert status == 200, response
-    assert response["prompt_token_ids"] == prompt_ids
-    assert response["choices"][0]["token_ids"] == expected
+    assert_served_like_hf(base, content, reference[name])

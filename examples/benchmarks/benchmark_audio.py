@@ -16,35 +16,33 @@ for the longest clip.
 import common  # noqa: I001  (sets the benchmark environment before torch is imported)
 
 import argparse
-import statistics
 
 import torch
-from transformers import LlamaConfig, WhisperConfig, WhisperFeatureExtractor
+from transformers import WhisperConfig, WhisperFeatureExtractor
 
-from modeling_omnifusion import OmniFusionForCausalLM
 from modeling_omnifusion.testing import tiny
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[1], formatter_class=argparse.RawTextHelpFormatter
-    )
-    parser.add_argument("--seconds", default="1,5,10,30", help="Clip lengths in seconds, comma-separated (max 30).")
-    parser.add_argument("--rounds", type=int, default=3, help="Timed rounds per contender and clip length.")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads.")
-    parser.add_argument("--quick", action="store_true", help="A small LM and encoder, one round: a smoke test.")
-    args = parser.parse_args(argv)
+def read_seconds(text: str, error) -> list[float]:
     try:
-        args.seconds = [float(value) for value in args.seconds.split(",")]
+        seconds = [float(value) for value in text.split(",")]
     except ValueError:
-        parser.error(f"--seconds {args.seconds}: expected comma-separated numbers, e.g. 1,5,10,30")
-    if not args.seconds or not all(0 < value <= 30 for value in args.seconds):
-        parser.error(f"--seconds {args.seconds}: every length must be in (0, 30] (Whisper's window)")
-    if args.rounds < 1:
-        parser.error(f"--rounds {args.rounds}: expected at least 1")
-    if args.quick:
-        args.rounds = 1
-    return args
+        error(f"--seconds {text}: expected comma-separated numbers, e.g. 1,5,10,30")
+    if not seconds or not all(0 < value <= 30 for value in seconds):
+        error(f"--seconds {seconds}: every length must be in (0, 30] (Whisper's window)")
+    return seconds
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return common.parse_prefill_args(
+        argv,
+        __doc__,
+        seconds="1,5,10,30",
+        seconds_help="Clip lengths in seconds, comma-separated (max 30).",
+        per="clip length",
+        quick_help="A small LM and encoder, one round: a smoke test.",
+        read_seconds=read_seconds,
+    )
 
 
 def build(quick: bool):
@@ -60,25 +58,8 @@ def build(quick: bool):
         num_mel_bins=80,
         max_source_positions=1500,
     )
-    small_lm = dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=2, head_dim=32)
-    lm_shape = dict(small_lm, num_key_value_heads=1) if quick else {}
-    text = LlamaConfig(
-        **{
-            **common.SMOLLM2_SHAPE,
-            "hidden_size": common.SMOLLM2_SIZE["text_hidden"],
-            "num_hidden_layers": common.SMOLLM2_SIZE["text_layers"],
-            **lm_shape,
-        },
-        vocab_size=common.SMOLLM2_SIZE["vocab_size"],
-        max_position_embeddings=2048,
-        tie_word_embeddings=True,
-    )
     config = tiny.make_config(processor, adapter_type="mlp", audio_config=audio, audio_pool_stride=2)
-    config.text_config = text
-    for name, value in config.processor_kwargs.items():
-        setattr(processor, name, value)
-    torch.manual_seed(0)
-    return OmniFusionForCausalLM(config).eval(), processor
+    return common.build_with_smollm2(config, processor, quick, max_position_embeddings=2048)
 
 
 def inputs_for(processor, seconds: float) -> tuple[dict, dict]:
@@ -98,10 +79,6 @@ def inputs_for(processor, seconds: float) -> tuple[dict, dict]:
     return dict(with_audio), text_only
 
 
-def prefill(model, inputs: dict):
-    model(**inputs, use_cache=True, logits_to_keep=1)
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     common.configure(args.threads)
@@ -117,13 +94,13 @@ def main(argv=None) -> int:
     for seconds in args.seconds:
         with_audio, text_only = inputs_for(processor, seconds)
         features = {key: with_audio[key] for key in ("input_features", "input_features_mask")}
-        prefill(model, with_audio)  # warm-up
-        times = {"audio": [], "text": [], "encoder": []}
-        for _ in range(args.rounds):
-            times["audio"].append(common.timed(lambda: prefill(model, with_audio))[0])
-            times["text"].append(common.timed(lambda: prefill(model, text_only))[0])
-            times["encoder"].append(common.timed(lambda: model.get_audio_features(**features))[0])
-        audio_ms, text_ms, encoder_ms = (1000 * statistics.median(times[key]) for key in ("audio", "text", "encoder"))
+        common.prefill(model, with_audio)  # warm-up
+        contenders = {
+            "audio": lambda: common.prefill(model, with_audio),
+            "text": lambda: common.prefill(model, text_only),
+            "encoder": lambda: model.get_audio_features(**features),
+        }
+        audio_ms, text_ms, encoder_ms = common.median_ms(contenders, args.rounds).values()
         positions = int((with_audio["input_ids"] == model.config.audio_token_id).sum())
         rows.append((seconds, audio_ms, text_ms))
         print(

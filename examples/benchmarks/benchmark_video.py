@@ -16,38 +16,35 @@ line is `video_prefill_ms_per_second=<value> video_over_images_prefill=<ratio>`,
 import common  # noqa: I001  (sets the benchmark environment before torch is imported)
 
 import argparse
-import statistics
 
-import torch
-from transformers import CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig
+from transformers import CLIPImageProcessorPil, CLIPVisionConfig
 
-from modeling_omnifusion import OmniFusionForCausalLM
 from modeling_omnifusion.processing.video_inputs_omnifusion import OmniFusionVideoProcessor
 from modeling_omnifusion.testing import tiny
 
 SOURCE_FPS = 8
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[1], formatter_class=argparse.RawTextHelpFormatter
-    )
-    parser.add_argument("--seconds", default="2,4,8", help="Video lengths in seconds, comma-separated (max 64).")
-    parser.add_argument("--rounds", type=int, default=3, help="Timed rounds per contender and video length.")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads.")
-    parser.add_argument("--quick", action="store_true", help="A small encoder and LM, one round: a smoke test.")
-    args = parser.parse_args(argv)
+def read_seconds(text: str, error) -> list[int]:
     try:
-        args.seconds = [int(value) for value in args.seconds.split(",")]
+        seconds = [int(value) for value in text.split(",")]
     except ValueError:
-        parser.error(f"--seconds {args.seconds}: expected comma-separated whole seconds, e.g. 2,4,8")
-    if not args.seconds or not all(0 < value <= 64 for value in args.seconds):
-        parser.error(f"--seconds {args.seconds}: every length must be 1 to 64 s")
-    if args.rounds < 1:
-        parser.error(f"--rounds {args.rounds}: expected at least 1")
-    if args.quick:
-        args.rounds = 1
-    return args
+        error(f"--seconds {text}: expected comma-separated whole seconds, e.g. 2,4,8")
+    if not seconds or not all(0 < value <= 64 for value in seconds):
+        error(f"--seconds {seconds}: every length must be 1 to 64 s")
+    return seconds
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return common.parse_prefill_args(
+        argv,
+        __doc__,
+        seconds="2,4,8",
+        seconds_help="Video lengths in seconds, comma-separated (max 64).",
+        per="video length",
+        quick_help="A small encoder and LM, one round: a smoke test.",
+        read_seconds=read_seconds,
+    )
 
 
 def build(quick: bool):
@@ -66,25 +63,8 @@ def build(quick: bool):
         image_size=size,
         patch_size=patch,
     )
-    small_lm = dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=2, head_dim=32)
-    lm_shape = dict(small_lm, num_key_value_heads=1) if quick else {}
-    text = LlamaConfig(
-        **{
-            **common.SMOLLM2_SHAPE,
-            "hidden_size": common.SMOLLM2_SIZE["text_hidden"],
-            "num_hidden_layers": common.SMOLLM2_SIZE["text_layers"],
-            **lm_shape,
-        },
-        vocab_size=common.SMOLLM2_SIZE["vocab_size"],
-        max_position_embeddings=16384,
-        tie_word_embeddings=True,
-    )
     config = tiny.make_config(processor, vision=vision, adapter_type="mlp", video_num_frames=8, video_pool_size=2)
-    config.text_config = text
-    for name, value in config.processor_kwargs.items():
-        setattr(processor, name, value)
-    torch.manual_seed(0)
-    return OmniFusionForCausalLM(config).eval(), processor
+    return common.build_with_smollm2(config, processor, quick, max_position_embeddings=16384)
 
 
 def inputs_for(processor, seconds: int) -> tuple[dict, dict]:
@@ -103,10 +83,6 @@ def inputs_for(processor, seconds: int) -> tuple[dict, dict]:
     return dict(with_video), dict(with_images)
 
 
-def prefill(model, inputs: dict):
-    model(**inputs, use_cache=True, logits_to_keep=1)
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     common.configure(args.threads)
@@ -123,13 +99,13 @@ def main(argv=None) -> int:
     rows = []
     for seconds in args.seconds:
         with_video, with_images = inputs_for(processor, seconds)
-        prefill(model, with_video)  # warm-up
-        times = {"video": [], "images": [], "vision": []}
-        for _ in range(args.rounds):
-            times["video"].append(common.timed(lambda: prefill(model, with_video))[0])
-            times["images"].append(common.timed(lambda: prefill(model, with_images))[0])
-            times["vision"].append(common.timed(lambda: model.get_video_features(with_video["pixel_values_videos"]))[0])
-        video_ms, images_ms, vision_ms = (1000 * statistics.median(times[key]) for key in ("video", "images", "vision"))
+        common.prefill(model, with_video)  # warm-up
+        contenders = {
+            "video": lambda: common.prefill(model, with_video),
+            "images": lambda: common.prefill(model, with_images),
+            "vision": lambda: model.get_video_features(with_video["pixel_values_videos"]),
+        }
+        video_ms, images_ms, vision_ms = common.median_ms(contenders, args.rounds).values()
         positions = int((with_video["input_ids"] == model.config.video_token_id).sum())
         rows.append((seconds, video_ms, images_ms))
         print(

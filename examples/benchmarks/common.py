@@ -10,7 +10,8 @@ third-party imports), so that the environment below applies to every library it 
 Each is set only where the environment does not set it already. Also here: `configure` (torch threads, quiet
 transformers logging), `cpu_description` (the machine line of a report), `timed`, `random_images`, and the
 OmniFusion / LLaVA pair at equal work (`make_processors`, `make_configs`, `build_model`, `copy_weights`) that the
-inference and training benchmarks compare.
+inference and training benchmarks compare, and what the sound and video prefill benchmarks share (`parse_prefill_args`,
+`build_with_smollm2`, `prefill`, `median_ms`).
 """
 
 import os
@@ -19,7 +20,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import argparse  # noqa: E402
 import platform  # noqa: E402
+import statistics  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -213,3 +216,70 @@ def copy_weights(omni: OmniFusionForCausalLM, llava: LlavaForConditionalGenerati
     lm_state = {k: v for k, v in omni.model.language_model.state_dict().items() if "special_embeddings" not in k}
     llava.model.language_model.load_state_dict(lm_state)
     llava.lm_head.load_state_dict(omni.lm_head.state_dict())
+
+
+# ------------------------------------------------------------------------- prefill with sound or video (one model)
+
+# The `--quick` LM of the prefill benchmarks: 2 layers of width 64, 2 heads of 32, one key/value head.
+QUICK_LM_SHAPE = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    intermediate_size=128,
+    num_attention_heads=2,
+    head_dim=32,
+    num_key_value_heads=1,
+)
+
+
+def parse_prefill_args(argv, doc: str, seconds: str, seconds_help: str, per: str, quick_help: str, read_seconds):
+    """`--seconds` (turned into the lengths by `read_seconds(text, error)`, which calls `error(message)` on a bad
+    value), `--rounds` (timed rounds per contender and `per`), `--threads` and `--quick` (one round) of a prefill
+    benchmark whose module docstring is `doc`."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[1], formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--seconds", default=seconds, help=seconds_help)
+    parser.add_argument("--rounds", type=int, default=3, help=f"Timed rounds per contender and {per}.")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads.")
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    args = parser.parse_args(argv)
+    args.seconds = read_seconds(args.seconds, parser.error)
+    if args.rounds < 1:
+        parser.error(f"--rounds {args.rounds}: expected at least 1")
+    if args.quick:
+        args.rounds = 1
+    return args
+
+
+def build_with_smollm2(config: OmniFusionConfig, processor, quick: bool, max_position_embeddings: int):
+    """The OmniFusion of `config` (random, seed 0, eval mode) with a SmolLM2-135M-shaped LM (`QUICK_LM_SHAPE` with
+    `quick`), and `processor` given the config's processor settings."""
+    text = LlamaConfig(
+        **{
+            **SMOLLM2_SHAPE,
+            "hidden_size": SMOLLM2_SIZE["text_hidden"],
+            "num_hidden_layers": SMOLLM2_SIZE["text_layers"],
+            **(QUICK_LM_SHAPE if quick else {}),
+        },
+        vocab_size=SMOLLM2_SIZE["vocab_size"],
+        max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=True,
+    )
+    config.text_config = text
+    for name, value in config.processor_kwargs.items():
+        setattr(processor, name, value)
+    torch.manual_seed(0)
+    return OmniFusionForCausalLM(config).eval(), processor
+
+
+def prefill(model, inputs: dict):
+    """One prefill: the prompt through the model with the KV cache, logits of the last position only."""
+    model(**inputs, use_cache=True, logits_to_keep=1)
+
+
+def median_ms(contenders: dict, rounds: int) -> dict[str, float]:
+    """The median wall milliseconds of each contender (name -> function) over `rounds` rounds, the contenders
+    interleaved: one call of each per round, in order."""
+    times = {name: [] for name in contenders}
+    for _ in range(rounds):
+        for name, function in contenders.items():
+            times[name].append(timed(function)[0])
+    return {name: 1000 * statistics.median(values) for name, values in times.items()}

@@ -31,6 +31,12 @@ def _config(change):
     return lambda folder: edit_json(folder / "config.json", change)
 
 
+def _sub_config(section: str, field: str, value, *expected: str):
+    """A `"model"` case that sets `config.json`'s `section.field` to `value`; the message must name `config.json` and
+    match `expected`."""
+    return _config(lambda c: c[section].update({field: value})), "model", (r"config\.json", *expected)
+
+
 def _both_pinpoints(value):
     def edit(folder):
         edit_json(folder / "config.json", lambda c: c.update(image_grid_pinpoints=value))
@@ -54,20 +60,14 @@ def _remove(name: str):
 RAISING_TEMPLATE = "{{ messages[0]['content'].no_such_field.deeper }}"
 
 FOLDER_FAULTS = {
-    "text_config.num_hidden_layers: 1000000": (
-        _config(lambda c: c["text_config"].update(num_hidden_layers=1_000_000)),
-        "model",
-        (r"config\.json", r"text_config\.num_hidden_layers=1000000", r"model\.safetensors"),
+    "text_config.num_hidden_layers: 1000000": _sub_config(
+        "text_config", "num_hidden_layers", 1_000_000, r"text_config\.num_hidden_layers=1000000", r"model\.safetensors"
     ),
-    "vision_config.num_hidden_layers: 100000": (
-        _config(lambda c: c["vision_config"].update(num_hidden_layers=100_000)),
-        "model",
-        (r"config\.json", r"vision_config\.num_hidden_layers=100000"),
+    "vision_config.num_hidden_layers: 100000": _sub_config(
+        "vision_config", "num_hidden_layers", 100_000, r"vision_config\.num_hidden_layers=100000"
     ),
-    "text_config.vocab_size: 10000000": (
-        _config(lambda c: c["text_config"].update(vocab_size=10_000_000)),
-        "model",
-        (r"config\.json", r"text_config\.vocab_size=10000000"),
+    "text_config.vocab_size: 10000000": _sub_config(
+        "text_config", "vocab_size", 10_000_000, r"text_config\.vocab_size=10000000"
     ),
     "image_grid_pinpoints [[32000, 32000]] in config.json and processor_config.json (model)": (
         _both_pinpoints([[32000, 32000]]),
@@ -101,20 +101,12 @@ FOLDER_FAULTS = {
         "model",
         (r"config\.json", "num_image_tokens=10"),
     ),
-    "vision_config.patch_size: 0": (
-        _config(lambda c: c["vision_config"].update(patch_size=0)),
-        "model",
-        (r"config\.json", r"vision_config\.patch_size"),
+    "vision_config.patch_size: 0": _sub_config("vision_config", "patch_size", 0, r"vision_config\.patch_size"),
+    "text_config.num_key_value_heads: 0": _sub_config(
+        "text_config", "num_key_value_heads", 0, r"text_config\.num_key_value_heads"
     ),
-    "text_config.num_key_value_heads: 0": (
-        _config(lambda c: c["text_config"].update(num_key_value_heads=0)),
-        "model",
-        (r"config\.json", r"text_config\.num_key_value_heads"),
-    ),
-    "text_config.num_attention_heads: 3 (not a multiple of 2 key/value heads)": (
-        _config(lambda c: c["text_config"].update(num_attention_heads=3)),
-        "model",
-        (r"config\.json", r"text_config\.num_attention_heads=3"),
+    "text_config.num_attention_heads: 3 (not a multiple of 2 key/value heads)": _sub_config(
+        "text_config", "num_attention_heads", 3, r"text_config\.num_attention_heads=3"
     ),
     "chat_template.jinja that raises": (
         lambda folder: (folder / "chat_template.jinja").write_text(RAISING_TEMPLATE),

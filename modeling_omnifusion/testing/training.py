@@ -248,3 +248,28 @@ def run_stage1_subprocess(
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "HF_HUB_OFFLINE": "1"}
     # cwd: not a checkout (`-c` puts the cwd first on sys.path, where its source folders would shadow the install)
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=tempfile.gettempdir())
+
+
+def train_image_model(output_dir: Path, data_dir: Path, vision: Path, language: Path) -> Path:
+    """A trained image-only OmniFusion folder in `output_dir`: one stage-1 step from the `vision` and `language`
+    folders on 4 colour records written to `data_dir`. The training tests extend it with sound or video."""
+    from modeling_omnifusion.training import stage1
+
+    data_path = write_dataset(data_dir, colour_records(4))
+    stage1.train(
+        ["--vision_model_name_or_path", str(vision), "--language_model_name_or_path", str(language)]
+        + training_flags(output_dir, data_path, max_steps=1)
+    )
+    return output_dir
+
+
+def image_logits(folder: Path) -> torch.Tensor:
+    """The logits of the saved model in `folder` on one image and a question about its colour."""
+    from modeling_omnifusion import OmniFusionForCausalLM, OmniFusionProcessor
+
+    model = OmniFusionForCausalLM.from_pretrained(folder).eval()
+    processor = OmniFusionProcessor.from_pretrained(folder)
+    chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is the colour?"}]}]
+    text = processor.apply_chat_template(chat, add_generation_prompt=True)
+    with torch.no_grad():
+        return model(**processor(images=[make_image(0)], text=[text], return_tensors="pt")).logits

@@ -1,4 +1,5 @@
-"""Task classes for offline configs whose Hub dataset spans two configs (GQA: questions and images)."""
+"""Task classes for offline configs whose Hub dataset spans two configs (GQA: questions and images), and the base of
+the project's tasks whose YAML names their class."""
 
 from typing import Any
 
@@ -6,14 +7,19 @@ from datasets import concatenate_datasets, load_dataset
 from lmms_eval.api.task import ConfigurableTask
 
 
-class LocalGQATask(ConfigurableTask):
-    """`gqa_local`: the questions from `data_files`, each given its image from `images_files` (imageId = id)."""
+class ClassConfigTask(ConfigurableTask):
+    """A task built from a YAML that names its own class (`class: !function ...`): the `class` key is dropped from the
+    config `ConfigurableTask` reads."""
 
     def __init__(self, *args, config: dict[str, Any] | None = None, **kwargs) -> None:
         if config is not None:
             config = dict(config)
             config.pop("class", None)
         super().__init__(*args, config=config, **kwargs)
+
+
+class LocalGQATask(ClassConfigTask):
+    """`gqa_local`: the questions from `data_files`, each given its image from `images_files` (imageId = id)."""
 
     def download(self, dataset_kwargs: dict[str, Any] | None = None) -> None:
         arguments = dict(dataset_kwargs or {})

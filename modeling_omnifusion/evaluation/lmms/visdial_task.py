@@ -20,11 +20,11 @@ from typing import Any
 
 from datasets import Dataset, DatasetDict
 from lmms_eval.api.instance import Instance
-from lmms_eval.api.task import ConfigurableTask
 
 from .. import visdial_scoring
 from ..visdial import image_loader, load_visdial
 from ..visdial_scoring import SCORE_TYPES, dialog_messages, visdial_round_question
+from .offline_tasks import ClassConfigTask
 
 TASK_ARGUMENTS = ("visdial_json", "dense_json", "images_dir", "score", "max_dialogs")
 
@@ -63,14 +63,8 @@ def visdial_rounds(visdial_json, dense_json=None, max_dialogs=None) -> tuple[lis
     return docs, split
 
 
-class VisDialTask(ConfigurableTask):
+class VisDialTask(ClassConfigTask):
     """`visdial_val`: loglikelihood requests `(question, candidate, doc_to_messages, doc_id, task, split, score)`."""
-
-    def __init__(self, *args, config: dict[str, Any] | None = None, **kwargs) -> None:
-        if config is not None:
-            config = dict(config)
-            config.pop("class", None)
-        super().__init__(*args, config=config, **kwargs)
 
     def download(self, dataset_kwargs: dict[str, Any] | None = None) -> None:
         arguments = dict(dataset_kwargs or {})
