@@ -103,10 +103,20 @@ def chat_page(url: str):
 
 
 def set_max_new_tokens(page, value: int) -> None:
+    """Open the settings and type `value` into the slider's number field until it holds there. Typed while the
+    accordion is still opening, a value can be put back to the default by the slider's first render (seen on a loaded
+    machine), so the field is typed again until it reads `value` twice, half a second apart (at most 10 tries)."""
     page.click("text=Generation settings")
     field = page.locator("input[aria-label='number input for Max new tokens']")
-    field.fill(str(value))
-    field.press("Enter")
+    field.wait_for(state="visible")
+    for _ in range(10):
+        field.fill(str(value))
+        field.press("Enter")
+        page.wait_for_timeout(500)
+        if field.input_value() == str(value):
+            page.wait_for_timeout(500)
+            if field.input_value() == str(value):
+                break
     assert field.input_value() == str(value)
 
 
