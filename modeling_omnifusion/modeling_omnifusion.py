@@ -46,7 +46,7 @@ from .input_checks_omnifusion import (
     non_finite_weights,
     prompt_positions,
 )
-from .kernels_omnifusion import single_position_kernels
+from .kernels_omnifusion import decode_attention_mask, single_position_kernels
 from .quantization_omnifusion import (
     compute_dtype,
     declared_modules_present,
@@ -535,6 +535,7 @@ class OmniFusionModel(OmniFusionPreTrainedModel):
 
         # The decoder takes the cache as `cache` on transformers 5.24+, as `past_key_values` on older releases.
         kwargs[self._language_model_cache_argument] = cache
+        attention_mask = decode_attention_mask(attention_mask, inputs_embeds, past_length, self.config.text_config)
         with single_position_kernels(inputs_embeds):
             outputs = self.language_model(
                 attention_mask=attention_mask,
