@@ -59,7 +59,14 @@ def test_the_ratios_are_the_measured_cpu_seconds_over_the_rooflines(tiny_run):
         floor = flops["vision"] / limits["vision_mlp_model"]["flop_per_cpu_s"]
         floor += flops["lm"] / limits["lm_mlp_model"]["flop_per_cpu_s"]
         assert model["ttft_roofline"] == pytest.approx(model["ttft_cpu_s"] / floor), name
-        decode_floor = model["decode_bytes_per_token"] / limits["bandwidth"]["bytes_per_cpu_s"]
+        weights = model["weights_bandwidth"]
+        assert weights["bytes_per_cpu_s"] > 0 and len(weights["probes_gb_per_s"]) == 1 + results["repeats"]
+        # the probe read exactly the decoded weights: the decode bytes without the KV cache
+        shape, itemsize = SHAPES["tiny"], 4 if results["dtype"] == "float32" else 2
+        context = results["prompt_positions"][name] + results["new_tokens"] // 2
+        cache = 2 * shape.text_layers * context * shape.text_kv_heads * (shape.text_hidden // shape.text_heads)
+        assert weights["bytes"] == model["decode_bytes_per_token"] - itemsize * cache, name
+        decode_floor = model["decode_bytes_per_token"] / weights["bytes_per_cpu_s"]
         assert model["decode_roofline"] == pytest.approx(model["decode_cpu_s_per_token"] / decode_floor), name
         assert all(math.isfinite(v) and v > 0 for v in (model["ttft_roofline"], model["decode_roofline"]))
     omni, llava = results["models"]["OmniFusion"], results["models"]["LLaVA"]
