@@ -13,6 +13,23 @@ from modeling_omnifusion.kernels_omnifusion import (
 from modeling_omnifusion.testing.tiny import chat, make_image, make_model_and_processor
 
 
+def bfloat16_image_chat(processor, left_pads: int = 0) -> dict:
+    """The tiny processor's inputs for one image and a question, `pixel_values` in bfloat16, the row left-padded with
+    `left_pads` pad tokens (masked out)."""
+    inputs = processor.apply_chat_template(
+        chat("What is this?", images=[make_image(0)]),
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+        return_tensors="pt",
+    )
+    pads = torch.full((1, left_pads), processor.tokenizer.pad_token_id)
+    inputs["input_ids"] = torch.cat([pads, inputs["input_ids"]], 1)
+    inputs["attention_mask"] = torch.cat([torch.zeros_like(pads), inputs["attention_mask"]], 1)
+    inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
+    return inputs
+
+
 @pytest.mark.parametrize(
     ("shape", "dtype", "switches"),
     [
@@ -62,14 +79,7 @@ def test_bfloat16_generate_decodes_without_onednn_and_prefills_with_it():
     model.lm_head.register_forward_pre_hook(
         lambda module, args: seen.append(("head", args[0].shape[1], torch.backends.mkldnn.enabled))
     )
-    inputs = processor.apply_chat_template(
-        chat("What is this?", images=[make_image(0)]),
-        add_generation_prompt=True,
-        tokenize=True,
-        return_dict=True,
-        return_tensors="pt",
-    )
-    inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
+    inputs = bfloat16_image_chat(processor)
     with torch.no_grad():
         model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False, num_beams=1)
     prompt = inputs["input_ids"].shape[1]
@@ -134,17 +144,7 @@ def test_the_4d_decode_mask_gives_the_tokens_and_logits_of_the_plain_mask(monkey
     model.model.language_model.register_forward_pre_hook(
         lambda module, args, kwargs: masks.append(kwargs["attention_mask"].ndim), with_kwargs=True
     )
-    inputs = processor.apply_chat_template(
-        chat("What is this?", images=[make_image(0)]),
-        add_generation_prompt=True,
-        tokenize=True,
-        return_dict=True,
-        return_tensors="pt",
-    )
-    pad = processor.tokenizer.pad_token_id
-    inputs["input_ids"] = torch.cat([torch.full((1, 8), pad), inputs["input_ids"]], 1)
-    inputs["attention_mask"] = torch.cat([torch.zeros(1, 8, dtype=torch.long), inputs["attention_mask"]], 1)
-    inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
+    inputs = bfloat16_image_chat(processor, left_pads=8)
     settings = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, num_beams=1)
     settings.update(output_logits=True, return_dict_in_generate=True)
     with torch.no_grad():
