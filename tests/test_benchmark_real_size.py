@@ -99,3 +99,22 @@ def test_the_7b_shape_is_the_release_size():
     """Mistral-7B-v0.1 (7.24 B) + CLIP ViT-L/14 vision (0.30 B) in bfloat16: 15.09 GB."""
     assert checkpoint_bytes(SHAPES["7b"]) == pytest.approx(15.09e9, rel=0.002)
     assert SHAPES["7b"].num_image_tokens == 576
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--output_dir", "/proc/omnifusion-not-here"], "--output_dir /proc/omnifusion-not-here cannot be created"),
+        (["--output_dir", "{tmp}", "--new_tokens", "1"], "--new_tokens must be at least 2"),
+    ],
+)
+def test_unusable_arguments_stop_before_anything_is_written(tmp_path, flags, message):
+    flags = [flag.format(tmp=tmp_path / "out") for flag in flags]
+    result = subprocess.run(
+        [sys.executable, "examples/benchmarks/benchmark_real_size.py", "--shape", "tiny", *flags],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert message in result.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

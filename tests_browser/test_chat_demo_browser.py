@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import soundfile
 import torch
-from playwright.sync_api import sync_playwright
+from playwright.sync_api import expect, sync_playwright
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from modeling_omnifusion.testing import served
@@ -103,21 +103,22 @@ def chat_page(url: str):
 
 
 def set_max_new_tokens(page, value: int) -> None:
-    """Open the settings and type `value` into the slider's number field until it holds there. Typed while the
-    accordion is still opening, a value can be put back to the default by the slider's first render (seen on a loaded
-    machine), so the field is typed again until it reads `value` twice, half a second apart (at most 10 tries)."""
+    """Open the settings and type `value` into the slider's number field until the field holds it: typed while the
+    accordion is still opening, a value can be put back to the default by the slider's first render, so it is typed
+    again (at most 10 times) when the field does not read `value` within a second. That the reply then has exactly
+    `value` tokens is checked by the tests against `generate`."""
     page.click("text=Generation settings")
     field = page.locator("input[aria-label='number input for Max new tokens']")
     field.wait_for(state="visible")
     for _ in range(10):
         field.fill(str(value))
         field.press("Enter")
-        page.wait_for_timeout(500)
-        if field.input_value() == str(value):
-            page.wait_for_timeout(500)
-            if field.input_value() == str(value):
-                break
-    assert field.input_value() == str(value)
+        try:
+            expect(field).to_have_value(str(value), timeout=1000)
+            return
+        except AssertionError:
+            continue
+    expect(field).to_have_value(str(value))
 
 
 def greedy_text(folder: Path, messages: list[dict]) -> str:

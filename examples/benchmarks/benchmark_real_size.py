@@ -107,7 +107,10 @@ def requirements(shape: Shape, dtype: torch.dtype) -> tuple[int, int]:
 def check_resources(output_dir: Path, shape_name: str, shape: Shape, dtype: torch.dtype):
     """Refuse (SystemExit naming what is needed and what there is) without the disk and memory a run needs."""
     disk, memory = requirements(shape, dtype)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise SystemExit(f"--output_dir {output_dir} cannot be created: {error.strerror}; not starting") from None
     free = shutil.disk_usage(output_dir).free
     available = meminfo()
     problems = []
@@ -267,8 +270,8 @@ def decoded_weights(model) -> list[torch.Tensor]:
 def weights_read_rate(model, repeats: int = 3) -> dict:
     """Read bandwidth over the model's own decoded weights (`decoded_weights`, summed in place): bytes per wall and
     per CPU second, the best of `repeats` passes. The weights' pages are where the decode step reads them from, and on
-    a virtual machine the rate of those pages can differ from that of a fresh buffer (here 30 to 50 GB/s between runs
-    minutes apart), so the decode roofline is measured on them, just before and after the timed calls."""
+    a virtual machine the rate of those pages can differ from that of a fresh buffer by 1.7x, so the decode roofline
+    is measured on them, just before and after the timed calls."""
     weights = decoded_weights(model)
     nbytes = sum(weight.numel() * weight.element_size() for weight in weights)
     best = (float("inf"), float("inf"))
