@@ -71,9 +71,8 @@ def decode_attention_mask(attention_mask, hidden: torch.Tensor, past_length: int
         return attention_mask
     kv_length = past_length + 1
     window = getattr(text_config, "sliding_window", None)
-    if (window is not None and kv_length > window) or set(getattr(text_config, "layer_types", None) or ()) - {
-        "full_attention"
-    }:
+    layer_types = set(getattr(text_config, "layer_types", None) or ())
+    if (window is not None and kv_length > window) or layer_types - {"full_attention"}:
         return attention_mask
     if attention_mask is None:
         return torch.ones(1, 1, 1, kv_length, dtype=torch.bool, device=hidden.device)
