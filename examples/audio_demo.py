@@ -18,10 +18,12 @@ Steps (data from `speech_data.py`):
   4. the frozen encoder's output computed once per clip and cached (`EncoderCache`): while the stage commands train
      and the models answer, every Whisper encoder in the process looks each clip up by its log-mel features instead
      of running again (about 1.2 s per 30 s window on 2 CPU cores), and runs for a clip not in the cache;
-  5. OmniFusion: the untrained audio adapter (the floor), stage 1 (audio adapter and markers; LM and encoders
-     frozen) and a stage-2 variant (LoRA on the LM), both trained through the library's stage commands
-     (`modeling_omnifusion.training.stage1` / `stage2`), each evaluated on the same held-out files; the image side
-     is a random placeholder (`save_image_side`);
+  5. OmniFusion: the untrained audio adapter (the floor); its CTC alignment to SmolLM2's own token embeddings
+     (`modeling_omnifusion.training.audio_alignment`, the audio adapter alone, on the cached encoder outputs), the
+     warm start of stage 1; stage 1 (audio adapter and markers; LM and encoders frozen) and a stage-2 variant (LoRA
+     on the LM), both trained through the library's stage commands (`modeling_omnifusion.training.stage1` /
+     `stage2`), each evaluated on the same held-out files; the image side is a random placeholder
+     (`save_image_side`);
   6. the table (`<output_dir>/audio_results.json`, `.md`) and chart (`audio_results.png`); the best trained model
      (`best_row`) moved to the Hub folder `<output_dir>/omnifusion-audio`.
 
@@ -68,11 +70,16 @@ class DemoArguments:
     train_digits: int = field(default=160, metadata={"help": "Synthetic single-digit training clips."})
     train_digit_strings: int = field(default=80, metadata={"help": "Synthetic 2-4 digit training clips."})
     train_phrases: int = field(default=240, metadata={"help": "Synthetic phrase training clips."})
+    align_steps: int = field(
+        default=400, metadata={"help": "CTC alignment steps of the audio adapter before stage 1 (0: none)."}
+    )
+    align_batch_size: int = field(default=16, metadata={"help": "Clips per CTC alignment step."})
+    align_learning_rate: float = field(default=2e-3, metadata={"help": "Peak learning rate of the CTC alignment."})
     stage1_steps: int = field(default=150, metadata={"help": "Optimizer steps of stage 1."})
-    stage2_steps: int = field(default=50, metadata={"help": "Optimizer steps of the stage-2 variant (LoRA)."})
+    stage2_steps: int = field(default=200, metadata={"help": "Optimizer steps of the stage-2 variant (LoRA)."})
     batch_size: int = field(default=8, metadata={"help": "Clips per step."})
-    stage1_learning_rate: float = field(default=2e-3, metadata={"help": "Peak learning rate of stage 1 (AdamW)."})
-    stage2_learning_rate: float = field(default=2e-4, metadata={"help": "Peak learning rate of stage 2 (AdamW)."})
+    stage1_learning_rate: float = field(default=2e-4, metadata={"help": "Peak learning rate of stage 1 (AdamW)."})
+    stage2_learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate of stage 2 (AdamW)."})
     bf16: bool = field(
         default=True, metadata={"help": "Train under bfloat16 autocast (float32 weights); --bf16 false for float32."}
     )
@@ -81,11 +88,17 @@ class DemoArguments:
 
 
 def effective(args: DemoArguments) -> DemoArguments:
-    """The arguments a run uses: `--quick` caps the training steps (4 and 2) and the batch (2 clips)."""
+    """The arguments a run uses: `--quick` caps the training steps (10 of alignment, 4 and 2 of the stages) and the
+    batches (2 clips)."""
     if not args.quick:
         return args
     return dataclasses.replace(
-        args, stage1_steps=min(args.stage1_steps, 4), stage2_steps=min(args.stage2_steps, 2), batch_size=2
+        args,
+        align_steps=min(args.align_steps, 10),
+        align_batch_size=min(args.align_batch_size, 2),
+        stage1_steps=min(args.stage1_steps, 4),
+        stage2_steps=min(args.stage2_steps, 2),
+        batch_size=2,
     )
 
 
@@ -329,6 +342,33 @@ def build_untrained(parts: Parts, seed: int):
     return model.eval(), processor
 
 
+def align(model, processor, data: DemoData, args: DemoArguments, cache: EncoderCache, folder: Path) -> Path:
+    """
+    The warm start of stage 1 (`modeling_omnifusion.training.audio_alignment`): the audio adapter of `model` (the
+    floor) trained with CTC against SmolLM2's own token embeddings on the training clips' transcripts, every clip's
+    encoder positions read from `cache`; the model and processor saved to `folder`, where stage 1 starts.
+    """
+    from modeling_omnifusion.training.audio_alignment import align_audio_adapter, audio_positions
+
+    with cache.patched():
+        positions = audio_positions(model, processor, [speech_data.read_clip(clip.path) for clip in data.train])
+    losses = align_audio_adapter(
+        model,
+        processor.tokenizer,
+        positions,
+        [clip.text for clip in data.train],
+        steps=args.align_steps,
+        batch_size=args.align_batch_size,
+        learning_rate=args.align_learning_rate,
+        seed=args.seed,
+        log_every=max(1, args.align_steps // 10),
+    )
+    print(f"alignment: {len(losses)} steps, CTC loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
 def stage_flags(stage: int, args: DemoArguments, output_dir: Path, records: Path, audio_folder: Path) -> list[str]:
     """
     The training flags of stage `stage` (the model flags aside), the same for the full run and `--quick` except the
@@ -357,15 +397,16 @@ def stage_flags(stage: int, args: DemoArguments, output_dir: Path, records: Path
 def train_stage(stage: int, start: Parts | Path, data: DemoData, output_dir: Path, args, cache: EncoderCache) -> Path:
     """
     Stage `stage` through the library's stage commands (`modeling_omnifusion.training.stage1` / `stage2`, in this
-    process): stage 1 builds the model from `start` (the parts) and trains its audio adapter and markers, the LM and
-    both encoders frozen; the stage-2 variant starts from the stage-1 folder `start`. The Whisper encoder answers from
+    process): stage 1 starts from `start`, the aligned folder (or, without alignment, the parts it builds the model
+    from), and trains the audio adapter and markers, the LM and both encoders frozen; the stage-2 variant starts from
+    the folder `start`. The Whisper encoder answers from
     `cache` throughout. Returns the trained Hub folder `<output_dir>/stage<stage>`.
     """
     from modeling_omnifusion.training import stage1, stage2
 
     folder = output_dir / f"stage{stage}"
     flags = stage_flags(stage, args, folder, data.records, data.records.parent / "train")
-    if stage == 1:
+    if isinstance(start, Parts):
         flags = start.model_flags() + flags
     else:
         flags = ["--model_name_or_path", str(start)] + flags
@@ -529,9 +570,14 @@ def main(args: list[str] | None = None) -> dict:
     parts = Parts(save_image_side(output_dir / "image-side", args.seed), language_folder, whisper_folder)
     model, processor = build_untrained(parts, args.seed)
     rows.append(evaluate("OmniFusion, untrained audio adapter (floor)", model, processor, data, cache))
+    start = time.perf_counter()
+    stage1_start = parts
+    if args.align_steps:
+        stage1_start = align(model, processor, data, args, cache, output_dir / "aligned")
+    timings["align_s"] = time.perf_counter() - start
     del model
     start = time.perf_counter()
-    stage1 = train_stage(1, parts, data, output_dir, args, cache)
+    stage1 = train_stage(1, stage1_start, data, output_dir, args, cache)
     timings["stage1_s"] = time.perf_counter() - start
     start = time.perf_counter()
     stage2 = train_stage(2, stage1, data, output_dir, args, cache)

@@ -358,6 +358,34 @@ class OmniFusionModel(OmniFusionPreTrainedModel):
         (`pooler_output`: `[total frames, num_video_frame_tokens, text hidden]`)."""
         return video_features(self, pixel_values_videos, **kwargs)
 
+    def get_audio_positions(
+        self, input_features: torch.FloatTensor, input_features_mask: torch.Tensor | None = None, **kwargs
+    ) -> tuple[torch.Tensor, torch.BoolTensor, object]:
+        """
+        The audio tower's side of `get_audio_features`, before the audio adapter: `(positions, real, outputs)`, with
+        `positions` `[clips, window positions, audio width]` (the encoder frames average-pooled by
+        `audio_pool_stride`), `real` `[clips, window positions]` (True on the positions that hold each clip's sound,
+        first) and the tower's `outputs`. Arguments as for `get_audio_features`.
+        """
+        if getattr(self, "audio_tower", None) is None:
+            raise ValueError("This OmniFusion model has no audio encoder (config.audio_config is None).")
+        tower = self.audio_tower
+        frame_stride = tower.conv1.stride[0] * tower.conv2.stride[0]
+        window = self.config.audio_config.max_source_positions * frame_stride
+        if input_features.dim() != 3 or input_features.shape[-1] != window:
+            raise ValueError(
+                f"input_features must be [clips, mel bins, {window}] (the audio encoder's whole window), got "
+                f"{list(input_features.shape)}; build them with the model's OmniFusionProcessor, whose feature "
+                f"extractor must pad to {window} frames"
+            )
+        if input_features_mask is None:
+            input_features_mask = torch.ones(input_features.shape[::2], dtype=torch.long, device=input_features.device)
+        outputs = tower(input_features.to(tower.conv1.weight.dtype), return_dict=True, **kwargs)
+        pool = self.config.audio_pool_stride
+        frames = outputs.last_hidden_state.transpose(1, 2)
+        pooled = nn.functional.avg_pool1d(frames, pool, pool).transpose(1, 2)
+        return pooled, audio_position_mask(input_features_mask.to(pooled.device), frame_stride, pool), outputs
+
     @can_return_tuple
     def get_audio_features(
         self, input_features: torch.FloatTensor, input_features_mask: torch.Tensor | None = None, **kwargs
@@ -377,24 +405,7 @@ class OmniFusionModel(OmniFusionPreTrainedModel):
             its encoder frames average-pooled by `audio_pool_stride` and cut to its real duration (the window's
             padding never reaches the LM), then the audio adapter; clips follow each other.
         """
-        if getattr(self, "audio_tower", None) is None:
-            raise ValueError("This OmniFusion model has no audio encoder (config.audio_config is None).")
-        tower = self.audio_tower
-        frame_stride = tower.conv1.stride[0] * tower.conv2.stride[0]
-        window = self.config.audio_config.max_source_positions * frame_stride
-        if input_features.dim() != 3 or input_features.shape[-1] != window:
-            raise ValueError(
-                f"input_features must be [clips, mel bins, {window}] (the audio encoder's whole window), got "
-                f"{list(input_features.shape)}; build them with the model's OmniFusionProcessor, whose feature "
-                f"extractor must pad to {window} frames"
-            )
-        if input_features_mask is None:
-            input_features_mask = torch.ones(input_features.shape[::2], dtype=torch.long, device=input_features.device)
-        outputs = tower(input_features.to(tower.conv1.weight.dtype), return_dict=True, **kwargs)
-        pool = self.config.audio_pool_stride
-        frames = outputs.last_hidden_state.transpose(1, 2)
-        pooled = nn.functional.avg_pool1d(frames, pool, pool).transpose(1, 2)
-        real = audio_position_mask(input_features_mask.to(pooled.device), frame_stride, pool)
+        pooled, real, outputs = self.get_audio_positions(input_features, input_features_mask, **kwargs)
         adapter_dtype = compute_dtype(self.audio_adapter, self.dtype)
         return BaseModelOutputWithPooling(
             last_hidden_state=outputs.last_hidden_state,

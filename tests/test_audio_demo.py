@@ -93,6 +93,32 @@ def test_training_records_hit_the_cache(demo, speech_data, tmp_path):
     assert demo.features_key(encoded["input_features"][0]) in cache.outputs
 
 
+def test_alignment_reads_every_clip_from_the_cache_and_saves_the_aligned_model(demo, speech_data, tmp_path):
+    """The demo's warm start reads the training clips' encoder positions from the cache (several clips per feature
+    extraction, each still hitting its own entry), changes the audio adapter alone, and saves a folder stage 1 loads."""
+    from modeling_omnifusion import OmniFusionForCausalLM
+
+    model, processor = make_audio_model_and_processor(seed=0)
+    clips = []
+    for index, (seconds, text) in enumerate([(0.7, "four"), (0.4, "one two"), (0.9, "seven"), (0.5, "nine")]):
+        path = tmp_path / "train" / f"espeak-{index:05d}.wav"
+        path.parent.mkdir(exist_ok=True)
+        soundfile.write(str(path), make_clip(seed=10 + index, seconds=seconds), 16000, subtype="PCM_16")
+        clips.append(speech_data.Clip(path.stem, str(path), text))
+    data = demo.DemoData([], [], clips, tmp_path / "train.json")
+    cache = demo.EncoderCache()
+    cache.add(model.model.audio_tower, processor.feature_extractor, [speech_data.read_clip(c.path) for c in clips])
+    before = {name: weight.detach().clone() for name, weight in model.named_parameters()}
+    args = demo.DemoArguments(align_steps=3, align_batch_size=2)
+    folder = demo.align(model, processor, data, args, cache, tmp_path / "aligned")
+    assert (cache.hits, cache.misses) == (4, 0)
+    changed = {name for name, weight in model.named_parameters() if not torch.equal(weight, before[name])}
+    assert changed and all(name.startswith("model.audio_adapter.") for name in changed)
+    saved = OmniFusionForCausalLM.from_pretrained(folder)
+    for name, weight in saved.named_parameters():
+        torch.testing.assert_close(weight, dict(model.named_parameters())[name], rtol=0, atol=0)
+
+
 def test_the_evaluation_prompt_is_the_training_prompt(demo, speech_data, tmp_path):
     """The chat the demo evaluates with renders as the training record's human turn."""
     _, processor = make_audio_model_and_processor(seed=0)
@@ -130,12 +156,13 @@ def test_the_stage_flags_parse_as_the_library_commands(demo, tmp_path):
     model_args, _, training_args = HfArgumentParser(
         (stage2.ModelArguments, DataArguments, stage2.Stage2TrainingArguments)
     ).parse_args_into_dataclasses(flags)
-    assert (model_args.lora_r, training_args.max_steps) == (16, 50)
+    assert (model_args.lora_r, training_args.max_steps) == (16, 200)
 
 
 def test_quick_caps_the_steps_and_the_batch(demo):
     quick = demo.effective(demo.DemoArguments(quick=True))
     assert (quick.stage1_steps, quick.stage2_steps, quick.batch_size) == (4, 2, 2)
+    assert (quick.align_steps, quick.align_batch_size) == (10, 2)
     assert demo.effective(demo.DemoArguments()) == demo.DemoArguments()
 
 
