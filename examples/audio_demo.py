@@ -528,7 +528,12 @@ def write_report(rows: list[dict], output_dir: Path, timings: dict) -> None:
 
 
 def main(args: list[str] | None = None) -> dict:
-    (args,) = HfArgumentParser(DemoArguments).parse_args_into_dataclasses(args)
+    parser = HfArgumentParser(DemoArguments)
+    (args,) = parser.parse_args_into_dataclasses(args)
+    for flag in ("align_steps", "align_batch_size", "stage1_steps", "stage2_steps", "batch_size"):
+        minimum = 0 if flag == "align_steps" else 1
+        if getattr(args, flag) < minimum:
+            parser.error(f"--{flag} must be at least {minimum}, got {getattr(args, flag)}")
     args = effective(args)
     random.seed(args.seed)
     torch.manual_seed(args.seed)

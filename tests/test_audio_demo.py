@@ -159,6 +159,15 @@ def test_the_stage_flags_parse_as_the_library_commands(demo, tmp_path):
     assert (model_args.lora_r, training_args.max_steps) == (16, 200)
 
 
+@pytest.mark.parametrize("flag, value", [("--align_steps", "-1"), ("--align_batch_size", "0"), ("--stage2_steps", "0")])
+def test_sizes_out_of_range_are_refused_before_anything_runs(demo, tmp_path, capsys, flag, value):
+    with pytest.raises(SystemExit) as refused:
+        demo.main(["--output_dir", str(tmp_path / "out"), flag, value])
+    assert refused.value.code == 2
+    assert f"{flag} must be at least" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_quick_caps_the_steps_and_the_batch(demo):
     quick = demo.effective(demo.DemoArguments(quick=True))
     assert (quick.stage1_steps, quick.stage2_steps, quick.batch_size) == (4, 2, 2)

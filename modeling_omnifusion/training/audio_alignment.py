@@ -36,7 +36,7 @@ def audio_positions(model, processor, waveforms: list[np.ndarray], batch_size: i
     the model feeds the LM for that clip: the frozen audio tower runs once per clip, `batch_size` windows at a time.
     `waveforms` are mono float arrays at the feature extractor's sampling rate.
     """
-    inner = model.model if hasattr(model, "model") and hasattr(model.model, "get_audio_positions") else model
+    inner = _inner_model(model)
     if getattr(inner, "audio_tower", None) is None:
         raise ValueError("The model has no audio encoder (config.audio_config is None): nothing to align.")
     feature_extractor = processor.feature_extractor
@@ -112,7 +112,7 @@ def align_audio_adapter(
     column = {token: index + 1 for index, token in enumerate(vocabulary)}  # 0 is the blank
     embeddings = model.get_input_embeddings().weight
     parameter = next(adapter.parameters())
-    head = EmbeddingDistanceHead(embeddings[vocabulary].to(parameter.device)).to(parameter.device)
+    head = EmbeddingDistanceHead(embeddings[vocabulary]).to(parameter.device)
     trainable = list(adapter.parameters()) + list(head.parameters())
     optimizer = torch.optim.AdamW(trainable, lr=learning_rate, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -150,9 +150,13 @@ def align_audio_adapter(
     return losses
 
 
+def _inner_model(model):
+    """The `OmniFusionModel` of an `OmniFusionForCausalLM` (or the model itself)."""
+    return model.model if hasattr(model, "model") and hasattr(model.model, "get_audio_positions") else model
+
+
 def _audio_adapter(model) -> nn.Module:
-    inner = model.model if hasattr(model, "model") else model
-    adapter = getattr(inner, "audio_adapter", None)
+    adapter = getattr(_inner_model(model), "audio_adapter", None)
     if adapter is None:
         raise ValueError("The model has no audio adapter (config.audio_config is None): nothing to align.")
     return adapter
