@@ -55,6 +55,7 @@ from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from modeling_omnifusion.conversion.whisper_ctranslate2 import converted_whisper_base, load_whisper_base, transcribe
 from modeling_omnifusion.evaluation.speech import digit_accuracy, word_error_rate
+from modeling_omnifusion.inference import cpu_has_native_bfloat16
 from modeling_omnifusion.processing.audio_inputs_omnifusion import extract_audio_features, num_mel_frames
 from modeling_omnifusion.training.smollm2 import converted_smollm2
 
@@ -75,13 +76,27 @@ class DemoArguments:
     )
     align_batch_size: int = field(default=16, metadata={"help": "Clips per CTC alignment step."})
     align_learning_rate: float = field(default=2e-3, metadata={"help": "Peak learning rate of the CTC alignment."})
+    align_input_dropout: float = field(
+        default=0.3, metadata={"help": "Share of the encoder's values dropped at each CTC alignment step (0 to <1)."}
+    )
     stage1_steps: int = field(default=150, metadata={"help": "Optimizer steps of stage 1."})
     stage2_steps: int = field(default=200, metadata={"help": "Optimizer steps of the stage-2 variant (LoRA)."})
     batch_size: int = field(default=8, metadata={"help": "Clips per step."})
     stage1_learning_rate: float = field(default=2e-4, metadata={"help": "Peak learning rate of stage 1 (AdamW)."})
     stage2_learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate of stage 2 (AdamW)."})
-    bf16: bool = field(
-        default=True, metadata={"help": "Train under bfloat16 autocast (float32 weights); --bf16 false for float32."}
+    bf16: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Train under bfloat16 autocast (float32 weights): true, false, or unset for true where the CPU "
+            "has native bfloat16 (AVX-512 BF16 or AMX), false elsewhere."
+        },
+    )
+    stage2_freeze_adapters: bool = field(
+        default=True,
+        metadata={
+            "help": "Stage 2 trains the LM (LoRA) and its markers and keeps the audio adapter as stage 1 left it "
+            "(stage 2's --freeze_adapters); --stage2_freeze_adapters false trains the adapter too."
+        },
     )
     lora_r: int = field(default=16, metadata={"help": "LoRA rank of the stage-2 variant (alpha = 2 x rank)."})
     threads: int = field(default=2, metadata={"help": "torch compute threads."})
@@ -362,6 +377,7 @@ def align(model, processor, data: DemoData, args: DemoArguments, cache: EncoderC
         learning_rate=args.align_learning_rate,
         seed=args.seed,
         log_every=max(1, args.align_steps // 10),
+        input_dropout=args.align_input_dropout,
     )
     print(f"alignment: {len(losses)} steps, CTC loss {losses[0]:.3f} -> {losses[-1]:.3f}")
     model.save_pretrained(folder)
@@ -373,10 +389,11 @@ def stage_flags(stage: int, args: DemoArguments, output_dir: Path, records: Path
     """
     The training flags of stage `stage` (the model flags aside), the same for the full run and `--quick` except the
     sizes: stage 1 trains the audio adapter and markers with AdamW at `--stage1_learning_rate`; the stage-2 variant
-    adds LoRA (rank `--lora_r`) on every attention and MLP projection of the LM at `--stage2_learning_rate`. Cosine
-    schedule, 5% warmup, batches of similar lengths, bfloat16 autocast unless `--bf16 false`, no intermediate
-    checkpoints.
+    adds LoRA (rank `--lora_r`) on every attention and MLP projection of the LM at `--stage2_learning_rate`, the audio
+    adapter frozen unless `--stage2_freeze_adapters false`. Cosine schedule, 5% warmup, batches of similar lengths,
+    bfloat16 autocast as `--bf16` says (unset: where the CPU has native bfloat16), no intermediate checkpoints.
     """
+    bf16 = cpu_has_native_bfloat16() if args.bf16 is None else args.bf16
     steps = args.stage1_steps if stage == 1 else args.stage2_steps
     learning_rate = args.stage1_learning_rate if stage == 1 else args.stage2_learning_rate
     flags = [
@@ -387,10 +404,11 @@ def stage_flags(stage: int, args: DemoArguments, output_dir: Path, records: Path
         *("--logging_steps", str(max(1, steps // 10)), "--save_strategy", "no", "--report_to", "none"),
         *("--seed", str(args.seed), "--data_seed", str(args.seed), "--dataloader_num_workers", "0"),
         *("--model_max_length", "512", "--use_cpu", "--disable_tqdm", "true", "--overwrite_output_dir"),
-        *("--group_by_length", "--bf16", str(args.bf16).lower()),
+        *("--group_by_length", "--bf16", str(bf16).lower()),
     ]
     if stage == 2:
         flags += ["--lora_r", str(args.lora_r), "--lora_alpha", str(2 * args.lora_r)]
+        flags += ["--freeze_adapters"] if args.stage2_freeze_adapters else []
     return flags
 
 
@@ -534,6 +552,8 @@ def main(args: list[str] | None = None) -> dict:
         minimum = 0 if flag == "align_steps" else 1
         if getattr(args, flag) < minimum:
             parser.error(f"--{flag} must be at least {minimum}, got {getattr(args, flag)}")
+    if not 0.0 <= args.align_input_dropout < 1.0:
+        parser.error(f"--align_input_dropout must be at least 0 and below 1, got {args.align_input_dropout}")
     args = effective(args)
     random.seed(args.seed)
     torch.manual_seed(args.seed)

@@ -48,13 +48,41 @@ def test_alignment_trains_the_audio_adapter_alone(tiny):
     assert all(weight.grad is None for weight in model.parameters())
 
 
-def test_the_same_seed_aligns_the_same_way():
-    def run():
+@pytest.mark.parametrize("input_dropout", [0.0, 0.3])
+def test_the_same_seed_aligns_the_same_way(input_dropout):
+    def run(seed=7):
         model, processor = make_audio_model_and_processor(seed=3)
         positions = audio_positions(model, processor, [make_clip(seed, 0.8) for seed in range(3)])
-        return align_audio_adapter(model, processor.tokenizer, positions, ["one", "two", "three"], steps=5, seed=7)
+        texts = ["one", "two", "three"]
+        return align_audio_adapter(
+            model, processor.tokenizer, positions, texts, steps=5, seed=seed, input_dropout=input_dropout
+        )
 
     assert run() == run()
+    if input_dropout:  # the masks follow the seed: another seed draws other masks (and batches)
+        assert run(seed=8) != run()
+
+
+def test_input_dropout_changes_what_the_adapter_reads():
+    def final_weights(input_dropout):
+        model, processor = make_audio_model_and_processor(seed=3)
+        generator = torch.Generator().manual_seed(0)
+        positions = [torch.randn(12, model.config.audio_config.d_model, generator=generator) for _ in range(2)]
+        align_audio_adapter(
+            model, processor.tokenizer, positions, ["one", "two"], steps=3, batch_size=2, input_dropout=input_dropout
+        )
+        return [weight.detach().clone() for weight in model.model.audio_adapter.parameters()]
+
+    plain, dropped = final_weights(0.0), final_weights(0.5)
+    assert not all(torch.equal(a, b) for a, b in zip(plain, dropped))
+
+
+@pytest.mark.parametrize("input_dropout", [-0.1, 1.0])
+def test_input_dropout_out_of_range_is_refused(tiny, input_dropout):
+    model, processor = tiny
+    positions = [torch.zeros(5, model.config.audio_config.d_model)]
+    with pytest.raises(ValueError, match=r"input_dropout must be in \[0, 1\), got"):
+        align_audio_adapter(model, processor.tokenizer, positions, ["one"], steps=1, input_dropout=input_dropout)
 
 
 @pytest.mark.parametrize(

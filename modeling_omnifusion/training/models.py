@@ -406,17 +406,24 @@ def train_only(model: nn.Module, modules: list[nn.Module]):
     log_trainable_parameters(model)
 
 
+ADAPTER_NAMES = ("adapter", "audio_adapter", "video_adapter")
+
+
+def adapter_names(model: OmniFusionForCausalLM) -> list[str]:
+    """The names (under `model.model`) of the model's adapters: the image adapter and, with sound, the audio adapter,
+    with a separate one, the video adapter."""
+    return [name for name in ADAPTER_NAMES if getattr(model.model, name, None) is not None]
+
+
 def adapters(model: OmniFusionForCausalLM) -> list[nn.Module]:
-    """The model's adapters: the image adapter and, with sound, the audio adapter, with a separate one, the video
-    adapter."""
-    extra = [getattr(model.model, name, None) for name in ("audio_adapter", "video_adapter")]
-    return [model.model.adapter] + [adapter for adapter in extra if adapter is not None]
+    """The model's adapters (`adapter_names`)."""
+    return [getattr(model.model, name) for name in adapter_names(model)]
 
 
-def fine_tuned_modules(model: OmniFusionForCausalLM) -> list[nn.Module]:
-    """What stage 2 trains fully: the adapters, the LM (the marker table included) and the LM head; never an
-    encoder."""
-    return adapters(model) + [model.model.language_model, model.lm_head]
+def fine_tuned_modules(model: OmniFusionForCausalLM, with_adapters: bool = True) -> list[nn.Module]:
+    """What stage 2 trains fully: the adapters (unless `with_adapters` is false), the LM (the marker table included)
+    and the LM head; never an encoder."""
+    return (adapters(model) if with_adapters else []) + [model.model.language_model, model.lm_head]
 
 
 def train_sound_side(model: OmniFusionForCausalLM) -> list[str]:

@@ -40,6 +40,7 @@ from modeling_omnifusion.hub_omnifusion import hub_model_id
 from .arguments import DataArguments, OmniFusionTrainingArguments
 from .checkpoints import save_final_output, train_or_resume
 from .models import (
+    adapter_names,
     fine_tuned_modules,
     install_vision_towers,
     load_replacement_vision_towers,
@@ -63,6 +64,14 @@ class ModelArguments:
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input (with --lora_r)."})
     save_lora_adapter_only: bool = field(
         default=False, metadata={"help": "With --lora_r: save only the LoRA adapter, unmerged."}
+    )
+    freeze_adapters: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep every adapter (image, audio, video) as the --model_name_or_path folder has it and train only "
+            "the LM (LoRA or fully) with its marker rows, e.g. to keep an adapter aligned on little data from "
+            "drifting toward the training voices."
+        },
     )
     image_grid_pinpoints: str | None = field(
         default=None,
@@ -132,15 +141,13 @@ def train(args: list[str] | None = None) -> Trainer:
             lora_alpha=model_args.lora_alpha,
             lora_dropout=model_args.lora_dropout,
             target_modules=LANGUAGE_MODEL_PROJECTIONS,
-            modules_to_save=["adapter", "special_embeddings"]
-            + (["audio_adapter"] if model.config.audio_config is not None else [])
-            + (["video_adapter"] if getattr(model.model, "video_adapter", None) is not None else []),
+            modules_to_save=["special_embeddings"] + ([] if model_args.freeze_adapters else adapter_names(model)),
             task_type="CAUSAL_LM",
         )
         model = get_peft_model(model, lora_config)
         log_trainable_parameters(model)
     else:
-        train_only(model, fine_tuned_modules(model))
+        train_only(model, fine_tuned_modules(model, with_adapters=not model_args.freeze_adapters))
 
     trainer = make_trainer(model, processor, data_args, training_args)
     train_or_resume(trainer)
