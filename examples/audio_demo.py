@@ -357,17 +357,23 @@ def build_untrained(parts: Parts, seed: int):
     return model.eval(), processor
 
 
-def align(model, processor, data: DemoData, args: DemoArguments, cache: EncoderCache, folder: Path) -> Path:
+def align(
+    model, processor, data: DemoData, args: DemoArguments, cache: EncoderCache, folder: Path
+) -> tuple[Path, dict]:
     """
     The warm start of stage 1 (`modeling_omnifusion.training.audio_alignment`): the audio adapter of `model` (the
     floor) trained with CTC against SmolLM2's own token embeddings on the training clips' transcripts, every clip's
-    encoder positions read from `cache`; the model and processor saved to `folder`, where stage 1 starts.
+    encoder positions read from `cache`; the model and processor saved to `folder`, where stage 1 starts. Returns
+    the folder and a diagnostic row: the held-out clips read back by the aligned adapter alone (`Alignment.transcribe`,
+    greedy CTC, no LM), which shows how much of the table's error is the adapter's and how much the LM's.
     """
     from modeling_omnifusion.training.audio_alignment import align_audio_adapter, audio_positions
 
+    held_out = data.digits + data.phrases
     with cache.patched():
         positions = audio_positions(model, processor, [speech_data.read_clip(clip.path) for clip in data.train])
-    losses = align_audio_adapter(
+        held_out_positions = audio_positions(model, processor, [speech_data.read_clip(clip.path) for clip in held_out])
+    alignment = align_audio_adapter(
         model,
         processor.tokenizer,
         positions,
@@ -379,10 +385,15 @@ def align(model, processor, data: DemoData, args: DemoArguments, cache: EncoderC
         log_every=max(1, args.align_steps // 10),
         input_dropout=args.align_input_dropout,
     )
+    losses = alignment.losses
     print(f"alignment: {len(losses)} steps, CTC loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+    start = time.perf_counter()
+    texts = alignment.transcribe(model, processor.tokenizer, held_out_positions)
+    name = "aligned audio adapter alone, greedy CTC readout (no LM; a diagnostic)"
+    row = score(name, texts[: len(data.digits)], texts[len(data.digits) :], data, time.perf_counter() - start)
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
-    return folder
+    return folder, row
 
 
 def stage_flags(stage: int, args: DemoArguments, output_dir: Path, records: Path, audio_folder: Path) -> list[str]:
@@ -598,7 +609,8 @@ def main(args: list[str] | None = None) -> dict:
     start = time.perf_counter()
     stage1_start = parts
     if args.align_steps:
-        stage1_start = align(model, processor, data, args, cache, output_dir / "aligned")
+        stage1_start, readout = align(model, processor, data, args, cache, output_dir / "aligned")
+        rows.append(readout)
     timings["align_s"] = time.perf_counter() - start
     del model
     start = time.perf_counter()

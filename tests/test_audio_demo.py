@@ -105,13 +105,15 @@ def test_alignment_reads_every_clip_from_the_cache_and_saves_the_aligned_model(d
         path.parent.mkdir(exist_ok=True)
         soundfile.write(str(path), make_clip(seed=10 + index, seconds=seconds), 16000, subtype="PCM_16")
         clips.append(speech_data.Clip(path.stem, str(path), text))
-    data = demo.DemoData([], [], clips, tmp_path / "train.json")
+    data = demo.DemoData(clips[:1], clips[1:2], clips, tmp_path / "train.json")  # held out: two of them again
     cache = demo.EncoderCache()
     cache.add(model.model.audio_tower, processor.feature_extractor, [speech_data.read_clip(c.path) for c in clips])
     before = {name: weight.detach().clone() for name, weight in model.named_parameters()}
     args = demo.DemoArguments(align_steps=3, align_batch_size=2)
-    folder = demo.align(model, processor, data, args, cache, tmp_path / "aligned")
-    assert (cache.hits, cache.misses) == (4, 0)
+    folder, readout = demo.align(model, processor, data, args, cache, tmp_path / "aligned")
+    assert (cache.hits, cache.misses) == (6, 0)
+    assert "CTC readout" in readout["model"] and "folder" not in readout  # a diagnostic, never the published model
+    assert list(readout["transcripts"]) == [clips[0].name, clips[1].name]
     changed = {name for name, weight in model.named_parameters() if not torch.equal(weight, before[name])}
     assert changed and all(name.startswith("model.audio_adapter.") for name in changed)
     saved = OmniFusionForCausalLM.from_pretrained(folder)
