@@ -77,7 +77,7 @@ class DemoArguments:
     align_batch_size: int = field(default=16, metadata={"help": "Clips per CTC alignment step."})
     align_learning_rate: float = field(default=2e-3, metadata={"help": "Peak learning rate of the CTC alignment."})
     align_input_dropout: float = field(
-        default=0.3, metadata={"help": "Share of the encoder's values dropped at each CTC alignment step (0 to <1)."}
+        default=0.0, metadata={"help": "Share of the encoder's values dropped at each CTC alignment step (0 to <1)."}
     )
     stage1_steps: int = field(default=150, metadata={"help": "Optimizer steps of stage 1."})
     stage2_steps: int = field(default=200, metadata={"help": "Optimizer steps of the stage-2 variant (LoRA)."})
@@ -92,10 +92,10 @@ class DemoArguments:
         },
     )
     stage2_freeze_adapters: bool = field(
-        default=True,
+        default=False,
         metadata={
-            "help": "Stage 2 trains the LM (LoRA) and its markers and keeps the audio adapter as stage 1 left it "
-            "(stage 2's --freeze_adapters); --stage2_freeze_adapters false trains the adapter too."
+            "help": "Stage 2 trains only the LM (LoRA) and its markers and keeps the audio adapter as stage 1 left it "
+            "(stage 2's --freeze_adapters); by default the adapter trains too."
         },
     )
     lora_r: int = field(default=16, metadata={"help": "LoRA rank of the stage-2 variant (alpha = 2 x rank)."})
@@ -401,7 +401,7 @@ def stage_flags(stage: int, args: DemoArguments, output_dir: Path, records: Path
     The training flags of stage `stage` (the model flags aside), the same for the full run and `--quick` except the
     sizes: stage 1 trains the audio adapter and markers with AdamW at `--stage1_learning_rate`; the stage-2 variant
     adds LoRA (rank `--lora_r`) on every attention and MLP projection of the LM at `--stage2_learning_rate`, the audio
-    adapter frozen unless `--stage2_freeze_adapters false`. Cosine schedule, 5% warmup, batches of similar lengths,
+    adapter trained too unless `--stage2_freeze_adapters`. Cosine schedule, 5% warmup, batches of similar lengths,
     bfloat16 autocast as `--bf16` says (unset: where the CPU has native bfloat16), no intermediate checkpoints.
     """
     bf16 = cpu_has_native_bfloat16() if args.bf16 is None else args.bf16

@@ -161,14 +161,14 @@ def test_the_stage_flags_parse_as_the_library_commands(demo, tmp_path, monkeypat
     model_args, _, training_args = HfArgumentParser(
         (stage2.ModelArguments, DataArguments, stage2.Stage2TrainingArguments)
     ).parse_args_into_dataclasses(flags)
-    assert (model_args.lora_r, training_args.max_steps, model_args.freeze_adapters) == (16, 200, True)
+    assert (model_args.lora_r, training_args.max_steps, model_args.freeze_adapters) == (16, 200, False)
     flags = demo.stage_flags(
-        2, demo.DemoArguments(stage2_freeze_adapters=False, bf16=True), tmp_path, tmp_path, tmp_path
+        2, demo.DemoArguments(stage2_freeze_adapters=True, bf16=True), tmp_path, tmp_path, tmp_path
     )
     model_args, _, training_args = HfArgumentParser(
         (stage2.ModelArguments, DataArguments, stage2.Stage2TrainingArguments)
     ).parse_args_into_dataclasses(["--model_name_or_path", "stage1"] + flags)
-    assert (model_args.freeze_adapters, training_args.bf16) == (False, True)
+    assert (model_args.freeze_adapters, training_args.bf16) == (True, True)
 
 
 @pytest.mark.parametrize(
