@@ -118,7 +118,7 @@ def align_audio_adapter(
     says, tokenized as the LM writes it. AdamW at `learning_rate` with `warmup_steps` of linear warm-up and a cosine
     decay over `steps`, `batch_size` clips drawn at random each step (seeded). `input_dropout` zeroes that share of
     the encoder's values the adapter reads (scaled as `nn.Dropout` does) at each step: the adapter then cannot lean on
-    a few features of the training voices, and reads a voice it never heard better (the audio demo's results compare).
+    a few features of the training voices (meant for a voice it never heard; `Alignment.transcribe` measures it).
     Returns the `Alignment`: every step's loss and the trained head.
 
     A `ValueError` names the clip when the lists differ in length, a transcript has no tokens, or a clip has fewer
