@@ -93,7 +93,8 @@ class Alignment:
         for clip in positions:
             outputs = adapter(clip[None].to(device=parameter.device, dtype=parameter.dtype)).float()
             columns = self.head.to(parameter.device)(outputs)[0].argmax(-1).tolist()
-            kept = [column for index, column in enumerate(columns) if column and column != ([0] + columns)[index]]
+            previous = [0] + columns[:-1]  # a column repeated from the position before is the same token
+            kept = [column for column, before in zip(columns, previous) if column and column != before]
             texts.append(tokenizer.decode([self.vocabulary[column - 1] for column in kept]).strip())
         adapter.train(was_training)
         return texts
