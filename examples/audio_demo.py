@@ -72,6 +72,13 @@ class DemoArguments:
     train_digits: int = field(default=160, metadata={"help": "Synthetic single-digit training clips."})
     train_digit_strings: int = field(default=80, metadata={"help": "Synthetic 2-4 digit training clips."})
     train_phrases: int = field(default=240, metadata={"help": "Synthetic phrase training clips."})
+    train_shuffled: int = field(
+        default=240,
+        metadata={
+            "help": "Synthetic training clips of 3-12 words drawn at random from the training phrases' words, so that "
+            "the LM has to read the words instead of recognising a sentence it has learnt."
+        },
+    )
     flite_share: float = field(
         default=0.5,
         metadata={"help": "Share of the training clips spoken by flite's voices (0 to 1); espeak-ng speaks the rest."},
@@ -568,8 +575,8 @@ def write_report(rows: list[dict], output_dir: Path, timings: dict) -> None:
 def main(args: list[str] | None = None) -> dict:
     parser = HfArgumentParser(DemoArguments)
     (args,) = parser.parse_args_into_dataclasses(args)
-    for flag in ("align_steps", "align_batch_size", "stage1_steps", "stage2_steps", "batch_size"):
-        minimum = 0 if flag == "align_steps" else 1
+    for flag in ("align_steps", "align_batch_size", "stage1_steps", "stage2_steps", "batch_size", "train_shuffled"):
+        minimum = 0 if flag in ("align_steps", "train_shuffled") else 1
         if getattr(args, flag) < minimum:
             parser.error(f"--{flag} must be at least {minimum}, got {getattr(args, flag)}")
     if not 0.0 <= args.align_input_dropout < 1.0:

@@ -11,13 +11,14 @@ what each file says:
 - `real_phrase_clips(count, seed)`: English prompts of at least `min_words` words and at most `max_seconds`, with
   their transcripts from the index (word error rate); a seeded sample of them when `count` is given.
 
-Synthetic speech (training) is spoken by two engines: espeak-ng (GPL-3, Debian's `espeak-ng`), a formant synthesiser,
-in several English voices, speeds and pitches (`VOICES`, `SPEEDS`, `PITCHES`), and, for a share of the clips
+Synthetic speech (training) is spoken by two engines: espeak-ng (GPL-3, Debian's `espeak-ng`), a formant synthesiser, in
+several English voices, speeds and pitches (`VOICES`, `SPEEDS`, `PITCHES`), and, for a share of the clips
 (`flite_share`), flite (BSD-like, Debian's `flite`), whose voices are built from recordings of four human speakers
-(`FLITE_VOICES`, at several speeds and pitches). They speak single digits, digit strings, and the index's phrases minus
-every phrase held out for evaluation (`training_phrases`, compared after normalisation, so no held-out sentence is
-ever spoken in training). `write_synthetic_clips` writes them as 16 kHz mono 16-bit WAV files; the same seed gives the
-same texts, engines, voices and files. `write_records` writes LLaVA-style JSON records with an `"audio"` field.
+(`FLITE_VOICES`, at several speeds and pitches). They speak single digits, digit strings, the index's phrases minus
+every phrase held out for evaluation (`training_phrases`, compared after normalisation, so no held-out sentence is ever
+spoken in training), and strings of those phrases' words in random order (`shuffled_words`). `write_synthetic_clips`
+writes them as 16 kHz mono 16-bit WAV files; the same seed gives the same texts, engines, voices and files.
+`write_records` writes LLaVA-style JSON records with an `"audio"` field.
 
 Every clip read for a model is 16 kHz mono float32 (`read_clip`: soundfile + soxr, the `[audio]` extra).
 """
@@ -197,14 +198,27 @@ def digit_string(rng: random.Random, min_digits: int = 2, max_digits: int = 4) -
     return " ".join(UNITS[rng.randrange(10)] for _ in range(rng.randint(min_digits, max_digits)))
 
 
-def synthetic_texts(phrases: list[str], num_digits: int, num_digit_strings: int, num_phrases: int, seed: int):
+def shuffled_words(rng: random.Random, vocabulary: list[str], min_words: int = 3, max_words: int = 12) -> str:
+    """A few words drawn at random from `vocabulary`, e.g. `mailbox the press again`: no sentence to memorise."""
+    return " ".join(rng.choice(vocabulary) for _ in range(rng.randint(min_words, max_words)))
+
+
+def synthetic_texts(
+    phrases: list[str], num_digits: int, num_digit_strings: int, num_phrases: int, seed: int, num_shuffled: int = 0
+):
     """The (kind, text) of the synthetic clips: every digit word in turn, then digit strings, then `phrases` in a
-    seeded order, cycling through them when more are asked for than there are."""
+    seeded order, cycling through them when more are asked for than there are, then `num_shuffled` strings of words
+    drawn from the phrases' own words (`shuffled_words`, lowercase, no punctuation)."""
     rng = random.Random(seed)
     texts = [("digit", UNITS[index % 10]) for index in range(num_digits)]
     texts += [("digits", digit_string(rng)) for _ in range(num_digit_strings)]
     order = rng.sample(phrases, len(phrases)) if phrases else []
     texts += [("phrase", order[index % len(order)]) for index in range(num_phrases if order else 0)]
+    vocabulary = sorted({word for phrase in phrases for word in normalize_words(phrase)})
+    if num_shuffled and not vocabulary:
+        raise ValueError(f"num_shuffled={num_shuffled} needs phrases to draw words from; none were given")
+    shuffled_rng = random.Random(seed + 2)
+    texts += [("shuffled", shuffled_words(shuffled_rng, vocabulary)) for _ in range(num_shuffled)]
     return texts
 
 
@@ -216,6 +230,7 @@ def write_synthetic_clips(
     num_phrases: int,
     seed: int,
     flite_share: float = 0.0,
+    num_shuffled: int = 0,
 ) -> list[Clip]:
     """
     Speak `synthetic_texts(...)`, each clip by flite with probability `flite_share` (a seeded voice, speed and pitch
@@ -229,7 +244,8 @@ def write_synthetic_clips(
     folder.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed + 1)
     clips = []
-    for index, (_, text) in enumerate(synthetic_texts(phrases, num_digits, num_digit_strings, num_phrases, seed)):
+    texts = synthetic_texts(phrases, num_digits, num_digit_strings, num_phrases, seed, num_shuffled)
+    for index, (_, text) in enumerate(texts):
         if flite_share and rng.random() < flite_share:
             voice = rng.choice(sorted(FLITE_VOICES))
             stretch, pitch = rng.choice(FLITE_STRETCHES), rng.choice(FLITE_VOICES[voice])

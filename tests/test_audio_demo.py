@@ -179,6 +179,7 @@ def test_the_stage_flags_parse_as_the_library_commands(demo, tmp_path, monkeypat
         ("--stage2_steps", "0"),
         ("--align_input_dropout", "1.0"),
         ("--align_input_dropout", "-0.1"),
+        ("--train_shuffled", "-1"),
     ],
 )
 def test_sizes_out_of_range_are_refused_before_anything_runs(demo, tmp_path, capsys, flag, value):
@@ -309,3 +310,18 @@ def test_both_synthesisers_speak_words_whisper_base_hears(speech_data, tmp_path)
     heard = ct2.transcribe(model, processor, [speech_data.read_clip(path) for path in paths])
     for path, words in zip(paths, heard):
         assert word_error_rate([words], [text]) == 0.0, (path.name, words)
+
+
+def test_shuffled_texts_draw_the_phrases_own_words_and_leave_the_rest_as_it_was(speech_data):
+    phrases = ["Please enter your PIN.", "That conference is full.", "Press 1 now"]
+    vocabulary = {"please", "enter", "your", "pin", "that", "conference", "is", "full", "press", "one", "now"}
+    plain = speech_data.synthetic_texts(phrases, 10, 5, 6, seed=0)
+    texts = speech_data.synthetic_texts(phrases, 10, 5, 6, seed=0, num_shuffled=40)
+    assert texts[: len(plain)] == plain and [kind for kind, _ in texts[len(plain) :]] == ["shuffled"] * 40
+    shuffled = [text.split() for _, text in texts[len(plain) :]]
+    assert all(3 <= len(words) <= 12 and set(words) <= vocabulary for words in shuffled)
+    assert {word for words in shuffled for word in words} == vocabulary  # 40 draws reach every word here
+    assert len({" ".join(words) for words in shuffled}) == 40
+    assert speech_data.synthetic_texts(phrases, 10, 5, 6, seed=1, num_shuffled=40)[len(plain) :] != texts[len(plain) :]
+    with pytest.raises(ValueError, match="num_shuffled=3 needs phrases"):
+        speech_data.synthetic_texts([], 10, 5, 0, seed=0, num_shuffled=3)
