@@ -89,7 +89,7 @@ class DemoArguments:
     align_batch_size: int = field(default=16, metadata={"help": "Clips per CTC alignment step."})
     align_learning_rate: float = field(default=2e-3, metadata={"help": "Peak learning rate of the CTC alignment."})
     align_input_dropout: float = field(
-        default=0.0, metadata={"help": "Share of the encoder's values dropped at each CTC alignment step (0 to <1)."}
+        default=0.3, metadata={"help": "Share of the encoder's values dropped at each CTC alignment step (0 to <1)."}
     )
     stage1_steps: int = field(default=150, metadata={"help": "Optimizer steps of stage 1."})
     stage2_steps: int = field(default=200, metadata={"help": "Optimizer steps of the stage-2 variant (LoRA)."})
