@@ -175,6 +175,7 @@ def make_data(args: DemoArguments, output_dir: Path) -> DemoData:
         *sizes,
         seed=args.seed,
         flite_share=args.flite_share,
+        num_shuffled=min(args.train_shuffled, 3) if args.quick else args.train_shuffled,
     )
     records = speech_data.write_records(output_dir / "train.json", train, output_dir / "train")
     return DemoData(digits, phrases, train, records)

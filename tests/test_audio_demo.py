@@ -325,3 +325,33 @@ def test_shuffled_texts_draw_the_phrases_own_words_and_leave_the_rest_as_it_was(
     assert speech_data.synthetic_texts(phrases, 10, 5, 6, seed=1, num_shuffled=40)[len(plain) :] != texts[len(plain) :]
     with pytest.raises(ValueError, match="num_shuffled=3 needs phrases"):
         speech_data.synthetic_texts([], 10, 5, 0, seed=0, num_shuffled=3)
+
+
+def test_the_demo_speaks_every_kind_of_training_text(demo, speech_data, monkeypatch, tmp_path):
+    """`make_data` passes the sizes, `--train_shuffled` and `--flite_share` on: each kind of text is spoken as many
+    times as asked, by the engines asked for (the synthesisers and the recordings replaced by stand-ins)."""
+    spoken = []
+
+    def speak(engine):
+        def record(text, path, *settings):
+            spoken.append(engine)
+            soundfile.write(str(path), np.zeros(1600, dtype=np.float32), 16000)
+            return Path(path)
+
+        return record
+
+    monkeypatch.setattr(speech_data, "synthesize", speak("espeak-ng"))
+    monkeypatch.setattr(speech_data, "synthesize_flite", speak("flite"))
+    monkeypatch.setattr(demo, "copy_at_16khz", lambda clips, folder: clips)
+    real = [speech_data.Clip(f"digits/{digit}", "unused.wav", str(digit)) for digit in range(10)]
+    monkeypatch.setattr(speech_data, "real_digit_clips", lambda: real)
+    monkeypatch.setattr(speech_data, "real_phrase_clips", lambda count, seed: [])
+    monkeypatch.setattr(speech_data, "training_phrases", lambda held_out: ["press one now", "please hold"])
+    arguments = ["--train_digits", "4", "--train_digit_strings", "3", "--train_phrases", "5", "--train_shuffled", "6"]
+    (args,) = HfArgumentParser(demo.DemoArguments).parse_args_into_dataclasses([*arguments, "--flite_share", "1"])
+    data = demo.make_data(args, tmp_path)
+    texts = [clip.text for clip in data.train]
+    assert len(texts) == 4 + 3 + 5 + 6 and spoken == ["flite"] * 18
+    assert all(set(text.split()) <= {"press", "one", "now", "please", "hold"} for text in texts[12:])
+    records = json.loads(data.records.read_text())
+    assert [record["conversations"][1]["value"] for record in records] == texts
