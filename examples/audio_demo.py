@@ -80,7 +80,7 @@ class DemoArguments:
         },
     )
     flite_share: float = field(
-        default=0.5,
+        default=0.0,
         metadata={"help": "Share of the training clips spoken by flite's voices (0 to 1); espeak-ng speaks the rest."},
     )
     align_steps: int = field(

@@ -199,7 +199,7 @@ def digit_string(rng: random.Random, min_digits: int = 2, max_digits: int = 4) -
 
 
 def shuffled_words(rng: random.Random, vocabulary: list[str], min_words: int = 3, max_words: int = 12) -> str:
-    """A few words drawn at random from `vocabulary`, e.g. `mailbox the press again`: no sentence to memorise."""
+    """A few words drawn at random from `vocabulary`, e.g. `mailbox the Press again`: no sentence to memorise."""
     return " ".join(rng.choice(vocabulary) for _ in range(rng.randint(min_words, max_words)))
 
 
@@ -208,13 +208,14 @@ def synthetic_texts(
 ):
     """The (kind, text) of the synthetic clips: every digit word in turn, then digit strings, then `phrases` in a
     seeded order, cycling through them when more are asked for than there are, then `num_shuffled` strings of words
-    drawn from the phrases' own words (`shuffled_words`, lowercase, no punctuation)."""
+    drawn from the phrases' own words as they are spelled there (`shuffled_words`; a phrase's final full stop
+    dropped)."""
     rng = random.Random(seed)
     texts = [("digit", UNITS[index % 10]) for index in range(num_digits)]
     texts += [("digits", digit_string(rng)) for _ in range(num_digit_strings)]
     order = rng.sample(phrases, len(phrases)) if phrases else []
     texts += [("phrase", order[index % len(order)]) for index in range(num_phrases if order else 0)]
-    vocabulary = sorted({word for phrase in phrases for word in normalize_words(phrase)})
+    vocabulary = sorted({word for phrase in phrases for word in phrase.rstrip(".").split()})
     if num_shuffled and not vocabulary:
         raise ValueError(f"num_shuffled={num_shuffled} needs phrases to draw words from; none were given")
     shuffled_rng = random.Random(seed + 2)

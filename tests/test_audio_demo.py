@@ -314,7 +314,7 @@ def test_both_synthesisers_speak_words_whisper_base_hears(speech_data, tmp_path)
 
 def test_shuffled_texts_draw_the_phrases_own_words_and_leave_the_rest_as_it_was(speech_data):
     phrases = ["Please enter your PIN.", "That conference is full.", "Press 1 now"]
-    vocabulary = {"please", "enter", "your", "pin", "that", "conference", "is", "full", "press", "one", "now"}
+    vocabulary = {"Please", "enter", "your", "PIN", "That", "conference", "is", "full", "Press", "1", "now"}
     plain = speech_data.synthetic_texts(phrases, 10, 5, 6, seed=0)
     texts = speech_data.synthetic_texts(phrases, 10, 5, 6, seed=0, num_shuffled=40)
     assert texts[: len(plain)] == plain and [kind for kind, _ in texts[len(plain) :]] == ["shuffled"] * 40
