@@ -156,21 +156,21 @@ def read_clip(path: str | os.PathLike) -> np.ndarray:
     return audio
 
 
-def _speak(program: str, package: str, arguments: list[str], text: str, path: str | os.PathLike) -> Path:
-    """Run the speech synthesiser `program` (Debian's `package`) with `arguments` + the raw output file + `text`, and
-    write what it said to `path` as 16 kHz mono 16-bit WAV (the raw file removed)."""
+def _speak(program: str, arguments, text: str, path: str | os.PathLike) -> Path:
+    """Run the speech synthesiser `program` (Debian's package of that name) with `arguments(raw file)`, the argument
+    list that makes it say `text` into that raw file, and write what it said to `path` as 16 kHz mono 16-bit WAV (the
+    raw file removed)."""
     import soundfile
 
     executable = shutil.which(program)
     if executable is None:
-        raise FileNotFoundError(f"{program} is not installed (Debian's {package} package). Install: {APT_HINT}")
+        raise FileNotFoundError(f"{program} is not installed (Debian's {program} package). Install: {APT_HINT}")
     path = Path(path)
     raw = path.with_suffix(f".{program}.wav")
-    output_and_text = ["-w", str(raw), "--", text] if program == "espeak-ng" else ["-o", str(raw), "-t", text]
-    command = [executable, *arguments, *output_and_text]
+    command = [executable, *arguments(str(raw))]
     result = subprocess.run(command, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
     if result.returncode != 0 or not raw.is_file():
-        raise RuntimeError(f"{program} {' '.join(arguments)} failed on {text!r}: {result.stderr.strip()[-500:]}")
+        raise RuntimeError(f"{program} failed on {text!r} ({command[1:]}): {result.stderr.strip()[-500:]}")
     try:
         soundfile.write(str(path), read_clip(raw), SAMPLING_RATE, subtype="PCM_16")
     finally:
@@ -181,7 +181,8 @@ def _speak(program: str, package: str, arguments: list[str], text: str, path: st
 def synthesize(text: str, path: str | os.PathLike, voice: str, speed: int, pitch: int) -> Path:
     """`text` spoken by espeak-ng with `voice` (e.g. `en-gb+f2`), `speed` (words per minute) and `pitch` (0-99),
     written to `path` as 16 kHz mono 16-bit WAV."""
-    return _speak("espeak-ng", "espeak-ng", ["-v", voice, "-s", str(speed), "-p", str(pitch)], text, path)
+    settings = ["-v", voice, "-s", str(speed), "-p", str(pitch)]
+    return _speak("espeak-ng", lambda raw: [*settings, "-w", raw, "--", text], text, path)
 
 
 def synthesize_flite(text: str, path: str | os.PathLike, voice: str, stretch: float, pitch: int) -> Path:
@@ -189,8 +190,8 @@ def synthesize_flite(text: str, path: str | os.PathLike, voice: str, stretch: fl
     and mean pitch `pitch` (Hz), written to `path` as 16 kHz mono 16-bit WAV."""
     if voice not in FLITE_VOICES:
         raise ValueError(f"flite voice {voice!r} is not one of {sorted(FLITE_VOICES)}")
-    settings = ["--setf", f"duration_stretch={stretch}", "--setf", f"int_f0_target_mean={pitch}"]
-    return _speak("flite", "flite", ["-voice", voice, *settings], text, path)
+    settings = ["-voice", voice, "--setf", f"duration_stretch={stretch}", "--setf", f"int_f0_target_mean={pitch}"]
+    return _speak("flite", lambda raw: [*settings, "-o", raw, "-t", text], text, path)
 
 
 def digit_string(rng: random.Random, min_digits: int = 2, max_digits: int = 4) -> str:
